@@ -1,0 +1,555 @@
+//! Configuration: the YAML file (`-c FILE`), environment overrides in the older proxy's names,
+//! and secrets from the environment only. Everything is validated before Pingora starts, so
+//! `tollgate -t` checks all of it and the hot path never re-parses anything.
+
+mod env;
+mod pingora_section;
+mod raw;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use pingora::server::configuration::ServerConf;
+use serde::de::DeserializeOwned;
+
+use crate::net::CidrSet;
+use crate::secret::Secret;
+
+pub use env::{EnvSource, ProcessEnv};
+
+/// A configuration problem, always naming where (file or environment), which key and what.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{origin}: {key}: {problem}")]
+pub struct ConfigError {
+    /// The file path, or `environment`.
+    pub origin: String,
+    /// Dotted key path (`upstream.addrs[0]`) or environment variable name.
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(
+        origin: impl Into<String>,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> Self {
+        Self {
+            origin: origin.into(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Who may use the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatekeeperMode {
+    /// Open; rate limited per client IP.
+    None,
+    /// One shared password, `PROXY_KEY`.
+    ProxyKey,
+    /// A token per user, managed over the admin API.
+    UserToken,
+}
+
+impl GatekeeperMode {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "none" => Some(Self::None),
+            "proxy_key" => Some(Self::ProxyKey),
+            "user_token" => Some(Self::UserToken),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::ProxyKey => "proxy_key",
+            Self::UserToken => "user_token",
+        }
+    }
+}
+
+/// Where users are persisted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Sqlite,
+    FirebaseRtdb,
+}
+
+impl StoreKind {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "memory" => Some(Self::Memory),
+            "sqlite" => Some(Self::Sqlite),
+            "firebase_rtdb" => Some(Self::FirebaseRtdb),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Sqlite => "sqlite",
+            Self::FirebaseRtdb => "firebase_rtdb",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// Every address every `addrs` entry resolved to, in order; requests rotate over them.
+    pub addrs: Vec<SocketAddr>,
+    pub tls: bool,
+    pub sni: String,
+    pub verify_cert: bool,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct GatekeeperConfig {
+    pub mode: GatekeeperMode,
+    /// 0 = unlimited.
+    pub max_ips_per_user: u32,
+    pub max_ips_auto_ban: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct RateLimitConfig {
+    /// 0 = off.
+    pub requests_per_minute: u32,
+    /// 0 = off.
+    pub max_inflight: u32,
+    /// Failed authentications tolerated per client IP and minute; 0 = off.
+    pub auth_failures_per_minute: u32,
+    /// Count-min sketch width per hash row: how many distinct active keys per minute the
+    /// limiter tells apart without over-counting.
+    pub estimator_slots: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Empty = everyone may try (the key is still required).
+    pub allow: CidrSet,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub persist_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct FirebaseConfig {
+    pub rtdb_url: Option<String>,
+    pub key: Option<Secret>,
+    pub users_ref: String,
+    pub emulator_host: Option<String>,
+    pub startup_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub temporary_user_purge: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub flush_interval: Duration,
+    pub sqlite_path: PathBuf,
+    pub firebase: FirebaseConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    pub proxy_key: Option<Secret>,
+    pub admin_key: Option<Secret>,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConf,
+    pub listen: Vec<SocketAddr>,
+    pub upstream: UpstreamConfig,
+    pub gatekeeper: GatekeeperConfig,
+    pub rate_limit: RateLimitConfig,
+    pub trusted_proxies: CidrSet,
+    pub ip_blocklist: CidrSet,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub access_log: bool,
+    pub secrets: Secrets,
+}
+
+impl Config {
+    /// Reads and validates `path`, applying environment overrides from `env`.
+    pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&origin, "(file)", format!("cannot read: {e}")))?;
+        Self::from_yaml(&text, &origin, env)
+    }
+
+    /// Validates YAML text; `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let raw: raw::RawConfig = parse_yaml(text, origin)?;
+        Builder { origin, env }.build(raw)
+    }
+}
+
+/// Deserializes YAML, reporting the dotted path of the offending key.
+fn parse_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let value: serde_yaml::Value = if text.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::new(origin, "(document)", format!("invalid YAML: {e}")))?
+    };
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let problem = e.into_inner().to_string();
+        ConfigError::new(origin, error_key(&path, &problem), problem)
+    })
+}
+
+/// The key an error is about. serde reports a missing field at its parent, so the field's
+/// name is taken from the message.
+fn error_key(path: &str, problem: &str) -> String {
+    let missing = problem
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match (path, missing) {
+        (".", Some(field)) => field.to_string(),
+        (".", None) => "(document)".to_string(),
+        (parent, Some(field)) => format!("{parent}.{field}"),
+        (parent, None) => parent.to_string(),
+    }
+}
+
+struct Builder<'a> {
+    origin: &'a str,
+    env: &'a dyn EnvSource,
+}
+
+impl Builder<'_> {
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.origin, key, problem)
+    }
+
+    fn build(&self, raw: raw::RawConfig) -> Result<Config, ConfigError> {
+        let server = pingora_section::build(raw.pingora, self.origin)?;
+        let listen = self.listen(&raw.listen)?;
+        let upstream = self.upstream(raw.upstream)?;
+        let gatekeeper = self.gatekeeper(raw.gatekeeper)?;
+        let rate_limit = self.rate_limit(raw.rate_limit)?;
+        let trusted_proxies = self.cidrs("trusted_proxies", &raw.trusted_proxies)?;
+        let ip_blocklist = match env::cidrs(self.env, "IP_BLACKLIST")? {
+            Some(set) => set,
+            None => self.cidrs("ip_blocklist", &raw.ip_blocklist)?,
+        };
+        let admin = self.admin(raw.admin, &listen)?;
+        let store = self.store(raw.store)?;
+        let secrets = Secrets {
+            proxy_key: env::secret(self.env, "PROXY_KEY"),
+            admin_key: env::secret(self.env, "ADMIN_KEY"),
+        };
+        check_secrets(&gatekeeper, &store, &secrets)?;
+        Ok(Config {
+            source: PathBuf::from(self.origin),
+            server,
+            listen,
+            upstream,
+            gatekeeper,
+            rate_limit,
+            trusted_proxies,
+            ip_blocklist,
+            admin,
+            store,
+            access_log: raw.access_log.enabled,
+            secrets,
+        })
+    }
+
+    fn listen(&self, entries: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+        if entries.is_empty() {
+            return Err(self.err("listen", "at least one address is required"));
+        }
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| self.socket_addr(&format!("listen[{i}]"), entry))
+            .collect()
+    }
+
+    fn socket_addr(&self, key: &str, entry: &str) -> Result<SocketAddr, ConfigError> {
+        entry.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("'{entry}' is not an IP:port address (e.g. 0.0.0.0:7860)"),
+            )
+        })
+    }
+
+    fn upstream(&self, raw: raw::RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        if raw.addrs.is_empty() {
+            return Err(self.err("upstream.addrs", "at least one address is required"));
+        }
+        let mut addrs = Vec::new();
+        for (i, entry) in raw.addrs.iter().enumerate() {
+            addrs.extend(self.resolve(&format!("upstream.addrs[{i}]"), entry)?);
+        }
+        let sni = if raw.sni.is_empty() && raw.tls {
+            host_part(&raw.addrs[0])
+                .filter(|h| h.parse::<std::net::IpAddr>().is_err())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    self.err(
+                        "upstream.sni",
+                        "required when tls is true and addrs[0] is an IP address",
+                    )
+                })?
+        } else {
+            raw.sni
+        };
+        for (key, value) in [
+            ("upstream.connect_timeout_ms", raw.connect_timeout_ms),
+            ("upstream.read_timeout_ms", raw.read_timeout_ms),
+            ("upstream.idle_timeout_ms", raw.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(self.err(key, "must be greater than 0"));
+            }
+        }
+        Ok(UpstreamConfig {
+            addrs,
+            tls: raw.tls,
+            sni,
+            verify_cert: raw.verify_cert,
+            set_headers: self.set_headers(&raw.set_headers)?,
+            connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
+            read_timeout: Duration::from_millis(raw.read_timeout_ms),
+            idle_timeout: Duration::from_millis(raw.idle_timeout_ms),
+        })
+    }
+
+    /// Resolves `host:port` now, so a typo fails at load instead of panicking in Pingora.
+    fn resolve(&self, key: &str, entry: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+        if host_part(entry).is_none() {
+            return Err(self.err(key, format!("'{entry}' is not host:port")));
+        }
+        let resolved: Vec<SocketAddr> = entry
+            .to_socket_addrs()
+            .map_err(|e| self.err(key, format!("cannot resolve '{entry}': {e}")))?
+            .collect();
+        if resolved.is_empty() {
+            return Err(self.err(key, format!("'{entry}' resolved to no address")));
+        }
+        Ok(resolved)
+    }
+
+    fn set_headers(
+        &self,
+        raw: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, ConfigError> {
+        raw.iter()
+            .map(|(name, template)| {
+                let key = format!("upstream.set_headers.{name}");
+                let header = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| self.err(&key, "not a valid HTTP header name"))?;
+                let value = env::interpolate(self.env, template).map_err(|p| self.err(&key, p))?;
+                let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                    self.err(&key, "value contains characters not allowed in a header")
+                })?;
+                value.set_sensitive(true);
+                Ok((header, value))
+            })
+            .collect()
+    }
+
+    fn gatekeeper(&self, raw: raw::RawGatekeeper) -> Result<GatekeeperConfig, ConfigError> {
+        let mode = match env::string(self.env, "GATEKEEPER") {
+            Some(value) => GatekeeperMode::parse(&value).ok_or_else(|| {
+                env::error(
+                    "GATEKEEPER",
+                    format!("'{value}' is not one of none, proxy_key, user_token"),
+                )
+            })?,
+            None => GatekeeperMode::parse(&raw.mode).ok_or_else(|| {
+                self.err(
+                    "gatekeeper.mode",
+                    format!("'{}' is not one of none, proxy_key, user_token", raw.mode),
+                )
+            })?,
+        };
+        Ok(GatekeeperConfig {
+            mode,
+            max_ips_per_user: env::parsed(self.env, "MAX_IPS_PER_USER", "a non-negative integer")?
+                .unwrap_or(raw.max_ips_per_user),
+            max_ips_auto_ban: env::boolean(self.env, "MAX_IPS_AUTO_BAN")?
+                .unwrap_or(raw.max_ips_auto_ban),
+        })
+    }
+
+    fn rate_limit(&self, raw: raw::RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
+        if !(1024..=(1 << 24)).contains(&raw.estimator_slots) {
+            return Err(self.err(
+                "rate_limit.estimator_slots",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        Ok(RateLimitConfig {
+            requests_per_minute: raw.requests_per_minute,
+            max_inflight: raw.max_inflight,
+            auth_failures_per_minute: raw.auth_failures_per_minute,
+            estimator_slots: raw.estimator_slots,
+        })
+    }
+
+    fn cidrs(&self, key: &str, entries: &[String]) -> Result<CidrSet, ConfigError> {
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                CidrSet::parse_entry(e)
+                    .map_err(|err| self.err(format!("{key}[{i}]"), err.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(CidrSet::new)
+    }
+
+    fn admin(
+        &self,
+        raw: raw::RawAdmin,
+        proxy_listen: &[SocketAddr],
+    ) -> Result<AdminConfig, ConfigError> {
+        let listen = self.socket_addr("admin.listen", &raw.listen)?;
+        if proxy_listen.contains(&listen) {
+            return Err(self.err(
+                "admin.listen",
+                format!("{listen} is also a proxy listener; the admin API needs its own"),
+            ));
+        }
+        let allow = match env::cidrs(self.env, "ADMIN_WHITELIST")? {
+            Some(set) => set,
+            None => self.cidrs("admin.allow", &raw.allow)?,
+        };
+        if raw.max_body_bytes == 0 {
+            return Err(self.err("admin.max_body_bytes", "must be greater than 0"));
+        }
+        if raw.body_read_timeout_ms == 0 {
+            return Err(self.err("admin.body_read_timeout_ms", "must be greater than 0"));
+        }
+        Ok(AdminConfig {
+            listen,
+            allow,
+            max_body_bytes: raw.max_body_bytes,
+            body_read_timeout: Duration::from_millis(raw.body_read_timeout_ms),
+            persist_timeout: Duration::from_millis(raw.persist_timeout_ms),
+        })
+    }
+
+    fn store(&self, raw: raw::RawStore) -> Result<StoreConfig, ConfigError> {
+        let kind = match env::string(self.env, "GATEKEEPER_STORE") {
+            Some(value) => StoreKind::parse(&value).ok_or_else(|| {
+                env::error(
+                    "GATEKEEPER_STORE",
+                    format!("'{value}' is not one of memory, sqlite, firebase_rtdb"),
+                )
+            })?,
+            None => StoreKind::parse(&raw.kind).ok_or_else(|| {
+                self.err(
+                    "store.kind",
+                    format!("'{}' is not one of memory, sqlite, firebase_rtdb", raw.kind),
+                )
+            })?,
+        };
+        if raw.flush_interval_seconds == 0 {
+            return Err(self.err("store.flush_interval_seconds", "must be at least 1"));
+        }
+        if raw.sqlite.path.trim().is_empty() {
+            return Err(self.err("store.sqlite.path", "must not be empty"));
+        }
+        let fb = raw.firebase;
+        if fb.startup_timeout_seconds == 0 {
+            return Err(self.err(
+                "store.firebase.startup_timeout_seconds",
+                "must be at least 1",
+            ));
+        }
+        if fb.keepalive_timeout_seconds == 0 {
+            return Err(self.err(
+                "store.firebase.keepalive_timeout_seconds",
+                "must be at least 1",
+            ));
+        }
+        let purge_hours = env::parsed(self.env, "POW_TOKEN_PURGE_HOURS", "a non-negative integer")?
+            .unwrap_or(fb.temporary_user_purge_hours);
+        Ok(StoreConfig {
+            kind,
+            flush_interval: Duration::from_secs(raw.flush_interval_seconds),
+            sqlite_path: PathBuf::from(raw.sqlite.path),
+            firebase: FirebaseConfig {
+                rtdb_url: env::string(self.env, "FIREBASE_RTDB_URL"),
+                key: env::secret(self.env, "FIREBASE_KEY"),
+                users_ref: env::string(self.env, "FIREBASE_USERS_REF_NAME")
+                    .unwrap_or_else(|| "users".into()),
+                emulator_host: env::string(self.env, "FIREBASE_DATABASE_EMULATOR_HOST"),
+                startup_timeout: Duration::from_secs(fb.startup_timeout_seconds),
+                keepalive_timeout: Duration::from_secs(fb.keepalive_timeout_seconds),
+                temporary_user_purge: Duration::from_secs(purge_hours.saturating_mul(3600)),
+            },
+        })
+    }
+}
+
+/// Startup refuses a mode whose secret is missing, with one line naming the variable.
+fn check_secrets(
+    gatekeeper: &GatekeeperConfig,
+    store: &StoreConfig,
+    secrets: &Secrets,
+) -> Result<(), ConfigError> {
+    if gatekeeper.mode == GatekeeperMode::ProxyKey && secrets.proxy_key.is_none() {
+        return Err(env::error(
+            "PROXY_KEY",
+            "must be set when the gatekeeper mode is proxy_key",
+        ));
+    }
+    if gatekeeper.mode == GatekeeperMode::UserToken && secrets.admin_key.is_none() {
+        return Err(env::error(
+            "ADMIN_KEY",
+            "must be set when the gatekeeper mode is user_token",
+        ));
+    }
+    if store.kind == StoreKind::FirebaseRtdb {
+        if store.firebase.rtdb_url.is_none() {
+            return Err(env::error(
+                "FIREBASE_RTDB_URL",
+                "must be set when the store is firebase_rtdb",
+            ));
+        }
+        if store.firebase.key.is_none() {
+            return Err(env::error(
+                "FIREBASE_KEY",
+                "must be set when the store is firebase_rtdb",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `host` of `host:port` / `[v6]:port`, if the entry has that shape.
+fn host_part(entry: &str) -> Option<&str> {
+    let (host, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests;

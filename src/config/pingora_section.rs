@@ -1,0 +1,83 @@
+//! The `pingora:` section. Pingora's own parser ignores unknown keys, so a typo like `thread: 8`
+//! would silently run with defaults; here every key is checked against `ServerConf`'s fields.
+
+use once_cell::sync::Lazy;
+use pingora::server::configuration::ServerConf;
+
+use super::ConfigError;
+
+/// Grace period after SIGTERM before the runtimes stop; Pingora's default is 300 s.
+pub const DEFAULT_GRACE_PERIOD_SECONDS: u64 = 5;
+/// How long runtimes get to finish tasks once the grace period is over.
+pub const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS: u64 = 5;
+/// Keeps tollgate's hand-over socket apart from other Pingora programs on the host.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/tollgate_upgrade.sock";
+pub const DEFAULT_PID_FILE: &str = "/tmp/tollgate.pid";
+
+static KNOWN_KEYS: Lazy<Vec<String>> = Lazy::new(|| {
+    let defaults = serde_yaml::to_value(ServerConf::default()).expect("ServerConf serializes");
+    let mut keys: Vec<String> = defaults
+        .as_mapping()
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    keys.sort();
+    keys
+});
+
+pub(super) fn build(
+    section: Option<serde_yaml::Mapping>,
+    origin: &str,
+) -> Result<ServerConf, ConfigError> {
+    let section = section.unwrap_or_default();
+    for key in section.keys() {
+        let name = key.as_str().unwrap_or("");
+        if !KNOWN_KEYS.iter().any(|k| k == name) {
+            let shown = serde_yaml::to_string(key).unwrap_or_default();
+            return Err(ConfigError::new(
+                origin,
+                format!("pingora.{}", shown.trim()),
+                format!("unknown key; Pingora's keys are: {}", KNOWN_KEYS.join(", ")),
+            ));
+        }
+    }
+    let user_set = |k: &str| section.contains_key(k);
+    let (set_grace, set_timeout, set_sock, set_pid) = (
+        user_set("grace_period_seconds"),
+        user_set("graceful_shutdown_timeout_seconds"),
+        user_set("upgrade_sock"),
+        user_set("pid_file"),
+    );
+    let mut conf: ServerConf =
+        serde_path_to_error::deserialize(serde_yaml::Value::Mapping(section)).map_err(|e| {
+            ConfigError::new(
+                origin,
+                format!("pingora.{}", e.path()),
+                e.into_inner().to_string(),
+            )
+        })?;
+    if !set_grace {
+        conf.grace_period_seconds = Some(DEFAULT_GRACE_PERIOD_SECONDS);
+    }
+    if !set_timeout {
+        conf.graceful_shutdown_timeout_seconds = Some(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS);
+    }
+    if !set_sock {
+        conf.upgrade_sock = DEFAULT_UPGRADE_SOCK.to_string();
+    }
+    if !set_pid {
+        conf.pid_file = DEFAULT_PID_FILE.to_string();
+    }
+    if conf.threads == 0 {
+        return Err(ConfigError::new(
+            origin,
+            "pingora.threads",
+            "must be at least 1",
+        ));
+    }
+    conf.validate()
+        .map_err(|e| ConfigError::new(origin, "pingora", format!("rejected by Pingora: {e}")))
+}

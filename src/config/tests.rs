@@ -1,0 +1,215 @@
+use std::collections::HashMap;
+
+use super::*;
+
+const MINIMAL: &str = "upstream:\n  addrs: [\"127.0.0.1:8080\"]\n";
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn load(yaml: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_yaml(yaml, "test.yaml", &env(pairs))
+}
+
+fn key_of(yaml: &str) -> String {
+    load(yaml, &[]).unwrap_err().key
+}
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.listen, vec!["0.0.0.0:7860".parse().unwrap()]);
+    assert_eq!(c.gatekeeper.mode, GatekeeperMode::None);
+    assert_eq!(c.rate_limit.requests_per_minute, 60);
+    assert_eq!(c.admin.listen, "127.0.0.1:7861".parse().unwrap());
+    assert_eq!(c.store.kind, StoreKind::Memory);
+    assert_eq!(c.store.flush_interval, Duration::from_secs(20));
+    assert_eq!(c.server.grace_period_seconds, Some(5));
+    assert_eq!(c.server.graceful_shutdown_timeout_seconds, Some(5));
+}
+
+#[test]
+fn unknown_key_in_every_section_is_named() {
+    assert_eq!(
+        key_of("lisen: []\nupstream: {addrs: [\"127.0.0.1:1\"]}"),
+        "lisen"
+    );
+    assert_eq!(
+        key_of("upstream: {adrs: [\"127.0.0.1:1\"]}"),
+        "upstream.adrs"
+    );
+    for section in ["gatekeeper", "rate_limit", "admin", "store", "access_log"] {
+        let yaml = format!("{MINIMAL}{section}:\n  bogus: 1\n");
+        let err = load(&yaml, &[]).unwrap_err();
+        assert_eq!(err.key, format!("{section}.bogus"), "{err}");
+        assert!(err.problem.contains("unknown field"), "{err}");
+        assert_eq!(err.origin, "test.yaml");
+    }
+    assert_eq!(
+        key_of(&format!("{MINIMAL}store:\n  sqlite: {{pth: x}}\n")),
+        "store.sqlite.pth"
+    );
+}
+
+#[test]
+fn pingora_typos_are_errors_not_ignored() {
+    let err = load(&format!("{MINIMAL}pingora:\n  thread: 8\n"), &[]).unwrap_err();
+    assert_eq!(err.key, "pingora.thread");
+    assert!(err.problem.contains("threads"), "lists valid keys: {err}");
+}
+
+#[test]
+fn pingora_values_are_type_checked_and_kept() {
+    assert_eq!(
+        key_of(&format!("{MINIMAL}pingora:\n  threads: many\n")),
+        "pingora.threads"
+    );
+    let c = load(
+        &format!("{MINIMAL}pingora:\n  threads: 3\n  grace_period_seconds: 1\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.server.threads, 3);
+    assert_eq!(c.server.grace_period_seconds, Some(1));
+}
+
+#[test]
+fn wrong_types_name_the_key() {
+    assert_eq!(
+        key_of(&format!(
+            "{MINIMAL}rate_limit:\n  requests_per_minute: lots\n"
+        )),
+        "rate_limit.requests_per_minute"
+    );
+    assert_eq!(
+        key_of("upstream:\n  addrs: [\"127.0.0.1:1\"]\n  tls: maybe\n"),
+        "upstream.tls"
+    );
+}
+
+#[test]
+fn upstream_is_required_and_resolved() {
+    assert_eq!(key_of("listen: [\"127.0.0.1:1\"]\n"), "upstream");
+    let err = load("upstream: {addrs: [\"no-such-host.invalid:80\"]}", &[]).unwrap_err();
+    assert_eq!(err.key, "upstream.addrs[0]");
+    assert!(err.problem.contains("cannot resolve"), "{err}");
+    assert_eq!(
+        key_of("upstream: {addrs: [\"127.0.0.1\"]}"),
+        "upstream.addrs[0]"
+    );
+    assert_eq!(key_of("upstream: {addrs: []}"), "upstream.addrs");
+}
+
+#[test]
+fn several_upstreams_all_resolved() {
+    let c = load("upstream: {addrs: [\"127.0.0.1:1\", \"localhost:2\"]}", &[]).unwrap();
+    assert!(c.upstream.addrs.len() >= 2);
+}
+
+#[test]
+fn tls_upstream_needs_sni_for_ip_addresses() {
+    assert_eq!(
+        key_of("upstream: {addrs: [\"127.0.0.1:443\"], tls: true}"),
+        "upstream.sni"
+    );
+    let c = load("upstream: {addrs: [\"localhost:443\"], tls: true}", &[]).unwrap();
+    assert_eq!(c.upstream.sni, "localhost");
+}
+
+#[test]
+fn set_headers_interpolate_env_without_leaking_values() {
+    let yaml = "upstream:\n  addrs: [\"127.0.0.1:1\"]\n  set_headers:\n    authorization: \"Bearer ${UPSTREAM_KEY}\"\n";
+    let c = load(yaml, &[("UPSTREAM_KEY", "sk-secret")]).unwrap();
+    assert_eq!(c.upstream.set_headers[0].1, "Bearer sk-secret");
+    let err = load(yaml, &[]).unwrap_err();
+    assert_eq!(err.key, "upstream.set_headers.authorization");
+    assert!(err.problem.contains("UPSTREAM_KEY is not set"));
+}
+
+#[test]
+fn env_overrides_win_over_yaml() {
+    let yaml = format!("{MINIMAL}gatekeeper: {{mode: none, max_ips_per_user: 1}}\n");
+    let c = load(
+        &yaml,
+        &[
+            ("GATEKEEPER", "user_token"),
+            ("ADMIN_KEY", "k"),
+            ("MAX_IPS_PER_USER", "4"),
+            ("MAX_IPS_AUTO_BAN", "true"),
+            ("IP_BLACKLIST", "10.0.0.0/8"),
+            ("ADMIN_WHITELIST", "127.0.0.1,::1"),
+            ("GATEKEEPER_STORE", "sqlite"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.gatekeeper.mode, GatekeeperMode::UserToken);
+    assert_eq!(c.gatekeeper.max_ips_per_user, 4);
+    assert!(c.gatekeeper.max_ips_auto_ban);
+    assert!(c.ip_blocklist.contains("10.1.1.1".parse().unwrap()));
+    assert!(c.admin.allow.contains("::1".parse().unwrap()));
+    assert_eq!(c.store.kind, StoreKind::Sqlite);
+}
+
+#[test]
+fn bad_env_values_name_the_variable() {
+    for (name, value) in [
+        ("GATEKEEPER", "open"),
+        ("MAX_IPS_PER_USER", "-1"),
+        ("MAX_IPS_AUTO_BAN", "sometimes"),
+        ("IP_BLACKLIST", "10.0.0.0/8,x"),
+        ("GATEKEEPER_STORE", "redis"),
+    ] {
+        let err = load(MINIMAL, &[(name, value)]).unwrap_err();
+        assert_eq!(
+            (err.origin.as_str(), err.key.as_str()),
+            ("environment", name),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn modes_refuse_missing_secrets() {
+    let err = load(MINIMAL, &[("GATEKEEPER", "proxy_key")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment: PROXY_KEY: must be set when the gatekeeper mode is proxy_key"
+    );
+    let err = load(MINIMAL, &[("GATEKEEPER", "user_token")]).unwrap_err();
+    assert_eq!(err.key, "ADMIN_KEY");
+    let err = load(MINIMAL, &[("GATEKEEPER_STORE", "firebase_rtdb")]).unwrap_err();
+    assert_eq!(err.key, "FIREBASE_RTDB_URL");
+    assert!(load(MINIMAL, &[("GATEKEEPER", "proxy_key"), ("PROXY_KEY", "p")]).is_ok());
+}
+
+#[test]
+fn admin_listener_must_be_separate() {
+    let yaml = "listen: [\"127.0.0.1:9000\"]\nupstream: {addrs: [\"127.0.0.1:1\"]}\nadmin: {listen: \"127.0.0.1:9000\"}\n";
+    assert_eq!(key_of(yaml), "admin.listen");
+}
+
+#[test]
+fn cidr_errors_name_the_index() {
+    assert_eq!(
+        key_of(&format!(
+            "{MINIMAL}trusted_proxies: [\"10.0.0.0/8\", \"bogus\"]\n"
+        )),
+        "trusted_proxies[1]"
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_are_reported() {
+    let err = load("upstream: [unclosed", &[]).unwrap_err();
+    assert_eq!(err.key, "(document)");
+}
+
+#[test]
+fn empty_document_names_the_missing_section() {
+    assert_eq!(key_of(""), "upstream");
+    assert_eq!(key_of("upstream: {tls: true}"), "upstream.addrs");
+}

@@ -1,0 +1,8 @@
+//! tollgate: an edge HTTP proxy on Pingora that admits clients by Bearer token, rate limits
+//! them and proxies them upstream. See `README.md` and `docs/`.
+
+pub mod clock;
+pub mod config;
+pub mod net;
+pub mod secret;
+pub mod users;

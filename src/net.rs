@@ -1,0 +1,222 @@
+//! CIDR sets (allow lists, block lists, trusted proxies) and client-IP resolution.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+/// A list of networks; a bare address means a single host (`/32` or `/128`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrSet {
+    nets: Vec<IpNet>,
+}
+
+/// Why a CIDR entry was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("'{entry}' is not an IP address or CIDR (expected e.g. 10.0.0.0/8 or 2001:db8::/32)")]
+pub struct CidrParseError {
+    pub entry: String,
+}
+
+impl CidrSet {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        Self { nets }
+    }
+
+    /// Parses one entry: `10.0.0.0/8`, `192.168.1.7`, `::1`, `2001:db8::/32`.
+    pub fn parse_entry(entry: &str) -> Result<IpNet, CidrParseError> {
+        let trimmed = entry.trim();
+        IpNet::from_str(trimmed)
+            .or_else(|_| IpAddr::from_str(trimmed).map(IpNet::from))
+            .map(|net| net.trunc())
+            .map_err(|_| CidrParseError {
+                entry: entry.to_string(),
+            })
+    }
+
+    /// Parses a comma-separated list, as the older proxy's `IP_BLACKLIST` / `ADMIN_WHITELIST`.
+    pub fn parse_csv(list: &str) -> Result<Self, CidrParseError> {
+        list.split(',')
+            .filter(|e| !e.trim().is_empty())
+            .map(Self::parse_entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self::new)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
+    /// Whether `ip` falls in any network. IPv4-mapped IPv6 addresses match IPv4 networks.
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.nets.iter().any(|net| net.contains(&ip))
+    }
+}
+
+impl fmt::Display for CidrSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, net) in self.nets.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{net}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+/// `X-Forwarded-For` chain is walked from the right and the first untrusted hop wins. A client
+/// can prepend anything to the header, so only hops appended by trusted proxies are believed.
+pub fn resolve_client_ip<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    trusted: &CidrSet,
+) -> IpAddr {
+    let peer = peer.to_canonical();
+    if trusted.is_empty() || !trusted.contains(peer) {
+        return peer;
+    }
+    // Several X-Forwarded-For headers form one list in order: walk headers and hops backwards.
+    let mut client = peer;
+    for hop in forwarded_for.rev().flat_map(|h| h.rsplit(|b| *b == b',')) {
+        let Some(ip) = parse_hop(hop) else {
+            // Garbage in a hop we were told to trust: stop at the last good address.
+            break;
+        };
+        client = ip;
+        if !trusted.contains(ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// Parses one `X-Forwarded-For` hop; tolerates spaces and a `:port` or `[v6]:port` suffix.
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(hop).ok()?.trim();
+    if let Ok(ip) = IpAddr::from_str(text) {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sock) = std::net::SocketAddr::from_str(text) {
+        return Some(sock.ip().to_canonical());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn set(s: &str) -> CidrSet {
+        CidrSet::parse_csv(s).unwrap()
+    }
+
+    #[test]
+    fn parses_cidrs_and_bare_addresses() {
+        let s = set("10.0.0.0/8, 192.168.1.7,::1,2001:db8::/32");
+        assert!(s.contains(ip("10.1.2.3")));
+        assert!(s.contains(ip("192.168.1.7")));
+        assert!(!s.contains(ip("192.168.1.8")));
+        assert!(s.contains(ip("::1")));
+        assert!(s.contains(ip("2001:db8::5")));
+    }
+
+    #[test]
+    fn rejects_garbage_naming_the_entry() {
+        let err = CidrSet::parse_csv("10.0.0.0/8,nope").unwrap_err();
+        assert_eq!(err.entry, "nope");
+        assert!(CidrSet::parse_entry("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn mapped_ipv4_matches_ipv4_networks() {
+        assert!(set("10.0.0.0/8").contains(ip("::ffff:10.0.0.1")));
+    }
+
+    #[test]
+    fn untrusted_peer_ignores_forwarded_for() {
+        let trusted = set("10.0.0.0/8");
+        let xff: [&[u8]; 1] = [b"6.6.6.6"];
+        assert_eq!(
+            resolve_client_ip(ip("1.2.3.4"), xff.into_iter(), &trusted),
+            ip("1.2.3.4")
+        );
+    }
+
+    #[test]
+    fn no_trusted_proxies_means_peer() {
+        let xff: [&[u8]; 1] = [b"6.6.6.6"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &CidrSet::default()),
+            ip("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn takes_rightmost_untrusted_hop() {
+        let trusted = set("10.0.0.0/8");
+        // client forged 6.6.6.6; real client 1.2.3.4 reached trusted proxies 10.0.0.2 then 10.0.0.1
+        let xff: [&[u8]; 1] = [b"6.6.6.6, 1.2.3.4, 10.0.0.2"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("1.2.3.4")
+        );
+    }
+
+    #[test]
+    fn several_headers_form_one_list() {
+        let trusted = set("10.0.0.0/8");
+        let xff: [&[u8]; 2] = [b"6.6.6.6", b"5.5.5.5"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("5.5.5.5")
+        );
+    }
+
+    #[test]
+    fn all_trusted_chain_yields_leftmost() {
+        let trusted = set("10.0.0.0/8");
+        let xff: [&[u8]; 1] = [b"10.0.0.9, 10.0.0.8"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("10.0.0.9")
+        );
+    }
+
+    #[test]
+    fn garbage_hop_stops_the_walk() {
+        let trusted = set("10.0.0.0/8");
+        let xff: [&[u8]; 1] = [b"1.2.3.4, garbage, 10.0.0.2"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("10.0.0.2")
+        );
+    }
+
+    #[test]
+    fn hops_with_ports_parse() {
+        let trusted = set("10.0.0.0/8");
+        let xff: [&[u8]; 1] = [b"[2001:db8::1]:4711"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("2001:db8::1")
+        );
+    }
+
+    #[test]
+    fn missing_header_with_trusted_peer_is_peer() {
+        let trusted = set("10.0.0.0/8");
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), std::iter::empty(), &trusted),
+            ip("10.0.0.1")
+        );
+    }
+}

@@ -1,0 +1,459 @@
+//! The in-process user cache shared by the proxy workers, the admin API and the store sync.
+//!
+//! Reads are lock-free (a concurrent hash map with epoch-based reclamation, and per-user
+//! profiles behind `ArcSwap`), so neither admin writes nor sync ever make a request wait.
+//! Every local change marks the user and puts it once in a lock-free queue; the store-sync
+//! engine drains that queue into batches. Changes that come *from* the store are applied
+//! without being queued, and never overwrite a local edit the store has not confirmed.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::SegQueue;
+use parking_lot::Mutex;
+
+use super::fields::Fields;
+use super::model::User;
+use super::patch::UserPatch;
+use super::profile::Profile;
+use super::record::{IpAdmission, UserRecord};
+
+/// Identifies a local change; a store confirms changes up to a ticket.
+pub type ChangeTicket = u64;
+
+enum Queued {
+    User(Arc<UserRecord>),
+    Deleted(Arc<str>),
+}
+
+/// One user's changes, taken from the cache for a store write.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Upsert(UserChange),
+    Delete { token: Arc<str> },
+}
+
+impl Change {
+    pub fn token(&self) -> &Arc<str> {
+        match self {
+            Change::Upsert(c) => c.record.token(),
+            Change::Delete { token } => token,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UserChange {
+    pub record: Arc<UserRecord>,
+    /// The user as it was when the change was taken; `promptCount` includes `prompt_delta`.
+    pub user: User,
+    /// Fields edited locally (`CREATED`: write the whole user).
+    pub fields: Fields,
+    /// Requests counted since the previous write.
+    pub prompt_delta: u64,
+}
+
+impl std::fmt::Debug for UserChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never print it.
+        f.debug_struct("UserChange")
+            .field("fields", &self.fields)
+            .field("prompt_delta", &self.prompt_delta)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Changes taken for one write, and the newest ticket they cover.
+#[derive(Debug, Default)]
+pub struct TakenChanges {
+    pub changes: Vec<Change>,
+    /// Every change with a ticket up to this one is in `changes` (or an earlier write), unless
+    /// `None`: the queue held more than was taken.
+    pub covers: Option<ChangeTicket>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    #[error("a user with this token already exists")]
+    Exists,
+    #[error("no user with this token")]
+    NotFound,
+}
+
+pub struct UserCache {
+    map: papaya::HashMap<Arc<str>, Arc<UserRecord>, RandomState>,
+    queue: SegQueue<Queued>,
+    /// Bumped (after queueing) by every change someone may wait for.
+    tickets: AtomicU64,
+    /// Serialises inserts and removals between admin and sync; readers never take it.
+    structure: Mutex<()>,
+    /// Tokens removed locally whose removal the store has not confirmed yet.
+    deleting: Mutex<HashSet<Arc<str>>>,
+}
+
+impl Default for UserCache {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl UserCache {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            // SipHash with a random key: tokens are attacker-chosen, and the lookup's timing
+            // reveals nothing about stored tokens without the key.
+            map: papaya::HashMap::builder()
+                .capacity(capacity)
+                .hasher(RandomState::new())
+                .build(),
+            queue: SegQueue::new(),
+            tickets: AtomicU64::new(0),
+            structure: Mutex::new(()),
+            deleting: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The hot-path lookup: lock-free.
+    #[inline]
+    pub fn get(&self, token: &str) -> Option<Arc<UserRecord>> {
+        self.map.pin().get(token).cloned()
+    }
+
+    pub fn user(&self, token: &str) -> Option<User> {
+        self.get(token).map(|r| r.to_user())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every user, in no particular order.
+    pub fn snapshot(&self) -> Vec<User> {
+        self.map.pin().values().map(|r| r.to_user()).collect()
+    }
+
+    /// Calls `f` for every record (maintenance jobs).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<UserRecord>)) {
+        for record in self.map.pin().values() {
+            f(record);
+        }
+    }
+
+    /// The newest ticket handed out.
+    pub fn latest_ticket(&self) -> ChangeTicket {
+        self.tickets.load(Ordering::Acquire)
+    }
+
+    // ---------------------------------------------------------------- local changes
+
+    fn mark(&self, record: &Arc<UserRecord>, fields: Fields) {
+        if record.mark(fields) {
+            self.queue.push(Queued::User(Arc::clone(record)));
+        }
+    }
+
+    fn ticket(&self) -> ChangeTicket {
+        self.tickets.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// One request answered by the upstream: `promptCount + 1`, `lastUsedAt = now`.
+    #[inline]
+    pub fn count_request(&self, record: &Arc<UserRecord>, now_ms: u64) {
+        let fields = record.count_request(now_ms);
+        self.mark(record, fields);
+    }
+
+    /// Checks and records the request's IP; see [`IpAdmission`].
+    #[inline]
+    pub fn admit_ip(&self, record: &Arc<UserRecord>, ip: IpAddr, limit: u32) -> IpAdmission {
+        let outcome = record.admit_ip(ip, limit);
+        if outcome == IpAdmission::Added {
+            self.mark(record, Fields::IP);
+        }
+        outcome
+    }
+
+    /// Auto-ban: records the IP and disables the user with `reason`.
+    pub fn ban_for_ips(
+        &self,
+        record: &Arc<UserRecord>,
+        ip: IpAddr,
+        reason: &str,
+        now_ms: u64,
+    ) -> ChangeTicket {
+        record.admit_ip(ip, 0);
+        record.edit(|p| disable_profile(p, Some(reason), now_ms));
+        self.mark(
+            record,
+            Fields::IP | Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META,
+        );
+        self.ticket()
+    }
+
+    /// Adds a new user; refuses an existing token.
+    pub fn create(&self, user: &User) -> Result<ChangeTicket, CacheError> {
+        let _guard = self.structure.lock();
+        let map = self.map.pin();
+        if map.contains_key(user.token.as_str()) {
+            return Err(CacheError::Exists);
+        }
+        self.insert_created(&map, Arc::new(UserRecord::from_user(user)));
+        Ok(self.ticket())
+    }
+
+    fn insert_created(
+        &self,
+        map: &papaya::HashMapRef<'_, Arc<str>, Arc<UserRecord>, RandomState, impl papaya::Guard>,
+        record: Arc<UserRecord>,
+    ) {
+        self.deleting.lock().remove(record.token());
+        map.insert(Arc::clone(record.token()), Arc::clone(&record));
+        self.mark(&record, Fields::CREATED | Fields::ALL);
+    }
+
+    /// Partial upsert (`PUT`): creates the user from defaults when missing. The patch must be
+    /// validated already.
+    pub fn upsert(&self, token: &str, patch: &UserPatch, now_ms: u64) -> (User, ChangeTicket) {
+        let user = self.upsert_one(token, patch, now_ms);
+        (user, self.ticket())
+    }
+
+    /// The bulk import: every patch is applied, then one ticket covers them all.
+    pub fn upsert_many(
+        &self,
+        items: &[(String, UserPatch)],
+        now_ms: u64,
+    ) -> (Vec<User>, ChangeTicket) {
+        let users = items
+            .iter()
+            .map(|(token, patch)| self.upsert_one(token, patch, now_ms))
+            .collect();
+        (users, self.ticket())
+    }
+
+    fn upsert_one(&self, token: &str, patch: &UserPatch, now_ms: u64) -> User {
+        let _guard = self.structure.lock();
+        let map = self.map.pin();
+        let Some(record) = map.get(token).cloned() else {
+            let mut user = User::new(token.to_string(), Default::default(), now_ms);
+            patch.apply_to(&mut user);
+            let record = Arc::new(UserRecord::from_user(&user));
+            self.insert_created(&map, record);
+            return user;
+        };
+        drop(_guard);
+        let fields = patch.fields();
+        record.edit(|profile| {
+            let mut user = profile.to_user(token, 0, None);
+            patch.apply_to(&mut user);
+            *profile = Profile::from_user(&user);
+        });
+        if let super::patch::Patch::Set(count) = patch.prompt_count {
+            record.set_prompt_count(count);
+        }
+        match patch.last_used_at {
+            super::patch::Patch::Absent => {}
+            super::patch::Patch::Null => record.set_last_used_at(None),
+            super::patch::Patch::Set(at) => record.set_last_used_at(Some(at)),
+        }
+        if !fields.is_empty() {
+            self.mark(&record, fields);
+        }
+        record.to_user()
+    }
+
+    /// `DELETE` without `hard`: disables, as the older proxy did.
+    pub fn disable(
+        &self,
+        token: &str,
+        reason: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(User, ChangeTicket), CacheError> {
+        let record = self.get(token).ok_or(CacheError::NotFound)?;
+        record.edit(|p| disable_profile(p, reason, now_ms));
+        self.mark(
+            &record,
+            Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META,
+        );
+        Ok((record.to_user(), self.ticket()))
+    }
+
+    /// `DELETE ?hard=true`: removes the user everywhere.
+    pub fn remove(&self, token: &str) -> Result<ChangeTicket, CacheError> {
+        let _guard = self.structure.lock();
+        let map = self.map.pin();
+        let record = map.remove(token).cloned().ok_or(CacheError::NotFound)?;
+        record.mark_deleted();
+        self.deleting.lock().insert(Arc::clone(record.token()));
+        self.queue.push(Queued::Deleted(Arc::clone(record.token())));
+        Ok(self.ticket())
+    }
+
+    // ---------------------------------------------------------------- from the store
+
+    /// Fills the cache at start-up; nothing is queued.
+    pub fn load(&self, users: impl IntoIterator<Item = User>) -> usize {
+        let _guard = self.structure.lock();
+        let map = self.map.pin();
+        let mut loaded = 0;
+        for user in users {
+            let record = Arc::new(UserRecord::from_user(&user));
+            map.insert(Arc::clone(record.token()), record);
+            loaded += 1;
+        }
+        loaded
+    }
+
+    /// The store's current state of one user (`None`: removed there).
+    pub fn apply_remote(&self, token: &str, remote: Option<&User>) {
+        let _guard = self.structure.lock();
+        self.apply_remote_locked(token, remote);
+    }
+
+    fn apply_remote_locked(&self, token: &str, remote: Option<&User>) {
+        let map = self.map.pin();
+        match (map.get(token), remote) {
+            (Some(record), Some(user)) => record.apply_remote(user),
+            (Some(record), None) => {
+                // A user created here and not yet written is not "deleted remotely".
+                if !record.unconfirmed_fields().contains(Fields::CREATED) {
+                    map.remove(token);
+                    record.mark_deleted();
+                }
+            }
+            (None, Some(user)) => {
+                if !self.deleting.lock().contains(token) {
+                    let record = Arc::new(UserRecord::from_user(user));
+                    map.insert(Arc::clone(record.token()), record);
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// A full snapshot from the store (e.g. after a reconnect): users missing from it are
+    /// removed here too, unless they were created here and are not written yet.
+    pub fn replace_all_remote(&self, users: &HashMap<String, User>) {
+        let _guard = self.structure.lock();
+        let gone: Vec<Arc<str>> = self
+            .map
+            .pin()
+            .keys()
+            .filter(|t| !users.contains_key(t.as_ref()))
+            .cloned()
+            .collect();
+        for token in gone {
+            self.apply_remote_locked(&token, None);
+        }
+        for (token, user) in users {
+            self.apply_remote_locked(token, Some(user));
+        }
+    }
+
+    // ---------------------------------------------------------------- the flush cycle
+
+    /// Takes up to `max_users` users' pending changes for one store write.
+    pub fn take_changes(&self, max_users: usize) -> TakenChanges {
+        let covers = self.tickets.load(Ordering::Acquire);
+        let mut changes: Vec<Change> = Vec::new();
+        let mut index: HashMap<Arc<str>, usize> = HashMap::new();
+        while changes.len() < max_users {
+            let Some(item) = self.queue.pop() else {
+                return TakenChanges {
+                    changes,
+                    covers: Some(covers),
+                };
+            };
+            let change = match item {
+                Queued::Deleted(token) => Change::Delete { token },
+                Queued::User(record) if record.is_deleted() => continue,
+                Queued::User(record) => take_user_change(record),
+            };
+            merge_into(&mut changes, &mut index, change);
+        }
+        let covers = self.queue.is_empty().then_some(covers);
+        TakenChanges { changes, covers }
+    }
+
+    /// The store confirmed `changes`; `fold_counters` is false for stores that echo totals.
+    pub fn acknowledge(&self, changes: &[Change], fold_counters: bool) {
+        let mut deleting = self.deleting.lock();
+        for change in changes {
+            match change {
+                Change::Upsert(c) => c
+                    .record
+                    .acknowledge(c.fields, c.prompt_delta, fold_counters),
+                Change::Delete { token } => {
+                    deleting.remove(token);
+                }
+            }
+        }
+    }
+
+    /// Puts changes back after a write that cannot succeed (e.g. a poisoned Firebase key was
+    /// dropped): the fields stop counting as in flight.
+    pub fn abandon(&self, changes: &[Change]) {
+        self.acknowledge(changes, true);
+    }
+}
+
+fn take_user_change(record: Arc<UserRecord>) -> Change {
+    let (fields, prompt_delta, base) = record.take_pending();
+    let mut user =
+        record
+            .profile()
+            .to_user(record.token(), base + prompt_delta, record.last_used_at());
+    user.prompt_count = base + prompt_delta;
+    Change::Upsert(UserChange {
+        record,
+        user,
+        fields,
+        prompt_delta,
+    })
+}
+
+/// Keeps one change per token: later state wins, fields and deltas add up.
+fn merge_into(changes: &mut Vec<Change>, index: &mut HashMap<Arc<str>, usize>, change: Change) {
+    let token = Arc::clone(change.token());
+    let Some(&at) = index.get(&token) else {
+        index.insert(token, changes.len());
+        changes.push(change);
+        return;
+    };
+    let merged = match (
+        std::mem::replace(&mut changes[at], Change::Delete { token }),
+        change,
+    ) {
+        (Change::Upsert(old), Change::Upsert(new)) if Arc::ptr_eq(&old.record, &new.record) => {
+            Change::Upsert(UserChange {
+                fields: old.fields | new.fields,
+                prompt_delta: old.prompt_delta + new.prompt_delta,
+                ..new
+            })
+        }
+        // A removal, or a new record under a removed token: the later one stands. A new
+        // record carries CREATED, so the store replaces the user whole.
+        (_, later) => later,
+    };
+    changes[at] = merged;
+}
+
+fn disable_profile(profile: &mut Profile, reason: Option<&str>, now_ms: u64) {
+    profile.disabled_at = Some(now_ms);
+    let extra = profile.extra.get_or_insert_with(Default::default);
+    extra.disabled_reason = reason.map(Into::into);
+    // The older proxy marks disabled users not refreshable (its PoW flow reads this).
+    let meta = extra.meta.get_or_insert_with(Default::default);
+    meta.insert("refreshable".into(), serde_json::Value::Bool(false));
+    profile.empty_meta = false;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+use super::*;
+use crate::users::model::UserType;
+
+fn patch(json: &str) -> UserPatch {
+    serde_json::from_str(json).unwrap()
+}
+
+fn user(token: &str) -> User {
+    User::new(token.into(), UserType::Normal, 1)
+}
+
+fn only_upsert(taken: &TakenChanges) -> &UserChange {
+    assert_eq!(taken.changes.len(), 1, "{:?}", taken.changes);
+    match &taken.changes[0] {
+        Change::Upsert(c) => c,
+        other => panic!("expected upsert, got {other:?}"),
+    }
+}
+
+#[test]
+fn create_then_get_and_refuse_duplicates() {
+    let cache = UserCache::default();
+    cache.create(&user("a")).unwrap();
+    assert_eq!(cache.user("a").unwrap().token, "a");
+    assert_eq!(cache.create(&user("a")), Err(CacheError::Exists));
+    assert!(cache.get("b").is_none());
+}
+
+#[test]
+fn tickets_grow_and_covers_reports_them() {
+    let cache = UserCache::default();
+    let t1 = cache.create(&user("a")).unwrap();
+    let t2 = cache.create(&user("b")).unwrap();
+    assert!(t2 > t1);
+    let taken = cache.take_changes(100);
+    assert_eq!(taken.changes.len(), 2);
+    assert_eq!(taken.covers, Some(t2));
+}
+
+#[test]
+fn partial_take_does_not_claim_to_cover() {
+    let cache = UserCache::default();
+    for t in ["a", "b", "c"] {
+        cache.create(&user(t)).unwrap();
+    }
+    let taken = cache.take_changes(2);
+    assert_eq!(taken.changes.len(), 2);
+    assert_eq!(taken.covers, None);
+    assert_eq!(cache.take_changes(2).changes.len(), 1);
+}
+
+#[test]
+fn upsert_creates_missing_user_from_defaults() {
+    let cache = UserCache::default();
+    let (u, _) = cache.upsert("new", &patch(r#"{"nickname":"n","maxIps":2}"#), 42);
+    assert_eq!(
+        (u.created_at, u.max_ips, u.user_type),
+        (42, Some(2), UserType::Normal)
+    );
+    let c = only_upsert(&cache.take_changes(10)).clone();
+    assert!(c.fields.contains(Fields::CREATED));
+}
+
+#[test]
+fn upsert_marks_only_patched_fields() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    cache.upsert("a", &patch(r#"{"disabledAt":5,"disabledReason":"x"}"#), 9);
+    let taken = cache.take_changes(10);
+    let c = only_upsert(&taken);
+    assert_eq!(c.fields, Fields::DISABLED_AT | Fields::DISABLED_REASON);
+    assert_eq!(c.user.disabled_reason.as_deref(), Some("x"));
+}
+
+#[test]
+fn requests_are_counted_once_across_takes() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let rec = cache.get("a").unwrap();
+    for _ in 0..5 {
+        cache.count_request(&rec, 100);
+    }
+    let taken = cache.take_changes(10);
+    let c = only_upsert(&taken);
+    assert_eq!((c.prompt_delta, c.user.prompt_count), (5, 5));
+    assert_eq!(c.user.last_used_at, Some(100));
+    cache.count_request(&rec, 101);
+    cache.acknowledge(&taken.changes, true);
+    let next = cache.take_changes(10);
+    let c = only_upsert(&next);
+    assert_eq!((c.prompt_delta, c.user.prompt_count), (1, 6));
+}
+
+#[test]
+fn requeue_during_take_merges_into_one_change() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let rec = cache.get("a").unwrap();
+    cache.count_request(&rec, 1);
+    // Simulate a concurrent re-queue: the record is queued twice before a take.
+    let (_, d, _) = rec.take_pending();
+    cache.count_request(&rec, 2);
+    cache.queue.push(Queued::User(rec.clone()));
+    let taken = cache.take_changes(10);
+    let c = only_upsert(&taken);
+    assert_eq!(c.prompt_delta + d, 2);
+}
+
+#[test]
+fn remove_queues_a_delete_and_blocks_stale_remote_copies() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    cache.remove("a").unwrap();
+    assert!(cache.get("a").is_none());
+    cache.apply_remote("a", Some(&user("a")));
+    assert!(
+        cache.get("a").is_none(),
+        "store has not seen the delete yet"
+    );
+    let taken = cache.take_changes(10);
+    assert!(matches!(taken.changes[..], [Change::Delete { .. }]));
+    cache.acknowledge(&taken.changes, true);
+    cache.apply_remote("a", Some(&user("a")));
+    assert!(
+        cache.get("a").is_some(),
+        "re-created elsewhere after the delete"
+    );
+}
+
+#[test]
+fn delete_then_recreate_writes_the_new_user_whole() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    cache.remove("a").unwrap();
+    cache.create(&user("a")).unwrap();
+    let taken = cache.take_changes(10);
+    assert!(only_upsert(&taken).fields.contains(Fields::CREATED));
+}
+
+#[test]
+fn remote_snapshot_removes_missing_users_but_not_unwritten_new_ones() {
+    let cache = UserCache::default();
+    cache.load([user("old")]);
+    cache.create(&user("fresh")).unwrap();
+    let mut remote = HashMap::new();
+    remote.insert("other".to_string(), user("other"));
+    cache.replace_all_remote(&remote);
+    assert!(cache.get("old").is_none());
+    assert!(cache.get("fresh").is_some());
+    assert!(cache.get("other").is_some());
+}
+
+#[test]
+fn remote_changes_are_not_queued() {
+    let cache = UserCache::default();
+    cache.apply_remote("a", Some(&user("a")));
+    let mut u = user("a");
+    u.nickname = Some("n".into());
+    cache.apply_remote("a", Some(&u));
+    assert!(cache.take_changes(10).changes.is_empty());
+    assert_eq!(cache.user("a").unwrap().nickname.as_deref(), Some("n"));
+}
+
+#[test]
+fn disable_sets_reason_and_refreshable_false() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let (u, _) = cache.disable("a", Some("abuse"), 7).unwrap();
+    assert_eq!(
+        (u.disabled_at, u.disabled_reason.as_deref()),
+        (Some(7), Some("abuse"))
+    );
+    assert_eq!(
+        u.meta.unwrap()["refreshable"],
+        serde_json::Value::Bool(false)
+    );
+    assert_eq!(
+        cache.disable("zz", None, 7).unwrap_err(),
+        CacheError::NotFound
+    );
+}
+
+#[test]
+fn admin_prompt_count_is_absolute() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let rec = cache.get("a").unwrap();
+    cache.count_request(&rec, 1);
+    cache.upsert("a", &patch(r#"{"promptCount":100}"#), 1);
+    assert_eq!(rec.prompt_count(), 100);
+}

@@ -1,0 +1,14 @@
+//! Users: the wire model shared with the older proxy, and the in-process cache.
+
+pub mod cache;
+pub mod fields;
+pub mod model;
+pub mod patch;
+pub mod profile;
+pub mod record;
+
+pub use cache::{Change, ChangeTicket, TakenChanges, UserCache, UserChange};
+pub use fields::Fields;
+pub use model::{FieldError, User, UserType};
+pub use patch::{Patch, UserPatch};
+pub use record::{IpAdmission, UserRecord};

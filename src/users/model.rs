@@ -1,0 +1,293 @@
+//! The User object as the older proxy's admin API, exports and Firebase layout spell it.
+//! Field names, types and units (epoch milliseconds) are kept so existing data imports
+//! unchanged; optional fields that are absent are omitted, never sent as `null`.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// What a user may do; see `docs/user-management.md`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserType {
+    #[default]
+    Normal,
+    /// Exempt from the IP limit, auto-ban and rate limiting; not from being disabled.
+    Special,
+    /// Expires at `expiresAt`; purged some hours after it expired.
+    Temporary,
+}
+
+impl UserType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Special => "special",
+            Self::Temporary => "temporary",
+        }
+    }
+}
+
+/// A model-family map (`tokenCounts`, `tokenLimits`, `tokenRefresh`). JavaScript numbers are
+/// doubles, so values are kept as `f64` and written back as integers when they are integral,
+/// exactly as `JSON.stringify` would. Key order is kept, as JavaScript keeps it.
+pub type FamilyValues = IndexMap<String, JsNumber>;
+
+/// A non-negative JSON number with JavaScript's formatting.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct JsNumber(pub f64);
+
+/// Integers beyond 2^53 are not exact in JavaScript either.
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+impl Serialize for JsNumber {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        if v.fract() == 0.0 && v.abs() <= MAX_SAFE_INTEGER {
+            s.serialize_i64(v as i64)
+        } else {
+            s.serialize_f64(v)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !v.is_finite() || v < 0.0 {
+            return Err(serde::de::Error::custom(format!(
+                "expected a non-negative number, got {v}"
+            )));
+        }
+        Ok(JsNumber(v))
+    }
+}
+
+/// The full user, as exported by `GET /admin/users` and stored in every backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct User {
+    pub token: String,
+    /// Every IP seen; RTDB drops empty arrays, hence the default.
+    #[serde(default)]
+    pub ip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nickname: Option<String>,
+    #[serde(rename = "type", default)]
+    pub user_type: UserType,
+    #[serde(default)]
+    pub prompt_count: u64,
+    /// Deprecated in the older proxy; kept verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_count: Option<Value>,
+    #[serde(default)]
+    pub token_counts: FamilyValues,
+    #[serde(default)]
+    pub token_limits: FamilyValues,
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub token_refresh: FamilyValues,
+    #[serde(default)]
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ips: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Map<String, Value>>,
+}
+
+impl User {
+    /// A fresh user as `POST /admin/users` makes it.
+    pub fn new(token: String, user_type: UserType, now_ms: u64) -> Self {
+        Self {
+            token,
+            ip: Vec::new(),
+            nickname: None,
+            user_type,
+            prompt_count: 0,
+            token_count: None,
+            token_counts: FamilyValues::new(),
+            token_limits: FamilyValues::new(),
+            token_refresh: FamilyValues::new(),
+            created_at: now_ms,
+            last_used_at: None,
+            disabled_at: None,
+            disabled_reason: None,
+            expires_at: None,
+            max_ips: None,
+            admin_note: None,
+            meta: Some(Map::new()),
+        }
+    }
+
+    /// Checks what serde cannot: key rules, lengths. `at` prefixes field names in errors.
+    pub fn validate(&self, at: &str) -> Result<(), FieldError> {
+        validate_token(&self.token).map_err(|p| FieldError::new(at, "token", p))?;
+        validate_ips(&self.ip, at)?;
+        if let Some(nick) = &self.nickname {
+            validate_nickname(nick).map_err(|p| FieldError::new(at, "nickname", p))?;
+        }
+        for (name, map) in [
+            ("tokenCounts", &self.token_counts),
+            ("tokenLimits", &self.token_limits),
+            ("tokenRefresh", &self.token_refresh),
+        ] {
+            validate_families(map, at, name)?;
+        }
+        Ok(())
+    }
+}
+
+/// A validation failure naming the field (`users[3].maxIps`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl FieldError {
+    pub fn new(at: &str, field: &str, problem: impl Into<String>) -> Self {
+        let field = if at.is_empty() {
+            field.to_string()
+        } else {
+            format!("{at}.{field}")
+        };
+        Self {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Longest token, in bytes: a Firebase key's limit.
+pub const MAX_TOKEN_BYTES: usize = 768;
+pub const MAX_NICKNAME_CHARS: usize = 80;
+/// An `ip` entry is an address or the older proxy's `risu<id>-<ip>` key; anything longer is junk.
+const MAX_IP_ENTRY_BYTES: usize = 256;
+
+/// Tokens become Firebase keys (`/users/<token>`), so they follow Firebase's key rules.
+pub fn validate_token(token: &str) -> Result<(), String> {
+    validate_key(token, "token")
+}
+
+/// Firebase key rules: non-empty, at most 768 bytes, none of `. $ # [ ] /`, no control characters.
+pub fn validate_key(key: &str, what: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    if key.len() > MAX_TOKEN_BYTES {
+        return Err(format!(
+            "{what} is {} bytes; at most {MAX_TOKEN_BYTES} are allowed",
+            key.len()
+        ));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| matches!(c, '.' | '$' | '#' | '[' | ']' | '/'))
+    {
+        return Err(format!(
+            "{what} must not contain '{c}' (Firebase key rules forbid . $ # [ ] /)"
+        ));
+    }
+    if key.chars().any(|c| c.is_control()) {
+        return Err(format!("{what} must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn validate_nickname(nick: &str) -> Result<(), String> {
+    let chars = nick.chars().count();
+    if chars > MAX_NICKNAME_CHARS {
+        return Err(format!(
+            "is {chars} characters; at most {MAX_NICKNAME_CHARS} are allowed"
+        ));
+    }
+    if nick.chars().any(|c| c.is_control()) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+fn validate_ips(ips: &[String], at: &str) -> Result<(), FieldError> {
+    for (i, ip) in ips.iter().enumerate() {
+        if ip.is_empty() || ip.len() > MAX_IP_ENTRY_BYTES || ip.chars().any(|c| c.is_control()) {
+            return Err(FieldError::new(
+                at,
+                &format!("ip[{i}]"),
+                format!("must be 1 to {MAX_IP_ENTRY_BYTES} bytes without control characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Family names are Firebase keys too (`tokenCounts/<family>`).
+pub fn validate_families(map: &FamilyValues, at: &str, name: &str) -> Result<(), FieldError> {
+    for family in map.keys() {
+        validate_key(family, "model family name")
+            .map_err(|p| FieldError::new(at, &format!("{name}.{family}"), p))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_proxy_export_round_trips() {
+        let json = r#"{"token":"5d7c4c1e-2a55-4f6e-9d7a-0d1c2b3a4f5e","ip":["1.2.3.4","::ffff:5.6.7.8"],"nickname":"bob","type":"temporary","promptCount":12,"tokenCount":0,"tokenCounts":{"turbo":1200,"gpt4":0.5},"tokenLimits":{"gpt4":100000},"tokenRefresh":{"gpt4":5},"createdAt":1700000000000,"lastUsedAt":1700000001000,"disabledAt":1700000002000,"disabledReason":"bye","expiresAt":1700000003000,"maxIps":2,"adminNote":"n","meta":{"refreshable":true}}"#;
+        let user: User = serde_json::from_str(json).unwrap();
+        assert_eq!(user.prompt_count, 12);
+        assert_eq!(serde_json::to_string(&user).unwrap(), json);
+    }
+
+    #[test]
+    fn rtdb_dropped_collections_default() {
+        let user: User =
+            serde_json::from_str(r#"{"token":"t","type":"normal","promptCount":0,"createdAt":1}"#)
+                .unwrap();
+        assert!(user.ip.is_empty() && user.token_counts.is_empty() && user.meta.is_none());
+    }
+
+    #[test]
+    fn integral_numbers_print_as_integers() {
+        assert_eq!(serde_json::to_string(&JsNumber(4000.0)).unwrap(), "4000");
+        assert_eq!(serde_json::to_string(&JsNumber(0.25)).unwrap(), "0.25");
+        assert!(serde_json::from_str::<JsNumber>("-1").is_err());
+    }
+
+    #[test]
+    fn token_key_rules() {
+        assert!(validate_token("5d7c4c1e-2a55-4f6e-9d7a-0d1c2b3a4f5e").is_ok());
+        for bad in [
+            "", "a.b", "a$b", "a#b", "a[b", "a]b", "a/b", "a\u{7f}b", "a\nb",
+        ] {
+            assert!(validate_token(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_token(&"x".repeat(768)).is_ok());
+        assert!(validate_token(&"x".repeat(769)).is_err());
+    }
+
+    #[test]
+    fn validate_names_nested_fields() {
+        let mut user = User::new("t".into(), UserType::Normal, 1);
+        user.token_limits.insert("gpt.4".into(), JsNumber(1.0));
+        assert_eq!(
+            user.validate("users[2]").unwrap_err().field,
+            "users[2].tokenLimits.gpt.4"
+        );
+        let mut user = User::new("t".into(), UserType::Normal, 1);
+        user.nickname = Some("x".repeat(81));
+        assert_eq!(user.validate("").unwrap_err().field, "nickname");
+    }
+}

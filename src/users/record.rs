@@ -1,0 +1,391 @@
+//! One cached user: the token, an immutable profile swapped atomically on edits, and the
+//! counters as atomics so that counting a request never copies or locks anything.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+
+use super::fields::Fields;
+use super::model::User;
+use super::profile::{IpEntry, Profile};
+
+/// Set in `pending` while the record sits in the change queue.
+const QUEUED: u32 = 1 << 31;
+/// Set in `inflight` once the user was removed from the cache.
+const DELETED: u32 = 1 << 31;
+
+pub struct UserRecord {
+    token: Arc<str>,
+    profile: ArcSwap<Profile>,
+    /// `promptCount` as last written to (or read from) the store.
+    prompt_base: AtomicU64,
+    /// Requests counted since the last flush took them.
+    prompt_pending: AtomicU64,
+    /// Requests in the batch being written now.
+    prompt_inflight: AtomicU64,
+    /// Epoch ms; 0 = never used.
+    last_used_at: AtomicU64,
+    /// Fields changed since the last flush took them, plus `QUEUED`.
+    pending: AtomicU32,
+    /// Fields in the batch being written now, plus `DELETED`.
+    inflight: AtomicU32,
+}
+
+/// The outcome of checking a request's IP against the user's list and limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpAdmission {
+    /// Already in the list.
+    Known,
+    /// New and recorded.
+    Added,
+    /// New, over the limit; not recorded.
+    OverLimit,
+}
+
+impl UserRecord {
+    pub(super) fn new(
+        token: Arc<str>,
+        profile: Profile,
+        prompt_count: u64,
+        last_used_at: Option<u64>,
+    ) -> Self {
+        Self {
+            token,
+            profile: ArcSwap::from_pointee(profile),
+            prompt_base: AtomicU64::new(prompt_count),
+            prompt_pending: AtomicU64::new(0),
+            prompt_inflight: AtomicU64::new(0),
+            last_used_at: AtomicU64::new(last_used_at.unwrap_or(0)),
+            pending: AtomicU32::new(0),
+            inflight: AtomicU32::new(0),
+        }
+    }
+
+    pub(super) fn from_user(user: &User) -> Self {
+        Self::new(
+            user.token.as_str().into(),
+            Profile::from_user(user),
+            user.prompt_count,
+            user.last_used_at,
+        )
+    }
+
+    #[inline]
+    pub fn token(&self) -> &Arc<str> {
+        &self.token
+    }
+
+    /// The current profile; a cheap, lock-free snapshot.
+    #[inline]
+    pub fn profile(&self) -> Guard<Arc<Profile>> {
+        self.profile.load()
+    }
+
+    pub fn profile_full(&self) -> Arc<Profile> {
+        self.profile.load_full()
+    }
+
+    /// `promptCount` as clients and admins see it: stored value plus what is on its way.
+    pub fn prompt_count(&self) -> u64 {
+        self.prompt_base.load(Ordering::Acquire)
+            + self.prompt_inflight.load(Ordering::Acquire)
+            + self.prompt_pending.load(Ordering::Acquire)
+    }
+
+    pub fn last_used_at(&self) -> Option<u64> {
+        Some(self.last_used_at.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    pub fn to_user(&self) -> User {
+        self.profile()
+            .to_user(&self.token, self.prompt_count(), self.last_used_at())
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.inflight.load(Ordering::Acquire) & DELETED != 0
+    }
+
+    // ---- local changes (called through the cache, which queues the record) ----
+
+    /// Counts one answered request. Returns the fields to mark.
+    #[inline]
+    pub(super) fn count_request(&self, now_ms: u64) -> Fields {
+        self.prompt_pending.fetch_add(1, Ordering::AcqRel);
+        if self.last_used_at.load(Ordering::Relaxed) < now_ms {
+            self.last_used_at.fetch_max(now_ms, Ordering::Relaxed);
+        }
+        Fields::PROMPT_DELTA | Fields::LAST_USED_AT
+    }
+
+    /// Admits `ip` under `limit` (0 = unlimited), recording it when new.
+    pub(super) fn admit_ip(&self, ip: IpAddr, limit: u32) -> IpAdmission {
+        if self.profile().has_ip(ip) {
+            return IpAdmission::Known;
+        }
+        let mut outcome = IpAdmission::Added;
+        self.profile.rcu(|current| {
+            if current.has_ip(ip) {
+                outcome = IpAdmission::Known;
+                return Arc::clone(current);
+            }
+            if limit != 0 && current.ips.len() >= limit as usize {
+                outcome = IpAdmission::OverLimit;
+                return Arc::clone(current);
+            }
+            outcome = IpAdmission::Added;
+            let mut next = Profile::clone(current);
+            let mut ips = next.ips.into_vec();
+            ips.push(IpEntry::Addr(ip.to_canonical()));
+            next.ips = ips.into_boxed_slice();
+            Arc::new(next)
+        });
+        outcome
+    }
+
+    /// Replaces the profile through `edit`; returns what `edit` reported.
+    pub(super) fn edit<R>(&self, mut edit: impl FnMut(&mut Profile) -> R) -> R {
+        let mut result = None;
+        self.profile.rcu(|current| {
+            let mut next = Profile::clone(current);
+            result = Some(edit(&mut next));
+            Arc::new(next)
+        });
+        result.expect("rcu runs the closure at least once")
+    }
+
+    /// An admin's absolute `promptCount`. Requests counted before it are dropped with it.
+    pub(super) fn set_prompt_count(&self, value: u64) {
+        self.prompt_pending.store(0, Ordering::Release);
+        self.prompt_base.store(value, Ordering::Release);
+    }
+
+    pub(super) fn set_last_used_at(&self, value: Option<u64>) {
+        self.last_used_at
+            .store(value.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Marks fields changed; true when the record must be (re)queued.
+    #[inline]
+    pub(super) fn mark(&self, fields: Fields) -> bool {
+        let wanted = fields.0 | QUEUED;
+        if self.pending.load(Ordering::Acquire) & wanted == wanted {
+            return false;
+        }
+        self.pending.fetch_or(wanted, Ordering::AcqRel) & QUEUED == 0
+    }
+
+    pub(super) fn mark_deleted(&self) {
+        self.inflight.fetch_or(DELETED, Ordering::AcqRel);
+    }
+
+    // ---- the flush cycle ----
+
+    /// Takes the pending changes into flight: `(fields, prompt delta, base at take time)`.
+    pub(super) fn take_pending(&self) -> (Fields, u64, u64) {
+        let bits = self.pending.swap(0, Ordering::AcqRel) & !QUEUED;
+        let delta = self.prompt_pending.swap(0, Ordering::AcqRel);
+        self.prompt_inflight.fetch_add(delta, Ordering::AcqRel);
+        self.inflight
+            .fetch_or(bits & Fields::TRACKED.0, Ordering::AcqRel);
+        (
+            Fields(bits),
+            delta,
+            self.prompt_base.load(Ordering::Acquire),
+        )
+    }
+
+    /// The store confirmed a change: counters move from flight into the base (unless the
+    /// store echoes its totals back, as Firebase does), and the fields stop being in flight.
+    pub(super) fn acknowledge(&self, fields: Fields, delta: u64, fold_counters: bool) {
+        if fold_counters {
+            self.prompt_base.fetch_add(delta, Ordering::AcqRel);
+        }
+        let _ = self
+            .prompt_inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(delta))
+            });
+        self.inflight
+            .fetch_and(!(fields.0 & Fields::TRACKED.0), Ordering::AcqRel);
+    }
+
+    /// Fields with local edits the store has not confirmed yet.
+    pub fn unconfirmed_fields(&self) -> Fields {
+        Fields(
+            (self.pending.load(Ordering::Acquire) | self.inflight.load(Ordering::Acquire))
+                & Fields::TRACKED.0,
+        )
+    }
+
+    // ---- changes that come from the store ----
+
+    /// Applies the store's view of this user, keeping fields with unconfirmed local edits.
+    pub(super) fn apply_remote(&self, remote: &User) {
+        let keep = self.unconfirmed_fields();
+        let incoming = Profile::from_user(remote);
+        self.profile
+            .rcu(|current| Arc::new(merge_profile(current, &incoming, keep)));
+        if !keep.contains(Fields::PROMPT_COUNT) {
+            self.prompt_base
+                .store(remote.prompt_count, Ordering::Release);
+        }
+        if !keep.contains(Fields::LAST_USED_AT) {
+            if let Some(at) = remote.last_used_at {
+                self.last_used_at.fetch_max(at, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// `incoming`, except the fields in `keep`, which stay as they are locally.
+fn merge_profile(local: &Profile, incoming: &Profile, keep: Fields) -> Profile {
+    let mut out = incoming.clone();
+    let take_local = |f: Fields| keep.contains(f);
+    if take_local(Fields::IP) {
+        out.ips = local.ips.clone();
+    }
+    if take_local(Fields::TYPE) {
+        out.user_type = local.user_type;
+    }
+    if take_local(Fields::CREATED_AT) {
+        out.created_at = local.created_at;
+    }
+    if take_local(Fields::DISABLED_AT) {
+        out.disabled_at = local.disabled_at;
+    }
+    if take_local(Fields::EXPIRES_AT) {
+        out.expires_at = local.expires_at;
+    }
+    if take_local(Fields::MAX_IPS) {
+        out.max_ips = local.max_ips;
+    }
+    if take_local(Fields::TOKEN_COUNTS) {
+        out.token_counts = local.token_counts.clone();
+    }
+    if take_local(Fields::TOKEN_LIMITS) {
+        out.token_limits = local.token_limits.clone();
+    }
+    if take_local(Fields::META) {
+        out.empty_meta = local.empty_meta;
+    }
+    let extra_bits = Fields::NICKNAME
+        | Fields::DISABLED_REASON
+        | Fields::ADMIN_NOTE
+        | Fields::META
+        | Fields::TOKEN_REFRESH
+        | Fields::TOKEN_COUNT;
+    if keep.intersects(extra_bits) {
+        let local_extra = local.extra.as_deref().cloned().unwrap_or_default();
+        let mut extra = out.extra.as_deref().cloned().unwrap_or_default();
+        if take_local(Fields::NICKNAME) {
+            extra.nickname = local_extra.nickname;
+        }
+        if take_local(Fields::DISABLED_REASON) {
+            extra.disabled_reason = local_extra.disabled_reason;
+        }
+        if take_local(Fields::ADMIN_NOTE) {
+            extra.admin_note = local_extra.admin_note;
+        }
+        if take_local(Fields::META) {
+            extra.meta = local_extra.meta;
+        }
+        if take_local(Fields::TOKEN_REFRESH) {
+            extra.token_refresh = local_extra.token_refresh;
+        }
+        if take_local(Fields::TOKEN_COUNT) {
+            extra.token_count = local_extra.token_count;
+        }
+        out.extra = (extra != Default::default()).then(|| Box::new(extra));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::users::model::UserType;
+
+    fn record() -> UserRecord {
+        UserRecord::from_user(&User::new("tok".into(), UserType::Normal, 1))
+    }
+
+    #[test]
+    fn ip_limit_refuses_without_recording() {
+        let r = record();
+        let a: IpAddr = "1.1.1.1".parse().unwrap();
+        let b: IpAddr = "2.2.2.2".parse().unwrap();
+        assert_eq!(r.admit_ip(a, 1), IpAdmission::Added);
+        assert_eq!(r.admit_ip(a, 1), IpAdmission::Known);
+        assert_eq!(r.admit_ip(b, 1), IpAdmission::OverLimit);
+        assert_eq!(r.to_user().ip, vec!["1.1.1.1"]);
+        assert_eq!(r.admit_ip(b, 0), IpAdmission::Added);
+    }
+
+    #[test]
+    fn counters_survive_the_flush_cycle() {
+        let r = record();
+        for _ in 0..3 {
+            r.count_request(10);
+        }
+        let (_, delta, base) = r.take_pending();
+        assert_eq!((delta, base), (3, 0));
+        r.count_request(11);
+        assert_eq!(r.prompt_count(), 4, "in-flight requests still count");
+        r.acknowledge(Fields::NONE, delta, true);
+        assert_eq!(r.prompt_count(), 4);
+        let (_, delta, base) = r.take_pending();
+        assert_eq!((delta, base), (1, 3));
+    }
+
+    #[test]
+    fn echoing_store_sets_base_instead_of_folding() {
+        let r = record();
+        r.count_request(10);
+        let (_, delta, _) = r.take_pending();
+        r.acknowledge(Fields::NONE, delta, false);
+        assert_eq!(r.prompt_count(), 0, "until the echo arrives");
+        let mut remote = r.to_user();
+        remote.prompt_count = 1;
+        r.apply_remote(&remote);
+        assert_eq!(r.prompt_count(), 1);
+    }
+
+    #[test]
+    fn remote_changes_keep_unconfirmed_local_edits() {
+        let r = record();
+        r.edit(|p| p.max_ips = Some(3));
+        r.mark(Fields::MAX_IPS);
+        let mut remote = r.to_user();
+        remote.max_ips = Some(9);
+        remote.nickname = Some("remote".into());
+        remote.disabled_at = Some(5);
+        r.apply_remote(&remote);
+        let now = r.to_user();
+        assert_eq!(now.max_ips, Some(3), "local edit not yet written wins");
+        assert_eq!(now.nickname.as_deref(), Some("remote"));
+        assert_eq!(now.disabled_at, Some(5));
+        let (fields, _, _) = r.take_pending();
+        r.apply_remote(&remote);
+        assert_eq!(r.to_user().max_ips, Some(3), "still in flight");
+        r.acknowledge(fields, 0, true);
+        r.apply_remote(&remote);
+        assert_eq!(
+            r.to_user().max_ips,
+            Some(9),
+            "confirmed: the store wins again"
+        );
+    }
+
+    #[test]
+    fn mark_queues_once() {
+        let r = record();
+        assert!(r.mark(Fields::IP));
+        assert!(!r.mark(Fields::IP));
+        assert!(!r.mark(Fields::NICKNAME));
+        let (fields, _, _) = r.take_pending();
+        assert_eq!(fields, Fields::IP | Fields::NICKNAME);
+        assert!(r.mark(Fields::IP));
+    }
+}
