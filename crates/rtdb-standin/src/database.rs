@@ -66,7 +66,11 @@ impl Database {
         notify: Notify,
     ) -> Result<Value, WriteError> {
         let prepared = prepare(raw, self.tree.get_stored(path), path.depth(), ctx)?;
-        self.commit(Change::Put { path: path.clone() }, vec![(path.clone(), prepared)], notify);
+        self.commit(
+            Change::Put { path: path.clone() },
+            vec![(path.clone(), prepared)],
+            notify,
+        );
         Ok(self.tree.get(path))
     }
 
@@ -87,12 +91,24 @@ impl Database {
         let mut writes = Vec::with_capacity(entries.len());
         for (_, rel, value) in &entries {
             let full = base.join(rel);
-            let prepared = prepare(value.clone(), self.tree.get_stored(&full), full.depth(), ctx)?;
+            let prepared = prepare(
+                value.clone(),
+                self.tree.get_stored(&full),
+                full.depth(),
+                ctx,
+            )?;
             writes.push((full, prepared));
         }
         if !writes.is_empty() {
             let keys = entries.iter().map(|(_, rel, _)| rel.clone()).collect();
-            self.commit(Change::Patch { base: base.clone(), keys }, writes, notify);
+            self.commit(
+                Change::Patch {
+                    base: base.clone(),
+                    keys,
+                },
+                writes,
+                notify,
+            );
         }
         Ok(entries
             .into_iter()
@@ -140,7 +156,10 @@ fn parse_update_keys(
 ) -> Result<Vec<(String, DbPath, Value)>, WriteError> {
     let mut entries = Vec::with_capacity(map.len());
     for (key, value) in map {
-        let invalid = |source| WriteError::InvalidKey { key: key.clone(), source };
+        let invalid = |source| WriteError::InvalidKey {
+            key: key.clone(),
+            source,
+        };
         let rel = DbPath::parse(&key).map_err(invalid)?;
         if rel.is_root() {
             return Err(invalid(PathError::EmptyKey));
@@ -177,7 +196,8 @@ mod tests {
     #[test]
     fn multi_path_update_applies_all_keys() {
         let mut db = Database::default();
-        db.set(&p("users/a"), json!({"n": 1, "keep": true}), CTX, NOTIFY).unwrap();
+        db.set(&p("users/a"), json!({"n": 1, "keep": true}), CTX, NOTIFY)
+            .unwrap();
         let echo = db
             .update(
                 &DbPath::root(),
@@ -216,16 +236,32 @@ mod tests {
             json!("text"),
         ];
         for case in cases {
-            assert!(db.update(&DbPath::root(), case.clone(), CTX, NOTIFY).is_err(), "{case}");
+            assert!(
+                db.update(&DbPath::root(), case.clone(), CTX, NOTIFY)
+                    .is_err(),
+                "{case}"
+            );
             assert_eq!(db.tree.get(&DbPath::root()), before, "{case}");
         }
-        let err = db.update(&DbPath::root(), json!({"a/b": 1, "a": 2}), CTX, NOTIFY).unwrap_err();
+        let err = db
+            .update(&DbPath::root(), json!({"a/b": 1, "a": 2}), CTX, NOTIFY)
+            .unwrap_err();
         assert_eq!(
             err,
-            WriteError::Overlap { ancestor: "/a".into(), descendant: "/a/b".into() }
+            WriteError::Overlap {
+                ancestor: "/a".into(),
+                descendant: "/a/b".into()
+            }
         );
         // Siblings sharing a prefix are not overlaps.
-        assert!(db.update(&DbPath::root(), json!({"a": 1, "ab": 2, "a_b/c": 3}), CTX, NOTIFY).is_ok());
+        assert!(db
+            .update(
+                &DbPath::root(),
+                json!({"a": 1, "ab": 2, "a_b/c": 3}),
+                CTX,
+                NOTIFY
+            )
+            .is_ok());
     }
 
     #[test]
@@ -235,7 +271,8 @@ mod tests {
         let (_, mut rx) = db.open_stream(&p("users"), Listener::Primary, Auth::Public);
         db.set(&p("users/b"), json!(2), CTX, NOTIFY).unwrap();
         db.set(&p("users/c"), json!(3), CTX, None).unwrap();
-        db.update(&p("users"), json!({"a": null}), CTX, NOTIFY).unwrap();
+        db.update(&p("users"), json!({"a": null}), CTX, NOTIFY)
+            .unwrap();
         let mut got = Vec::new();
         while let Ok(StreamCmd::Data(b)) = rx.try_recv() {
             got.push(String::from_utf8(b.to_vec()).unwrap());

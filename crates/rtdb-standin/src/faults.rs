@@ -40,12 +40,20 @@ pub enum FaultAction {
 impl FaultAction {
     /// A plain status fault.
     pub fn status(status: u16) -> Self {
-        FaultAction::Status { status, retry_after: None, body: None }
+        FaultAction::Status {
+            status,
+            retry_after: None,
+            body: None,
+        }
     }
 
     /// A status fault with a `Retry-After` header.
     pub fn status_retry_after(status: u16, retry_after: impl Into<String>) -> Self {
-        FaultAction::Status { status, retry_after: Some(retry_after.into()), body: None }
+        FaultAction::Status {
+            status,
+            retry_after: Some(retry_after.into()),
+            body: None,
+        }
     }
 }
 
@@ -73,7 +81,12 @@ pub struct FaultRule {
 impl FaultRule {
     /// A rule that applies until removed.
     pub fn new(method: &str, path: &str, action: FaultAction) -> Self {
-        FaultRule { method: method.to_owned(), path: path.to_owned(), times: None, action }
+        FaultRule {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            times: None,
+            action,
+        }
     }
 
     /// Limits the rule to the next `n` matching requests.
@@ -83,7 +96,8 @@ impl FaultRule {
     }
 
     fn matches(&self, method: &str, path: &str) -> bool {
-        (self.method == "*" || self.method.eq_ignore_ascii_case(method)) && glob_match(&self.path, path)
+        (self.method == "*" || self.method.eq_ignore_ascii_case(method))
+            && glob_match(&self.path, path)
     }
 }
 
@@ -108,7 +122,10 @@ impl FaultSet {
     /// Installs a rule and returns its id.
     pub fn add(&mut self, rule: FaultRule) -> u64 {
         self.next_id += 1;
-        self.rules.push(InstalledFault { id: self.next_id, rule });
+        self.rules.push(InstalledFault {
+            id: self.next_id,
+            rule,
+        });
         self.next_id
     }
 
@@ -131,7 +148,10 @@ impl FaultSet {
 
     /// Consumes one use of the first rule matching the request and returns its action.
     pub fn take(&mut self, method: &str, path: &str) -> Option<FaultAction> {
-        let index = self.rules.iter().position(|r| r.rule.matches(method, path))?;
+        let index = self
+            .rules
+            .iter()
+            .position(|r| r.rule.matches(method, path))?;
         let rule = &mut self.rules[index].rule;
         let action = rule.action.clone();
         match &mut rule.times {
@@ -211,6 +231,8 @@ mod tests {
         let rule: FaultRule =
             serde_json::from_str(r#"{"path":"*","action":{"type":"apply_then_drop"}}"#).unwrap();
         assert_eq!((rule.method.as_str(), rule.times), ("*", None));
-        assert!(serde_json::from_str::<FaultRule>(r#"{"path":"*","action":{"type":"nope"}}"#).is_err());
+        assert!(
+            serde_json::from_str::<FaultRule>(r#"{"path":"*","action":{"type":"nope"}}"#).is_err()
+        );
     }
 }

@@ -4,7 +4,6 @@
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER;
-use jsonwebtoken::signature::Signer as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
 
@@ -77,9 +76,11 @@ pub fn sign_assertion(claims: &Value, padded: bool) -> Result<String, SignError>
     );
     let key = EncodingKey::from_rsa_pem(TEST_ONLY_PRIVATE_KEY_PEM.as_bytes())
         .map_err(|e| SignError(e.to_string()))?;
-    let signer =
-        (DEFAULT_PROVIDER.signer_factory)(&Algorithm::RS256, &key).map_err(|e| SignError(e.to_string()))?;
-    let signature: Vec<u8> = signer.try_sign(message.as_bytes()).map_err(|e| SignError(e.to_string()))?;
+    let signer = (DEFAULT_PROVIDER.signer_factory)(&Algorithm::RS256, &key)
+        .map_err(|e| SignError(e.to_string()))?;
+    let signature: Vec<u8> = signer
+        .try_sign(message.as_bytes())
+        .map_err(|e| SignError(e.to_string()))?;
     Ok(format!("{message}.{}", engine.encode(signature)))
 }
 

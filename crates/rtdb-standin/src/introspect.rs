@@ -99,7 +99,11 @@ impl RequestLog {
 
     /// Entries with `seq > after`.
     pub fn since(&self, after: u64) -> Vec<LoggedRequest> {
-        self.entries.iter().filter(|e| e.seq > after).cloned().collect()
+        self.entries
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect()
     }
 
     /// Empties the log (sequence numbers keep increasing).

@@ -4,13 +4,16 @@ use std::collections::HashMap;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use hyper::{Method, StatusCode};
 use jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER;
-use jsonwebtoken::signature::Verifier as _;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::clock::real_now_ms;
 use crate::fixture::{PRIVATE_KEY_ID, REQUIRED_SCOPES, TEST_ONLY_PUBLIC_KEY_PEM};
+use crate::http::{error_response, json_response, HttpResponse, Req};
+use crate::state::Shared;
 
 /// The only grant type the endpoint accepts.
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -212,11 +215,48 @@ fn check_claims(claims: &Claims, expected: Expected<'_>) -> Result<(), GrantErro
     if !sane {
         return Err(GrantError::BadLifetime);
     }
-    let scopes: Vec<&str> = claims.scope.as_deref().unwrap_or("").split_whitespace().collect();
+    let scopes: Vec<&str> = claims
+        .scope
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     if !REQUIRED_SCOPES.iter().all(|s| scopes.contains(s)) {
         return Err(GrantError::MissingScope);
     }
     Ok(())
+}
+
+/// `POST /token`: verifies the assertion and issues `fake-<n>`.
+pub fn handle_http(shared: &Shared, req: &Req) -> HttpResponse {
+    if req.method != Method::POST {
+        return error_response(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
+    }
+    shared.count(|c| c.token_requests += 1);
+    match grant(shared, &req.body) {
+        Ok(()) => {
+            let (token, expires_in) = shared.issue_token();
+            let body =
+                json!({"access_token": token, "expires_in": expires_in, "token_type": "Bearer"});
+            json_response(StatusCode::OK, &body, false)
+        }
+        Err(e) => {
+            shared.count(|c| c.token_failures += 1);
+            json_response(StatusCode::BAD_REQUEST, &e.body(), false)
+        }
+    }
+}
+
+fn grant(shared: &Shared, body: &[u8]) -> Result<(), GrantError> {
+    let assertion = parse_form(body)?;
+    let expected = Expected {
+        client_email: &shared.client_email,
+        token_uri: &shared.urls.token,
+        // JWTs are signed with the client's real clock, not the fake one.
+        now_s: real_now_ms() / 1000,
+        skew_s: shared.options.jwt_clock_skew_s,
+    };
+    verify_assertion(&assertion, expected)
 }
 
 #[cfg(test)]
@@ -228,7 +268,12 @@ mod tests {
     const NOW: i64 = 1_700_000_000;
 
     fn expected(email: &str) -> Expected<'_> {
-        Expected { client_email: email, token_uri: URI, now_s: NOW, skew_s: 300 }
+        Expected {
+            client_email: email,
+            token_uri: URI,
+            now_s: NOW,
+            skew_s: 300,
+        }
     }
 
     fn check(claims: &Value, padded: bool) -> Result<(), GrantError> {
@@ -255,28 +300,66 @@ mod tests {
             Err(GrantError::BadSignature)
         );
         for bad in ["", "a.b", "a.b.c.d", "!!.??.**"] {
-            assert_eq!(verify_assertion(bad, expected(&email)), Err(GrantError::Malformed));
+            assert_eq!(
+                verify_assertion(bad, expected(&email)),
+                Err(GrantError::Malformed)
+            );
         }
         let with = |f: &dyn Fn(&mut Value)| {
             let mut c = assertion_claims("p", URI, NOW);
             f(&mut c);
             check(&c, false)
         };
-        assert_eq!(with(&|c| c["iss"] = json!("x@y")), Err(GrantError::UnknownIssuer));
-        assert_eq!(with(&|c| c["aud"] = json!("https://oauth2.googleapis.com/token")), Err(GrantError::WrongAudience));
-        assert_eq!(with(&|c| c["scope"] = json!(REQUIRED_SCOPES[0])), Err(GrantError::MissingScope));
-        assert_eq!(with(&|c| c["exp"] = json!(NOW + 3601)), Err(GrantError::BadLifetime));
-        assert_eq!(with(&|c| c["iat"] = json!(NOW + 3600)), Err(GrantError::BadLifetime));
-        assert_eq!(with(&|c| { c["iat"] = json!(NOW - 7200); c["exp"] = json!(NOW - 3600) }), Err(GrantError::BadLifetime));
-        assert_eq!(with(&|c| { c.as_object_mut().unwrap().remove("exp"); }), Err(GrantError::BadLifetime));
+        assert_eq!(
+            with(&|c| c["iss"] = json!("x@y")),
+            Err(GrantError::UnknownIssuer)
+        );
+        assert_eq!(
+            with(&|c| c["aud"] = json!("https://oauth2.googleapis.com/token")),
+            Err(GrantError::WrongAudience)
+        );
+        assert_eq!(
+            with(&|c| c["scope"] = json!(REQUIRED_SCOPES[0])),
+            Err(GrantError::MissingScope)
+        );
+        assert_eq!(
+            with(&|c| c["exp"] = json!(NOW + 3601)),
+            Err(GrantError::BadLifetime)
+        );
+        assert_eq!(
+            with(&|c| c["iat"] = json!(NOW + 3600)),
+            Err(GrantError::BadLifetime)
+        );
+        assert_eq!(
+            with(&|c| {
+                c["iat"] = json!(NOW - 7200);
+                c["exp"] = json!(NOW - 3600)
+            }),
+            Err(GrantError::BadLifetime)
+        );
+        assert_eq!(
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+            Err(GrantError::BadLifetime)
+        );
     }
 
     #[test]
     fn parses_form_fields() {
-        let ok = format!("grant_type={}&assertion=abc", JWT_BEARER_GRANT.replace(':', "%3A"));
+        let ok = format!(
+            "grant_type={}&assertion=abc",
+            JWT_BEARER_GRANT.replace(':', "%3A")
+        );
         assert_eq!(parse_form(ok.as_bytes()), Ok("abc".to_owned()));
-        assert_eq!(parse_form(b"assertion=x"), Err(GrantError::MissingParameter("grant_type")));
-        assert!(matches!(parse_form(b"grant_type=password"), Err(GrantError::UnsupportedGrantType(_))));
+        assert_eq!(
+            parse_form(b"assertion=x"),
+            Err(GrantError::MissingParameter("grant_type"))
+        );
+        assert!(matches!(
+            parse_form(b"grant_type=password"),
+            Err(GrantError::UnsupportedGrantType(_))
+        ));
         assert_eq!(
             parse_form(format!("grant_type={JWT_BEARER_GRANT}").as_bytes()),
             Err(GrantError::MissingParameter("assertion"))

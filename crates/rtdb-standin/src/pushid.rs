@@ -33,7 +33,11 @@ impl PushIdGenerator {
             t /= 64;
         }
         id.extend_from_slice(&time_chars);
-        id.extend(self.last_random.iter().map(|&i| PUSH_CHARS[usize::from(i & 63)]));
+        id.extend(
+            self.last_random
+                .iter()
+                .map(|&i| PUSH_CHARS[usize::from(i & 63)]),
+        );
         String::from_utf8_lossy(&id).into_owned()
     }
 

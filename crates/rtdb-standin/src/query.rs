@@ -137,10 +137,11 @@ impl Query {
             ));
         }
         if self.range.first.is_some() && self.range.last.is_some() {
-            return Err(bad("Only one of limitToFirst and limitToLast may be specified"));
+            return Err(bad(
+                "Only one of limitToFirst and limitToLast may be specified",
+            ));
         }
-        if self.range.equal.is_some() && (self.range.start.is_some() || self.range.end.is_some())
-        {
+        if self.range.equal.is_some() && (self.range.start.is_some() || self.range.end.is_some()) {
             return Err(bad("equalTo cannot be combined with startAt or endAt"));
         }
         Ok(())
@@ -375,9 +376,15 @@ mod tests {
         let v = json!({"a": 1, "b": 2, "c": 3, "d": 4});
         let q = |raw: &str| Query::parse(Some(raw)).unwrap().range;
         let f = |raw: &str| filter_by_key(v.clone(), &q(raw));
-        assert_eq!(f("orderBy=%22$key%22&limitToFirst=2"), json!({"a": 1, "b": 2}));
+        assert_eq!(
+            f("orderBy=%22$key%22&limitToFirst=2"),
+            json!({"a": 1, "b": 2})
+        );
         assert_eq!(f("orderBy=%22$key%22&limitToLast=1"), json!({"d": 4}));
-        assert_eq!(f("orderBy=%22$key%22&startAt=%22b%22&endAt=%22c%22"), json!({"b": 2, "c": 3}));
+        assert_eq!(
+            f("orderBy=%22$key%22&startAt=%22b%22&endAt=%22c%22"),
+            json!({"b": 2, "c": 3})
+        );
         assert_eq!(
             f("orderBy=%22$key%22&startAfter=%22b%22&limitToFirst=1"),
             json!({"c": 3})
@@ -386,7 +393,10 @@ mod tests {
         assert_eq!(f("orderBy=%22$key%22&equalTo=%22c%22"), json!({"c": 3}));
         assert_eq!(filter_by_key(json!(5), &q("orderBy=%22$key%22")), json!(5));
         assert_eq!(
-            filter_by_key(json!(["x", "y", "z"]), &q("orderBy=%22$key%22&limitToLast=2")),
+            filter_by_key(
+                json!(["x", "y", "z"]),
+                &q("orderBy=%22$key%22&limitToLast=2")
+            ),
             json!({"1": "y", "2": "z"})
         );
     }

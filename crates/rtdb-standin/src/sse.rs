@@ -112,7 +112,13 @@ impl StreamRegistry {
     ) -> (u64, mpsc::UnboundedReceiver<StreamCmd>) {
         self.next_id += 1;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.streams.push(StreamHandle { id: self.next_id, path, listener, auth, tx });
+        self.streams.push(StreamHandle {
+            id: self.next_id,
+            path,
+            listener,
+            auth,
+            tx,
+        });
         (self.next_id, rx)
     }
 
@@ -163,7 +169,10 @@ impl StreamRegistry {
 
     /// The paths of the open streams, with their ids.
     pub fn paths(&self) -> Vec<(u64, DbPath)> {
-        self.streams.iter().map(|s| (s.id, s.path.clone())).collect()
+        self.streams
+            .iter()
+            .map(|s| (s.id, s.path.clone()))
+            .collect()
     }
 }
 
@@ -195,7 +204,9 @@ impl Change {
     /// True when a stream at `stream` can only be told about this change by comparing its
     /// value before and after (a write strictly above it).
     pub fn needs_snapshot(&self, stream: &DbPath) -> bool {
-        self.written().iter().any(|w| w.is_strict_ancestor_of(stream))
+        self.written()
+            .iter()
+            .any(|w| w.is_strict_ancestor_of(stream))
     }
 }
 
@@ -248,7 +259,8 @@ pub fn plan_events(
 fn patch_events(at: &DbPath, entries: Vec<(DbPath, Value)>, style: PatchEventKeys) -> Vec<Bytes> {
     match style {
         PatchEventKeys::Keep => {
-            let data: Map<String, Value> = entries.into_iter().map(|(k, v)| (k.to_key(), v)).collect();
+            let data: Map<String, Value> =
+                entries.into_iter().map(|(k, v)| (k.to_key(), v)).collect();
             vec![patch_event(at, &data)]
         }
         PatchEventKeys::Nest => {
@@ -265,14 +277,21 @@ fn patch_events(at: &DbPath, entries: Vec<(DbPath, Value)>, style: PatchEventKey
                     None => groups.push((parent, Map::from_iter([(leaf.to_owned(), value)]))),
                 }
             }
-            groups.iter().map(|(p, data)| patch_event(p, data)).collect()
+            groups
+                .iter()
+                .map(|(p, data)| patch_event(p, data))
+                .collect()
         }
     }
 }
 
 fn event_data(path: &DbPath, data: &Value) -> String {
     // Written by hand so `path` precedes `data`, as on the wire from the real service.
-    format!("{{\"path\":{},\"data\":{}}}", Value::String(path.to_string()), data)
+    format!(
+        "{{\"path\":{},\"data\":{}}}",
+        Value::String(path.to_string()),
+        data
+    )
 }
 
 fn frame(event: &str, data: &str) -> Bytes {
@@ -294,8 +313,12 @@ fn action_frame(action: StreamAction) -> Option<Bytes> {
     match action {
         StreamAction::KeepAlive => Some(frame("keep-alive", "null")),
         StreamAction::Cancel => Some(frame("cancel", "null")),
-        StreamAction::AuthRevoked => Some(frame("auth_revoked", "\"credential is no longer valid\"")),
-        StreamAction::CloseMidEvent => Some(Bytes::from_static(b"event: put\ndata: {\"path\":\"/\",\"da")),
+        StreamAction::AuthRevoked => {
+            Some(frame("auth_revoked", "\"credential is no longer valid\""))
+        }
+        StreamAction::CloseMidEvent => Some(Bytes::from_static(
+            b"event: put\ndata: {\"path\":\"/\",\"da",
+        )),
         StreamAction::Stall | StreamAction::Close | StreamAction::Drop => None,
     }
 }
@@ -436,7 +459,10 @@ mod tests {
 
     fn tree(v: Value) -> Tree {
         let mut t = Tree::new();
-        t.set(&DbPath::root(), crate::tree::prepare(v, None, 0, crate::tree::WriteContext { now_ms: 0 }).unwrap());
+        t.set(
+            &DbPath::root(),
+            crate::tree::prepare(v, None, 0, crate::tree::WriteContext { now_ms: 0 }).unwrap(),
+        );
         t
     }
 
@@ -445,11 +471,23 @@ mod tests {
         let after = tree(json!({"users": {"a": {"n": 1}}}));
         let change = Change::Put { path: p("users/a") };
         assert_eq!(
-            text(plan_events(&change, &p("users"), None, &after, PatchEventKeys::Keep)),
+            text(plan_events(
+                &change,
+                &p("users"),
+                None,
+                &after,
+                PatchEventKeys::Keep
+            )),
             ["event: put\ndata: {\"path\":\"/a\",\"data\":{\"n\":1}}\n\n"]
         );
         assert_eq!(
-            text(plan_events(&change, &p("users/a"), None, &after, PatchEventKeys::Keep)),
+            text(plan_events(
+                &change,
+                &p("users/a"),
+                None,
+                &after,
+                PatchEventKeys::Keep
+            )),
             ["event: put\ndata: {\"path\":\"/\",\"data\":{\"n\":1}}\n\n"]
         );
         assert!(plan_events(&change, &p("other"), None, &after, PatchEventKeys::Keep).is_empty());
@@ -458,14 +496,24 @@ mod tests {
     #[test]
     fn put_above_the_stream_sends_put_root_only_when_changed() {
         let after = tree(json!({"users": {"a": 1}, "x": 2}));
-        let change = Change::Put { path: DbPath::root() };
+        let change = Change::Put {
+            path: DbPath::root(),
+        };
         let stream = p("users");
         assert!(change.needs_snapshot(&stream));
         let same = json!({"a": 1});
-        assert!(plan_events(&change, &stream, Some(&same), &after, PatchEventKeys::Keep).is_empty());
+        assert!(
+            plan_events(&change, &stream, Some(&same), &after, PatchEventKeys::Keep).is_empty()
+        );
         let old = json!({"a": 0});
         assert_eq!(
-            text(plan_events(&change, &stream, Some(&old), &after, PatchEventKeys::Keep)),
+            text(plan_events(
+                &change,
+                &stream,
+                Some(&old),
+                &after,
+                PatchEventKeys::Keep
+            )),
             ["event: put\ndata: {\"path\":\"/\",\"data\":{\"a\":1}}\n\n"]
         );
     }
@@ -484,7 +532,13 @@ mod tests {
             ["event: patch\ndata: {\"path\":\"/\",\"data\":{\"a/n\":4,\"b/m\":1,\"c\":null}}\n\n"]
         );
         assert_eq!(
-            text(plan_events(&change, &stream, None, &after, PatchEventKeys::Nest)),
+            text(plan_events(
+                &change,
+                &stream,
+                None,
+                &after,
+                PatchEventKeys::Nest
+            )),
             [
                 "event: patch\ndata: {\"path\":\"/a\",\"data\":{\"n\":4}}\n\n",
                 "event: patch\ndata: {\"path\":\"/b\",\"data\":{\"m\":1}}\n\n",
@@ -492,15 +546,26 @@ mod tests {
             ]
         );
         // A stream that no key touches gets nothing.
-        assert!(plan_events(&change, &p("elsewhere"), None, &after, PatchEventKeys::Keep).is_empty());
+        assert!(
+            plan_events(&change, &p("elsewhere"), None, &after, PatchEventKeys::Keep).is_empty()
+        );
     }
 
     #[test]
     fn patch_at_or_below_the_stream_keeps_its_keys() {
         let after = tree(json!({"users": {"a": {"x": 1, "y": {"z": 2}}}}));
-        let change = Change::Patch { base: p("users/a"), keys: vec![p("x"), p("y/z")] };
+        let change = Change::Patch {
+            base: p("users/a"),
+            keys: vec![p("x"), p("y/z")],
+        };
         assert_eq!(
-            text(plan_events(&change, &p("users"), None, &after, PatchEventKeys::Keep)),
+            text(plan_events(
+                &change,
+                &p("users"),
+                None,
+                &after,
+                PatchEventKeys::Keep
+            )),
             ["event: patch\ndata: {\"path\":\"/a\",\"data\":{\"x\":1,\"y/z\":2}}\n\n"]
         );
     }
@@ -508,23 +573,38 @@ mod tests {
     #[test]
     fn patch_key_above_the_stream_replaces_it() {
         let after = tree(json!({"users": {"a": {"x": 1}}}));
-        let change = Change::Patch { base: DbPath::root(), keys: vec![p("users/a")] };
+        let change = Change::Patch {
+            base: DbPath::root(),
+            keys: vec![p("users/a")],
+        };
         let stream = p("users/a/x");
         assert!(change.needs_snapshot(&stream));
         assert_eq!(
-            text(plan_events(&change, &stream, Some(&json!(0)), &after, PatchEventKeys::Keep)),
+            text(plan_events(
+                &change,
+                &stream,
+                Some(&json!(0)),
+                &after,
+                PatchEventKeys::Keep
+            )),
             ["event: put\ndata: {\"path\":\"/\",\"data\":1}\n\n"]
         );
     }
 
     #[test]
     fn action_frames() {
-        assert_eq!(action_frame(StreamAction::KeepAlive).unwrap(), "event: keep-alive\ndata: null\n\n");
+        assert_eq!(
+            action_frame(StreamAction::KeepAlive).unwrap(),
+            "event: keep-alive\ndata: null\n\n"
+        );
         assert_eq!(
             action_frame(StreamAction::AuthRevoked).unwrap(),
             "event: auth_revoked\ndata: \"credential is no longer valid\"\n\n"
         );
-        assert_eq!(action_frame(StreamAction::Cancel).unwrap(), "event: cancel\ndata: null\n\n");
+        assert_eq!(
+            action_frame(StreamAction::Cancel).unwrap(),
+            "event: cancel\ndata: null\n\n"
+        );
         assert!(action_frame(StreamAction::Close).is_none());
     }
 }

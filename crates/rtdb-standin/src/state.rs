@@ -133,8 +133,8 @@ impl Shared {
     }
 
     /// Changes the knobs.
-    pub fn update_knobs(&self, f: impl FnOnce(&mut Knobs)) {
-        f(&mut lock(&self.knobs));
+    pub fn update_knobs<R>(&self, f: impl FnOnce(&mut Knobs) -> R) -> R {
+        f(&mut lock(&self.knobs))
     }
 
     /// Updates the counters.
@@ -159,7 +159,9 @@ impl Shared {
 
     /// Inputs for resolving server values now.
     pub fn write_ctx(&self) -> WriteContext {
-        WriteContext { now_ms: self.now_ms() }
+        WriteContext {
+            now_ms: self.now_ms(),
+        }
     }
 
     /// Issues an access token; returns it with its `expires_in`.
@@ -174,9 +176,10 @@ impl Shared {
     /// Decides whether a database request may proceed. Credentials, when present, must be
     /// valid even under public rules.
     pub fn authorize(&self, creds: &Credentials<'_>) -> Option<Auth> {
-        let bearer = creds
-            .authorization
-            .map(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")));
+        let bearer = creds.authorization.map(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        });
         let token = match (bearer, creds.access_token) {
             (Some(Some(t)), _) | (None, Some(t)) => Some(t),
             (Some(None), _) => return None,
@@ -184,17 +187,23 @@ impl Shared {
         };
         if let Some(token) = token {
             let now = self.now_ms();
-            return self.tokens().is_valid(token, now).then(|| Auth::Token(token.to_owned()));
+            return self
+                .tokens()
+                .is_valid(token, now)
+                .then(|| Auth::Token(token.to_owned()));
         }
         if let Some(secret) = creds.auth {
-            return (self.options.database_secret.as_deref() == Some(secret)).then_some(Auth::Secret);
+            return (self.options.database_secret.as_deref() == Some(secret))
+                .then_some(Auth::Secret);
         }
         self.knobs().public_rules.then_some(Auth::Public)
     }
 
     /// When a stream authorised by `auth` must be revoked, on the real-time clock.
     pub fn auth_deadline(&self, auth: &Auth) -> Option<Instant> {
-        let Auth::Token(token) = auth else { return None };
+        let Auth::Token(token) = auth else {
+            return None;
+        };
         let expiry = self.tokens().expiry_ms(token)?;
         let left = u64::try_from(expiry.saturating_sub(self.now_ms())).unwrap_or(0);
         Some(Instant::now() + Duration::from_millis(left))
@@ -206,10 +215,24 @@ impl Shared {
         // Lock order: tokens before db (nothing locks them the other way round).
         let tokens = self.tokens();
         let db = self.db();
-        db.streams.act(StreamAction::AuthRevoked, None, |auth| match auth {
-            Auth::Token(t) => !tokens.is_valid(t, now),
-            _ => false,
-        })
+        db.streams
+            .act(StreamAction::AuthRevoked, None, |auth| match auth {
+                Auth::Token(t) => !tokens.is_valid(t, now),
+                _ => false,
+            })
+    }
+
+    /// Revokes every token; their streams get `auth_revoked`. Returns how many streams.
+    pub fn revoke_tokens(&self) -> usize {
+        self.tokens().revoke_all();
+        self.revoke_invalid_streams()
+    }
+
+    /// Expires every token now; their streams get `auth_revoked`. Returns how many streams.
+    pub fn expire_tokens(&self) -> usize {
+        let now = self.now_ms();
+        self.tokens().expire_all(now);
+        self.revoke_invalid_streams()
     }
 
     /// Sends `action` to the open streams at `path` (all when `None`).
@@ -218,14 +241,24 @@ impl Shared {
     }
 
     /// Writes `value` at `path` as a console edit would, optionally notifying streams.
-    pub fn set_value(&self, path: &DbPath, value: Value, notify: bool) -> Result<Value, WriteError> {
+    pub fn set_value(
+        &self,
+        path: &DbPath,
+        value: Value,
+        notify: bool,
+    ) -> Result<Value, WriteError> {
         let ctx = self.write_ctx();
         let style = notify.then(|| self.knobs().patch_event_keys);
         self.db().set(path, value, ctx, style)
     }
 
     /// A multi-path update at `path`, optionally notifying streams.
-    pub fn update_values(&self, path: &DbPath, value: Value, notify: bool) -> Result<Value, WriteError> {
+    pub fn update_values(
+        &self,
+        path: &DbPath,
+        value: Value,
+        notify: bool,
+    ) -> Result<Value, WriteError> {
         let ctx = self.write_ctx();
         let style = notify.then(|| self.knobs().patch_event_keys);
         self.db().update(path, value, ctx, style).map(Value::Object)

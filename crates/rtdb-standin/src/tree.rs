@@ -292,7 +292,9 @@ fn array_index(key: &str) -> Option<usize> {
 /// `shallow=true`: object children become `true`; primitives are returned as they are.
 pub fn shallow(value: &Value) -> Value {
     match value {
-        Value::Object(map) => Value::Object(map.keys().map(|k| (k.clone(), Value::Bool(true))).collect()),
+        Value::Object(map) => {
+            Value::Object(map.keys().map(|k| (k.clone(), Value::Bool(true))).collect())
+        }
         Value::Array(items) => Value::Object(
             items
                 .iter()
@@ -351,7 +353,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CTX: WriteContext = WriteContext { now_ms: 1_700_000_000_000 };
+    const CTX: WriteContext = WriteContext {
+        now_ms: 1_700_000_000_000,
+    };
 
     fn p(s: &str) -> DbPath {
         DbPath::parse(s).unwrap()
@@ -384,14 +388,20 @@ mod tests {
     #[test]
     fn read_form_restores_dense_arrays_only() {
         assert_eq!(render(&json!({"0": "a", "1": "b"})), json!(["a", "b"]));
-        assert_eq!(render(&json!({"0": "a", "2": "c"})), json!(["a", null, "c"]));
+        assert_eq!(
+            render(&json!({"0": "a", "2": "c"})),
+            json!(["a", null, "c"])
+        );
         // max < 2 * count: {"1"} is an array, {"2"} and {"5","6"} are not.
         assert_eq!(render(&json!({"1": "b"})), json!([null, "b"]));
         assert_eq!(render(&json!({"2": "c"})), json!({"2": "c"}));
         assert_eq!(render(&json!({"5": 1, "6": 2})), json!({"5": 1, "6": 2}));
         assert_eq!(render(&json!({"0": 1, "x": 2})), json!({"0": 1, "x": 2}));
         assert_eq!(render(&json!({"00": 1})), json!({"00": 1}));
-        assert_eq!(render(&json!({"a": {"0": {"0": true}}})), json!({"a": [[true]]}));
+        assert_eq!(
+            render(&json!({"a": {"0": {"0": true}}})),
+            json!({"a": [[true]]})
+        );
     }
 
     #[test]
@@ -400,7 +410,10 @@ mod tests {
         assert!(matches!(err, DataError::InvalidKey { ref key, .. } if key == "a.b"));
         assert!(prepare(json!({"a/b": 1}), None, 0, CTX).is_err());
         assert!(prepare(json!({"": 1}), None, 0, CTX).is_err());
-        assert_eq!(prepare(json!({"a": 1}), None, 32, CTX), Err(DataError::TooDeep));
+        assert_eq!(
+            prepare(json!({"a": 1}), None, 32, CTX),
+            Err(DataError::TooDeep)
+        );
         assert!(prepare(json!({"a": 1}), None, 31, CTX).is_ok());
         // A null child with a bad key is ignored, like any null.
         assert_eq!(prepare(json!({"a.b": null}), None, 0, CTX), Ok(None));
@@ -488,8 +501,14 @@ mod tests {
 
     #[test]
     fn shallow_and_etag() {
-        assert_eq!(shallow(&json!({"a": {"x": 1}, "b": 2})), json!({"a": true, "b": true}));
-        assert_eq!(shallow(&json!(["x", null, "z"])), json!({"0": true, "2": true}));
+        assert_eq!(
+            shallow(&json!({"a": {"x": 1}, "b": 2})),
+            json!({"a": true, "b": true})
+        );
+        assert_eq!(
+            shallow(&json!(["x", null, "z"])),
+            json!({"0": true, "2": true})
+        );
         assert_eq!(shallow(&json!("s")), json!("s"));
         assert_eq!(etag(&Value::Null), NULL_ETAG);
         let e = etag(&json!({"b": 1, "a": 2}));
