@@ -4,5 +4,8 @@
 pub mod clock;
 pub mod config;
 pub mod net;
+pub mod observe;
+pub mod proxy;
 pub mod secret;
+pub mod store;
 pub mod users;

@@ -146,6 +146,11 @@ impl UserCache {
         }
     }
 
+    /// Users waiting in the change queue (approximate while others push).
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// The newest ticket handed out.
     pub fn latest_ticket(&self) -> ChangeTicket {
         self.tickets.load(Ordering::Acquire)

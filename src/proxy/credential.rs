@@ -1,0 +1,195 @@
+//! Where a client's token comes from: `Authorization: Bearer`, then `x-api-key`, then the
+//! `key` query parameter (the older proxy's order). The source is remembered so exactly that
+//! credential is removed before the request goes upstream.
+
+use std::borrow::Cow;
+
+use http::uri::{PathAndQuery, Uri};
+use pingora::http::RequestHeader;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    Authorization,
+    XApiKey,
+    QueryKey,
+}
+
+/// The token and where it was found.
+pub fn extract(req: &RequestHeader) -> Option<(CredentialSource, Cow<'_, str>)> {
+    if let Some(token) = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| bearer(v.as_bytes()))
+    {
+        return Some((CredentialSource::Authorization, Cow::Borrowed(token)));
+    }
+    if let Some(token) = req
+        .headers
+        .get("x-api-key")
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        return Some((CredentialSource::XApiKey, Cow::Borrowed(token)));
+    }
+    query_key(req.uri.query()?).map(|t| (CredentialSource::QueryKey, t))
+}
+
+/// The token of `Bearer <token>` (scheme case-insensitive). The older proxy sliced off seven
+/// characters whatever the scheme; any other scheme is not a tollgate credential.
+fn bearer(value: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The first non-empty `key=` parameter, percent-decoded.
+fn query_key(query: &str) -> Option<Cow<'_, str>> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("key="))
+        .find(|v| !v.is_empty())
+        .map(|raw| {
+            if raw.contains(['%', '+']) {
+                Cow::Owned(percent_decode(raw))
+            } else {
+                Cow::Borrowed(raw)
+            }
+        })
+}
+
+fn percent_decode(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            if let Some(decoded) = bytes.get(i + 1..i + 3).and_then(hex_byte) {
+                out.push(decoded);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b == b'+' { b' ' } else { b });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_byte(pair: &[u8]) -> Option<u8> {
+    let digit = |c: u8| (c as char).to_digit(16);
+    Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+}
+
+/// Removes the credential the client used from the upstream request.
+pub fn strip(req: &mut RequestHeader, source: CredentialSource) {
+    match source {
+        CredentialSource::Authorization => {
+            req.remove_header(&http::header::AUTHORIZATION);
+        }
+        CredentialSource::XApiKey => {
+            req.remove_header("x-api-key");
+        }
+        CredentialSource::QueryKey => {
+            if let Some(uri) = without_key_param(&req.uri) {
+                req.set_uri(uri);
+            }
+        }
+    }
+}
+
+/// The URI without any `key=` parameter.
+fn without_key_param(uri: &Uri) -> Option<Uri> {
+    let query = uri.query()?;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| *pair != "key" && !pair.starts_with("key="))
+        .collect();
+    let path_and_query = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn token(r: &RequestHeader) -> Option<(CredentialSource, String)> {
+        extract(r).map(|(s, t)| (s, t.into_owned()))
+    }
+
+    #[test]
+    fn bearer_wins_then_api_key_then_query() {
+        let r = req(
+            "/v1?key=q",
+            &[("authorization", "Bearer a"), ("x-api-key", "x")],
+        );
+        assert_eq!(
+            token(&r),
+            Some((CredentialSource::Authorization, "a".into()))
+        );
+        let r = req("/v1?key=q", &[("x-api-key", "x")]);
+        assert_eq!(token(&r), Some((CredentialSource::XApiKey, "x".into())));
+        let r = req("/v1?a=1&key=q", &[]);
+        assert_eq!(token(&r), Some((CredentialSource::QueryKey, "q".into())));
+        assert_eq!(token(&req("/v1", &[])), None);
+    }
+
+    #[test]
+    fn scheme_is_checked_case_insensitively() {
+        assert_eq!(
+            token(&req("/", &[("authorization", "bearer  t1 ")]))
+                .unwrap()
+                .1,
+            "t1"
+        );
+        assert_eq!(
+            token(&req("/", &[("authorization", "Basic dXNlcjpw")])),
+            None
+        );
+        assert_eq!(token(&req("/", &[("authorization", "Bearer")])), None);
+        let r = req("/", &[("authorization", "Basic x"), ("x-api-key", "k")]);
+        assert_eq!(token(&r).unwrap().0, CredentialSource::XApiKey);
+    }
+
+    #[test]
+    fn query_key_is_percent_decoded() {
+        assert_eq!(token(&req("/?key=a%2Db", &[])).unwrap().1, "a-b");
+        assert_eq!(token(&req("/?key=%zz", &[])).unwrap().1, "%zz");
+        assert_eq!(token(&req("/?key=%4", &[])).unwrap().1, "%4");
+        assert_eq!(token(&req("/?key=&key=second", &[])).unwrap().1, "second");
+    }
+
+    #[test]
+    fn strip_removes_only_the_used_credential() {
+        let mut r = req("/p?a=1&key=k&b=2", &[("x-api-key", "x")]);
+        strip(&mut r, CredentialSource::QueryKey);
+        assert_eq!(r.uri.to_string(), "/p?a=1&b=2");
+        assert!(r.headers.get("x-api-key").is_some());
+        let mut r = req("/p?key=k", &[]);
+        strip(&mut r, CredentialSource::QueryKey);
+        assert_eq!(r.uri.to_string(), "/p");
+        let mut r = req("/p", &[("authorization", "Bearer a"), ("x-api-key", "x")]);
+        strip(&mut r, CredentialSource::Authorization);
+        assert!(r.headers.get("authorization").is_none());
+        assert!(r.headers.get("x-api-key").is_some());
+    }
+}

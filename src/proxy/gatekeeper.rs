@@ -1,0 +1,295 @@
+//! Who may pass: the older proxy's decision flow (contract §2.3), with its bugs fixed:
+//! constant-time key checks, expiry checked at request time, auto-ban that records why.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{GatekeeperConfig, GatekeeperMode, Secrets};
+use crate::secret::Secret;
+use crate::users::{IpAdmission, UserCache, UserRecord, UserType};
+
+/// The reason recorded when auto-ban disables a user.
+pub const AUTO_BAN_REASON: &str = "IP address limit exceeded.";
+
+/// Who the request is from, once admitted.
+#[derive(Clone)]
+pub enum Identity {
+    /// No user: `none` mode, `PROXY_KEY`, or `ADMIN_KEY`. Limited per client IP.
+    Anonymous,
+    User(Arc<UserRecord>),
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401: no credential at all.
+    MissingToken,
+    /// 401: a credential that matches nothing.
+    UnknownToken,
+    /// 403: the user is disabled; carries the message shown to the client.
+    Disabled(String),
+    /// 403: a new IP beyond the user's limit (not recorded).
+    IpLimit,
+    /// 403: a new IP beyond the limit, and auto-ban just disabled the user.
+    IpLimitBanned,
+    /// 403: a temporary user past `expiresAt`.
+    Expired,
+}
+
+pub struct Gatekeeper {
+    mode: GatekeeperMode,
+    admin_key: Option<Secret>,
+    proxy_key: Option<Secret>,
+    max_ips_per_user: u32,
+    auto_ban: bool,
+    cache: Arc<UserCache>,
+}
+
+impl Gatekeeper {
+    pub fn new(config: &GatekeeperConfig, secrets: &Secrets, cache: Arc<UserCache>) -> Self {
+        Self {
+            mode: config.mode,
+            admin_key: secrets.admin_key.clone(),
+            proxy_key: secrets.proxy_key.clone(),
+            max_ips_per_user: config.max_ips_per_user,
+            auto_ban: config.max_ips_auto_ban,
+            cache,
+        }
+    }
+
+    pub fn mode(&self) -> GatekeeperMode {
+        self.mode
+    }
+
+    /// Whether a refused credential should count against the client IP's failure budget.
+    pub fn checks_credentials(&self) -> bool {
+        self.mode != GatekeeperMode::None
+    }
+
+    /// Decides for one request. `token` is the credential found, if any.
+    #[inline]
+    pub fn admit(&self, token: Option<&str>, ip: IpAddr, now_ms: u64) -> Result<Identity, Refusal> {
+        if let (Some(token), Some(admin)) = (token, &self.admin_key) {
+            if admin.matches(token) {
+                return Ok(Identity::Anonymous);
+            }
+        }
+        match self.mode {
+            GatekeeperMode::None => Ok(Identity::Anonymous),
+            GatekeeperMode::ProxyKey => match (token, &self.proxy_key) {
+                (None, _) => Err(Refusal::MissingToken),
+                (Some(t), Some(key)) if key.matches(t) => Ok(Identity::Anonymous),
+                _ => Err(Refusal::UnknownToken),
+            },
+            GatekeeperMode::UserToken => {
+                let token = token.ok_or(Refusal::MissingToken)?;
+                // A keyed-hash lookup: its timing says nothing about stored tokens.
+                let record = self.cache.get(token).ok_or(Refusal::UnknownToken)?;
+                self.admit_user(record, ip, now_ms)
+            }
+        }
+    }
+
+    fn admit_user(
+        &self,
+        record: Arc<UserRecord>,
+        ip: IpAddr,
+        now_ms: u64,
+    ) -> Result<Identity, Refusal> {
+        let profile = record.profile();
+        if profile.disabled_at.is_some() {
+            let reason = profile.disabled_reason().unwrap_or("User token disabled");
+            return Err(Refusal::Disabled(format!("Forbidden: {reason}")));
+        }
+        if profile.is_expired(now_ms) {
+            return Err(Refusal::Expired);
+        }
+        let exempt = profile.user_type == UserType::Special;
+        // Per-user maxIps overrides the global limit; 0 means unlimited, not "use the global".
+        let limit = if exempt {
+            0
+        } else {
+            profile.max_ips.unwrap_or(self.max_ips_per_user)
+        };
+        drop(profile);
+        match self.cache.admit_ip(&record, ip, limit) {
+            IpAdmission::Known | IpAdmission::Added => Ok(Identity::User(record)),
+            IpAdmission::OverLimit if self.auto_ban => {
+                self.cache.ban_for_ips(&record, ip, AUTO_BAN_REASON, now_ms);
+                Err(Refusal::IpLimitBanned)
+            }
+            IpAdmission::OverLimit => Err(Refusal::IpLimit),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::users::User;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    fn gate(mode: GatekeeperMode, max_ips: u32, auto_ban: bool) -> (Gatekeeper, Arc<UserCache>) {
+        let cache = Arc::new(UserCache::default());
+        let config = GatekeeperConfig {
+            mode,
+            max_ips_per_user: max_ips,
+            max_ips_auto_ban: auto_ban,
+        };
+        let secrets = Secrets {
+            proxy_key: Secret::new("pk"),
+            admin_key: Secret::new("ak"),
+        };
+        (Gatekeeper::new(&config, &secrets, cache.clone()), cache)
+    }
+
+    fn add(cache: &UserCache, token: &str, edit: impl FnOnce(&mut User)) {
+        let mut u = User::new(token.into(), UserType::Normal, 1);
+        edit(&mut u);
+        cache.load([u]);
+    }
+
+    fn refusal(r: Result<Identity, Refusal>) -> Refusal {
+        r.err().expect("refused")
+    }
+
+    #[test]
+    fn none_mode_admits_everyone() {
+        let (g, _) = gate(GatekeeperMode::None, 0, false);
+        assert!(g.admit(None, ip(1), 0).is_ok());
+        assert!(g.admit(Some("whatever"), ip(1), 0).is_ok());
+    }
+
+    #[test]
+    fn proxy_key_mode() {
+        let (g, _) = gate(GatekeeperMode::ProxyKey, 0, false);
+        assert!(g.admit(Some("pk"), ip(1), 0).is_ok());
+        assert_eq!(
+            refusal(g.admit(Some("pk2"), ip(1), 0)),
+            Refusal::UnknownToken
+        );
+        assert_eq!(refusal(g.admit(None, ip(1), 0)), Refusal::MissingToken);
+    }
+
+    #[test]
+    fn admin_key_passes_in_every_mode() {
+        for mode in [
+            GatekeeperMode::None,
+            GatekeeperMode::ProxyKey,
+            GatekeeperMode::UserToken,
+        ] {
+            let (g, _) = gate(mode, 0, false);
+            assert!(matches!(
+                g.admit(Some("ak"), ip(1), 0),
+                Ok(Identity::Anonymous)
+            ));
+        }
+    }
+
+    #[test]
+    fn user_token_mode_looks_users_up() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 0, false);
+        add(&cache, "u1", |_| {});
+        assert!(matches!(
+            g.admit(Some("u1"), ip(1), 0),
+            Ok(Identity::User(_))
+        ));
+        assert_eq!(
+            refusal(g.admit(Some("u2"), ip(1), 0)),
+            Refusal::UnknownToken
+        );
+        assert_eq!(refusal(g.admit(None, ip(1), 0)), Refusal::MissingToken);
+        assert_eq!(
+            refusal(g.admit(Some("pk"), ip(1), 0)),
+            Refusal::UnknownToken,
+            "PROXY_KEY is not a user"
+        );
+    }
+
+    #[test]
+    fn disabled_user_gets_reason() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 0, false);
+        add(&cache, "u", |u| {
+            u.disabled_at = Some(1);
+            u.disabled_reason = Some("abuse".into());
+        });
+        add(&cache, "v", |u| u.disabled_at = Some(1));
+        assert_eq!(
+            refusal(g.admit(Some("u"), ip(1), 0)),
+            Refusal::Disabled("Forbidden: abuse".into())
+        );
+        assert_eq!(
+            refusal(g.admit(Some("v"), ip(1), 0)),
+            Refusal::Disabled("Forbidden: User token disabled".into())
+        );
+    }
+
+    #[test]
+    fn temporary_users_expire_at_request_time() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 0, false);
+        add(&cache, "t", |u| {
+            u.user_type = UserType::Temporary;
+            u.expires_at = Some(1000);
+        });
+        assert!(g.admit(Some("t"), ip(1), 999).is_ok());
+        assert_eq!(refusal(g.admit(Some("t"), ip(1), 1000)), Refusal::Expired);
+    }
+
+    #[test]
+    fn ip_limit_global_and_per_user() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 1, false);
+        add(&cache, "u", |_| {});
+        add(&cache, "two", |u| u.max_ips = Some(2));
+        add(&cache, "unlimited", |u| u.max_ips = Some(0));
+        assert!(g.admit(Some("u"), ip(1), 0).is_ok());
+        assert!(g.admit(Some("u"), ip(1), 0).is_ok());
+        assert_eq!(refusal(g.admit(Some("u"), ip(2), 0)), Refusal::IpLimit);
+        assert_eq!(
+            cache.user("u").unwrap().ip,
+            vec!["10.0.0.1"],
+            "refused IP not recorded"
+        );
+        assert!(g.admit(Some("two"), ip(1), 0).is_ok());
+        assert!(g.admit(Some("two"), ip(2), 0).is_ok());
+        assert_eq!(refusal(g.admit(Some("two"), ip(3), 0)), Refusal::IpLimit);
+        for n in 1..10 {
+            assert!(g.admit(Some("unlimited"), ip(n), 0).is_ok());
+        }
+    }
+
+    #[test]
+    fn special_users_are_exempt_from_ip_limits() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 1, true);
+        add(&cache, "s", |u| u.user_type = UserType::Special);
+        for n in 1..5 {
+            assert!(g.admit(Some("s"), ip(n), 0).is_ok());
+        }
+        assert_eq!(
+            cache.user("s").unwrap().ip.len(),
+            4,
+            "IPs are still recorded"
+        );
+    }
+
+    #[test]
+    fn auto_ban_disables_with_a_reason() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 1, true);
+        add(&cache, "u", |_| {});
+        assert!(g.admit(Some("u"), ip(1), 0).is_ok());
+        assert_eq!(
+            refusal(g.admit(Some("u"), ip(2), 5)),
+            Refusal::IpLimitBanned
+        );
+        let user = cache.user("u").unwrap();
+        assert_eq!(user.disabled_at, Some(5));
+        assert_eq!(user.disabled_reason.as_deref(), Some(AUTO_BAN_REASON));
+        assert_eq!(user.ip.len(), 2);
+        assert!(matches!(
+            refusal(g.admit(Some("u"), ip(1), 6)),
+            Refusal::Disabled(_)
+        ));
+    }
+}

@@ -1,0 +1,448 @@
+//! The proxy service: in `request_filter`, block list, gatekeeper and rate limits decide
+//! whether a request passes; it then goes upstream with the client's credential removed and
+//! an `X-Forwarded-For` that tollgate set. No I/O and no locks happen before the upstream.
+
+pub mod credential;
+pub mod gatekeeper;
+pub mod rate_limit;
+pub mod respond;
+pub mod upstream;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue};
+use log::warn;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_limits::inflight::Guard;
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::net::{resolve_client_ip, CidrSet};
+use crate::observe::{AccessLog, Metrics, Outcome};
+use crate::users::UserCache;
+use credential::CredentialSource;
+use gatekeeper::{Gatekeeper, Identity, Refusal};
+use rate_limit::{ConcurrencyLimiter, KeyHasher, LimitKey, MinuteLimiter, RateDecision};
+use respond::{ErrorReply, StockReplies};
+use upstream::Upstreams;
+
+/// Shared by all proxy workers.
+pub struct Proxy {
+    gatekeeper: Gatekeeper,
+    cache: Arc<UserCache>,
+    upstreams: Upstreams,
+    set_headers: Vec<(HeaderName, HeaderValue)>,
+    trusted_proxies: CidrSet,
+    blocklist: CidrSet,
+    hasher: KeyHasher,
+    requests: Option<MinuteLimiter>,
+    auth_failures: Option<MinuteLimiter>,
+    inflight: Option<ConcurrencyLimiter>,
+    replies: StockReplies,
+    metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    client_ip: IpAddr,
+    identity: Option<Identity>,
+    credential: Option<CredentialSource>,
+    rate: Option<RateDecision>,
+    /// Holds the concurrency slot until the request ends, however it ends.
+    _inflight: Option<Guard>,
+    upstream_started: Option<Instant>,
+    upstream_status: Option<u16>,
+    outcome: Outcome,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &Config,
+        cache: Arc<UserCache>,
+        metrics: Arc<Metrics>,
+        access_log: Option<AccessLog>,
+    ) -> Self {
+        let limits = &config.rate_limit;
+        Self {
+            gatekeeper: Gatekeeper::new(&config.gatekeeper, &config.secrets, Arc::clone(&cache)),
+            cache,
+            upstreams: Upstreams::new(&config.upstream),
+            set_headers: config.upstream.set_headers.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            blocklist: config.ip_blocklist.clone(),
+            hasher: KeyHasher::default(),
+            requests: (limits.requests_per_minute > 0)
+                .then(|| MinuteLimiter::new(limits.requests_per_minute, limits.estimator_slots)),
+            auth_failures: (limits.auth_failures_per_minute > 0
+                && config.gatekeeper.mode != crate::config::GatekeeperMode::None)
+                .then(|| {
+                    MinuteLimiter::new(limits.auth_failures_per_minute, limits.estimator_slots)
+                }),
+            inflight: (limits.max_inflight > 0)
+                .then(|| ConcurrencyLimiter::new(limits.max_inflight)),
+            replies: StockReplies::default(),
+            metrics,
+            access_log,
+        }
+    }
+
+    fn client_ip(&self, session: &Session) -> IpAddr {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let forwarded = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .into_iter()
+            .map(|v| v.as_bytes());
+        resolve_client_ip(peer, forwarded, &self.trusted_proxies)
+    }
+
+    /// The whole admission decision; `Err` is the reply to send instead of proxying.
+    fn decide(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        now: u64,
+    ) -> Result<(), (ErrorReply, Outcome)> {
+        if !self.blocklist.is_empty() && self.blocklist.contains(ctx.client_ip) {
+            return Err((self.replies.blocked.clone(), Outcome::Forbidden));
+        }
+        let ip_key = self.hasher.hash(LimitKey::Ip(ctx.client_ip));
+        if let Some(failures) = &self.auth_failures {
+            if let RateDecision::Limited {
+                retry_after_secs, ..
+            } = failures.check(ip_key, now)
+            {
+                let message = format!(
+                    "Too many failed authentication attempts from this IP. Please try again in {retry_after_secs} seconds."
+                );
+                let reply = ErrorReply::new(429, "proxy_rate_limited", &message)
+                    .with_header("retry-after", retry_after_secs);
+                return Err((reply, Outcome::RateLimited));
+            }
+        }
+        let credential = credential::extract(session.req_header());
+        ctx.credential = credential.as_ref().map(|(source, _)| *source);
+        let token = credential.as_ref().map(|(_, t)| t.as_ref());
+        let identity = match self.gatekeeper.admit(token, ctx.client_ip, now) {
+            Ok(identity) => identity,
+            Err(refusal) => return Err(self.refuse(refusal, ip_key)),
+        };
+        let limit_key = match &identity {
+            Identity::User(user) if user.profile().user_type == crate::users::UserType::Special => {
+                None
+            }
+            Identity::User(user) => Some(self.hasher.hash(LimitKey::User(user.token()))),
+            Identity::Anonymous => Some(ip_key),
+        };
+        ctx.identity = Some(identity);
+        let Some(limit_key) = limit_key else {
+            return Ok(());
+        };
+        if let Some(requests) = &self.requests {
+            let decision = requests.check_and_count(limit_key, now);
+            ctx.rate = Some(decision);
+            if let RateDecision::Limited {
+                limit,
+                retry_after_secs,
+                reset_at_ms,
+            } = decision
+            {
+                return Err((
+                    rate_limited(limit, retry_after_secs, reset_at_ms),
+                    Outcome::RateLimited,
+                ));
+            }
+        }
+        if let Some(inflight) = &self.inflight {
+            match inflight.acquire(limit_key) {
+                Some(guard) => ctx._inflight = Some(guard),
+                None => {
+                    let message = format!(
+                        "Too many concurrent requests: at most {} at a time. Wait for one to finish.",
+                        inflight.max()
+                    );
+                    let reply = ErrorReply::new(429, "proxy_concurrency_limited", &message)
+                        .with_header("retry-after", 1);
+                    return Err((reply, Outcome::RateLimited));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, refusal: Refusal, ip_key: u64) -> (ErrorReply, Outcome) {
+        match refusal {
+            Refusal::MissingToken | Refusal::UnknownToken => {
+                if let Some(failures) = &self.auth_failures {
+                    failures.count(ip_key);
+                }
+                let reply = if refusal == Refusal::MissingToken {
+                    &self.replies.missing_token
+                } else {
+                    &self.replies.unknown_token
+                };
+                (reply.clone(), Outcome::Unauthorized)
+            }
+            Refusal::Disabled(message) => (
+                ErrorReply::new(403, "forbidden", &message),
+                Outcome::Forbidden,
+            ),
+            Refusal::IpLimit => (self.replies.ip_limit.clone(), Outcome::Forbidden),
+            Refusal::IpLimitBanned => (self.replies.ip_limit_banned.clone(), Outcome::Forbidden),
+            Refusal::Expired => (self.replies.expired.clone(), Outcome::Forbidden),
+        }
+    }
+}
+
+fn rate_limited(limit: u32, retry_after_secs: u64, reset_at_ms: u64) -> ErrorReply {
+    let message = format!(
+        "This proxy is rate limited to {limit} requests per minute. Please try again in {retry_after_secs} seconds."
+    );
+    ErrorReply::new(429, "proxy_rate_limited", &message)
+        .with_header("retry-after", retry_after_secs)
+        .with_header("x-ratelimit-limit", limit)
+        .with_header("x-ratelimit-remaining", 0)
+        .with_header("x-ratelimit-reset", reset_at_ms)
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            identity: None,
+            credential: None,
+            rate: None,
+            _inflight: None,
+            upstream_started: None,
+            upstream_status: None,
+            outcome: Outcome::Proxied,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.client_ip = self.client_ip(session);
+        match self.decide(session, ctx, now_ms()) {
+            Ok(()) => Ok(false),
+            Err((reply, outcome)) => {
+                ctx.outcome = outcome;
+                reply.send(session).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started.get_or_insert_with(Instant::now);
+        Ok(self.upstreams.next())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent yet: another upstream may take it.
+        if self.upstreams.len() > 1 {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(source) = ctx.credential {
+            credential::strip(upstream, source);
+        }
+        // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
+        upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
+        for (name, value) in &self.set_headers {
+            upstream.insert_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(response.status.as_u16());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(RateDecision::Allowed {
+            limit,
+            remaining,
+            reset_at_ms,
+        }) = ctx.rate
+        {
+            let mut buf = itoa::Buffer::new();
+            response.insert_header("x-ratelimit-limit", buf.format(limit))?;
+            response.insert_header("x-ratelimit-remaining", buf.format(remaining))?;
+            response.insert_header("x-ratelimit-reset", buf.format(reset_at_ms))?;
+        }
+        Ok(())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        // fail_to_proxy logs upstream failures once, without the request line (it may hold a key).
+        true
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (status, reply) = match e.esource() {
+            ErrorSource::Upstream => {
+                let timed_out = matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                );
+                warn!(
+                    "upstream failure: {} ({})",
+                    e.etype().as_str(),
+                    redacted_path(session)
+                );
+                if timed_out {
+                    (
+                        504,
+                        ErrorReply::new(
+                            504,
+                            "upstream_timeout",
+                            "The upstream server did not answer in time",
+                        ),
+                    )
+                } else {
+                    (
+                        502,
+                        ErrorReply::new(
+                            502,
+                            "upstream_error",
+                            "The upstream server could not be reached or failed",
+                        ),
+                    )
+                }
+            }
+            ErrorSource::Downstream => {
+                if matches!(
+                    e.etype(),
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+                ) {
+                    // The client is gone; there is nobody to answer.
+                    return FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    };
+                }
+                (
+                    400,
+                    ErrorReply::new(400, "bad_request", "The request could not be read"),
+                )
+            }
+            ErrorSource::Internal | ErrorSource::Unset => {
+                warn!(
+                    "internal proxy error: {} ({})",
+                    e.etype().as_str(),
+                    redacted_path(session)
+                );
+                (
+                    500,
+                    ErrorReply::new(
+                        500,
+                        "internal_error",
+                        "tollgate failed to handle the request",
+                    ),
+                )
+            }
+        };
+        ctx.outcome = if status >= 500 {
+            Outcome::UpstreamError
+        } else {
+            Outcome::BadRequest
+        };
+        if let Ok(header) = reply.to_header() {
+            // A failed write is a client that left; nothing more to do.
+            let _ = session
+                .write_error_response(header, reply.body.clone())
+                .await;
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let upstream_latency = ctx.upstream_started.map(|t| t.elapsed());
+        if ctx.upstream_status.is_some() {
+            if let Some(Identity::User(user)) = &ctx.identity {
+                self.cache.count_request(user, now_ms());
+            }
+        }
+        self.metrics.record_request(
+            ctx.outcome,
+            upstream_latency.filter(|_| ctx.upstream_status.is_some()),
+        );
+        if let Some(log) = &self.access_log {
+            let status = session
+                .response_written()
+                .map(|r| r.status.as_u16())
+                .unwrap_or(0);
+            let user = match &ctx.identity {
+                Some(Identity::User(u)) => Some(u.as_ref()),
+                _ => None,
+            };
+            log.write(
+                session.req_header(),
+                ctx.client_ip,
+                user,
+                status,
+                upstream_latency,
+            );
+        }
+    }
+
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        redacted_path(session)
+    }
+}
+
+/// Method and path without the query string, which may carry `key=<token>`.
+fn redacted_path(session: &Session) -> String {
+    let req = session.req_header();
+    format!("{} {}", req.method, req.uri.path())
+}

@@ -1,0 +1,339 @@
+//! Per-minute rate limiting on pingora-limits' `Rate`, read as a sliding window: the previous
+//! minute's count is weighted by how much of it still overlaps the last 60 s. A fixed window
+//! would let a client send twice the limit across a boundary; this does not.
+//!
+//! Keys are hashed once per request (a keyed SipHash) and the sketch only sees the `u64`.
+
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use pingora_limits::inflight::{Guard, Inflight};
+use pingora_limits::rate::{Rate, RateComponents};
+
+const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW_MS: f64 = 60_000.0;
+/// Rows of the count-min sketch: over-counting needs a collision in every row.
+const HASHES: usize = 4;
+
+/// What a limiter is keyed by. Users are limited per token across IPs; everyone else per IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitKey<'a> {
+    Ip(IpAddr),
+    User(&'a str),
+}
+
+/// Hashes limiter keys; one instance per process so keys cannot be predicted from outside.
+#[derive(Clone, Default)]
+pub struct KeyHasher(std::collections::hash_map::RandomState);
+
+impl KeyHasher {
+    #[inline]
+    pub fn hash(&self, key: LimitKey<'_>) -> u64 {
+        self.0.hash_one(key)
+    }
+}
+
+/// The outcome of a rate check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed {
+        limit: u32,
+        remaining: u32,
+        /// When the full budget is back (epoch ms).
+        reset_at_ms: u64,
+    },
+    Limited {
+        limit: u32,
+        /// Whole seconds until one more request fits.
+        retry_after_secs: u64,
+        reset_at_ms: u64,
+    },
+}
+
+/// A sliding-window limit of `limit` events per minute per key.
+pub struct MinuteLimiter {
+    rate: Rate,
+    limit: u32,
+}
+
+impl MinuteLimiter {
+    /// `slots` per hash row: sized for the number of distinct keys active per minute.
+    pub fn new(limit: u32, slots: usize) -> Self {
+        Self {
+            rate: Rate::new_with_estimator_config(WINDOW, HASHES, slots),
+            limit,
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Admits and counts one event, or refuses it without counting (so a client that backs
+    /// off for `Retry-After` gets through).
+    #[inline]
+    pub fn check_and_count(&self, key: u64, now_ms: u64) -> RateDecision {
+        let window = self.window(key);
+        let decision = decide(window, self.limit, now_ms);
+        if matches!(decision, RateDecision::Allowed { .. }) {
+            self.rate.observe(&key, 1);
+        }
+        decision
+    }
+
+    /// Whether `key` is over the limit, without counting anything.
+    #[inline]
+    pub fn check(&self, key: u64, now_ms: u64) -> RateDecision {
+        decide(self.window(key), self.limit, now_ms)
+    }
+
+    /// Counts one event without checking.
+    #[inline]
+    pub fn count(&self, key: u64) {
+        self.rate.observe(&key, 1);
+    }
+
+    fn window(&self, key: u64) -> Window {
+        self.rate.rate_with(&key, |c: RateComponents| Window {
+            previous: c.prev_samples.max(0) as f64,
+            current: c.curr_samples.max(0) as f64,
+            elapsed: c.current_interval_fraction.clamp(0.0, 1.0),
+        })
+    }
+}
+
+/// The two windows' counts and how far into the current one we are (0..1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Window {
+    previous: f64,
+    current: f64,
+    elapsed: f64,
+}
+
+impl Window {
+    /// Events in the last 60 s, assuming the previous minute's were spread evenly.
+    fn estimate(&self) -> f64 {
+        self.previous * (1.0 - self.elapsed) + self.current
+    }
+
+    /// Milliseconds until the estimate falls to `target` if no more events arrive.
+    fn ms_until_at_most(&self, target: f64) -> f64 {
+        if self.estimate() <= target {
+            return 0.0;
+        }
+        let rest_of_window = (1.0 - self.elapsed) * WINDOW_MS;
+        if self.current <= target && self.previous > 0.0 {
+            // Still inside this window: the previous minute's weight decays linearly.
+            let needed_elapsed = 1.0 - (target - self.current) / self.previous;
+            return ((needed_elapsed - self.elapsed) * WINDOW_MS).clamp(0.0, rest_of_window);
+        }
+        // Only after the boundary, when this window's events start decaying in turn.
+        let needed_fraction = if self.current > 0.0 {
+            1.0 - target / self.current
+        } else {
+            0.0
+        };
+        rest_of_window + needed_fraction.clamp(0.0, 1.0) * WINDOW_MS
+    }
+}
+
+fn decide(window: Window, limit: u32, now_ms: u64) -> RateDecision {
+    let limit_f = f64::from(limit);
+    let estimate = window.estimate();
+    if estimate + 1.0 > limit_f {
+        let wait_ms = window.ms_until_at_most(limit_f - 1.0);
+        let reset_at_ms = now_ms + window.ms_until_at_most(0.0).ceil() as u64;
+        return RateDecision::Limited {
+            limit,
+            retry_after_secs: ((wait_ms / 1000.0).ceil() as u64).max(1),
+            reset_at_ms,
+        };
+    }
+    let after = Window {
+        current: window.current + 1.0,
+        ..window
+    };
+    RateDecision::Allowed {
+        limit,
+        remaining: (limit_f - after.estimate()).floor().max(0.0) as u32,
+        reset_at_ms: now_ms + after.ms_until_at_most(0.0).ceil() as u64,
+    }
+}
+
+/// Caps concurrent requests per key; the slot is released when the guard drops, however the
+/// request ends (answered, refused, client gone, upstream error).
+pub struct ConcurrencyLimiter {
+    inflight: Inflight,
+    max: u32,
+}
+
+impl ConcurrencyLimiter {
+    pub fn new(max: u32) -> Self {
+        Self {
+            inflight: Inflight::new(),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// A guard holding the slot, or `None` when `key` already has `max` requests running.
+    #[inline]
+    pub fn acquire(&self, key: u64) -> Option<Guard> {
+        let (guard, count) = self.inflight.incr(key, 1);
+        (count <= self.max as isize).then_some(guard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(previous: f64, current: f64, elapsed: f64) -> Window {
+        Window {
+            previous,
+            current,
+            elapsed,
+        }
+    }
+
+    #[test]
+    fn allows_up_to_the_limit_and_reports_remaining() {
+        match decide(w(0.0, 3.0, 0.5), 5, 1000) {
+            RateDecision::Allowed { remaining, .. } => assert_eq!(remaining, 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(w(0.0, 4.0, 0.5), 5, 0),
+            RateDecision::Allowed { remaining: 0, .. }
+        ));
+        assert!(matches!(
+            decide(w(0.0, 5.0, 0.5), 5, 0),
+            RateDecision::Limited { .. }
+        ));
+    }
+
+    #[test]
+    fn previous_window_still_counts_so_no_double_burst() {
+        // 10 requests in the last minute, limit 10, 10% into this one: 9 of them still weigh
+        // in, so one more fits and the next is refused (a fixed window would allow 10).
+        assert!(matches!(
+            decide(w(10.0, 0.0, 0.1), 10, 0),
+            RateDecision::Allowed { remaining: 0, .. }
+        ));
+        assert!(matches!(
+            decide(w(10.0, 1.0, 0.1), 10, 0),
+            RateDecision::Limited { .. }
+        ));
+        // Half-way through, half the weight is gone: 5 fit.
+        let mut window = w(10.0, 0.0, 0.5);
+        let mut allowed = 0;
+        while let RateDecision::Allowed { .. } = decide(window, 10, 0) {
+            window.current += 1.0;
+            allowed += 1;
+        }
+        assert_eq!(allowed, 5);
+    }
+
+    #[test]
+    fn retry_after_is_when_one_more_fits() {
+        // Previous 10, current 1, 10% in, limit 10: need estimate <= 9, so the previous
+        // weight must drop by 1, i.e. elapsed 0.1 -> 0.2: 6 s.
+        match decide(w(10.0, 1.0, 0.1), 10, 0) {
+            RateDecision::Limited {
+                retry_after_secs, ..
+            } => assert_eq!(retry_after_secs, 6),
+            other => panic!("{other:?}"),
+        }
+        // Current window alone is full: wait for the boundary plus decay.
+        match decide(w(0.0, 10.0, 0.5), 10, 0) {
+            RateDecision::Limited {
+                retry_after_secs,
+                reset_at_ms,
+                ..
+            } => {
+                assert_eq!(retry_after_secs, 36); // 30 s to the boundary + 6 s of decay
+                assert_eq!(reset_at_ms, 90_000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_at_least_one_second() {
+        match decide(w(10.0, 1.0, 0.1999), 10, 0) {
+            RateDecision::Limited {
+                retry_after_secs, ..
+            } => assert_eq!(retry_after_secs, 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn limiter_counts_only_admitted_events() {
+        let limiter = MinuteLimiter::new(3, 1024);
+        let key = 42;
+        for _ in 0..3 {
+            assert!(matches!(
+                limiter.check_and_count(key, 0),
+                RateDecision::Allowed { .. }
+            ));
+        }
+        for _ in 0..5 {
+            assert!(matches!(
+                limiter.check_and_count(key, 0),
+                RateDecision::Limited { .. }
+            ));
+        }
+        assert!(matches!(
+            limiter.check_and_count(43, 0),
+            RateDecision::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_quiet_ip_is_not_limited_by_100k_active_ips() {
+        let hasher = KeyHasher::default();
+        let limiter = MinuteLimiter::new(60, 131_072);
+        for i in 0..100_000u32 {
+            let ip = IpAddr::from(i.to_be_bytes().map(|b| b.wrapping_add(1)));
+            let key = hasher.hash(LimitKey::Ip(ip));
+            for _ in 0..5 {
+                limiter.count(key);
+            }
+        }
+        let quiet = hasher.hash(LimitKey::Ip("203.0.113.7".parse().unwrap()));
+        // Half its budget: the sketch's noise from 500,000 other events must stay below the rest.
+        for n in 0..30 {
+            assert!(
+                matches!(
+                    limiter.check_and_count(quiet, 0),
+                    RateDecision::Allowed { .. }
+                ),
+                "quiet IP refused after {n} requests"
+            );
+        }
+    }
+
+    #[test]
+    fn user_and_ip_keys_do_not_collide() {
+        let hasher = KeyHasher::default();
+        assert_ne!(
+            hasher.hash(LimitKey::User("1.2.3.4")),
+            hasher.hash(LimitKey::Ip("1.2.3.4".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn concurrency_slots_are_released_on_drop() {
+        let limiter = ConcurrencyLimiter::new(2);
+        let a = limiter.acquire(1).unwrap();
+        let _b = limiter.acquire(1).unwrap();
+        assert!(limiter.acquire(1).is_none());
+        drop(a);
+        assert!(limiter.acquire(1).is_some());
+    }
+}

@@ -1,0 +1,138 @@
+//! Error replies to clients: always `{"error":{"type","message"}}` JSON with a Content-Length,
+//! written so the connection stays usable (Pingora's `respond_error` would close it).
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+}
+
+/// The JSON body of an error.
+pub fn error_json(kind: &str, message: &str) -> Bytes {
+    let envelope = Envelope {
+        error: Body { kind, message },
+    };
+    Bytes::from(serde_json::to_vec(&envelope).expect("strings always serialize"))
+}
+
+/// A ready-to-send error reply.
+#[derive(Clone, Debug)]
+pub struct ErrorReply {
+    pub status: u16,
+    pub body: Bytes,
+    /// Extra headers, e.g. `retry-after`.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl ErrorReply {
+    pub fn new(status: u16, kind: &str, message: &str) -> Self {
+        Self {
+            status,
+            body: error_json(kind, message),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
+    pub fn to_header(&self) -> Result<ResponseHeader> {
+        let mut header = ResponseHeader::build(self.status, Some(3 + self.headers.len()))?;
+        header.insert_header("content-type", "application/json")?;
+        header.insert_header("content-length", self.body.len().to_string())?;
+        for (name, value) in &self.headers {
+            header.insert_header(*name, value.as_str())?;
+        }
+        Ok(header)
+    }
+
+    /// Writes the reply on a proxy session, keeping the connection alive.
+    pub async fn send(&self, session: &mut Session) -> Result<()> {
+        session
+            .write_response_header(Box::new(self.to_header()?), false)
+            .await?;
+        session
+            .write_response_body(Some(self.body.clone()), true)
+            .await
+    }
+}
+
+/// The fixed replies, serialized once.
+pub struct StockReplies {
+    pub missing_token: ErrorReply,
+    pub unknown_token: ErrorReply,
+    pub blocked: ErrorReply,
+    pub ip_limit: ErrorReply,
+    pub ip_limit_banned: ErrorReply,
+    pub expired: ErrorReply,
+}
+
+impl Default for StockReplies {
+    fn default() -> Self {
+        Self {
+            missing_token: ErrorReply::new(
+                401,
+                "unauthorized",
+                "Unauthorized: send your token as 'Authorization: Bearer <token>'",
+            ),
+            unknown_token: ErrorReply::new(
+                401,
+                "unauthorized",
+                "Unauthorized: unknown or invalid token",
+            ),
+            blocked: ErrorReply::new(403, "forbidden", "Forbidden (by IP blocklist)"),
+            ip_limit: ErrorReply::new(
+                403,
+                "forbidden",
+                "Forbidden: no more IP addresses allowed for this user token",
+            ),
+            ip_limit_banned: ErrorReply::new(
+                403,
+                "forbidden",
+                "Forbidden: IP address limit exceeded.",
+            ),
+            expired: ErrorReply::new(403, "forbidden", "Forbidden: Temporary token expired."),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_shape_and_escaping() {
+        let body = error_json("forbidden", "Forbidden: \"quoted\"");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "forbidden");
+        assert_eq!(v["error"]["message"], "Forbidden: \"quoted\"");
+    }
+
+    #[test]
+    fn header_has_length_and_type() {
+        let reply =
+            ErrorReply::new(429, "proxy_rate_limited", "slow").with_header("retry-after", 3);
+        let h = reply.to_header().unwrap();
+        assert_eq!(h.status.as_u16(), 429);
+        assert_eq!(
+            h.headers["content-length"],
+            reply.body.len().to_string().as_str()
+        );
+        assert_eq!(h.headers["content-type"], "application/json");
+        assert_eq!(h.headers["retry-after"], "3");
+    }
+}

@@ -1,0 +1,307 @@
+//! The store-sync engine: a Pingora background service that writes the cache's changes to the
+//! backend every `flush_interval`, on demand (admin writes wait for it), and once more on
+//! graceful shutdown. At most one batch is in flight; a failed batch is kept and retried with
+//! exponential backoff, and new changes keep queueing behind it in the cache.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{error, info, warn};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use super::{Batch, StoreBackend, StoreError};
+use crate::clock::now_ms;
+use crate::observe::StoreGauges;
+use crate::users::{ChangeTicket, UserCache};
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Users per batch: one SQLite transaction or one Firebase PATCH.
+pub const DEFAULT_BATCH_USERS: usize = 1_000;
+
+/// The engine's state as the admin API, health checks and metrics see it.
+pub struct StoreStatus {
+    store: &'static str,
+    cache: Arc<UserCache>,
+    wake: Notify,
+    durable: watch::Sender<ChangeTicket>,
+    last_flush_ms: AtomicU64,
+    flush_failures: AtomicU64,
+    in_flight_users: AtomicU64,
+    /// False while a change stream (Firebase) is down; stores without one are always "up".
+    stream_connected: AtomicBool,
+    stream_reconnects: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl StoreStatus {
+    pub fn new(store: &'static str, cache: Arc<UserCache>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            cache,
+            wake: Notify::new(),
+            durable: watch::channel(0).0,
+            last_flush_ms: AtomicU64::new(0),
+            flush_failures: AtomicU64::new(0),
+            in_flight_users: AtomicU64::new(0),
+            stream_connected: AtomicBool::new(true),
+            stream_reconnects: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn store(&self) -> &'static str {
+        self.store
+    }
+
+    /// Asks the engine to write now instead of at the next interval.
+    pub fn request_flush(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Requests a flush and waits until the store confirmed every change up to `ticket`.
+    /// False when `timeout` passed first (the change stays queued and will be written).
+    pub async fn wait_durable(&self, ticket: ChangeTicket, timeout: Duration) -> bool {
+        let mut rx = self.durable.subscribe();
+        self.request_flush();
+        tokio::time::timeout(timeout, rx.wait_for(|done| *done >= ticket))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn durable_ticket(&self) -> ChangeTicket {
+        *self.durable.borrow()
+    }
+
+    fn confirm(&self, ticket: ChangeTicket) {
+        self.durable.send_if_modified(|done| {
+            let advance = ticket > *done;
+            if advance {
+                *done = ticket;
+            }
+            advance
+        });
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.stream_connected.load(Ordering::Acquire)
+    }
+
+    pub fn set_stream_connected(&self, connected: bool) {
+        self.stream_connected.store(connected, Ordering::Release);
+    }
+
+    pub fn count_reconnect(&self) {
+        self.stream_reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn gauges(&self) -> StoreGauges {
+        StoreGauges {
+            users_in_cache: self.cache.len(),
+            pending_changes: self.cache.queued_len()
+                + self.in_flight_users.load(Ordering::Relaxed) as usize,
+            last_flush_epoch_ms: self.last_flush_ms.load(Ordering::Relaxed),
+            flush_failures: self.flush_failures.load(Ordering::Relaxed),
+            stream_connected: self.stream_connected.load(Ordering::Relaxed),
+            stream_reconnects: self.stream_reconnects.load(Ordering::Relaxed),
+            ready: self.is_ready(),
+        }
+    }
+}
+
+pub struct SyncEngine {
+    backend: Arc<dyn StoreBackend>,
+    status: Arc<StoreStatus>,
+    cache: Arc<UserCache>,
+    interval: Duration,
+    shutdown_deadline: Duration,
+    batch_users: usize,
+    state: tokio::sync::Mutex<EngineState>,
+}
+
+#[derive(Default)]
+struct EngineState {
+    /// The batch being written, kept across failed attempts.
+    in_flight: Option<Batch>,
+    next_seq: u64,
+    failures_in_a_row: u32,
+}
+
+impl SyncEngine {
+    pub fn new(
+        backend: Arc<dyn StoreBackend>,
+        status: Arc<StoreStatus>,
+        interval: Duration,
+        shutdown_deadline: Duration,
+    ) -> Self {
+        Self {
+            cache: Arc::clone(&status.cache),
+            backend,
+            status,
+            interval,
+            shutdown_deadline,
+            batch_users: DEFAULT_BATCH_USERS,
+            state: tokio::sync::Mutex::new(EngineState::default()),
+        }
+    }
+
+    pub fn with_batch_users(mut self, users: usize) -> Self {
+        self.batch_users = users.max(1);
+        self
+    }
+
+    /// Writes everything queued so far. `Err` after the first failed write (its batch is kept).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        loop {
+            if state.in_flight.is_none() {
+                let taken = self.cache.take_changes(self.batch_users);
+                if taken.changes.is_empty() {
+                    if let Some(ticket) = taken.covers {
+                        self.status.confirm(ticket);
+                    }
+                    return Ok(());
+                }
+                state.next_seq += 1;
+                self.status
+                    .in_flight_users
+                    .store(taken.changes.len() as u64, Ordering::Relaxed);
+                state.in_flight = Some(Batch {
+                    seq: state.next_seq,
+                    changes: taken.changes,
+                    covers: taken.covers,
+                });
+            }
+            let batch = state.in_flight.as_ref().expect("set above");
+            match self.backend.apply(batch).await {
+                Ok(report) => {
+                    let batch = state.in_flight.take().expect("set above");
+                    for (token, reason) in &report.rejected {
+                        error!(
+                            "{} store refused a change for user {}; it is dropped: {reason}",
+                            self.backend.name(),
+                            crate::observe::token_id(token)
+                        );
+                    }
+                    self.cache
+                        .acknowledge(&batch.changes, !self.backend.echoes_counters());
+                    self.status.in_flight_users.store(0, Ordering::Relaxed);
+                    self.status.last_flush_ms.store(now_ms(), Ordering::Relaxed);
+                    if state.failures_in_a_row > 0 {
+                        info!("{} store writes recovered", self.backend.name());
+                    }
+                    state.failures_in_a_row = 0;
+                    if let Some(ticket) = batch.covers {
+                        self.status.confirm(ticket);
+                    }
+                }
+                Err(e) => {
+                    state.failures_in_a_row += 1;
+                    self.status.flush_failures.fetch_add(1, Ordering::Relaxed);
+                    if state.failures_in_a_row == 1 || state.failures_in_a_row.is_power_of_two() {
+                        warn!(
+                            "{} store write failed ({} in a row), will retry: {e}",
+                            self.backend.name(),
+                            state.failures_in_a_row
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn backoff(&self) -> Duration {
+        let failures = self.state.lock().await.failures_in_a_row;
+        backoff_for(failures)
+    }
+
+    async fn final_flush(&self) {
+        let deadline = Instant::now() + self.shutdown_deadline;
+        loop {
+            match self.flush().await {
+                Ok(()) => {
+                    info!(
+                        "{} store: all changes written before shutdown",
+                        self.backend.name()
+                    );
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => {
+                    let wait = self.backoff().await.min(deadline - Instant::now());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    error!(
+                        "{} store: {} users' changes could not be written before shutdown: {e}",
+                        self.backend.name(),
+                        self.status.gauges().pending_changes
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// 0.5 s doubling to 60 s, with ±25 % jitter so a fleet does not retry in step.
+fn backoff_for(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let base = BACKOFF_START
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
+        .min(BACKOFF_CAP);
+    let jitter = 0.75 + 0.5 * rand_unit();
+    base.mul_f64(jitter)
+}
+
+/// A cheap random number in [0, 1) for jitter.
+fn rand_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[async_trait]
+impl BackgroundService for SyncEngine {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let follower = {
+            let (backend, cache, status, shutdown) = (
+                Arc::clone(&self.backend),
+                Arc::clone(&self.cache),
+                Arc::clone(&self.status),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move { backend.follow(cache, status, shutdown).await })
+        };
+        let mut next = Instant::now() + self.interval;
+        loop {
+            let backing_off = self.state.lock().await.failures_in_a_row > 0;
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.status.wake.notified(), if !backing_off => {}
+            }
+            next = match self.flush().await {
+                Ok(()) => Instant::now() + self.interval,
+                Err(_) => Instant::now() + self.backoff().await,
+            };
+        }
+        self.final_flush().await;
+        let _ = follower.await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+use std::sync::atomic::AtomicUsize;
+
+use parking_lot::Mutex;
+
+use super::*;
+use crate::store::ApplyReport;
+use crate::users::{Change, User, UserType};
+
+/// A backend that fails the first `fail` writes, then records what it was given.
+struct Flaky {
+    fail: AtomicUsize,
+    written: Mutex<Vec<(u64, usize, u64)>>,
+}
+
+impl Flaky {
+    fn new(fail: usize) -> Arc<Self> {
+        Arc::new(Self {
+            fail: AtomicUsize::new(fail),
+            written: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[async_trait]
+impl StoreBackend for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        if self
+            .fail
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        let deltas = batch
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert(u) => u.prompt_delta,
+                Change::Delete { .. } => 0,
+            })
+            .sum();
+        self.written
+            .lock()
+            .push((batch.seq, batch.changes.len(), deltas));
+        Ok(ApplyReport::default())
+    }
+}
+
+fn engine(backend: Arc<Flaky>) -> (SyncEngine, Arc<UserCache>, Arc<StoreStatus>) {
+    let cache = Arc::new(UserCache::default());
+    let status = StoreStatus::new("flaky", Arc::clone(&cache));
+    let engine = SyncEngine::new(
+        backend,
+        Arc::clone(&status),
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    );
+    (engine, cache, status)
+}
+
+#[tokio::test]
+async fn failed_batch_is_retried_unchanged_and_nothing_is_lost() {
+    let backend = Flaky::new(2);
+    let (engine, cache, status) = engine(Arc::clone(&backend));
+    cache.load([User::new("a".into(), UserType::Normal, 1)]);
+    let rec = cache.get("a").unwrap();
+    for _ in 0..3 {
+        cache.count_request(&rec, 1);
+    }
+    assert!(engine.flush().await.is_err());
+    cache.count_request(&rec, 2); // queues behind the stuck batch
+    assert!(engine.flush().await.is_err());
+    assert_eq!(rec.prompt_count(), 4);
+    engine.flush().await.unwrap();
+    let written = backend.written.lock().clone();
+    assert_eq!(
+        written,
+        vec![(1, 1, 3), (2, 1, 1)],
+        "same batch #1 retried, then the rest"
+    );
+    assert_eq!(rec.prompt_count(), 4);
+    assert_eq!(status.gauges().flush_failures, 2);
+}
+
+#[tokio::test]
+async fn tickets_become_durable_after_the_write() {
+    let backend = Flaky::new(1);
+    let (engine, cache, status) = engine(backend);
+    let ticket = cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    assert!(engine.flush().await.is_err());
+    assert!(status.durable_ticket() < ticket);
+    engine.flush().await.unwrap();
+    assert!(status.durable_ticket() >= ticket);
+    assert!(status.wait_durable(ticket, Duration::from_millis(1)).await);
+}
+
+#[tokio::test]
+async fn wait_durable_times_out_honestly() {
+    let backend = Flaky::new(usize::MAX);
+    let (engine, cache, status) = engine(backend);
+    let ticket = cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    let _ = engine.flush().await;
+    assert!(!status.wait_durable(ticket, Duration::from_millis(50)).await);
+}
+
+#[tokio::test]
+async fn large_queues_go_out_in_several_batches() {
+    let backend = Flaky::new(0);
+    let (engine, cache, _) = engine(Arc::clone(&backend));
+    let engine = engine.with_batch_users(10);
+    for i in 0..25 {
+        cache
+            .create(&User::new(format!("u{i}"), UserType::Normal, 1))
+            .unwrap();
+    }
+    engine.flush().await.unwrap();
+    let sizes: Vec<usize> = backend.written.lock().iter().map(|w| w.1).collect();
+    assert_eq!(sizes, vec![10, 10, 5]);
+}
+
+#[test]
+fn backoff_grows_and_caps() {
+    assert_eq!(backoff_for(0), Duration::ZERO);
+    let first = backoff_for(1);
+    assert!(first >= Duration::from_millis(375) && first <= Duration::from_millis(625));
+    assert!(backoff_for(30) <= Duration::from_secs(75));
+    assert!(backoff_for(30) >= Duration::from_secs(45));
+}

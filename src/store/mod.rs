@@ -1,0 +1,80 @@
+//! Persistence: one sync engine, several backends. The engine drains the cache's change queue
+//! into batches and writes them through a [`StoreBackend`]; a failed write keeps its batch and
+//! is retried with backoff, so nothing is dropped whatever the backend does.
+
+pub mod engine;
+pub mod memory;
+pub mod purge;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+
+use crate::users::{Change, ChangeTicket, User, UserCache};
+
+pub use engine::{StoreStatus, SyncEngine};
+
+/// One write: the changes of some users, in order, numbered per process.
+#[derive(Debug)]
+pub struct Batch {
+    /// 1, 2, 3… within this process; a retry keeps its number.
+    pub seq: u64,
+    pub changes: Vec<Change>,
+    /// The newest change ticket this batch completes, if it completes all up to it.
+    pub covers: Option<ChangeTicket>,
+}
+
+/// What a backend did with a batch it accepted.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Changes the backend can never write (e.g. a key Firebase refuses), with the reason.
+    /// They are dropped from the queue and logged, not retried forever.
+    pub rejected: Vec<(Arc<str>, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: network, 5xx, busy database, full disk.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Retrying will not help: bad credentials, permissions, corrupt data.
+    #[error("store refused: {0}")]
+    Fatal(String),
+}
+
+/// A place users are persisted. Implementations: memory, SQLite, Firebase RTDB.
+#[async_trait]
+pub trait StoreBackend: Send + Sync + 'static {
+    /// Name for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Every stored user, for the cache's initial fill.
+    async fn load_all(&self) -> Result<Vec<User>, StoreError>;
+
+    /// Writes a batch. `Ok` means durable; `Err` leaves the batch to be retried unchanged.
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError>;
+
+    /// True when the store sends confirmed counter totals back (Firebase's stream), so the
+    /// cache must not add acknowledged increments to its base itself.
+    fn echoes_counters(&self) -> bool {
+        false
+    }
+
+    /// Keeps the cache in step with changes made elsewhere; returns on shutdown. Stores that
+    /// only this process writes have nothing to follow.
+    async fn follow(
+        &self,
+        _cache: Arc<UserCache>,
+        _status: Arc<StoreStatus>,
+        mut shutdown: ShutdownWatch,
+    ) {
+        let _ = shutdown.changed().await;
+    }
+
+    /// Whether this instance should run a fleet-wide job now (one instance per fleet).
+    async fn lead(&self, _job: &str, _ttl: Duration) -> bool {
+        true
+    }
+}

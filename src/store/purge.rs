@@ -1,0 +1,126 @@
+//! Temporary users are removed `POW_TOKEN_PURGE_HOURS` (default 48) after they stopped working
+//! (expired or disabled), as in the older proxy. Stores shared by a fleet elect one instance
+//! to do it, so deletes are not issued once per instance.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::info;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::StoreBackend;
+use crate::clock::now_ms;
+use crate::users::{UserCache, UserType};
+
+const JOB: &str = "purge-temporary-users";
+
+pub struct TemporaryUserPurge {
+    cache: Arc<UserCache>,
+    backend: Arc<dyn StoreBackend>,
+    after: Duration,
+    every: Duration,
+}
+
+impl TemporaryUserPurge {
+    pub fn new(
+        cache: Arc<UserCache>,
+        backend: Arc<dyn StoreBackend>,
+        after: Duration,
+        every: Duration,
+    ) -> Self {
+        Self {
+            cache,
+            backend,
+            after,
+            every,
+        }
+    }
+}
+
+/// Removes temporary users unusable for longer than `after`; returns how many.
+pub fn purge_temporary_users(cache: &UserCache, now_ms: u64, after: Duration) -> usize {
+    let after_ms = after.as_millis() as u64;
+    let mut doomed = Vec::new();
+    cache.for_each(|record| {
+        let profile = record.profile();
+        if profile.user_type != UserType::Temporary {
+            return;
+        }
+        let unusable_since = match (profile.expires_at, profile.disabled_at) {
+            (Some(e), Some(d)) => Some(e.min(d)),
+            (e, d) => e.or(d),
+        };
+        if unusable_since.is_some_and(|since| since.saturating_add(after_ms) < now_ms) {
+            doomed.push(Arc::clone(record.token()));
+        }
+    });
+    doomed.iter().filter(|t| cache.remove(t).is_ok()).count()
+}
+
+#[async_trait]
+impl BackgroundService for TemporaryUserPurge {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            if !self.backend.lead(JOB, self.every * 2).await {
+                continue;
+            }
+            let purged = purge_temporary_users(&self.cache, now_ms(), self.after);
+            if purged > 0 {
+                info!(
+                    "purged {purged} temporary users unusable for over {} h",
+                    self.after.as_secs() / 3600
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::users::User;
+
+    #[test]
+    fn purges_only_long_unusable_temporary_users() {
+        let cache = UserCache::default();
+        let hour = 3_600_000;
+        let mut expired_long_ago = User::new("old".into(), UserType::Temporary, 0);
+        expired_long_ago.expires_at = Some(0);
+        let mut expired_recently = User::new("recent".into(), UserType::Temporary, 0);
+        expired_recently.expires_at = Some(49 * hour);
+        let mut disabled_long_ago = User::new("disabled".into(), UserType::Temporary, 0);
+        disabled_long_ago.disabled_at = Some(hour);
+        disabled_long_ago.expires_at = Some(100 * hour);
+        let mut normal_disabled = User::new("normal".into(), UserType::Normal, 0);
+        normal_disabled.disabled_at = Some(0);
+        let live = User::new("live".into(), UserType::Temporary, 0);
+        cache.load([
+            expired_long_ago,
+            expired_recently,
+            disabled_long_ago,
+            normal_disabled,
+            live,
+        ]);
+        let purged = purge_temporary_users(&cache, 50 * hour, Duration::from_secs(48 * 3600));
+        assert_eq!(purged, 2);
+        assert!(cache.get("old").is_none() && cache.get("disabled").is_none());
+        assert!(
+            cache.get("recent").is_some()
+                && cache.get("normal").is_some()
+                && cache.get("live").is_some()
+        );
+        assert_eq!(
+            cache.take_changes(10).changes.len(),
+            2,
+            "removals reach the store"
+        );
+    }
+}
