@@ -168,7 +168,7 @@ pub fn verify_assertion(assertion: &str, expected: Expected<'_>) -> Result<(), G
     if header.alg != "RS256" || header.kid.as_deref().is_some_and(|k| k != PRIVATE_KEY_ID) {
         return Err(GrantError::BadSignature);
     }
-    let signature = decode_segment(sig_b64)?;
+    let signature = decode_segment(sig_b64).map_err(|_| GrantError::BadSignature)?;
     let signed_len = header_b64.len() + 1 + claims_b64.len();
     verify_signature(&assertion.as_bytes()[..signed_len], signature)?;
     let claims: Claims = decode_json_segment(claims_b64)?;

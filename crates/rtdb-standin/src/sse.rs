@@ -1,7 +1,7 @@
 //! Server-sent event streams: the registry of open streams, the events a committed write
 //! produces for each of them, and the task that writes one stream.
 
-use std::future::{pending, Future};
+use std::future::pending;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -130,6 +130,11 @@ impl StreamRegistry {
     /// Number of open streams.
     pub fn len(&self) -> usize {
         self.streams.len()
+    }
+
+    /// True when no stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
     }
 
     /// Descriptions of the open streams.
@@ -432,12 +437,10 @@ impl StreamTask {
     }
 }
 
-fn deadline(at: Option<Instant>) -> impl Future<Output = ()> {
-    async move {
-        match at {
-            Some(at) => sleep_until(at).await,
-            None => pending().await,
-        }
+async fn deadline(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => pending().await,
     }
 }
 
