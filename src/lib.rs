@@ -3,9 +3,11 @@
 
 pub mod clock;
 pub mod config;
+pub mod encoding;
 pub mod net;
 pub mod observe;
 pub mod proxy;
 pub mod secret;
 pub mod store;
 pub mod users;
+pub mod admin;

@@ -1,1 +1,129 @@
-fn main() {}
+//! tollgate's entry point: read and check the configuration, load users, then assemble the
+//! Pingora services (proxy, admin, store sync, maintenance) and run them.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{error, info};
+use pingora::prelude::*;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::services::listening::Service;
+
+use tollgate::admin::AdminService;
+use tollgate::config::{Config, ProcessEnv};
+use tollgate::observe::{AccessLog, Metrics};
+use tollgate::proxy::Proxy;
+use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
+use tollgate::users::UserCache;
+
+/// Pingora's flags (`-c`, `-d`, `-t`, `-u`) are tollgate's flags.
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about = "Edge HTTP proxy with token gatekeeper and rate limiting")]
+struct Cli {
+    #[command(flatten)]
+    pingora: Opt,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let Some(path) = cli.pingora.conf.clone() else {
+        eprintln!("tollgate: no configuration file; pass -c FILE (see conf/tollgate.yaml)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(path.as_ref(), &ProcessEnv) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tollgate: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.pingora.test {
+        println!("tollgate: configuration {path} is valid");
+        return ExitCode::SUCCESS;
+    }
+    match run(cli.pingora, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            eprintln!("tollgate: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
+    let backend = store::open(&config.store).map_err(|e| format!("store: {e}"))?;
+    let cache = Arc::new(UserCache::default());
+    load_users(&config, backend.as_ref(), &cache)?;
+    let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
+    status.set_ready(true);
+    let metrics = Arc::new(Metrics::new(config.gatekeeper.mode.as_str(), backend.name()));
+
+    let shutdown_deadline = std::time::Duration::from_secs(config.server.grace_period_seconds.unwrap_or(5).max(1));
+    // tollgate read the file itself; Pingora gets the validated ServerConf.
+    opt.conf = None;
+    let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
+    server.bootstrap();
+
+    let (access_log, access_log_writer) = match config.access_log {
+        true => {
+            let (log, writer) = AccessLog::new();
+            (Some(log), Some(writer))
+        }
+        false => (None, None),
+    };
+    let proxy = Proxy::new(&config, Arc::clone(&cache), Arc::clone(&metrics), access_log);
+    let mut proxy_service = http_proxy_service_with_name(&server.configuration, proxy, "tollgate proxy");
+    for addr in &config.listen {
+        proxy_service.add_tcp(&addr.to_string());
+    }
+
+    let admin = AdminService::new(&config, Arc::clone(&cache), Arc::clone(&status), Arc::clone(&metrics));
+    let mut admin_service = Service::new("tollgate admin".to_string(), admin);
+    admin_service.add_tcp(&config.admin.listen.to_string());
+    admin_service.threads = Some(1);
+
+    let engine = SyncEngine::new(Arc::clone(&backend), Arc::clone(&status), config.store.flush_interval, shutdown_deadline);
+    let purge = TemporaryUserPurge::new(
+        Arc::clone(&cache),
+        Arc::clone(&backend),
+        config.store.firebase.temporary_user_purge,
+        std::time::Duration::from_secs(60),
+    );
+
+    server.add_service(proxy_service);
+    server.add_service(admin_service);
+    server.add_service(background_service("store sync", engine));
+    server.add_service(background_service("temporary user purge", purge));
+    if let Some(writer) = access_log_writer {
+        server.add_service(background_service("access log", writer));
+    }
+    info!(
+        "tollgate listening on {} (admin {}), gatekeeper {}, store {}, {} users",
+        config.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        config.admin.listen,
+        config.gatekeeper.mode.as_str(),
+        backend.name(),
+        cache.len()
+    );
+    server.run_forever()
+}
+
+/// Fills the cache before any listener opens. This runs on a short-lived runtime that is gone
+/// before Pingora starts (its `-d` fork would lose any threads started here).
+fn load_users(config: &Config, backend: &dyn StoreBackend, cache: &UserCache) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the loader runtime: {e}"))?;
+    let timeout = config.store.firebase.startup_timeout;
+    let users = runtime
+        .block_on(async { tokio::time::timeout(timeout, backend.load_all()).await })
+        .map_err(|_| format!("store {}: loading users took longer than {} s", backend.name(), timeout.as_secs()))?
+        .map_err(|e| format!("store {}: cannot load users: {e}", backend.name()))?;
+    let loaded = cache.load(users);
+    info!("loaded {loaded} users from the {} store", backend.name());
+    Ok(())
+}

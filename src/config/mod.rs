@@ -143,6 +143,8 @@ pub struct AdminConfig {
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
     pub persist_timeout: Duration,
+    pub lockout_after_failures: u32,
+    pub lockout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -442,6 +444,9 @@ impl Builder<'_> {
         if raw.max_body_bytes == 0 {
             return Err(self.err("admin.max_body_bytes", "must be greater than 0"));
         }
+        if raw.lockout_after_failures == 0 {
+            return Err(self.err("admin.lockout_after_failures", "must be at least 1"));
+        }
         if raw.body_read_timeout_ms == 0 {
             return Err(self.err("admin.body_read_timeout_ms", "must be greater than 0"));
         }
@@ -451,6 +456,8 @@ impl Builder<'_> {
             max_body_bytes: raw.max_body_bytes,
             body_read_timeout: Duration::from_millis(raw.body_read_timeout_ms),
             persist_timeout: Duration::from_millis(raw.persist_timeout_ms),
+            lockout_after_failures: raw.lockout_after_failures,
+            lockout: Duration::from_secs(raw.lockout_seconds),
         })
     }
 

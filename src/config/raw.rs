@@ -142,6 +142,18 @@ pub struct RawAdmin {
     /// Upper bound on how long a `PUT` waits for the store to confirm its change.
     #[serde(default = "default_persist_timeout")]
     pub persist_timeout_ms: u64,
+    /// Failed admin-key attempts from one IP before it is locked out.
+    #[serde(default = "default_lockout_after")]
+    pub lockout_after_failures: u32,
+    #[serde(default = "default_lockout_seconds")]
+    pub lockout_seconds: u64,
+}
+
+fn default_lockout_after() -> u32 {
+    5
+}
+fn default_lockout_seconds() -> u64 {
+    900
 }
 
 fn default_admin_listen() -> String {
@@ -165,6 +177,8 @@ impl Default for RawAdmin {
             max_body_bytes: default_max_body(),
             body_read_timeout_ms: default_body_timeout(),
             persist_timeout_ms: default_persist_timeout(),
+            lockout_after_failures: default_lockout_after(),
+            lockout_seconds: default_lockout_seconds(),
         }
     }
 }

@@ -7,6 +7,8 @@ use std::borrow::Cow;
 use http::uri::{PathAndQuery, Uri};
 use pingora::http::RequestHeader;
 
+use crate::encoding::percent_decode;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CredentialSource {
     Authorization,
@@ -37,7 +39,7 @@ pub fn extract(req: &RequestHeader) -> Option<(CredentialSource, Cow<'_, str>)> 
 
 /// The token of `Bearer <token>` (scheme case-insensitive). The older proxy sliced off seven
 /// characters whatever the scheme; any other scheme is not a tollgate credential.
-fn bearer(value: &[u8]) -> Option<&str> {
+pub fn bearer(value: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(value).ok()?.trim();
     let (scheme, token) = text.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -53,37 +55,7 @@ fn query_key(query: &str) -> Option<Cow<'_, str>> {
         .split('&')
         .filter_map(|pair| pair.strip_prefix("key="))
         .find(|v| !v.is_empty())
-        .map(|raw| {
-            if raw.contains(['%', '+']) {
-                Cow::Owned(percent_decode(raw))
-            } else {
-                Cow::Borrowed(raw)
-            }
-        })
-}
-
-fn percent_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            if let Some(decoded) = bytes.get(i + 1..i + 3).and_then(hex_byte) {
-                out.push(decoded);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b == b'+' { b' ' } else { b });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex_byte(pair: &[u8]) -> Option<u8> {
-    let digit = |c: u8| (c as char).to_digit(16);
-    Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+        .map(percent_decode)
 }
 
 /// Removes the credential the client used from the upstream request.

@@ -16,6 +16,19 @@ use crate::users::{Change, ChangeTicket, User, UserCache};
 
 pub use engine::{StoreStatus, SyncEngine};
 
+use crate::config::{StoreConfig, StoreKind};
+
+/// The configured backend.
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn StoreBackend>, StoreError> {
+    match config.kind {
+        StoreKind::Memory => Ok(Arc::new(memory::MemoryStore)),
+        StoreKind::Sqlite | StoreKind::FirebaseRtdb => Err(StoreError::Fatal(format!(
+            "the {} store is not available in this build",
+            config.kind.as_str()
+        ))),
+    }
+}
+
 /// One write: the changes of some users, in order, numbered per process.
 #[derive(Debug)]
 pub struct Batch {

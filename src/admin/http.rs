@@ -1,0 +1,209 @@
+//! Plumbing for the admin listener: JSON responses with a Content-Length (Pingora would
+//! otherwise close the connection), bounded body reads, and errors with a type and a field.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::{Response, StatusCode};
+use pingora::protocols::http::ServerSession;
+use serde::Serialize;
+
+use crate::encoding::percent_decode;
+
+/// An error answer: `{"error":{"type","message","field"?}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+    pub headers: Vec<(&'static str, String)>,
+    /// The request body was not read: the connection cannot be reused.
+    pub close: bool,
+}
+
+impl ApiError {
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            field: None,
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    pub fn bad_request(field: impl Into<String>, problem: impl std::fmt::Display) -> Self {
+        let field = field.into();
+        let message = if field.is_empty() {
+            problem.to_string()
+        } else {
+            format!("{field}: {problem}")
+        };
+        Self {
+            field: (!field.is_empty()).then_some(field),
+            ..Self::new(400, "invalid_request", message)
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "not_found", message)
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+
+    pub fn into_response(self) -> Response<Vec<u8>> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            field: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            error: Body<'a>,
+        }
+        let body = Envelope {
+            error: Body {
+                kind: self.kind,
+                message: &self.message,
+                field: self.field.as_deref(),
+            },
+        };
+        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        json_response(self.status, &body, &headers)
+    }
+}
+
+/// A JSON response with Content-Type and Content-Length.
+pub fn json_response<T: Serialize + ?Sized>(status: u16, body: &T, headers: &[(&str, &str)]) -> Response<Vec<u8>> {
+    let bytes = serde_json::to_vec(body).expect("API types always serialize");
+    bytes_response(status, "application/json", bytes, headers)
+}
+
+pub fn bytes_response(status: u16, content_type: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Response<Vec<u8>> {
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .header("cache-control", "no-store");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(body).expect("static header names and checked values")
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes or a client slower than
+/// `timeout` for the whole body.
+pub async fn read_body(session: &mut ServerSession, limit: usize, timeout: Duration) -> Result<Vec<u8>, ApiError> {
+    let too_large = || {
+        ApiError::new(413, "payload_too_large", format!("request body over {limit} bytes")).closing()
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let read_all = async {
+        let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|e| ApiError::bad_request("", format!("could not read the request body: {e}")).closing())?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.to_vec())
+    };
+    match tokio::time::timeout(timeout, read_all).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::new(408, "request_timeout", format!(
+            "the request body did not arrive within {} ms",
+            timeout.as_millis()
+        ))
+        .closing()),
+    }
+}
+
+/// Deserializes JSON, naming the field at fault (`users[3].maxIps`).
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." { String::new() } else { path };
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request("", format!("malformed JSON: {inner}"))
+        } else {
+            ApiError::bad_request(field, inner)
+        }
+    })?;
+    Ok(value)
+}
+
+/// Query parameters, percent-decoded (`+` is a space).
+pub fn query_params(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k).into_owned(), percent_decode(v).into_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_json_names_fields_and_syntax() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct T {
+            a: Vec<u32>,
+        }
+        let e = parse_json::<T>(br#"{"a":[1,"x"]}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("a[1]"));
+        let e = parse_json::<T>(br#"{"a":"#).unwrap_err();
+        assert!(e.message.starts_with("malformed JSON"), "{e:?}");
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn query_decoding() {
+        let q = query_params(Some("disabledReason=too+many%20requests&hard=true&bad=%zz"));
+        assert_eq!(q[0], ("disabledReason".into(), "too many requests".into()));
+        assert_eq!(q[1], ("hard".into(), "true".into()));
+        assert_eq!(q[2].1, "%zz");
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let r = ApiError::bad_request("users[0].ip", "nope").into_response();
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request");
+        assert_eq!(v["error"]["field"], "users[0].ip");
+        assert_eq!(r.headers()["content-length"], r.body().len().to_string().as_str());
+    }
+}

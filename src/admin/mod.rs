@@ -1,0 +1,201 @@
+//! The admin listener (a second Pingora service, loopback by default): the `/admin/users` REST
+//! API behind `ADMIN_KEY`, plus `/health`, `/ready` and `/metrics` for operators. The proxy
+//! listener never serves any of these.
+
+pub mod auth;
+pub mod http;
+pub mod users;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::http::{Method, Response};
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::config::Config;
+use crate::encoding::percent_decode;
+use crate::net::{resolve_client_ip, CidrSet};
+use crate::observe::Metrics;
+use crate::store::StoreStatus;
+use crate::users::UserCache;
+use auth::AdminAuth;
+use http::{bytes_response, json_response, read_body, ApiError};
+use users::UsersApi;
+
+/// Every route the admin listener serves: `(method, path pattern)`. `docs/openapi.yaml`
+/// documents exactly these; a test keeps the two in step.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
+    ("GET", "/admin/users"),
+    ("POST", "/admin/users"),
+    ("PUT", "/admin/users"),
+    ("GET", "/admin/users/{token}"),
+    ("PUT", "/admin/users/{token}"),
+    ("DELETE", "/admin/users/{token}"),
+];
+
+pub struct AdminService {
+    auth: AdminAuth,
+    users: UsersApi,
+    status: Arc<StoreStatus>,
+    metrics: Arc<Metrics>,
+    trusted_proxies: CidrSet,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+}
+
+enum Route<'a> {
+    Health,
+    Ready,
+    Metrics,
+    Users,
+    User(&'a str),
+}
+
+impl AdminService {
+    pub fn new(config: &Config, cache: Arc<UserCache>, status: Arc<StoreStatus>, metrics: Arc<Metrics>) -> Self {
+        let admin = &config.admin;
+        Self {
+            auth: AdminAuth::new(
+                config.secrets.admin_key.clone(),
+                admin.allow.clone(),
+                admin.lockout_after_failures,
+                admin.lockout,
+            ),
+            users: UsersApi {
+                cache,
+                status: Arc::clone(&status),
+                persist_timeout: admin.persist_timeout,
+            },
+            status,
+            metrics,
+            trusted_proxies: config.trusted_proxies.clone(),
+            max_body_bytes: admin.max_body_bytes,
+            body_read_timeout: admin.body_read_timeout,
+        }
+    }
+
+    fn client_ip(&self, session: &ServerSession) -> IpAddr {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let forwarded = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .into_iter()
+            .map(|v| v.as_bytes());
+        resolve_client_ip(peer, forwarded, &self.trusted_proxies)
+    }
+
+    async fn handle(&self, session: &mut ServerSession) -> Result<Response<Vec<u8>>, ApiError> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().map(str::to_string);
+        let route = route(&path).ok_or_else(|| ApiError::not_found(format!("no such endpoint: {path}")))?;
+        let allowed = allowed_methods(&route);
+        if !allowed.contains(&method.as_str()) {
+            return Err(ApiError::new(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
+                .with_header("allow", allowed.join(", ")));
+        }
+        let ip = self.client_ip(session);
+        match route {
+            Route::Health => return Ok(json_response(200, &serde_json::json!({"status": "ok"}), &[])),
+            Route::Ready => return Ok(self.ready()),
+            Route::Metrics => {
+                self.auth.allowed(ip)?;
+                let body = self.metrics.render(self.status.gauges());
+                return Ok(bytes_response(200, "text/plain; version=0.0.4", body, &[]));
+            }
+            Route::Users | Route::User(_) => {
+                let authorization = session.req_header().headers.get(::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+                self.auth.authorize(ip, authorization, Instant::now())?;
+            }
+        }
+        let body = if method == Method::POST || method == Method::PUT {
+            read_body(session, self.max_body_bytes, self.body_read_timeout).await?
+        } else {
+            Vec::new()
+        };
+        let query = query.as_deref();
+        match (method, route) {
+            (Method::GET, Route::Users) => self.users.list(query),
+            (Method::POST, Route::Users) => self.users.create(&body).await,
+            (Method::PUT, Route::Users) => self.users.upsert_many(&body).await,
+            (Method::GET, Route::User(token)) => self.users.get(&percent_decode(token)),
+            (Method::PUT, Route::User(token)) => self.users.upsert(&percent_decode(token), &body).await,
+            (Method::DELETE, Route::User(token)) => self.users.delete(&percent_decode(token), query).await,
+            _ => unreachable!("methods checked against allowed_methods above"),
+        }
+    }
+
+    fn ready(&self) -> Response<Vec<u8>> {
+        let gauges = self.status.gauges();
+        let body = serde_json::json!({
+            "ready": gauges.ready,
+            "store": self.status.store(),
+            "users": gauges.users_in_cache,
+            "streamConnected": gauges.stream_connected,
+        });
+        json_response(if gauges.ready { 200 } else { 503 }, &body, &[])
+    }
+}
+
+fn route(path: &str) -> Option<Route<'_>> {
+    match path {
+        "/health" => Some(Route::Health),
+        "/ready" => Some(Route::Ready),
+        "/metrics" => Some(Route::Metrics),
+        "/admin/users" | "/admin/users/" => Some(Route::Users),
+        _ => {
+            let token = path.strip_prefix("/admin/users/")?;
+            (!token.is_empty() && !token.contains('/')).then_some(Route::User(token))
+        }
+    }
+}
+
+fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
+    match route {
+        Route::Health | Route::Ready | Route::Metrics => &["GET"],
+        Route::Users => &["GET", "POST", "PUT"],
+        Route::User(_) => &["GET", "PUT", "DELETE"],
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminService {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match self.handle(session).await {
+            Ok(response) => response,
+            Err(error) => {
+                if error.close {
+                    session.set_keepalive(None);
+                }
+                error.into_response()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_table_matches_the_router() {
+        for (method, pattern) in ROUTES {
+            let path = pattern.replace("{token}", "abc");
+            let route = route(&path).unwrap_or_else(|| panic!("{pattern} not routed"));
+            assert!(allowed_methods(&route).contains(method), "{method} {pattern}");
+        }
+        assert!(route("/admin/users/a/b").is_none());
+        assert!(route("/admin").is_none());
+    }
+}

@@ -1,0 +1,274 @@
+//! `/admin/users`: the older proxy's REST contract (paths, User JSON, `{"users":[…]}` shapes,
+//! 200 on success), with strict validation and writes that report whether they are durable.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::http::{json_response, parse_json, query_params, ApiError};
+use crate::clock::now_ms;
+use crate::store::StoreStatus;
+use crate::users::cache::CacheError;
+use crate::users::model::{validate_families, validate_token, FamilyValues};
+use crate::users::{ChangeTicket, Patch, User, UserCache, UserPatch, UserType};
+
+pub type Reply = http::Response<Vec<u8>>;
+
+/// Fields `GET /admin/users?sort=` accepts.
+const SORT_FIELDS: &[&str] = &[
+    "token",
+    "nickname",
+    "type",
+    "promptCount",
+    "createdAt",
+    "lastUsedAt",
+    "disabledAt",
+    "expiresAt",
+    "maxIps",
+    "ip",
+    "sumTokens",
+];
+const DEFAULT_SORT: &str = "promptCount,lastUsedAt";
+
+pub struct UsersApi {
+    pub cache: Arc<UserCache>,
+    pub status: Arc<StoreStatus>,
+    pub persist_timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct UserList<'a> {
+    users: &'a [User],
+    count: usize,
+}
+
+#[derive(Serialize)]
+struct Upserted<'a> {
+    upserted_users: &'a [User],
+    count: usize,
+}
+
+#[derive(Serialize)]
+struct Created<'a> {
+    token: &'a str,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateRequest {
+    #[serde(rename = "type", default)]
+    user_type: UserType,
+    #[serde(default)]
+    expires_at: Option<u64>,
+    #[serde(default)]
+    token_limits: Option<FamilyValues>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkRequest {
+    users: Vec<UserPatch>,
+}
+
+impl UsersApi {
+    /// `GET /admin/users?sort=f1,f2`: every user, sorted descending, missing values last.
+    pub fn list(&self, query: Option<&str>) -> Result<Reply, ApiError> {
+        let mut sort = DEFAULT_SORT.to_string();
+        for (key, value) in query_params(query) {
+            match key.as_str() {
+                "sort" => sort = value,
+                other => return Err(ApiError::bad_request(other, "unknown query parameter (only 'sort' is accepted)")),
+            }
+        }
+        let fields: Vec<&str> = sort.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
+        if let Some(bad) = fields.iter().find(|f| !SORT_FIELDS.contains(f)) {
+            return Err(ApiError::bad_request(
+                "sort",
+                format!("cannot sort by '{bad}'; sortable fields: {}", SORT_FIELDS.join(", ")),
+            ));
+        }
+        let mut users = self.cache.snapshot();
+        users.sort_by(|a, b| fields.iter().map(|f| compare_desc(a, b, f)).find(|o| o.is_ne()).unwrap_or(Ordering::Equal));
+        Ok(json_response(
+            200,
+            &UserList {
+                users: &users,
+                count: users.len(),
+            },
+            &[],
+        ))
+    }
+
+    /// `GET /admin/users/{token}`.
+    pub fn get(&self, token: &str) -> Result<Reply, ApiError> {
+        let user = self.cache.user(token).ok_or_else(|| ApiError::not_found("Not found"))?;
+        Ok(json_response(200, &user, &[]))
+    }
+
+    /// `POST /admin/users`: a new normal, special or temporary user with a random token.
+    pub async fn create(&self, body: &[u8]) -> Result<Reply, ApiError> {
+        let request: CreateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            CreateRequest::default()
+        } else {
+            parse_json(body)?
+        };
+        match (request.user_type, request.expires_at) {
+            (UserType::Temporary, None) => {
+                return Err(ApiError::bad_request("expiresAt", "is required for temporary users (epoch ms)"))
+            }
+            (UserType::Normal | UserType::Special, Some(_)) => {
+                return Err(ApiError::bad_request("expiresAt", "only temporary users expire"))
+            }
+            _ => {}
+        }
+        let now = now_ms();
+        let mut user = User::new(uuid::Uuid::new_v4().to_string(), request.user_type, now);
+        user.expires_at = request.expires_at;
+        if let Some(limits) = request.token_limits {
+            validate_families(&limits, "", "tokenLimits").map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+            user.token_limits = limits;
+        }
+        let ticket = self
+            .cache
+            .create(&user)
+            .map_err(|_| ApiError::new(500, "internal_error", "token collision; try again"))?;
+        self.respond_when_durable(ticket, &Created { token: &user.token }).await
+    }
+
+    /// `PUT /admin/users/{token}`: partial upsert; `null` removes an optional field.
+    pub async fn upsert(&self, token: &str, body: &[u8]) -> Result<Reply, ApiError> {
+        validate_token(token).map_err(|p| ApiError::bad_request("token", p))?;
+        let patch: UserPatch = parse_json(body)?;
+        if let Patch::Set(body_token) = &patch.token {
+            if body_token != token {
+                return Err(ApiError::bad_request("token", "differs from the token in the path"));
+            }
+        }
+        patch.validate("").map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+        let (user, ticket) = self.cache.upsert(token, &patch, now_ms());
+        self.respond_when_durable(ticket, &user).await
+    }
+
+    /// `PUT /admin/users`: the import. All entries are validated before any is applied.
+    pub async fn upsert_many(&self, body: &[u8]) -> Result<Reply, ApiError> {
+        let request: BulkRequest = parse_json(body)?;
+        let mut items = Vec::with_capacity(request.users.len());
+        for (i, mut patch) in request.users.into_iter().enumerate() {
+            let at = format!("users[{i}]");
+            let Patch::Set(token) = std::mem::take(&mut patch.token) else {
+                return Err(ApiError::bad_request(format!("{at}.token"), "is required"));
+            };
+            validate_token(&token).map_err(|p| ApiError::bad_request(format!("{at}.token"), p))?;
+            patch.validate(&at).map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+            items.push((token, patch));
+        }
+        let (users, ticket) = self.cache.upsert_many(&items, now_ms());
+        self.respond_when_durable(
+            ticket,
+            &Upserted {
+                upserted_users: &users,
+                count: users.len(),
+            },
+        )
+        .await
+    }
+
+    /// `DELETE /admin/users/{token}[?disabledReason=…][&hard=true]`.
+    pub async fn delete(&self, token: &str, query: Option<&str>) -> Result<Reply, ApiError> {
+        let mut reason: Option<String> = None;
+        let mut hard = false;
+        for (key, value) in query_params(query) {
+            match key.as_str() {
+                "disabledReason" if reason.is_some() => {
+                    return Err(ApiError::bad_request("disabledReason", "must be given at most once"))
+                }
+                "disabledReason" => reason = Some(value),
+                "hard" => {
+                    hard = match value.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(ApiError::bad_request("hard", "must be true or false")),
+                    }
+                }
+                other => {
+                    return Err(ApiError::bad_request(other, "unknown query parameter (accepted: disabledReason, hard)"))
+                }
+            }
+        }
+        if hard {
+            let ticket = self.cache.remove(token).map_err(|_| ApiError::not_found("Not found"))?;
+            #[derive(Serialize)]
+            struct Deleted<'a> {
+                deleted: &'a str,
+            }
+            return self.respond_when_durable(ticket, &Deleted { deleted: token }).await;
+        }
+        let (user, ticket) = self.cache.disable(token, reason.as_deref(), now_ms()).map_err(|e| match e {
+            CacheError::NotFound | CacheError::Exists => ApiError::not_found("Not found"),
+        })?;
+        self.respond_when_durable(ticket, &user).await
+    }
+
+    /// 200 once the store confirmed the change; 202 when it could not within the bound (the
+    /// change is applied here and stays queued). `x-tollgate-persisted` says which.
+    async fn respond_when_durable<T: Serialize>(&self, ticket: ChangeTicket, body: &T) -> Result<Reply, ApiError> {
+        let durable = self.status.wait_durable(ticket, self.persist_timeout).await;
+        let (status, persisted) = if durable { (200, "true") } else { (202, "false") };
+        Ok(json_response(status, body, &[("x-tollgate-persisted", persisted)]))
+    }
+}
+
+/// Descending, with missing values last; arrays compare by length.
+fn compare_desc(a: &User, b: &User, field: &str) -> Ordering {
+    fn opt<T: Ord>(a: Option<T>, b: Option<T>) -> Ordering {
+        match (a, b) {
+            (Some(a), Some(b)) => b.cmp(&a),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        }
+    }
+    let sum = |u: &User| u.token_counts.values().map(|v| v.0).sum::<f64>();
+    match field {
+        "token" => b.token.cmp(&a.token),
+        "nickname" => opt(a.nickname.as_ref(), b.nickname.as_ref()),
+        "type" => b.user_type.as_str().cmp(a.user_type.as_str()),
+        "promptCount" => b.prompt_count.cmp(&a.prompt_count),
+        "createdAt" => b.created_at.cmp(&a.created_at),
+        "lastUsedAt" => opt(a.last_used_at, b.last_used_at),
+        "disabledAt" => opt(a.disabled_at, b.disabled_at),
+        "expiresAt" => opt(a.expires_at, b.expires_at),
+        "maxIps" => opt(a.max_ips, b.max_ips),
+        "ip" => b.ip.len().cmp(&a.ip.len()),
+        "sumTokens" => sum(b).total_cmp(&sum(a)),
+        _ => Ordering::Equal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(token: &str, prompts: u64, last: Option<u64>) -> User {
+        let mut u = User::new(token.into(), UserType::Normal, 1);
+        u.prompt_count = prompts;
+        u.last_used_at = last;
+        u
+    }
+
+    #[test]
+    fn sort_is_descending_with_missing_last() {
+        let mut users = vec![user("a", 1, None), user("b", 5, Some(1)), user("c", 1, Some(9))];
+        users.sort_by(|a, b| {
+            ["promptCount", "lastUsedAt"]
+                .iter()
+                .map(|f| compare_desc(a, b, f))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        });
+        let order: Vec<&str> = users.iter().map(|u| u.token.as_str()).collect();
+        assert_eq!(order, vec!["b", "c", "a"]);
+    }
+}
