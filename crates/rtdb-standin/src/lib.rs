@@ -35,6 +35,6 @@ pub mod tree;
 pub use database::WriteError;
 pub use faults::{FaultAction, FaultRule, InstalledFault};
 pub use introspect::{Counters, LoggedRequest, StreamInfo};
-pub use options::{Knobs, Options, PatchEventKeys, RedirectScope};
+pub use options::{Knobs, LineEnding, Options, PatchEventKeys, RedirectScope};
 pub use sse::StreamAction;
 pub use standin::{StandIn, StandInError, StartError};

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::sse::LineEnding;
+
 /// How the keys of a multi-path PATCH appear in the `patch` events sent to streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,6 +57,8 @@ pub struct Knobs {
     pub redirect_remaining: Option<u32>,
     /// Writes whose body is larger than this many bytes are a 400.
     pub max_write_bytes: Option<usize>,
+    /// Line endings of stream events.
+    pub sse_line_ending: LineEnding,
 }
 
 impl Default for Knobs {
@@ -69,6 +73,7 @@ impl Default for Knobs {
             redirect: RedirectScope::Off,
             redirect_remaining: None,
             max_write_bytes: None,
+            sse_line_ending: LineEnding::Lf,
         }
     }
 }

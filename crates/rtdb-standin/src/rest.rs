@@ -300,14 +300,7 @@ fn open_stream(call: &Call<'_>, ctx: &ConnCtx, auth: Auth) -> RestResult {
     let (id, cmds) = shared.db().open_stream(&call.path, ctx.listener, auth);
     shared.count(|c| c.streams_opened += 1);
     let (out, body) = mpsc::channel(16);
-    let task = StreamTask {
-        shared,
-        id,
-        cmds,
-        out,
-        abort: ctx.reset.clone(),
-        auth_deadline,
-    };
+    let task = StreamTask::new(shared, id, cmds, out, ctx.reset.clone(), auth_deadline);
     tokio::spawn(task.run());
     let mut response = Response::new(ChannelBody::new(body).boxed());
     let headers = response.headers_mut();

@@ -36,6 +36,62 @@ pub enum StreamAction {
     CloseMidEvent,
     /// Reset the connection without ending the response.
     Drop,
+    /// Send a `:` comment line.
+    Comment,
+    /// Send an event with a name clients do not know (`event: rtdb-standin-unknown`).
+    UnknownEvent,
+    /// Send a `put` event whose data is not valid JSON.
+    MalformedEvent,
+    /// Send the last `put`/`patch` event again.
+    Duplicate,
+}
+
+impl StreamAction {
+    /// True for actions after which the stream ends.
+    fn ends_stream(self) -> bool {
+        matches!(
+            self,
+            StreamAction::Cancel
+                | StreamAction::AuthRevoked
+                | StreamAction::Close
+                | StreamAction::CloseMidEvent
+                | StreamAction::Drop
+        )
+    }
+}
+
+/// Line endings used on the wire (clients must accept all three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineEnding {
+    /// `\n`, as the real service sends.
+    #[default]
+    Lf,
+    /// `\r\n`.
+    Crlf,
+    /// `\r`.
+    Cr,
+}
+
+impl LineEnding {
+    /// Rewrites the `\n` line endings of formatted events. Event data is compact JSON, whose
+    /// strings escape newlines, so every raw `\n` is a line ending.
+    pub fn apply(self, bytes: Bytes) -> Bytes {
+        let replacement: &[u8] = match self {
+            LineEnding::Lf => return bytes,
+            LineEnding::Crlf => b"\r\n",
+            LineEnding::Cr => b"\r",
+        };
+        let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 8);
+        for &b in bytes.iter() {
+            if b == b'\n' {
+                out.extend_from_slice(replacement);
+            } else {
+                out.push(b);
+            }
+        }
+        Bytes::from(out)
+    }
 }
 
 /// Which listener a connection arrived on.
@@ -324,27 +380,28 @@ fn action_frame(action: StreamAction) -> Option<Bytes> {
         StreamAction::CloseMidEvent => Some(Bytes::from_static(
             b"event: put\ndata: {\"path\":\"/\",\"da",
         )),
-        StreamAction::Stall | StreamAction::Close | StreamAction::Drop => None,
+        StreamAction::Comment => Some(Bytes::from_static(b": rtdb-standin comment\n\n")),
+        StreamAction::UnknownEvent => Some(frame("rtdb-standin-unknown", "{\"path\":\"/\"}")),
+        StreamAction::MalformedEvent => Some(frame("put", "{\"path\":\"/\",\"data\":")),
+        StreamAction::Stall
+        | StreamAction::Close
+        | StreamAction::Drop
+        | StreamAction::Duplicate => None,
     }
 }
 
 /// Chunks of a stream's response body; an `Err` aborts the connection.
 pub type BodySender = mpsc::Sender<Result<Bytes, io::Error>>;
 
-/// Everything the task serving one stream needs.
+/// The task serving one stream's response body.
 pub struct StreamTask {
-    /// Shared state (knobs, counters, registry).
-    pub shared: Arc<Shared>,
-    /// Registry id.
-    pub id: u64,
-    /// Commands from writers and tests.
-    pub cmds: mpsc::UnboundedReceiver<StreamCmd>,
-    /// The response body.
-    pub out: BodySender,
-    /// Set to make the connection close with a reset.
-    pub abort: Arc<AtomicBool>,
-    /// When the stream's token expires, if it has one.
-    pub auth_deadline: Option<Instant>,
+    shared: Arc<Shared>,
+    id: u64,
+    cmds: mpsc::UnboundedReceiver<StreamCmd>,
+    out: BodySender,
+    abort: Arc<AtomicBool>,
+    auth_deadline: Option<Instant>,
+    last_data: Option<Bytes>,
 }
 
 #[derive(PartialEq, Eq)]
@@ -354,6 +411,27 @@ enum Flow {
 }
 
 impl StreamTask {
+    /// A task for registry stream `id`, reading `cmds` and writing `out`. Setting `abort`
+    /// makes the connection close with a reset; `auth_deadline` is when its token expires.
+    pub fn new(
+        shared: Arc<Shared>,
+        id: u64,
+        cmds: mpsc::UnboundedReceiver<StreamCmd>,
+        out: BodySender,
+        abort: Arc<AtomicBool>,
+        auth_deadline: Option<Instant>,
+    ) -> Self {
+        StreamTask {
+            shared,
+            id,
+            cmds,
+            out,
+            abort,
+            auth_deadline,
+            last_data: None,
+        }
+    }
+
     /// Serves the stream until it is closed by either side.
     pub async fn run(mut self) {
         let mut stalled = false;
@@ -389,6 +467,7 @@ impl StreamTask {
         let action = match cmd {
             StreamCmd::Data(bytes) => {
                 self.shared.count(|c| c.data_events_sent += 1);
+                self.last_data = Some(bytes.clone());
                 return self.write(bytes).await;
             }
             StreamCmd::Action(action) => action,
@@ -399,14 +478,19 @@ impl StreamTask {
         if action == StreamAction::KeepAlive {
             self.shared.count(|c| c.keepalives_sent += 1);
         }
-        if let Some(bytes) = action_frame(action) {
+        let bytes = match action {
+            StreamAction::Duplicate => self.last_data.clone(),
+            other => action_frame(other),
+        };
+        if let Some(bytes) = bytes {
             if self.write(bytes).await == Flow::Stop {
                 return Flow::Stop;
             }
         }
-        match action {
-            StreamAction::KeepAlive | StreamAction::Stall => Flow::Continue,
-            _ => Flow::Stop,
+        if action.ends_stream() {
+            Flow::Stop
+        } else {
+            Flow::Continue
         }
     }
 
@@ -430,6 +514,7 @@ impl StreamTask {
     }
 
     async fn write(&mut self, bytes: Bytes) -> Flow {
+        let bytes = self.shared.knobs().sse_line_ending.apply(bytes);
         match self.out.send(Ok(bytes)).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
@@ -591,6 +676,20 @@ mod tests {
                 PatchEventKeys::Keep
             )),
             ["event: put\ndata: {\"path\":\"/\",\"data\":1}\n\n"]
+        );
+    }
+
+    #[test]
+    fn line_endings() {
+        let b = Bytes::from_static(b"event: put\ndata: {\"s\":\"a\\nb\"}\n\n");
+        assert_eq!(LineEnding::Lf.apply(b.clone()), b);
+        assert_eq!(
+            LineEnding::Crlf.apply(b.clone()),
+            "event: put\r\ndata: {\"s\":\"a\\nb\"}\r\n\r\n"
+        );
+        assert_eq!(
+            LineEnding::Cr.apply(b),
+            "event: put\rdata: {\"s\":\"a\\nb\"}\r\r"
         );
     }
 

@@ -332,3 +332,36 @@ async fn redirect_to_another_host_catches_clients_that_drop_authorization() {
     assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
     assert_eq!(f.standin.counters().redirects, 3);
 }
+
+#[tokio::test]
+async fn wire_format_variations_for_parser_tests() {
+    let f = Fixture::new();
+    f.standin
+        .update_knobs(|k| k.sse_line_ending = rtdb_standin::LineEnding::Crlf);
+    let mut s = f.stream("/.json").await;
+    for action in [
+        StreamAction::Comment,
+        StreamAction::UnknownEvent,
+        StreamAction::MalformedEvent,
+        StreamAction::Duplicate,
+        StreamAction::Close,
+    ] {
+        f.standin.stream_action(action, None).unwrap();
+    }
+    let mut raw = String::new();
+    while let Some(chunk) = s.resp.chunk().await.unwrap() {
+        raw.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let put = "event: put\r\ndata: {\"path\":\"/\",\"data\":null}\r\n\r\n";
+    assert_eq!(
+        raw,
+        [
+            put,
+            ": rtdb-standin comment\r\n\r\n",
+            "event: rtdb-standin-unknown\r\ndata: {\"path\":\"/\"}\r\n\r\n",
+            "event: put\r\ndata: {\"path\":\"/\",\"data\":\r\n\r\n",
+            put,
+        ]
+        .concat()
+    );
+}
