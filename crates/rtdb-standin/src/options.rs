@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::sse::LineEnding;
 
+/// Longest keep-alive interval honoured (a day); larger values are clamped.
+const MAX_KEEPALIVE_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// How the keys of a multi-path PATCH appear in the `patch` events sent to streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -79,9 +82,9 @@ impl Default for Knobs {
 }
 
 impl Knobs {
-    /// [`Knobs::keepalive_ms`] as a duration (at least 1 ms).
+    /// [`Knobs::keepalive_ms`] as a duration, clamped to between 1 ms and a day.
     pub fn keepalive(&self) -> Duration {
-        Duration::from_millis(self.keepalive_ms.max(1))
+        Duration::from_millis(self.keepalive_ms.clamp(1, MAX_KEEPALIVE_MS))
     }
 }
 

@@ -249,12 +249,12 @@ impl StandIn {
     /// Blocks until at least `n` streams are open, or `timeout` passes; returns whether they
     /// are. Do not call from a single-threaded async runtime that also drives the client.
     pub fn wait_for_streams(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         loop {
             if self.open_streams() >= n {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(2));

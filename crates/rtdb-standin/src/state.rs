@@ -206,7 +206,8 @@ impl Shared {
         };
         let expiry = self.tokens().expiry_ms(token)?;
         let left = u64::try_from(expiry.saturating_sub(self.now_ms())).unwrap_or(0);
-        Some(Instant::now() + Duration::from_millis(left))
+        // Beyond what an Instant can represent means "never".
+        Instant::now().checked_add(Duration::from_millis(left))
     }
 
     /// Sends `auth_revoked` to every token-authorised stream whose token is no longer valid.
@@ -281,7 +282,9 @@ impl Shared {
     /// Starts an outage (for `duration`, or until ended) and drops every open stream.
     pub fn begin_outage(&self, duration: Option<Duration>) {
         *lock(&self.outage) = match duration {
-            Some(d) => Outage::Until(Instant::now() + d),
+            Some(d) => Instant::now()
+                .checked_add(d)
+                .map_or(Outage::Indefinite, Outage::Until),
             None => Outage::Indefinite,
         };
         self.stream_action(StreamAction::Drop, None);

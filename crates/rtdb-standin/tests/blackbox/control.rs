@@ -280,3 +280,46 @@ async fn stream_ends_when_the_standin_is_dropped() {
         .unwrap();
     assert!(matches!(s.next().await, Item::Error | Item::Eof { .. }));
 }
+
+#[tokio::test]
+async fn extreme_knob_values_do_not_crash() {
+    let f = Fixture::new();
+    let huge = json!({"keepalive_ms": u64::MAX, "token_expires_in_s": u64::MAX});
+    assert_eq!(
+        f.ctl(Method::PATCH, "config", Some(huge)).await.0,
+        StatusCode::OK
+    );
+    let (_, token) = f.ctl(Method::POST, "auth/token", None).await;
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let resp = f
+        .client
+        .get(f.url("/.json"))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut s = crate::common::Sse::new(resp);
+    assert_eq!(
+        s.next().await,
+        event("put", json!({"path": "/", "data": null}))
+    );
+    f.ctl(
+        Method::POST,
+        "outage",
+        Some(json!({"duration_ms": u64::MAX})),
+    )
+    .await;
+    f.ctl(Method::DELETE, "outage", None).await;
+    let delay = json!({"path": "/x.json", "times": 1, "action": {"type": "delay", "ms": u64::MAX}});
+    f.ctl(Method::POST, "faults", Some(delay)).await;
+    f.ctl(Method::POST, "clock", Some(json!({"set_ms": i64::MIN})))
+        .await;
+    f.ctl(Method::POST, "clock", Some(json!({"advance_ms": i64::MAX})))
+        .await;
+    assert_eq!(
+        f.ctl(Method::GET, "info", None).await.0,
+        StatusCode::OK,
+        "still serving"
+    );
+}
