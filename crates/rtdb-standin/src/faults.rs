@@ -102,7 +102,7 @@ impl FaultRule {
 }
 
 /// An installed rule and its id.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstalledFault {
     /// Id for removal.
     pub id: u64,

@@ -161,7 +161,7 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let mut entry = log_entry(&shared, &ctx, &parts);
     if shared.in_outage() {
-        entry.outcome = "outage";
+        entry.outcome = "outage".to_owned();
         return Err(drop_connection(&shared, &ctx, entry));
     }
     let body = match read_body(body, shared.options.max_body_bytes).await {
@@ -253,14 +253,14 @@ fn log_entry(shared: &Shared, ctx: &ConnCtx, parts: &hyper::http::request::Parts
     LoggedRequest {
         seq: 0,
         at_ms: shared.now_ms(),
-        listener: ctx.listener.name(),
+        listener: ctx.listener.name().to_owned(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         headers,
         body: String::new(),
         status: None,
-        outcome: "responded",
+        outcome: "responded".to_owned(),
     }
 }
 
@@ -271,7 +271,7 @@ fn finish(shared: &Shared, mut entry: LoggedRequest, response: HttpResponse) -> 
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if is_stream {
-        entry.outcome = "stream";
+        entry.outcome = "stream".to_owned();
     }
     shared.record(entry);
     response
@@ -281,7 +281,7 @@ fn drop_connection(shared: &Shared, ctx: &ConnCtx, mut entry: LoggedRequest) -> 
     ctx.reset.store(true, Ordering::SeqCst);
     shared.count(|c| c.connections_dropped += 1);
     if entry.outcome == "responded" {
-        entry.outcome = "dropped";
+        entry.outcome = "dropped".to_owned();
     }
     shared.record(entry);
     DropConnection

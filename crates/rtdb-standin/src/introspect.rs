@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Running totals since start (or the last reset).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Requests seen on the database and token routes (control requests excluded).
     pub requests: u64,
@@ -38,14 +38,14 @@ pub struct Counters {
 }
 
 /// One logged request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedRequest {
     /// Sequence number, from 1.
     pub seq: u64,
     /// Fake-clock time of arrival, ms since the epoch.
     pub at_ms: i64,
     /// `primary` or `secondary` listener.
-    pub listener: &'static str,
+    pub listener: String,
     /// HTTP method as sent.
     pub method: String,
     /// URL path as sent (still percent-encoded).
@@ -59,7 +59,7 @@ pub struct LoggedRequest {
     /// Status sent, or `None` when the connection was dropped instead.
     pub status: Option<u16>,
     /// `responded`, `stream`, `dropped` or `outage`.
-    pub outcome: &'static str,
+    pub outcome: String,
 }
 
 /// Headers copied into the log.
@@ -113,14 +113,14 @@ impl RequestLog {
 }
 
 /// An open stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {
     /// Stream id.
     pub id: u64,
     /// The streamed location, e.g. `/users`.
     pub path: String,
     /// `primary` or `secondary` listener.
-    pub listener: &'static str,
+    pub listener: String,
     /// How the stream authenticated: `token`, `secret` or `public`.
-    pub auth: &'static str,
+    pub auth: String,
 }

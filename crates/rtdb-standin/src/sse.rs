@@ -184,13 +184,8 @@ impl StreamRegistry {
     }
 
     /// Number of open streams.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.streams.len()
-    }
-
-    /// True when no stream is open.
-    pub fn is_empty(&self) -> bool {
-        self.streams.is_empty()
     }
 
     /// Descriptions of the open streams.
@@ -200,8 +195,8 @@ impl StreamRegistry {
             .map(|s| StreamInfo {
                 id: s.id,
                 path: s.path.to_string(),
-                listener: s.listener.name(),
-                auth: s.auth.name(),
+                listener: s.listener.name().to_owned(),
+                auth: s.auth.name().to_owned(),
             })
             .collect()
     }

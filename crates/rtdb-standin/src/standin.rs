@@ -228,7 +228,7 @@ impl StandIn {
 
     /// Number of open streams.
     pub fn open_streams(&self) -> usize {
-        self.shared.db().streams.len()
+        self.shared.db().streams.count()
     }
 
     /// The open streams.

@@ -176,9 +176,9 @@ impl Shared {
     /// Decides whether a database request may proceed. Credentials, when present, must be
     /// valid even under public rules.
     pub fn authorize(&self, creds: &Credentials<'_>) -> Option<Auth> {
-        let bearer = creds.authorization.map(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
+        let bearer = creds.authorization.map(|h| match h.trim().split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
+            _ => None,
         });
         let token = match (bearer, creds.access_token) {
             (Some(Some(t)), _) | (None, Some(t)) => Some(t),

@@ -90,7 +90,7 @@ async fn ambiguous_and_lost_writes() {
     let outcomes: Vec<_> = log
         .iter()
         .filter(|r| r.method == "PATCH")
-        .map(|r| (r.outcome, r.status))
+        .map(|r| (r.outcome.as_str(), r.status))
         .collect();
     assert_eq!(outcomes, [("dropped", None), ("dropped", None)]);
     assert_eq!(f.standin.counters().connections_dropped, 2);
