@@ -115,7 +115,7 @@ pub struct Expected<'a> {
     pub token_uri: &'a str,
     /// Real time, seconds since the epoch.
     pub now_s: i64,
-    /// Tolerated clock skew in seconds.
+    /// Clock skew tolerated on `iat` (a client clock slightly ahead), in seconds.
     pub skew_s: i64,
 }
 
@@ -209,7 +209,7 @@ fn check_claims(claims: &Claims, expected: Expected<'_>) -> Result<(), GrantErro
     };
     let lifetime = exp.saturating_sub(iat);
     let sane = iat <= expected.now_s.saturating_add(expected.skew_s)
-        && exp > expected.now_s.saturating_sub(expected.skew_s)
+        && exp > expected.now_s
         && lifetime > 0
         && lifetime <= MAX_ASSERTION_LIFETIME_S;
     if !sane {
@@ -332,10 +332,16 @@ mod tests {
         );
         assert_eq!(
             with(&|c| {
-                c["iat"] = json!(NOW - 7200);
-                c["exp"] = json!(NOW - 3600)
+                c["iat"] = json!(NOW - 3600);
+                c["exp"] = json!(NOW)
             }),
-            Err(GrantError::BadLifetime)
+            Err(GrantError::BadLifetime),
+            "expired exactly now"
+        );
+        assert_eq!(
+            with(&|c| c["iat"] = json!(NOW + 200)),
+            Ok(()),
+            "iat within the skew"
         );
         assert_eq!(
             with(&|c| {
