@@ -205,7 +205,9 @@ async fn handle_with_fault(
         }
         Some(FaultAction::DropBeforeApply) => Err(drop_connection(shared, ctx, entry)),
         Some(FaultAction::ApplyThenDrop) => {
-            let _applied = route(shared, ctx, &req).await;
+            let applied = route(shared, ctx, &req).await;
+            let mut entry = entry;
+            entry.outcome = format!("applied_then_dropped ({})", applied.status().as_u16());
             Err(drop_connection(shared, ctx, entry))
         }
         Some(FaultAction::Delay { ms }) => {

@@ -58,7 +58,8 @@ pub struct LoggedRequest {
     pub body: String,
     /// Status sent, or `None` when the connection was dropped instead.
     pub status: Option<u16>,
-    /// `responded`, `stream`, `dropped` or `outage`.
+    /// `responded`, `stream`, `dropped`, `applied_then_dropped (<status it would have had>)`
+    /// or `outage`.
     pub outcome: String,
 }
 

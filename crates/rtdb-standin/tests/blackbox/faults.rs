@@ -92,7 +92,10 @@ async fn ambiguous_and_lost_writes() {
         .filter(|r| r.method == "PATCH")
         .map(|r| (r.outcome.as_str(), r.status))
         .collect();
-    assert_eq!(outcomes, [("dropped", None), ("dropped", None)]);
+    assert_eq!(
+        outcomes,
+        [("applied_then_dropped (200)", None), ("dropped", None)]
+    );
     assert_eq!(f.standin.counters().connections_dropped, 2);
 }
 
