@@ -19,7 +19,11 @@ use tollgate::users::UserCache;
 
 /// Pingora's flags (`-c`, `-d`, `-t`, `-u`) are tollgate's flags.
 #[derive(Parser, Debug)]
-#[command(name = "tollgate", version, about = "Edge HTTP proxy with token gatekeeper and rate limiting")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Edge HTTP proxy with token gatekeeper and rate limiting"
+)]
 struct Cli {
     #[command(flatten)]
     pingora: Opt,
@@ -59,9 +63,13 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
     load_users(&config, backend.as_ref(), &cache)?;
     let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
     status.set_ready(true);
-    let metrics = Arc::new(Metrics::new(config.gatekeeper.mode.as_str(), backend.name()));
+    let metrics = Arc::new(Metrics::new(
+        config.gatekeeper.mode.as_str(),
+        backend.name(),
+    ));
 
-    let shutdown_deadline = std::time::Duration::from_secs(config.server.grace_period_seconds.unwrap_or(5).max(1));
+    let shutdown_deadline =
+        std::time::Duration::from_secs(config.server.grace_period_seconds.unwrap_or(5).max(1));
     // tollgate read the file itself; Pingora gets the validated ServerConf.
     opt.conf = None;
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
@@ -74,18 +82,34 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
         }
         false => (None, None),
     };
-    let proxy = Proxy::new(&config, Arc::clone(&cache), Arc::clone(&metrics), access_log);
-    let mut proxy_service = http_proxy_service_with_name(&server.configuration, proxy, "tollgate proxy");
+    let proxy = Proxy::new(
+        &config,
+        Arc::clone(&cache),
+        Arc::clone(&metrics),
+        access_log,
+    );
+    let mut proxy_service =
+        http_proxy_service_with_name(&server.configuration, proxy, "tollgate proxy");
     for addr in &config.listen {
         proxy_service.add_tcp(&addr.to_string());
     }
 
-    let admin = AdminService::new(&config, Arc::clone(&cache), Arc::clone(&status), Arc::clone(&metrics));
+    let admin = AdminService::new(
+        &config,
+        Arc::clone(&cache),
+        Arc::clone(&status),
+        Arc::clone(&metrics),
+    );
     let mut admin_service = Service::new("tollgate admin".to_string(), admin);
     admin_service.add_tcp(&config.admin.listen.to_string());
     admin_service.threads = Some(1);
 
-    let engine = SyncEngine::new(Arc::clone(&backend), Arc::clone(&status), config.store.flush_interval, shutdown_deadline);
+    let engine = SyncEngine::new(
+        Arc::clone(&backend),
+        Arc::clone(&status),
+        config.store.flush_interval,
+        shutdown_deadline,
+    );
     let purge = TemporaryUserPurge::new(
         Arc::clone(&cache),
         Arc::clone(&backend),
@@ -102,7 +126,12 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
     }
     info!(
         "tollgate listening on {} (admin {}), gatekeeper {}, store {}, {} users",
-        config.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        config
+            .listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         config.admin.listen,
         config.gatekeeper.mode.as_str(),
         backend.name(),
@@ -113,7 +142,11 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
 
 /// Fills the cache before any listener opens. This runs on a short-lived runtime that is gone
 /// before Pingora starts (its `-d` fork would lose any threads started here).
-fn load_users(config: &Config, backend: &dyn StoreBackend, cache: &UserCache) -> Result<(), String> {
+fn load_users(
+    config: &Config,
+    backend: &dyn StoreBackend,
+    cache: &UserCache,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -121,7 +154,13 @@ fn load_users(config: &Config, backend: &dyn StoreBackend, cache: &UserCache) ->
     let timeout = config.store.firebase.startup_timeout;
     let users = runtime
         .block_on(async { tokio::time::timeout(timeout, backend.load_all()).await })
-        .map_err(|_| format!("store {}: loading users took longer than {} s", backend.name(), timeout.as_secs()))?
+        .map_err(|_| {
+            format!(
+                "store {}: loading users took longer than {} s",
+                backend.name(),
+                timeout.as_secs()
+            )
+        })?
         .map_err(|e| format!("store {}: cannot load users: {e}", backend.name()))?;
     let loaded = cache.load(users);
     info!("loaded {loaded} users from the {} store", backend.name());

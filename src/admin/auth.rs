@@ -47,12 +47,21 @@ impl AdminAuth {
         if self.allow.is_empty() || self.allow.contains(ip) {
             Ok(())
         } else {
-            Err(ApiError::new(403, "forbidden", "Forbidden (by ADMIN_WHITELIST)"))
+            Err(ApiError::new(
+                403,
+                "forbidden",
+                "Forbidden (by ADMIN_WHITELIST)",
+            ))
         }
     }
 
     /// Checks the `Authorization` header of a request from `ip`.
-    pub fn authorize(&self, ip: IpAddr, authorization: Option<&[u8]>, now: Instant) -> Result<(), ApiError> {
+    pub fn authorize(
+        &self,
+        ip: IpAddr,
+        authorization: Option<&[u8]>,
+        now: Instant,
+    ) -> Result<(), ApiError> {
         self.allowed(ip)?;
         if let Some(wait) = self.locked_for(ip, now) {
             let secs = wait.as_secs().max(1);
@@ -64,7 +73,11 @@ impl AdminAuth {
             .with_header("retry-after", secs));
         }
         let Some(key) = &self.key else {
-            return Err(ApiError::new(401, "unauthorized", "the admin API is disabled: ADMIN_KEY is not set"));
+            return Err(ApiError::new(
+                401,
+                "unauthorized",
+                "the admin API is disabled: ADMIN_KEY is not set",
+            ));
         };
         let presented = authorization.and_then(bearer);
         if presented.is_some_and(|p| key.matches(p)) {
@@ -72,7 +85,11 @@ impl AdminAuth {
             return Ok(());
         }
         self.record_failure(ip, now);
-        Err(ApiError::new(401, "unauthorized", "send the admin key as 'Authorization: Bearer <ADMIN_KEY>'"))
+        Err(ApiError::new(
+            401,
+            "unauthorized",
+            "send the admin key as 'Authorization: Bearer <ADMIN_KEY>'",
+        ))
     }
 
     fn locked_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
@@ -85,7 +102,9 @@ impl AdminAuth {
         let mut failures = self.failures.lock();
         if failures.len() > SWEEP_ABOVE {
             let lockout = self.lockout;
-            failures.retain(|_, f| now.duration_since(f.last) < lockout || f.locked_until.is_some_and(|u| u > now));
+            failures.retain(|_, f| {
+                now.duration_since(f.last) < lockout || f.locked_until.is_some_and(|u| u > now)
+            });
         }
         let entry = failures.entry(ip).or_insert(Failures {
             count: 0,
@@ -93,7 +112,9 @@ impl AdminAuth {
             locked_until: None,
         });
         // Failures decay: a quiet period as long as the lockout starts the count afresh.
-        if now.duration_since(entry.last) >= self.lockout || entry.locked_until.is_some_and(|u| u <= now) {
+        if now.duration_since(entry.last) >= self.lockout
+            || entry.locked_until.is_some_and(|u| u <= now)
+        {
             entry.count = 0;
             entry.locked_until = None;
         }
@@ -129,9 +150,18 @@ mod tests {
         let a = auth("");
         let now = Instant::now();
         assert!(a.authorize(ip(), Some(b"Bearer sekrit"), now).is_ok());
-        assert_eq!(a.authorize(ip(), Some(b"Bearer nope"), now).unwrap_err().status, 401);
+        assert_eq!(
+            a.authorize(ip(), Some(b"Bearer nope"), now)
+                .unwrap_err()
+                .status,
+            401
+        );
         assert_eq!(a.authorize(ip(), None, now).unwrap_err().status, 401);
-        assert_eq!(a.authorize(ip(), Some(b"sekrit"), now).unwrap_err().status, 401, "scheme required");
+        assert_eq!(
+            a.authorize(ip(), Some(b"sekrit"), now).unwrap_err().status,
+            401,
+            "scheme required"
+        );
     }
 
     #[test]
@@ -139,14 +169,24 @@ mod tests {
         let a = auth("");
         let t0 = Instant::now();
         for _ in 0..5 {
-            assert_eq!(a.authorize(ip(), Some(b"Bearer x"), t0).unwrap_err().status, 401);
+            assert_eq!(
+                a.authorize(ip(), Some(b"Bearer x"), t0).unwrap_err().status,
+                401
+            );
         }
         let locked = a.authorize(ip(), Some(b"Bearer sekrit"), t0).unwrap_err();
         assert_eq!(locked.status, 429);
         assert_eq!(locked.headers[0], ("retry-after", "900".to_string()));
-        assert!(a.authorize("192.0.2.2".parse().unwrap(), Some(b"Bearer sekrit"), t0).is_ok(), "per IP");
+        assert!(
+            a.authorize("192.0.2.2".parse().unwrap(), Some(b"Bearer sekrit"), t0)
+                .is_ok(),
+            "per IP"
+        );
         let later = t0 + Duration::from_secs(901);
-        assert!(a.authorize(ip(), Some(b"Bearer sekrit"), later).is_ok(), "lock expires");
+        assert!(
+            a.authorize(ip(), Some(b"Bearer sekrit"), later).is_ok(),
+            "lock expires"
+        );
     }
 
     #[test]
@@ -178,14 +218,30 @@ mod tests {
     #[test]
     fn allow_list_is_checked_first() {
         let a = auth("10.0.0.0/8");
-        let err = a.authorize(ip(), Some(b"Bearer sekrit"), Instant::now()).unwrap_err();
-        assert_eq!((err.status, err.message.as_str()), (403, "Forbidden (by ADMIN_WHITELIST)"));
-        assert!(a.authorize("10.1.1.1".parse().unwrap(), Some(b"Bearer sekrit"), Instant::now()).is_ok());
+        let err = a
+            .authorize(ip(), Some(b"Bearer sekrit"), Instant::now())
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.message.as_str()),
+            (403, "Forbidden (by ADMIN_WHITELIST)")
+        );
+        assert!(a
+            .authorize(
+                "10.1.1.1".parse().unwrap(),
+                Some(b"Bearer sekrit"),
+                Instant::now()
+            )
+            .is_ok());
     }
 
     #[test]
     fn missing_admin_key_refuses_everything() {
         let a = AdminAuth::new(None, CidrSet::default(), 5, Duration::from_secs(1));
-        assert_eq!(a.authorize(ip(), Some(b"Bearer anything"), Instant::now()).unwrap_err().status, 401);
+        assert_eq!(
+            a.authorize(ip(), Some(b"Bearer anything"), Instant::now())
+                .unwrap_err()
+                .status,
+            401
+        );
     }
 }

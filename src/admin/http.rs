@@ -81,18 +81,28 @@ impl ApiError {
                 field: self.field.as_deref(),
             },
         };
-        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers: Vec<(&str, &str)> =
+            self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         json_response(self.status, &body, &headers)
     }
 }
 
 /// A JSON response with Content-Type and Content-Length.
-pub fn json_response<T: Serialize + ?Sized>(status: u16, body: &T, headers: &[(&str, &str)]) -> Response<Vec<u8>> {
+pub fn json_response<T: Serialize + ?Sized>(
+    status: u16,
+    body: &T,
+    headers: &[(&str, &str)],
+) -> Response<Vec<u8>> {
     let bytes = serde_json::to_vec(body).expect("API types always serialize");
     bytes_response(status, "application/json", bytes, headers)
 }
 
-pub fn bytes_response(status: u16, content_type: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Response<Vec<u8>> {
+pub fn bytes_response(
+    status: u16,
+    content_type: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Response<Vec<u8>> {
     let mut builder = Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", content_type)
@@ -101,14 +111,25 @@ pub fn bytes_response(status: u16, content_type: &str, body: Vec<u8>, headers: &
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    builder.body(body).expect("static header names and checked values")
+    builder
+        .body(body)
+        .expect("static header names and checked values")
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes or a client slower than
 /// `timeout` for the whole body.
-pub async fn read_body(session: &mut ServerSession, limit: usize, timeout: Duration) -> Result<Vec<u8>, ApiError> {
+pub async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
-        ApiError::new(413, "payload_too_large", format!("request body over {limit} bytes")).closing()
+        ApiError::new(
+            413,
+            "payload_too_large",
+            format!("request body over {limit} bytes"),
+        )
+        .closing()
     };
     let declared = session
         .req_header()
@@ -121,11 +142,9 @@ pub async fn read_body(session: &mut ServerSession, limit: usize, timeout: Durat
     }
     let read_all = async {
         let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
-        while let Some(chunk) = session
-            .read_request_body()
-            .await
-            .map_err(|e| ApiError::bad_request("", format!("could not read the request body: {e}")).closing())?
-        {
+        while let Some(chunk) = session.read_request_body().await.map_err(|e| {
+            ApiError::bad_request("", format!("could not read the request body: {e}")).closing()
+        })? {
             if body.len() + chunk.len() > limit {
                 return Err(too_large());
             }
@@ -135,10 +154,14 @@ pub async fn read_body(session: &mut ServerSession, limit: usize, timeout: Durat
     };
     match tokio::time::timeout(timeout, read_all).await {
         Ok(result) => result,
-        Err(_) => Err(ApiError::new(408, "request_timeout", format!(
-            "the request body did not arrive within {} ms",
-            timeout.as_millis()
-        ))
+        Err(_) => Err(ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        )
         .closing()),
     }
 }
@@ -150,7 +173,11 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         let path = e.path().to_string();
         let inner = e.into_inner();
         let field = if path == "." { String::new() } else { path };
-        if inner.is_syntax() || inner.is_eof() {
+        // serde_json reports some type errors (a number where an enum belongs) as syntax
+        // errors; only a document that does not parse at all is malformed.
+        let malformed = (inner.is_syntax() || inner.is_eof())
+            && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err();
+        if malformed {
             ApiError::bad_request("", format!("malformed JSON: {inner}"))
         } else {
             ApiError::bad_request(field, inner)
@@ -167,7 +194,10 @@ pub fn query_params(query: Option<&str>) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k).into_owned(), percent_decode(v).into_owned())
+            (
+                percent_decode(k).into_owned(),
+                percent_decode(v).into_owned(),
+            )
         })
         .collect()
 }
@@ -204,6 +234,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request");
         assert_eq!(v["error"]["field"], "users[0].ip");
-        assert_eq!(r.headers()["content-length"], r.body().len().to_string().as_str());
+        assert_eq!(
+            r.headers()["content-length"],
+            r.body().len().to_string().as_str()
+        );
     }
 }

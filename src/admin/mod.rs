@@ -58,7 +58,12 @@ enum Route<'a> {
 }
 
 impl AdminService {
-    pub fn new(config: &Config, cache: Arc<UserCache>, status: Arc<StoreStatus>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        cache: Arc<UserCache>,
+        status: Arc<StoreStatus>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let admin = &config.admin;
         Self {
             auth: AdminAuth::new(
@@ -99,15 +104,26 @@ impl AdminService {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().map(str::to_string);
-        let route = route(&path).ok_or_else(|| ApiError::not_found(format!("no such endpoint: {path}")))?;
+        let route =
+            route(&path).ok_or_else(|| ApiError::not_found(format!("no such endpoint: {path}")))?;
         let allowed = allowed_methods(&route);
         if !allowed.contains(&method.as_str()) {
-            return Err(ApiError::new(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
-                .with_header("allow", allowed.join(", ")));
+            return Err(ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            )
+            .with_header("allow", allowed.join(", ")));
         }
         let ip = self.client_ip(session);
         match route {
-            Route::Health => return Ok(json_response(200, &serde_json::json!({"status": "ok"}), &[])),
+            Route::Health => {
+                return Ok(json_response(
+                    200,
+                    &serde_json::json!({"status": "ok"}),
+                    &[],
+                ))
+            }
             Route::Ready => return Ok(self.ready()),
             Route::Metrics => {
                 self.auth.allowed(ip)?;
@@ -115,7 +131,11 @@ impl AdminService {
                 return Ok(bytes_response(200, "text/plain; version=0.0.4", body, &[]));
             }
             Route::Users | Route::User(_) => {
-                let authorization = session.req_header().headers.get(::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+                let authorization = session
+                    .req_header()
+                    .headers
+                    .get(::http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes());
                 self.auth.authorize(ip, authorization, Instant::now())?;
             }
         }
@@ -130,8 +150,12 @@ impl AdminService {
             (Method::POST, Route::Users) => self.users.create(&body).await,
             (Method::PUT, Route::Users) => self.users.upsert_many(&body).await,
             (Method::GET, Route::User(token)) => self.users.get(&percent_decode(token)),
-            (Method::PUT, Route::User(token)) => self.users.upsert(&percent_decode(token), &body).await,
-            (Method::DELETE, Route::User(token)) => self.users.delete(&percent_decode(token), query).await,
+            (Method::PUT, Route::User(token)) => {
+                self.users.upsert(&percent_decode(token), &body).await
+            }
+            (Method::DELETE, Route::User(token)) => {
+                self.users.delete(&percent_decode(token), query).await
+            }
             _ => unreachable!("methods checked against allowed_methods above"),
         }
     }
@@ -193,7 +217,10 @@ mod tests {
         for (method, pattern) in ROUTES {
             let path = pattern.replace("{token}", "abc");
             let route = route(&path).unwrap_or_else(|| panic!("{pattern} not routed"));
-            assert!(allowed_methods(&route).contains(method), "{method} {pattern}");
+            assert!(
+                allowed_methods(&route).contains(method),
+                "{method} {pattern}"
+            );
         }
         assert!(route("/admin/users/a/b").is_none());
         assert!(route("/admin").is_none());

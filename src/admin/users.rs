@@ -79,18 +79,36 @@ impl UsersApi {
         for (key, value) in query_params(query) {
             match key.as_str() {
                 "sort" => sort = value,
-                other => return Err(ApiError::bad_request(other, "unknown query parameter (only 'sort' is accepted)")),
+                other => {
+                    return Err(ApiError::bad_request(
+                        other,
+                        "unknown query parameter (only 'sort' is accepted)",
+                    ))
+                }
             }
         }
-        let fields: Vec<&str> = sort.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
+        let fields: Vec<&str> = sort
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .collect();
         if let Some(bad) = fields.iter().find(|f| !SORT_FIELDS.contains(f)) {
             return Err(ApiError::bad_request(
                 "sort",
-                format!("cannot sort by '{bad}'; sortable fields: {}", SORT_FIELDS.join(", ")),
+                format!(
+                    "cannot sort by '{bad}'; sortable fields: {}",
+                    SORT_FIELDS.join(", ")
+                ),
             ));
         }
         let mut users = self.cache.snapshot();
-        users.sort_by(|a, b| fields.iter().map(|f| compare_desc(a, b, f)).find(|o| o.is_ne()).unwrap_or(Ordering::Equal));
+        users.sort_by(|a, b| {
+            fields
+                .iter()
+                .map(|f| compare_desc(a, b, f))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        });
         Ok(json_response(
             200,
             &UserList {
@@ -103,7 +121,10 @@ impl UsersApi {
 
     /// `GET /admin/users/{token}`.
     pub fn get(&self, token: &str) -> Result<Reply, ApiError> {
-        let user = self.cache.user(token).ok_or_else(|| ApiError::not_found("Not found"))?;
+        let user = self
+            .cache
+            .user(token)
+            .ok_or_else(|| ApiError::not_found("Not found"))?;
         Ok(json_response(200, &user, &[]))
     }
 
@@ -116,10 +137,16 @@ impl UsersApi {
         };
         match (request.user_type, request.expires_at) {
             (UserType::Temporary, None) => {
-                return Err(ApiError::bad_request("expiresAt", "is required for temporary users (epoch ms)"))
+                return Err(ApiError::bad_request(
+                    "expiresAt",
+                    "is required for temporary users (epoch ms)",
+                ))
             }
             (UserType::Normal | UserType::Special, Some(_)) => {
-                return Err(ApiError::bad_request("expiresAt", "only temporary users expire"))
+                return Err(ApiError::bad_request(
+                    "expiresAt",
+                    "only temporary users expire",
+                ))
             }
             _ => {}
         }
@@ -127,14 +154,16 @@ impl UsersApi {
         let mut user = User::new(uuid::Uuid::new_v4().to_string(), request.user_type, now);
         user.expires_at = request.expires_at;
         if let Some(limits) = request.token_limits {
-            validate_families(&limits, "", "tokenLimits").map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+            validate_families(&limits, "", "tokenLimits")
+                .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
             user.token_limits = limits;
         }
         let ticket = self
             .cache
             .create(&user)
             .map_err(|_| ApiError::new(500, "internal_error", "token collision; try again"))?;
-        self.respond_when_durable(ticket, &Created { token: &user.token }).await
+        self.respond_when_durable(ticket, &Created { token: &user.token })
+            .await
     }
 
     /// `PUT /admin/users/{token}`: partial upsert; `null` removes an optional field.
@@ -143,10 +172,15 @@ impl UsersApi {
         let patch: UserPatch = parse_json(body)?;
         if let Patch::Set(body_token) = &patch.token {
             if body_token != token {
-                return Err(ApiError::bad_request("token", "differs from the token in the path"));
+                return Err(ApiError::bad_request(
+                    "token",
+                    "differs from the token in the path",
+                ));
             }
         }
-        patch.validate("").map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+        patch
+            .validate("")
+            .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
         let (user, ticket) = self.cache.upsert(token, &patch, now_ms());
         self.respond_when_durable(ticket, &user).await
     }
@@ -161,7 +195,9 @@ impl UsersApi {
                 return Err(ApiError::bad_request(format!("{at}.token"), "is required"));
             };
             validate_token(&token).map_err(|p| ApiError::bad_request(format!("{at}.token"), p))?;
-            patch.validate(&at).map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+            patch
+                .validate(&at)
+                .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
             items.push((token, patch));
         }
         let (users, ticket) = self.cache.upsert_many(&items, now_ms());
@@ -182,7 +218,10 @@ impl UsersApi {
         for (key, value) in query_params(query) {
             match key.as_str() {
                 "disabledReason" if reason.is_some() => {
-                    return Err(ApiError::bad_request("disabledReason", "must be given at most once"))
+                    return Err(ApiError::bad_request(
+                        "disabledReason",
+                        "must be given at most once",
+                    ))
                 }
                 "disabledReason" => reason = Some(value),
                 "hard" => {
@@ -193,30 +232,53 @@ impl UsersApi {
                     }
                 }
                 other => {
-                    return Err(ApiError::bad_request(other, "unknown query parameter (accepted: disabledReason, hard)"))
+                    return Err(ApiError::bad_request(
+                        other,
+                        "unknown query parameter (accepted: disabledReason, hard)",
+                    ))
                 }
             }
         }
         if hard {
-            let ticket = self.cache.remove(token).map_err(|_| ApiError::not_found("Not found"))?;
+            let ticket = self
+                .cache
+                .remove(token)
+                .map_err(|_| ApiError::not_found("Not found"))?;
             #[derive(Serialize)]
             struct Deleted<'a> {
                 deleted: &'a str,
             }
-            return self.respond_when_durable(ticket, &Deleted { deleted: token }).await;
+            return self
+                .respond_when_durable(ticket, &Deleted { deleted: token })
+                .await;
         }
-        let (user, ticket) = self.cache.disable(token, reason.as_deref(), now_ms()).map_err(|e| match e {
-            CacheError::NotFound | CacheError::Exists => ApiError::not_found("Not found"),
-        })?;
+        let (user, ticket) = self
+            .cache
+            .disable(token, reason.as_deref(), now_ms())
+            .map_err(|e| match e {
+                CacheError::NotFound | CacheError::Exists => ApiError::not_found("Not found"),
+            })?;
         self.respond_when_durable(ticket, &user).await
     }
 
     /// 200 once the store confirmed the change; 202 when it could not within the bound (the
     /// change is applied here and stays queued). `x-tollgate-persisted` says which.
-    async fn respond_when_durable<T: Serialize>(&self, ticket: ChangeTicket, body: &T) -> Result<Reply, ApiError> {
+    async fn respond_when_durable<T: Serialize>(
+        &self,
+        ticket: ChangeTicket,
+        body: &T,
+    ) -> Result<Reply, ApiError> {
         let durable = self.status.wait_durable(ticket, self.persist_timeout).await;
-        let (status, persisted) = if durable { (200, "true") } else { (202, "false") };
-        Ok(json_response(status, body, &[("x-tollgate-persisted", persisted)]))
+        let (status, persisted) = if durable {
+            (200, "true")
+        } else {
+            (202, "false")
+        };
+        Ok(json_response(
+            status,
+            body,
+            &[("x-tollgate-persisted", persisted)],
+        ))
     }
 }
 
@@ -260,7 +322,11 @@ mod tests {
 
     #[test]
     fn sort_is_descending_with_missing_last() {
-        let mut users = vec![user("a", 1, None), user("b", 5, Some(1)), user("c", 1, Some(9))];
+        let mut users = [
+            user("a", 1, None),
+            user("b", 5, Some(1)),
+            user("c", 1, Some(9)),
+        ];
         users.sort_by(|a, b| {
             ["promptCount", "lastUsedAt"]
                 .iter()

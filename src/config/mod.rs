@@ -130,9 +130,21 @@ pub struct RateLimitConfig {
     pub max_inflight: u32,
     /// Failed authentications tolerated per client IP and minute; 0 = off.
     pub auth_failures_per_minute: u32,
-    /// Count-min sketch width per hash row: how many distinct active keys per minute the
+    /// Count-min sketch width per hash row: how many distinct active keys per window the
     /// limiter tells apart without over-counting.
     pub estimator_slots: usize,
+    /// The sliding window; budgets per window are `per_minute × window / 60 s`.
+    pub window: Duration,
+}
+
+impl RateLimitConfig {
+    /// `per_minute` scaled to the window, at least 1 when the limit is on.
+    pub fn per_window(&self, per_minute: u32) -> u32 {
+        let scaled = (u64::from(per_minute) * self.window.as_secs()).div_ceil(60);
+        u32::try_from(scaled)
+            .unwrap_or(u32::MAX)
+            .max(u32::from(per_minute > 0))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -405,7 +417,11 @@ impl Builder<'_> {
                 "must be between 1024 and 16777216",
             ));
         }
+        if !(1..=3600).contains(&raw.window_seconds) {
+            return Err(self.err("rate_limit.window_seconds", "must be between 1 and 3600"));
+        }
         Ok(RateLimitConfig {
+            window: Duration::from_secs(raw.window_seconds),
             requests_per_minute: raw.requests_per_minute,
             max_inflight: raw.max_inflight,
             auth_failures_per_minute: raw.auth_failures_per_minute,

@@ -105,6 +105,13 @@ pub struct RawRateLimit {
     pub auth_failures_per_minute: u32,
     #[serde(default = "default_slots")]
     pub estimator_slots: usize,
+    /// Length of the sliding window; the budget per window is scaled from the per-minute one.
+    #[serde(default = "default_window")]
+    pub window_seconds: u64,
+}
+
+fn default_window() -> u64 {
+    60
 }
 
 fn default_rpm() -> u32 {
@@ -124,6 +131,7 @@ impl Default for RawRateLimit {
             max_inflight: 0,
             auth_failures_per_minute: default_auth_failures(),
             estimator_slots: default_slots(),
+            window_seconds: default_window(),
         }
     }
 }

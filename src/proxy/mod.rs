@@ -21,13 +21,13 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora_limits::inflight::Guard;
 
 use crate::clock::now_ms;
-use crate::config::Config;
+use crate::config::{Config, GatekeeperMode};
 use crate::net::{resolve_client_ip, CidrSet};
 use crate::observe::{AccessLog, Metrics, Outcome};
 use crate::users::UserCache;
 use credential::CredentialSource;
 use gatekeeper::{Gatekeeper, Identity, Refusal};
-use rate_limit::{ConcurrencyLimiter, KeyHasher, LimitKey, MinuteLimiter, RateDecision};
+use rate_limit::{ConcurrencyLimiter, KeyHasher, LimitKey, RateDecision, SlidingWindowLimiter};
 use respond::{ErrorReply, StockReplies};
 use upstream::Upstreams;
 
@@ -40,8 +40,10 @@ pub struct Proxy {
     trusted_proxies: CidrSet,
     blocklist: CidrSet,
     hasher: KeyHasher,
-    requests: Option<MinuteLimiter>,
-    auth_failures: Option<MinuteLimiter>,
+    requests: Option<SlidingWindowLimiter>,
+    auth_failures: Option<SlidingWindowLimiter>,
+    /// "per minute" or "per N seconds", for refusal messages.
+    window_text: String,
     inflight: Option<ConcurrencyLimiter>,
     replies: StockReplies,
     metrics: Arc<Metrics>,
@@ -77,13 +79,21 @@ impl Proxy {
             trusted_proxies: config.trusted_proxies.clone(),
             blocklist: config.ip_blocklist.clone(),
             hasher: KeyHasher::default(),
-            requests: (limits.requests_per_minute > 0)
-                .then(|| MinuteLimiter::new(limits.requests_per_minute, limits.estimator_slots)),
+            requests: (limits.requests_per_minute > 0).then(|| {
+                let budget = limits.per_window(limits.requests_per_minute);
+                SlidingWindowLimiter::new(budget, limits.window, limits.estimator_slots)
+            }),
             auth_failures: (limits.auth_failures_per_minute > 0
-                && config.gatekeeper.mode != crate::config::GatekeeperMode::None)
+                && config.gatekeeper.mode != GatekeeperMode::None)
                 .then(|| {
-                    MinuteLimiter::new(limits.auth_failures_per_minute, limits.estimator_slots)
+                    let budget = limits.per_window(limits.auth_failures_per_minute);
+                    SlidingWindowLimiter::new(budget, limits.window, limits.estimator_slots)
                 }),
+            window_text: match limits.window.as_secs() {
+                60 => "per minute".to_string(),
+                1 => "per second".to_string(),
+                n => format!("per {n} seconds"),
+            },
             inflight: (limits.max_inflight > 0)
                 .then(|| ConcurrencyLimiter::new(limits.max_inflight)),
             replies: StockReplies::default(),
@@ -158,10 +168,8 @@ impl Proxy {
                 reset_at_ms,
             } = decision
             {
-                return Err((
-                    rate_limited(limit, retry_after_secs, reset_at_ms),
-                    Outcome::RateLimited,
-                ));
+                let reply = rate_limited(limit, &self.window_text, retry_after_secs, reset_at_ms);
+                return Err((reply, Outcome::RateLimited));
             }
         }
         if let Some(inflight) = &self.inflight {
@@ -205,9 +213,9 @@ impl Proxy {
     }
 }
 
-fn rate_limited(limit: u32, retry_after_secs: u64, reset_at_ms: u64) -> ErrorReply {
+fn rate_limited(limit: u32, per: &str, retry_after_secs: u64, reset_at_ms: u64) -> ErrorReply {
     let message = format!(
-        "This proxy is rate limited to {limit} requests per minute. Please try again in {retry_after_secs} seconds."
+        "This proxy is rate limited to {limit} requests {per}. Please try again in {retry_after_secs} seconds."
     );
     ErrorReply::new(429, "proxy_rate_limited", &message)
         .with_header("retry-after", retry_after_secs)

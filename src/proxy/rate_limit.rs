@@ -1,6 +1,6 @@
-//! Per-minute rate limiting on pingora-limits' `Rate`, read as a sliding window: the previous
-//! minute's count is weighted by how much of it still overlaps the last 60 s. A fixed window
-//! would let a client send twice the limit across a boundary; this does not.
+//! Rate limiting on pingora-limits' `Rate`, read as a sliding window: the previous window's
+//! count is weighted by how much of it still overlaps the last window-length of time. A fixed
+//! window would let a client send twice the limit across a boundary; this does not.
 //!
 //! Keys are hashed once per request (a keyed SipHash) and the sketch only sees the `u64`.
 
@@ -11,8 +11,6 @@ use std::time::Duration;
 use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::{Rate, RateComponents};
 
-const WINDOW: Duration = Duration::from_secs(60);
-const WINDOW_MS: f64 = 60_000.0;
 /// Rows of the count-min sketch: over-counting needs a collision in every row.
 const HASHES: usize = 4;
 
@@ -51,18 +49,20 @@ pub enum RateDecision {
     },
 }
 
-/// A sliding-window limit of `limit` events per minute per key.
-pub struct MinuteLimiter {
+/// A sliding-window limit of `limit` events per `window` per key.
+pub struct SlidingWindowLimiter {
     rate: Rate,
     limit: u32,
+    window_ms: f64,
 }
 
-impl MinuteLimiter {
-    /// `slots` per hash row: sized for the number of distinct keys active per minute.
-    pub fn new(limit: u32, slots: usize) -> Self {
+impl SlidingWindowLimiter {
+    /// `slots` per hash row: sized for the number of distinct keys active per window.
+    pub fn new(limit: u32, window: Duration, slots: usize) -> Self {
         Self {
-            rate: Rate::new_with_estimator_config(WINDOW, HASHES, slots),
+            rate: Rate::new_with_estimator_config(window, HASHES, slots),
             limit,
+            window_ms: window.as_millis() as f64,
         }
     }
 
@@ -95,10 +95,12 @@ impl MinuteLimiter {
     }
 
     fn window(&self, key: u64) -> Window {
+        let length_ms = self.window_ms;
         self.rate.rate_with(&key, |c: RateComponents| Window {
             previous: c.prev_samples.max(0) as f64,
             current: c.curr_samples.max(0) as f64,
             elapsed: c.current_interval_fraction.clamp(0.0, 1.0),
+            length_ms,
         })
     }
 }
@@ -109,10 +111,11 @@ struct Window {
     previous: f64,
     current: f64,
     elapsed: f64,
+    length_ms: f64,
 }
 
 impl Window {
-    /// Events in the last 60 s, assuming the previous minute's were spread evenly.
+    /// Events in the last window-length, assuming the previous window's were spread evenly.
     fn estimate(&self) -> f64 {
         self.previous * (1.0 - self.elapsed) + self.current
     }
@@ -122,11 +125,11 @@ impl Window {
         if self.estimate() <= target {
             return 0.0;
         }
-        let rest_of_window = (1.0 - self.elapsed) * WINDOW_MS;
+        let rest_of_window = (1.0 - self.elapsed) * self.length_ms;
         if self.current <= target && self.previous > 0.0 {
             // Still inside this window: the previous minute's weight decays linearly.
             let needed_elapsed = 1.0 - (target - self.current) / self.previous;
-            return ((needed_elapsed - self.elapsed) * WINDOW_MS).clamp(0.0, rest_of_window);
+            return ((needed_elapsed - self.elapsed) * self.length_ms).clamp(0.0, rest_of_window);
         }
         // Only after the boundary, when this window's events start decaying in turn.
         let needed_fraction = if self.current > 0.0 {
@@ -134,7 +137,7 @@ impl Window {
         } else {
             0.0
         };
-        rest_of_window + needed_fraction.clamp(0.0, 1.0) * WINDOW_MS
+        rest_of_window + needed_fraction.clamp(0.0, 1.0) * self.length_ms
     }
 }
 
@@ -197,6 +200,7 @@ mod tests {
             previous,
             current,
             elapsed,
+            length_ms: 60_000.0,
         }
     }
 
@@ -274,7 +278,7 @@ mod tests {
 
     #[test]
     fn limiter_counts_only_admitted_events() {
-        let limiter = MinuteLimiter::new(3, 1024);
+        let limiter = SlidingWindowLimiter::new(3, Duration::from_secs(60), 1024);
         let key = 42;
         for _ in 0..3 {
             assert!(matches!(
@@ -297,7 +301,7 @@ mod tests {
     #[test]
     fn a_quiet_ip_is_not_limited_by_100k_active_ips() {
         let hasher = KeyHasher::default();
-        let limiter = MinuteLimiter::new(60, 131_072);
+        let limiter = SlidingWindowLimiter::new(60, Duration::from_secs(60), 131_072);
         for i in 0..100_000u32 {
             let ip = IpAddr::from(i.to_be_bytes().map(|b| b.wrapping_add(1)));
             let key = hasher.hash(LimitKey::Ip(ip));

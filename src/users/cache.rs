@@ -32,7 +32,7 @@ enum Queued {
 /// One user's changes, taken from the cache for a store write.
 #[derive(Clone, Debug)]
 pub enum Change {
-    Upsert(UserChange),
+    Upsert(Box<UserChange>),
     Delete { token: Arc<str> },
 }
 
@@ -416,12 +416,12 @@ fn take_user_change(record: Arc<UserRecord>) -> Change {
             .profile()
             .to_user(record.token(), base + prompt_delta, record.last_used_at());
     user.prompt_count = base + prompt_delta;
-    Change::Upsert(UserChange {
+    Change::Upsert(Box::new(UserChange {
         record,
         user,
         fields,
         prompt_delta,
-    })
+    }))
 }
 
 /// Keeps one change per token: later state wins, fields and deltas add up.
@@ -437,11 +437,11 @@ fn merge_into(changes: &mut Vec<Change>, index: &mut HashMap<Arc<str>, usize>, c
         change,
     ) {
         (Change::Upsert(old), Change::Upsert(new)) if Arc::ptr_eq(&old.record, &new.record) => {
-            Change::Upsert(UserChange {
+            Change::Upsert(Box::new(UserChange {
                 fields: old.fields | new.fields,
                 prompt_delta: old.prompt_delta + new.prompt_delta,
-                ..new
-            })
+                ..*new
+            }))
         }
         // A removal, or a new record under a removed token: the later one stands. A new
         // record carries CREATED, so the store replaces the user whole.

@@ -1,0 +1,418 @@
+//! The admin REST API: the older proxy's contract (paths, shapes, 200s), strict validation,
+//! authentication and lockout.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::tollgate::{Tollgate, ADMIN_KEY};
+use crate::support::{client, error_type, Origin, TollgateBuilder};
+
+fn send(tg: &Tollgate, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = tg.admin_request(method, path);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(Value::Null))
+}
+
+fn start() -> (Origin, Tollgate) {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    (origin, tg)
+}
+
+#[test]
+fn create_normal_special_and_temporary_users() {
+    let (_o, tg) = start();
+    let (status, body) = send(&tg, Method::POST, "/admin/users", None);
+    assert_eq!(status, 200);
+    let token = body["token"].as_str().unwrap();
+    assert_eq!(token.len(), 36, "uuid v4");
+    let user = tg.user(token);
+    assert_eq!(user["type"], "normal");
+    assert_eq!(user["promptCount"], 0);
+    assert_eq!(user["ip"], json!([]));
+    assert_eq!(user["meta"], json!({}));
+
+    let (status, body) = send(
+        &tg,
+        Method::POST,
+        "/admin/users",
+        Some(json!({"type": "special"})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(tg.user(body["token"].as_str().unwrap())["type"], "special");
+
+    let (status, body) = send(
+        &tg,
+        Method::POST,
+        "/admin/users",
+        Some(
+            json!({"type": "temporary", "expiresAt": 4102444800000u64, "tokenLimits": {"gpt4": 1000}}),
+        ),
+    );
+    assert_eq!(status, 200);
+    let user = tg.user(body["token"].as_str().unwrap());
+    assert_eq!(
+        (user["expiresAt"].as_u64(), &user["tokenLimits"]),
+        (Some(4102444800000), &json!({"gpt4": 1000}))
+    );
+
+    let (status, body) = send(
+        &tg,
+        Method::POST,
+        "/admin/users",
+        Some(json!({"type": "temporary"})),
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("expiresAt"))
+    );
+    let (status, body) = send(
+        &tg,
+        Method::POST,
+        "/admin/users",
+        Some(json!({"type": "admin"})),
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("type"))
+    );
+}
+
+#[test]
+fn list_get_and_sort() {
+    let (_o, tg) = start();
+    let tokens: Vec<String> = (0..3).map(|_| tg.create_user(json!({}))).collect();
+    send(
+        &tg,
+        Method::PUT,
+        &format!("/admin/users/{}", tokens[1]),
+        Some(json!({"promptCount": 50})),
+    );
+    let (status, body) = send(&tg, Method::GET, "/admin/users", None);
+    assert_eq!(status, 200);
+    assert_eq!(body["count"], 3);
+    assert_eq!(
+        body["users"][0]["token"],
+        tokens[1].as_str(),
+        "default sort: promptCount descending"
+    );
+    let (status, body) = send(&tg, Method::GET, "/admin/users?sort=createdAt", None);
+    assert_eq!(status, 200);
+    assert_eq!(body["users"].as_array().unwrap().len(), 3);
+    let (status, body) = send(&tg, Method::GET, "/admin/users?sort=password", None);
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("sort"))
+    );
+    let (status, body) = send(&tg, Method::GET, "/admin/users/nope", None);
+    assert_eq!((status, error_type(&body)), (404, "not_found"));
+}
+
+#[test]
+fn put_is_a_partial_upsert_where_null_removes() {
+    let (_o, tg) = start();
+    let (status, user) = send(
+        &tg,
+        Method::PUT,
+        "/admin/users/my-own-token",
+        Some(json!({"nickname": "bob", "maxIps": 3, "adminNote": "vip"})),
+    );
+    assert_eq!(status, 200, "{user}");
+    assert_eq!(
+        (user["token"].as_str(), user["type"].as_str()),
+        (Some("my-own-token"), Some("normal"))
+    );
+    let (_, user) = send(
+        &tg,
+        Method::PUT,
+        "/admin/users/my-own-token",
+        Some(json!({"nickname": null, "type": "special"})),
+    );
+    assert!(user.get("nickname").is_none(), "null removed it");
+    assert_eq!(
+        (user["maxIps"].as_u64(), user["type"].as_str()),
+        (Some(3), Some("special")),
+        "others untouched"
+    );
+    let resp = tg
+        .admin_request(Method::PUT, "/admin/users/my-own-token")
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.headers()["x-tollgate-persisted"], "true");
+}
+
+#[test]
+fn bad_input_gets_a_precise_400() {
+    let (_o, tg) = start();
+    let put = |path: &str, body: &str| {
+        let resp = tg
+            .admin_request(Method::PUT, path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().unwrap())
+    };
+    let cases = [
+        ("/admin/users/t1", r#"{"nickname": "x""#, None),
+        ("/admin/users/t1", r#"{"maxIps": "three"}"#, Some("maxIps")),
+        ("/admin/users/t1", r#"{"maxIPs": 3}"#, None),
+        ("/admin/users/t1", r#"{"ip": null}"#, Some("ip")),
+        (
+            "/admin/users/t1",
+            r#"{"tokenLimits": {"gpt.4": 1}}"#,
+            Some("tokenLimits.gpt.4"),
+        ),
+        (
+            "/admin/users/t1",
+            r#"{"promptCount": -1}"#,
+            Some("promptCount"),
+        ),
+        ("/admin/users/t1", r#"{"token": "other"}"#, Some("token")),
+        ("/admin/users/a.b", r#"{}"#, Some("token")),
+        ("/admin/users/a%24b", r#"{}"#, Some("token")),
+        (
+            "/admin/users",
+            r#"{"users": [{"token": "ok"}, {"token": "bad", "type": 5}]}"#,
+            Some("users[1].type"),
+        ),
+        (
+            "/admin/users",
+            r#"{"users": [{"nickname": "no token"}]}"#,
+            Some("users[0].token"),
+        ),
+        ("/admin/users", r#"{"users": {}}"#, Some("users")),
+        ("/admin/users", r#"[]"#, None),
+    ];
+    for (path, body, field) in cases {
+        let (status, reply) = put(path, body);
+        assert_eq!(status, 400, "{path} {body}: {reply}");
+        assert_eq!(error_type(&reply), "invalid_request");
+        if let Some(field) = field {
+            assert_eq!(
+                reply["error"]["field"].as_str(),
+                Some(field),
+                "{body}: {reply}"
+            );
+            assert!(reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field));
+        }
+    }
+    let (_, reply) = put("/admin/users/t1", r#"{"maxIPs": 3}"#);
+    assert!(reply["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("maxIPs"));
+    let long = "x".repeat(769);
+    assert_eq!(put(&format!("/admin/users/{long}"), "{}").0, 400);
+    assert_eq!(
+        send(&tg, Method::GET, "/admin/users", None).1["count"],
+        0,
+        "nothing was applied"
+    );
+}
+
+#[test]
+fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
+    let (_o, tg) = start();
+    let export = json!({"users": [
+        {"token": "5d7c4c1e-2a55-4f6e-9d7a-0d1c2b3a4f5e", "ip": ["1.2.3.4"], "type": "normal", "promptCount": 12,
+         "tokenCount": 0, "tokenCounts": {"turbo": 10}, "tokenLimits": {}, "tokenRefresh": {},
+         "createdAt": 1700000000000u64, "lastUsedAt": 1700000001000u64, "meta": {"refreshable": true}},
+        {"token": "b2", "type": "special", "promptCount": 1, "createdAt": 1, "nickname": "n"}
+    ]});
+    let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(export));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 2);
+    assert_eq!(body["upserted_users"][0]["promptCount"], 12);
+    let user = tg.user("5d7c4c1e-2a55-4f6e-9d7a-0d1c2b3a4f5e");
+    assert_eq!(
+        (user["lastUsedAt"].as_u64(), &user["meta"]),
+        (Some(1700000001000), &json!({"refreshable": true}))
+    );
+
+    let bad = json!({"users": [{"token": "c3"}, {"token": "c4", "createdAt": "yesterday"}]});
+    let (status, _) = send(&tg, Method::PUT, "/admin/users", Some(bad));
+    assert_eq!(status, 400);
+    assert_eq!(
+        send(&tg, Method::GET, "/admin/users/c3", None).0,
+        404,
+        "valid entries of a refused import are not applied"
+    );
+}
+
+#[test]
+fn delete_disables_or_removes() {
+    let (_o, tg) = start();
+    let token = tg.create_user(json!({}));
+    let (status, user) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?disabledReason=spam"),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(user["disabledReason"], "spam");
+    assert_eq!(user["meta"]["refreshable"], false);
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?disabledReason=a&disabledReason=b"),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("disabledReason"))
+    );
+    assert_eq!(send(&tg, Method::DELETE, "/admin/users/ghost", None).0, 404);
+    let (status, _) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?hard=true"),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        send(&tg, Method::GET, &format!("/admin/users/{token}"), None).0,
+        404
+    );
+    let resp = client()
+        .get(tg.url("/a"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        401,
+        "a removed user is unknown to the proxy at once"
+    );
+}
+
+#[test]
+fn wrong_methods_paths_and_big_bodies() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .admin_yaml("max_body_bytes: 1000")
+        .start();
+    let resp = tg
+        .admin_request(Method::PATCH, "/admin/users/x")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "GET, PUT, DELETE");
+    assert_eq!(
+        tg.admin_request(Method::GET, "/admin/nothing")
+            .send()
+            .unwrap()
+            .status(),
+        404
+    );
+    let big = json!({"users": [{"token": "x", "adminNote": "y".repeat(5000)}]});
+    let resp = tg
+        .admin_request(Method::PUT, "/admin/users")
+        .json(&big)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(error_type(&resp.json().unwrap()), "payload_too_large");
+}
+
+#[test]
+fn admin_key_is_required_and_guessing_locks_the_ip_out() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .admin_yaml("lockout_seconds: 2")
+        .start();
+    let http = client();
+    let url = tg.admin_url("/admin/users");
+    assert_eq!(http.get(&url).send().unwrap().status(), 401);
+    for _ in 0..4 {
+        assert_eq!(
+            http.get(&url).bearer_auth("guess").send().unwrap().status(),
+            401
+        );
+    }
+    let locked = http.get(&url).bearer_auth(ADMIN_KEY).send().unwrap();
+    assert_eq!(
+        locked.status(),
+        429,
+        "the fifth failure locked the IP: even the right key is refused"
+    );
+    assert!(locked.headers().contains_key("retry-after"));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(
+        http.get(&url)
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .unwrap()
+            .status(),
+        200,
+        "the lock expires"
+    );
+}
+
+#[test]
+fn allow_list_refuses_other_addresses() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .env("ADMIN_WHITELIST", "10.0.0.0/8")
+        .start();
+    let resp = tg
+        .admin_request(Method::GET, "/admin/users")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        resp.json::<Value>().unwrap()["error"]["message"],
+        "Forbidden (by ADMIN_WHITELIST)"
+    );
+    assert_eq!(
+        client()
+            .get(tg.admin_url("/health"))
+            .send()
+            .unwrap()
+            .status(),
+        200,
+        "health stays open"
+    );
+}
+
+#[test]
+fn health_ready_and_metrics() {
+    let (_o, tg) = start();
+    let http = client();
+    assert_eq!(
+        http.get(tg.admin_url("/health")).send().unwrap().status(),
+        200
+    );
+    let ready: Value = http
+        .get(tg.admin_url("/ready"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ready["ready"], true);
+    let token = tg.create_user(json!({}));
+    http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
+    http.get(tg.url("/a")).bearer_auth("nope").send().unwrap();
+    let metrics = http
+        .get(tg.admin_url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains(r#"tollgate_requests_total{mode="user_token",result="proxied"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"tollgate_requests_total{mode="user_token",result="401"} 1"#));
+    assert!(metrics.contains("tollgate_users_cached 1"));
+    assert!(metrics.contains("tollgate_upstream_latency_seconds_count 1"));
+}

@@ -1,0 +1,265 @@
+//! Who gets through: every gatekeeper mode and every refusal, as clients see them.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::tollgate::{ADMIN_KEY, PROXY_KEY};
+use crate::support::{client, error_type, Origin, TollgateBuilder};
+
+fn get(url: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let mut req = client().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body: Value = resp.json().unwrap_or(Value::Null);
+    if !status.is_success() {
+        assert_eq!(ct.as_deref(), Some("application/json"), "errors are JSON");
+    }
+    (status, body)
+}
+
+#[test]
+fn none_mode_lets_everyone_through() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    assert_eq!(get(&tg.url("/a"), None).0, StatusCode::OK);
+    assert_eq!(get(&tg.url("/a"), Some("anything")).0, StatusCode::OK);
+}
+
+#[test]
+fn proxy_key_mode_needs_the_shared_key() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("proxy_key")
+        .env("PROXY_KEY", PROXY_KEY)
+        .start();
+    assert_eq!(get(&tg.url("/a"), Some(PROXY_KEY)).0, StatusCode::OK);
+    let (status, body) = get(&tg.url("/a"), Some("wrong"));
+    assert_eq!(
+        (status, error_type(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    assert_eq!(get(&tg.url("/a"), None).0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(&tg.url("/a"), Some(ADMIN_KEY)).0,
+        StatusCode::OK,
+        "ADMIN_KEY passes in every mode"
+    );
+}
+
+#[test]
+fn user_token_mode_admits_known_users_only() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let token = tg.create_user(json!({}));
+    assert_eq!(get(&tg.url("/a"), Some(&token)).0, StatusCode::OK);
+    let (status, body) = get(&tg.url("/a"), Some("not-a-user"));
+    assert_eq!(
+        (status, error_type(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    assert_eq!(get(&tg.url("/a"), None).0, StatusCode::UNAUTHORIZED);
+    assert_eq!(get(&tg.url("/a"), Some(ADMIN_KEY)).0, StatusCode::OK);
+}
+
+#[test]
+fn tokens_are_accepted_from_all_three_places() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let token = tg.create_user(json!({}));
+    let http = client();
+    assert_eq!(
+        http.get(tg.url("/a"))
+            .header("x-api-key", &token)
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(tg.url(&format!("/a?key={token}")))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(tg.url("/a"))
+            .header("authorization", format!("bearer {token}"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn disabled_user_gets_403_with_its_reason() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let token = tg.create_user(json!({}));
+    let resp = tg
+        .admin_request(
+            reqwest::Method::DELETE,
+            &format!("/admin/users/{token}?disabledReason=too%20many%20cats"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, body) = get(&tg.url("/a"), Some(&token));
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"]["message"], "Forbidden: too many cats");
+    // Re-enabled the older proxy's way: PUT nulls.
+    let resp = tg
+        .admin_request(reqwest::Method::PUT, &format!("/admin/users/{token}"))
+        .json(&json!({"disabledAt": null, "disabledReason": null}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(get(&tg.url("/a"), Some(&token)).0, StatusCode::OK);
+}
+
+#[test]
+fn temporary_user_expires_at_request_time() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let token = tg.create_user(json!({"type": "temporary", "expiresAt": now + 1500}));
+    assert_eq!(get(&tg.url("/a"), Some(&token)).0, StatusCode::OK);
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    let (status, body) = get(&tg.url("/a"), Some(&token));
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body["error"]["message"],
+        "Forbidden: Temporary token expired."
+    );
+}
+
+#[test]
+fn new_ip_beyond_the_limit_is_refused_and_not_recorded() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("trusted_proxies: [\"127.0.0.1\"]")
+        .env("MAX_IPS_PER_USER", "1")
+        .start();
+    let token = tg.create_user(json!({}));
+    let from = |ip: &str| {
+        client()
+            .get(tg.url("/a"))
+            .bearer_auth(&token)
+            .header("x-forwarded-for", ip)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(from("198.51.100.1").status(), 200);
+    assert_eq!(from("198.51.100.1").status(), 200);
+    let refused = from("198.51.100.2");
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "Forbidden: no more IP addresses allowed for this user token"
+    );
+    let user = tg.user(&token);
+    assert_eq!(user["ip"], json!(["198.51.100.1"]));
+    assert!(
+        user.get("disabledAt").is_none(),
+        "without auto-ban the user stays enabled"
+    );
+    // Per-user maxIps overrides the global limit; special users are exempt.
+    tg.admin_request(reqwest::Method::PUT, &format!("/admin/users/{token}"))
+        .json(&json!({"maxIps": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(from("198.51.100.2").status(), 200);
+    tg.admin_request(reqwest::Method::PUT, &format!("/admin/users/{token}"))
+        .json(&json!({"type": "special"}))
+        .send()
+        .unwrap();
+    assert_eq!(from("198.51.100.3").status(), 200);
+}
+
+#[test]
+fn auto_ban_disables_the_user() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("trusted_proxies: [\"127.0.0.0/8\"]")
+        .yaml("gatekeeper:\n  mode: user_token\n  max_ips_per_user: 1\n  max_ips_auto_ban: true")
+        .start();
+    let token = tg.create_user(json!({}));
+    let from = |ip: &str| {
+        client()
+            .get(tg.url("/a"))
+            .bearer_auth(&token)
+            .header("x-forwarded-for", ip)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(from("198.51.100.1").status(), 200);
+    let banned = from("198.51.100.2");
+    assert_eq!(banned.status(), 403);
+    let user = tg.user(&token);
+    assert_eq!(user["disabledReason"], "IP address limit exceeded.");
+    assert!(user["disabledAt"].is_u64());
+    assert_eq!(
+        from("198.51.100.1").status(),
+        403,
+        "disabled everywhere now"
+    );
+}
+
+#[test]
+fn blocklisted_ip_gets_403() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .env("IP_BLACKLIST", "127.0.0.0/8")
+        .start();
+    let (status, body) = get(&tg.url("/a"), None);
+    assert_eq!(
+        (status, error_type(&body)),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    assert_eq!(origin.count(), 0);
+}
+
+#[test]
+fn errors_keep_the_connection_usable() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    // One raw keep-alive connection: a 401 and then a 200 on the same socket.
+    use std::io::{BufRead, BufReader, Read, Write};
+    let token = tg.create_user(json!({}));
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", tg.proxy_port)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut exchange = |auth: &str| -> u16 {
+        write!(stream, "GET /a HTTP/1.1\r\nHost: x\r\n{auth}\r\n").unwrap();
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        status_line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(exchange("Authorization: Bearer nope\r\n"), 401);
+    assert_eq!(exchange(&format!("Authorization: Bearer {token}\r\n")), 200);
+}

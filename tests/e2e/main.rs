@@ -1,0 +1,11 @@
+//! Black-box tests: the real `tollgate` binary on real sockets, in front of a real origin.
+//! One test binary (modules below) so the suite links once.
+
+mod support;
+
+mod admin_api;
+mod config_cli;
+mod gatekeeper;
+mod openapi;
+mod proxying;
+mod rate_limit;

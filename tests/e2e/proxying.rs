@@ -1,0 +1,238 @@
+//! What reaches the upstream, and what clients get when the upstream fails.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::tollgate::ADMIN_KEY;
+use crate::support::{client, error_type, free_port, wait_until, Origin, TollgateBuilder};
+
+#[test]
+fn the_credential_used_is_stripped_before_the_upstream() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let token = tg.create_user(json!({}));
+    let http = client();
+
+    http.get(tg.url("/a"))
+        .bearer_auth(&token)
+        .header("x-api-key", "unrelated")
+        .send()
+        .unwrap();
+    let seen = origin.last();
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(
+        seen.header("x-api-key"),
+        Some("unrelated"),
+        "only the credential used is removed"
+    );
+
+    http.get(tg.url("/a"))
+        .header("x-api-key", &token)
+        .send()
+        .unwrap();
+    assert_eq!(origin.last().header("x-api-key"), None);
+
+    http.get(tg.url(&format!("/v1/models?key={token}&limit=5")))
+        .send()
+        .unwrap();
+    assert_eq!(origin.last().uri, "/v1/models?limit=5");
+}
+
+#[test]
+fn forwarded_for_is_set_by_tollgate_not_the_client() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    client()
+        .get(tg.url("/a"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .unwrap();
+    let seen = origin.last();
+    assert_eq!(
+        seen.headers["x-forwarded-for"],
+        vec!["127.0.0.1".to_string()]
+    );
+}
+
+#[test]
+fn forwarded_for_from_a_trusted_proxy_is_believed_rightmost_untrusted_first() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("trusted_proxies: [\"127.0.0.1\", \"10.0.0.0/8\"]")
+        .start();
+    client()
+        .get(tg.url("/a"))
+        .header("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.1.1.1")
+        .send()
+        .unwrap();
+    assert_eq!(origin.last().header("x-forwarded-for"), Some("203.0.113.9"));
+}
+
+#[test]
+fn set_headers_reach_the_upstream_with_env_values() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .upstream_yaml(
+            "set_headers:\n  authorization: \"Bearer ${UPSTREAM_KEY}\"\n  x-tenant: edge",
+        )
+        .env("UPSTREAM_KEY", "sk-upstream")
+        .start();
+    client()
+        .get(tg.url("/a"))
+        .bearer_auth("client-token")
+        .send()
+        .unwrap();
+    let seen = origin.last();
+    assert_eq!(seen.header("authorization"), Some("Bearer sk-upstream"));
+    assert_eq!(seen.header("x-tenant"), Some("edge"));
+    assert!(
+        !tg.log().contains("sk-upstream"),
+        "secrets stay out of logs"
+    );
+}
+
+#[test]
+fn requests_rotate_over_upstreams() {
+    let (a, b) = (Origin::start(), Origin::start());
+    let tg = TollgateBuilder::new(a.addr)
+        .mode("none")
+        .upstreams(&[a.addr.to_string(), b.addr.to_string()])
+        .start();
+    let http = client();
+    for _ in 0..20 {
+        assert_eq!(http.get(tg.url("/a")).send().unwrap().status(), 200);
+    }
+    assert!(
+        a.count() >= 5 && b.count() >= 5,
+        "a={} b={}",
+        a.count(),
+        b.count()
+    );
+}
+
+#[test]
+fn a_dead_upstream_is_skipped_when_another_is_up() {
+    let live = Origin::start();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let tg = TollgateBuilder::new(live.addr)
+        .mode("none")
+        .upstreams(&[dead, live.addr.to_string()])
+        .start();
+    for _ in 0..6 {
+        assert_eq!(client().get(tg.url("/a")).send().unwrap().status(), 200);
+    }
+}
+
+#[test]
+fn upstream_down_is_a_502_json_error() {
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let tg = TollgateBuilder::new(dead).mode("none").start();
+    let resp = client()
+        .get(tg.url("/a?key=secret-in-query"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().unwrap();
+    assert_eq!(error_type(&body), "upstream_error");
+    let log = tg.log();
+    assert_eq!(
+        log.matches("upstream failure").count(),
+        1,
+        "logged once:\n{log}"
+    );
+    assert!(!log.contains("secret-in-query"));
+}
+
+#[test]
+fn slow_upstream_is_a_504() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .upstream_yaml("read_timeout_ms: 200")
+        .start();
+    let resp = client()
+        .get(tg.url("/slow"))
+        .header("x-origin-delay-ms", "2000")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(error_type(&resp.json().unwrap()), "upstream_timeout");
+}
+
+#[test]
+fn answered_requests_count_for_the_user() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let token = tg.create_user(json!({}));
+    let http = client();
+    for _ in 0..3 {
+        http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
+    }
+    // Upstream errors still count: the upstream answered.
+    http.get(tg.url("/a"))
+        .bearer_auth(&token)
+        .header("x-origin-status", "500")
+        .send()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(2), || tg.user(&token)
+        ["promptCount"]
+        == 4));
+    assert!(tg.user(&token)["lastUsedAt"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn the_admin_api_is_not_served_on_the_proxy_listener() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let resp = client()
+        .get(tg.url("/admin/users"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().unwrap();
+    assert_eq!(
+        body["uri"], "/admin/users",
+        "it went to the origin like any path"
+    );
+    assert!(body.get("users").is_none());
+}
+
+#[test]
+fn tokens_never_reach_the_logs() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("access_log:\n  enabled: true")
+        .start();
+    let token = tg.create_user(json!({}));
+    let http = client();
+    http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
+    http.get(tg.url(&format!("/a?key={token}"))).send().unwrap();
+    http.get(tg.url("/a"))
+        .bearer_auth("guess-123")
+        .send()
+        .unwrap();
+    http.get(tg.admin_url("/admin/users"))
+        .bearer_auth("wrong-admin-guess")
+        .send()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(3), || tg
+        .log()
+        .matches("\"status\":")
+        .count()
+        >= 3));
+    let log = tg.log();
+    for secret in [token.as_str(), ADMIN_KEY, "guess-123", "wrong-admin-guess"] {
+        assert!(!log.contains(secret), "{secret} leaked into:\n{log}");
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"status\":200"))
+        .expect("an access log line");
+    let entry: Value = serde_json::from_str(line).unwrap();
+    assert!(entry["user"].as_str().unwrap().starts_with("tok:"));
+    assert_eq!(entry["path"], "/a");
+}

@@ -1,0 +1,188 @@
+//! Rate limits as clients see them: headers, 429s, recovery, exemptions, concurrency caps and
+//! throttled token guessing. Windows are shortened to seconds so recovery is observable.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{client, error_type, Origin, TollgateBuilder};
+
+fn header(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+#[test]
+fn flood_gets_429_with_headers_then_recovers() {
+    let origin = Origin::start();
+    // 3 requests per 2-second window.
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 90\n  window_seconds: 2")
+        .start();
+    let http = client();
+    let mut last_remaining = u32::MAX;
+    for _ in 0..3 {
+        let resp = http.get(tg.url("/a")).send().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "x-ratelimit-limit").as_deref(), Some("3"));
+        let remaining: u32 = header(&resp, "x-ratelimit-remaining")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(remaining < last_remaining);
+        last_remaining = remaining;
+        assert!(
+            header(&resp, "x-ratelimit-reset")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > 1_700_000_000_000
+        );
+    }
+    let resp = http.get(tg.url("/a")).send().unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = header(&resp, "retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("whole seconds");
+    assert!((1..=4).contains(&retry_after), "{retry_after}");
+    assert_eq!(header(&resp, "x-ratelimit-remaining").as_deref(), Some("0"));
+    assert_eq!(header(&resp, "x-ratelimit-limit").as_deref(), Some("3"));
+    let body: Value = resp.json().unwrap();
+    assert_eq!(error_type(&body), "proxy_rate_limited");
+    assert_eq!(
+        origin.count(),
+        3,
+        "refused requests never reach the upstream"
+    );
+    std::thread::sleep(Duration::from_secs(retry_after));
+    assert_eq!(
+        http.get(tg.url("/a")).send().unwrap().status(),
+        200,
+        "back after Retry-After"
+    );
+}
+
+#[test]
+fn users_are_limited_per_token_and_special_users_are_exempt() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("rate_limit:\n  requests_per_minute: 2")
+        .start();
+    let (a, b) = (tg.create_user(json!({})), tg.create_user(json!({})));
+    let special = tg.create_user(json!({"type": "special"}));
+    let http = client();
+    let status = |token: &str| {
+        http.get(tg.url("/a"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!((status(&a), status(&a), status(&a)), (200, 200, 429));
+    assert_eq!(
+        status(&b),
+        200,
+        "another user on the same IP has its own budget"
+    );
+    for _ in 0..5 {
+        assert_eq!(status(&special), 200);
+    }
+}
+
+#[test]
+fn failed_authentications_throttle_the_ip() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("rate_limit:\n  requests_per_minute: 1000\n  auth_failures_per_minute: 3")
+        .start();
+    let token = tg.create_user(json!({}));
+    let http = client();
+    for i in 0..3 {
+        let resp = http
+            .get(tg.url("/a"))
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let resp = http
+        .get(tg.url("/a"))
+        .bearer_auth("guess-4")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(header(&resp, "retry-after").is_some());
+    let resp = http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
+    assert_eq!(resp.status(), 429, "the IP is throttled, whatever it sends");
+}
+
+#[test]
+fn concurrent_requests_beyond_max_inflight_get_429_and_slots_come_back() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 0\n  max_inflight: 2")
+        .start();
+    let url = tg.url("/slow");
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                client()
+                    .get(url)
+                    .header("x-origin-delay-ms", "1500")
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    assert!(crate::support::wait_until(
+        Duration::from_secs(5),
+        || origin.count() == 2
+    ));
+    let resp = client().get(tg.url("/a")).send().unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(
+        error_type(&resp.json().unwrap()),
+        "proxy_concurrency_limited"
+    );
+    for handle in slow {
+        assert_eq!(handle.join().unwrap(), 200);
+    }
+    assert_eq!(
+        client().get(tg.url("/a")).send().unwrap().status(),
+        200,
+        "slots released"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_releases_its_slot() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 0\n  max_inflight: 1")
+        .start();
+    {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", tg.proxy_port)).unwrap();
+        write!(
+            s,
+            "GET /slow HTTP/1.1\r\nHost: x\r\nx-origin-delay-ms: 500\r\n\r\n"
+        )
+        .unwrap();
+        assert!(crate::support::wait_until(
+            Duration::from_secs(5),
+            || origin.count() == 1
+        ));
+    } // dropped mid-request
+    assert!(crate::support::wait_until(Duration::from_secs(5), || {
+        client().get(tg.url("/a")).send().unwrap().status() == 200
+    }));
+}

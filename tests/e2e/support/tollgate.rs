@@ -1,0 +1,388 @@
+//! The real `tollgate` binary as a child process with a generated configuration.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{client, free_port, wait_until};
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const PROXY_KEY: &str = "test-proxy-key-9876543210";
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+/// Builds a config file and environment, then starts tollgate.
+pub struct TollgateBuilder {
+    upstream: Vec<String>,
+    upstream_extra: Vec<String>,
+    admin_extra: Vec<String>,
+    mode: String,
+    sections: Vec<String>,
+    env: HashMap<String, String>,
+    dir: Option<tempfile::TempDir>,
+    proxy_port: u16,
+    admin_port: u16,
+}
+
+impl TollgateBuilder {
+    pub fn new(upstream: SocketAddr) -> Self {
+        let mut env = HashMap::new();
+        env.insert("ADMIN_KEY".to_string(), ADMIN_KEY.to_string());
+        env.insert("RUST_LOG".to_string(), "info".to_string());
+        Self {
+            upstream: vec![upstream.to_string()],
+            upstream_extra: Vec::new(),
+            admin_extra: Vec::new(),
+            mode: "user_token".to_string(),
+            sections: Vec::new(),
+            env,
+            dir: None,
+            proxy_port: free_port(),
+            admin_port: free_port(),
+        }
+    }
+
+    pub fn upstreams(mut self, addrs: &[String]) -> Self {
+        self.upstream = addrs.to_vec();
+        self
+    }
+
+    /// Extra keys under `upstream:`, e.g. `read_timeout_ms: 200`.
+    pub fn upstream_yaml(mut self, lines: &str) -> Self {
+        self.upstream_extra
+            .extend(lines.lines().map(str::to_string));
+        self
+    }
+
+    /// Extra keys under `admin:`, e.g. `lockout_seconds: 2`.
+    pub fn admin_yaml(mut self, lines: &str) -> Self {
+        self.admin_extra.extend(lines.lines().map(str::to_string));
+        self
+    }
+
+    pub fn mode(mut self, mode: &str) -> Self {
+        self.mode = mode.to_string();
+        self
+    }
+
+    /// Extra YAML appended to the file (top-level sections other than those set here).
+    pub fn yaml(mut self, section: &str) -> Self {
+        self.sections.push(section.to_string());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn without_env(mut self, key: &str) -> Self {
+        self.env.remove(key);
+        self
+    }
+
+    /// Runs in (and keeps) this directory instead of a fresh temporary one.
+    pub fn dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
+    pub fn ports(mut self, proxy: u16, admin: u16) -> Self {
+        self.proxy_port = proxy;
+        self.admin_port = admin;
+        self
+    }
+
+    fn has_section(&self, name: &str) -> bool {
+        self.sections
+            .iter()
+            .any(|s| s.trim_start().starts_with(&format!("{name}:")))
+    }
+
+    pub fn write_config(&mut self) -> PathBuf {
+        let dir = self
+            .dir
+            .get_or_insert_with(|| tempfile::tempdir().expect("tempdir"))
+            .path()
+            .to_path_buf();
+        let path = dir.join("tollgate.yaml");
+        let mut yaml = format!(
+            "listen: [\"127.0.0.1:{}\"]\nupstream:\n  addrs: [{}]\n",
+            self.proxy_port,
+            self.upstream
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for line in &self.upstream_extra {
+            yaml.push_str(&format!("  {line}\n"));
+        }
+        let sections = self.sections.clone();
+        if !self.has_section("pingora") {
+            yaml.push_str(&format!(
+                "pingora:\n  threads: 2\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 2\n  upgrade_sock: {}\n",
+                dir.join("upgrade.sock").display()
+            ));
+        }
+        if !self.has_section("gatekeeper") {
+            yaml.push_str(&format!("gatekeeper:\n  mode: {}\n", self.mode));
+        }
+        if !self.has_section("admin") {
+            yaml.push_str(&format!(
+                "admin:\n  listen: \"127.0.0.1:{}\"\n",
+                self.admin_port
+            ));
+            for line in &self.admin_extra {
+                yaml.push_str(&format!("  {line}\n"));
+            }
+        }
+        for section in sections {
+            yaml.push_str(&section);
+            if !section.ends_with('\n') {
+                yaml.push('\n');
+            }
+        }
+        std::fs::write(&path, yaml).expect("write config");
+        path
+    }
+
+    /// Runs `tollgate` with `args` to completion (for `-t` and start-up failures).
+    pub fn run_to_exit(mut self, args: &[&str], timeout: Duration) -> (ExitStatus, String) {
+        let config = self.write_config();
+        let dir = self.dir.as_ref().unwrap().path().to_path_buf();
+        let mut child = self
+            .command(&config, &dir, args)
+            .spawn()
+            .expect("spawn tollgate");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("tollgate did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut output = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = out.read_to_string(&mut output);
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let _ = err.read_to_string(&mut output);
+        }
+        (status, output)
+    }
+
+    fn command(&self, config: &Path, dir: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary());
+        cmd.arg("-c")
+            .arg(config)
+            .args(args)
+            .current_dir(dir)
+            .env_clear();
+        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.envs(&self.env);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Starts tollgate and waits until both listeners answer.
+    pub fn start(mut self) -> Tollgate {
+        self.write_config();
+        self.start_with_existing_config()
+    }
+
+    /// Starts with the file `write_config` produced (and the test may have edited).
+    pub fn start_with_existing_config(mut self) -> Tollgate {
+        let config = self
+            .dir
+            .as_ref()
+            .expect("write_config first")
+            .path()
+            .join("tollgate.yaml");
+        let dir = self.dir.take().unwrap();
+        let log_path = dir.path().join("tollgate.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = self.command(&config, dir.path(), &[]);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        let child = cmd.spawn().expect("spawn tollgate");
+        let mut tollgate = Tollgate {
+            child: Some(child),
+            proxy: format!("http://127.0.0.1:{}", self.proxy_port),
+            admin: format!("http://127.0.0.1:{}", self.admin_port),
+            proxy_port: self.proxy_port,
+            admin_port: self.admin_port,
+            config,
+            log_path,
+            dir,
+            env: self.env.clone(),
+        };
+        tollgate.wait_ready();
+        tollgate
+    }
+}
+
+pub struct Tollgate {
+    child: Option<Child>,
+    pub proxy: String,
+    pub admin: String,
+    pub proxy_port: u16,
+    pub admin_port: u16,
+    pub config: PathBuf,
+    pub log_path: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub env: HashMap<String, String>,
+}
+
+impl Tollgate {
+    fn wait_ready(&mut self) {
+        let http = client();
+        let health = format!("{}/health", self.admin);
+        let proxy = format!("127.0.0.1:{}", self.proxy_port);
+        let up = wait_until(Duration::from_secs(20), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "tollgate exited during start-up ({status}):\n{}",
+                    self.log()
+                );
+            }
+            http.get(&health)
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+                && std::net::TcpStream::connect(&proxy).is_ok()
+        });
+        assert!(up, "tollgate did not come up:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
+    }
+
+    /// A request to the admin API with the admin key.
+    pub fn admin_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::blocking::RequestBuilder {
+        client()
+            .request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_KEY)
+    }
+
+    /// Creates a user over the admin API and returns its token.
+    pub fn create_user(&self, body: serde_json::Value) -> String {
+        let response = self
+            .admin_request(reqwest::Method::POST, "/admin/users")
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "create user: {}",
+            response.status()
+        );
+        response.json::<serde_json::Value>().unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn user(&self, token: &str) -> serde_json::Value {
+        self.admin_request(reqwest::Method::GET, &format!("/admin/users/{token}"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Waits for the process to exit after a signal; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("tollgate did not exit after SIGTERM:\n{}", self.log()))
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the same configuration again (same ports and directory), e.g. after a restart.
+    pub fn restart(mut self) -> Tollgate {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("log");
+        let mut cmd = Command::new(binary());
+        cmd.arg("-c")
+            .arg(&self.config)
+            .current_dir(self.dir.path())
+            .env_clear();
+        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.envs(&self.env);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn tollgate"));
+        self.wait_ready();
+        self
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
