@@ -70,6 +70,10 @@ struct CreateRequest {
 #[serde(deny_unknown_fields)]
 struct BulkRequest {
     users: Vec<UserPatch>,
+    /// Present in `GET /admin/users` exports; accepted so an export imports as it is.
+    #[serde(default)]
+    #[allow(dead_code)]
+    count: Option<u64>,
 }
 
 impl UsersApi {

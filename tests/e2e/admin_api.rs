@@ -238,6 +238,11 @@ fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
         (Some(1700000001000), &json!({"refreshable": true}))
     );
 
+    // An export of tollgate itself imports unchanged (into another store, say).
+    let export: Value = tg.admin_request(Method::GET, "/admin/users").send().unwrap().json().unwrap();
+    let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(export));
+    assert_eq!((status, body["count"].as_u64()), (200, Some(2)), "{body}");
+
     let bad = json!({"users": [{"token": "c3"}, {"token": "c4", "createdAt": "yesterday"}]});
     let (status, _) = send(&tg, Method::PUT, "/admin/users", Some(bad));
     assert_eq!(status, 400);
