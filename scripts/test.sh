@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this): formatting, lints, unit tests,
+# black-box tests of the real binary (including the Firebase stand-in), doc tests, and every
+# benchmark run once in quick mode so they keep compiling and running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+echo "== cargo fmt" >&2
+cargo fmt --all -- --check
+
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests" >&2
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --doc --locked
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+echo "== benchmarks (quick mode: each runs once)" >&2
+cargo test --benches --locked
+
+echo "== all tests passed" >&2
