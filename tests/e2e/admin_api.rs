@@ -239,7 +239,12 @@ fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
     );
 
     // An export of tollgate itself imports unchanged (into another store, say).
-    let export: Value = tg.admin_request(Method::GET, "/admin/users").send().unwrap().json().unwrap();
+    let export: Value = tg
+        .admin_request(Method::GET, "/admin/users")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(export));
     assert_eq!((status, body["count"].as_u64()), (200, Some(2)), "{body}");
 

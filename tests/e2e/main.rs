@@ -7,5 +7,6 @@ mod admin_api;
 mod config_cli;
 mod gatekeeper;
 mod openapi;
+mod operations;
 mod proxying;
 mod rate_limit;

@@ -222,7 +222,7 @@ impl TollgateBuilder {
             admin_port: self.admin_port,
             config,
             log_path,
-            dir,
+            dir: std::sync::Arc::new(dir),
             env: self.env.clone(),
         };
         tollgate.wait_ready();
@@ -238,7 +238,8 @@ pub struct Tollgate {
     pub admin_port: u16,
     pub config: PathBuf,
     pub log_path: PathBuf,
-    pub dir: tempfile::TempDir,
+    /// Shared with processes started by `spawn_upgrade`.
+    pub dir: std::sync::Arc<tempfile::TempDir>,
     pub env: HashMap<String, String>,
 }
 
@@ -375,6 +376,42 @@ impl Tollgate {
         self.child = Some(cmd.spawn().expect("spawn tollgate"));
         self.wait_ready();
         self
+    }
+}
+
+impl Tollgate {
+    /// Starts a second process with `-u` on the same configuration: it takes the listening
+    /// sockets over once this one gets SIGQUIT. Not ready until then.
+    pub fn spawn_upgrade(&self) -> Tollgate {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("log");
+        let mut cmd = Command::new(binary());
+        cmd.arg("-u")
+            .arg("-c")
+            .arg(&self.config)
+            .current_dir(self.dir.path())
+            .env_clear();
+        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.envs(&self.env);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        Tollgate {
+            child: Some(cmd.spawn().expect("spawn tollgate -u")),
+            proxy: self.proxy.clone(),
+            admin: self.admin.clone(),
+            proxy_port: self.proxy_port,
+            admin_port: self.admin_port,
+            config: self.config.clone(),
+            log_path: self.log_path.clone(),
+            dir: std::sync::Arc::clone(&self.dir),
+            env: self.env.clone(),
+        }
+    }
+
+    /// Waits until the listeners answer (after an upgrade hand-over).
+    pub fn wait_until_serving(&mut self) {
+        self.wait_ready();
     }
 }
 
