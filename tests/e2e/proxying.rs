@@ -236,3 +236,33 @@ fn tokens_never_reach_the_logs() {
     assert!(entry["user"].as_str().unwrap().starts_with("tok:"));
     assert_eq!(entry["path"], "/a");
 }
+
+#[test]
+fn tls_upstream_with_sni_and_certificate_verification() {
+    use crate::support::origin::TestPki;
+    let pki = TestPki::new(&["api.test"]);
+    let origin = Origin::start_tls(&pki);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let pingora = format!(
+        "pingora:\n  threads: 2\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  ca_file: {}",
+        ca_file.display()
+    );
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .upstream_yaml("tls: true\nsni: api.test")
+        .yaml(&pingora)
+        .start();
+    let resp = client().get(tg.url("/secure")).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(origin.last().header("x-seen-sni"), Some("api.test"));
+
+    // A name the certificate does not cover fails verification: 502, not a silent downgrade.
+    let wrong = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .upstream_yaml("tls: true\nsni: other.test")
+        .yaml(&pingora)
+        .start();
+    assert_eq!(client().get(wrong.url("/secure")).send().unwrap().status(), 502);
+}

@@ -41,8 +41,54 @@ pub struct Origin {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A certificate authority and a server certificate it signed, for TLS origins.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestPki {
+    /// A fresh CA and a certificate for `names` (e.g. `localhost`).
+    pub fn new(names: &[&str]) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Self {
+            ca_pem: ca.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
 impl Origin {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// An HTTPS origin presenting `pki`'s certificate; it records the SNI it was asked for in
+    /// the `x-seen-sni` pseudo-header of each request.
+    pub fn start_tls(pki: &TestPki) -> Self {
+        use tokio_rustls::rustls;
+        let certs = rustls_pemfile::certs(&mut pki.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut pki.key_pem.as_bytes()).unwrap().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, mut shutdown_rx) = tokio::sync::oneshot::channel::<()>();
@@ -62,9 +108,20 @@ impl Origin {
                         accepted = listener.accept() => {
                             let Ok((stream, _)) = accepted else { continue };
                             let seen = Arc::clone(&seen_srv);
+                            let tls = tls.clone();
                             tokio::spawn(async move {
-                                let service = service_fn(move |req| handle(req, Arc::clone(&seen)));
-                                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                match tls {
+                                    None => {
+                                        let service = service_fn(move |req| handle(req, Arc::clone(&seen), None));
+                                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                    }
+                                    Some(acceptor) => {
+                                        let Ok(stream) = acceptor.accept(stream).await else { return };
+                                        let sni = stream.get_ref().1.server_name().map(str::to_string);
+                                        let service = service_fn(move |req| handle(req, Arc::clone(&seen), sni.clone()));
+                                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                    }
+                                }
                             });
                         }
                     }
@@ -110,8 +167,12 @@ impl Drop for Origin {
 async fn handle(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
+    sni: Option<String>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if let Some(sni) = sni {
+        headers.insert("x-seen-sni".to_string(), vec![sni]);
+    }
     for (name, value) in req.headers() {
         headers
             .entry(name.as_str().to_string())
