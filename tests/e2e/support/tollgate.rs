@@ -361,34 +361,19 @@ impl Tollgate {
         if self.child.is_some() {
             self.stop();
         }
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.log_path)
-            .expect("log");
-        let mut cmd = Command::new(binary());
-        cmd.arg("-c")
-            .arg(&self.config)
-            .current_dir(self.dir.path())
-            .env_clear();
-        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
-        cmd.envs(&self.env);
-        cmd.stdout(log.try_clone().unwrap()).stderr(log);
-        self.child = Some(cmd.spawn().expect("spawn tollgate"));
+        self.child = Some(self.spawn_child(&[]));
         self.wait_ready();
         self
     }
-}
 
-impl Tollgate {
-    /// Starts a second process with `-u` on the same configuration: it takes the listening
-    /// sockets over once this one gets SIGQUIT. Not ready until then.
-    pub fn spawn_upgrade(&self) -> Tollgate {
+    /// Starts the binary on this instance's configuration, directory, environment and log.
+    fn spawn_child(&self, extra_args: &[&str]) -> Child {
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log_path)
             .expect("log");
         let mut cmd = Command::new(binary());
-        cmd.arg("-u")
+        cmd.args(extra_args)
             .arg("-c")
             .arg(&self.config)
             .current_dir(self.dir.path())
@@ -396,8 +381,16 @@ impl Tollgate {
         cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
         cmd.envs(&self.env);
         cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.spawn().expect("spawn tollgate")
+    }
+}
+
+impl Tollgate {
+    /// Starts a second process with `-u` on the same configuration: it takes the listening
+    /// sockets over once this one gets SIGQUIT. Not ready until then.
+    pub fn spawn_upgrade(&self) -> Tollgate {
         Tollgate {
-            child: Some(cmd.spawn().expect("spawn tollgate -u")),
+            child: Some(self.spawn_child(&["-u"])),
             proxy: self.proxy.clone(),
             admin: self.admin.clone(),
             proxy_port: self.proxy_port,
