@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod memory;
 pub mod purge;
+pub mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,8 @@ use crate::config::{StoreConfig, StoreKind};
 pub fn open(config: &StoreConfig) -> Result<Arc<dyn StoreBackend>, StoreError> {
     match config.kind {
         StoreKind::Memory => Ok(Arc::new(memory::MemoryStore)),
-        StoreKind::Sqlite | StoreKind::FirebaseRtdb => Err(StoreError::Fatal(format!(
+        StoreKind::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&config.sqlite_path)?)),
+        StoreKind::FirebaseRtdb => Err(StoreError::Fatal(format!(
             "the {} store is not available in this build",
             config.kind.as_str()
         ))),

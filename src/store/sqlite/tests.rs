@@ -1,0 +1,376 @@
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde_json::json;
+
+use super::*;
+use crate::store::{StoreStatus, SyncEngine};
+use crate::users::{UserCache, UserType};
+
+fn temp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data").join("tollgate.db");
+    (dir, path)
+}
+
+fn engine(store: &Arc<SqliteStore>) -> (SyncEngine, Arc<UserCache>) {
+    let cache = Arc::new(UserCache::default());
+    let status = StoreStatus::new("sqlite", Arc::clone(&cache));
+    let backend: Arc<dyn StoreBackend> = Arc::clone(store) as _;
+    let engine = SyncEngine::new(
+        backend,
+        status,
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    )
+    .with_batch_users(BATCH_USERS);
+    (engine, cache)
+}
+
+/// A user with every field set, as the older proxy exports them.
+fn full_user(token: &str) -> User {
+    serde_json::from_value(json!({
+        "token": token, "ip": ["1.2.3.4", "::ffff:5.6.7.8"], "nickname": "bob",
+        "type": "temporary", "promptCount": 12, "tokenCount": 0,
+        "tokenCounts": {"turbo": 1200, "gpt4": 0.5}, "tokenLimits": {"gpt4": 100000},
+        "tokenRefresh": {"gpt4": 5}, "createdAt": 1700000000000u64,
+        "lastUsedAt": 1700000001000u64, "disabledAt": 1700000002000u64,
+        "disabledReason": "bye", "expiresAt": 1700000003000u64, "maxIps": 2,
+        "adminNote": "n", "meta": {"refreshable": true}
+    }))
+    .unwrap()
+}
+
+fn raw(path: &Path) -> Connection {
+    Connection::open(path).unwrap()
+}
+
+fn column<T: rusqlite::types::FromSql>(path: &Path, sql: &str) -> T {
+    raw(path).query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn a_new_file_gets_the_current_schema_in_wal_mode() {
+    let (_dir, path) = temp();
+    SqliteStore::open(&path).unwrap();
+    assert!(path.exists(), "directory and file created");
+    assert_eq!(column::<u32>(&path, "PRAGMA user_version"), SCHEMA_VERSION);
+    assert_eq!(
+        column::<i32>(&path, "PRAGMA application_id"),
+        APPLICATION_ID
+    );
+    assert_eq!(column::<String>(&path, "PRAGMA journal_mode"), "wal");
+    // Opening again is a no-op.
+    SqliteStore::open(&path).unwrap();
+    assert_eq!(column::<u32>(&path, "PRAGMA user_version"), SCHEMA_VERSION);
+}
+
+#[tokio::test]
+async fn users_round_trip_with_every_field() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    let user = full_user("tok-1");
+    cache.create(&user).unwrap();
+    engine.flush().await.unwrap();
+    let loaded = store.load_all().await.unwrap();
+    assert_eq!(loaded, vec![user]);
+    let doc: String = column(&path, "SELECT doc FROM users");
+    assert!(
+        !doc.contains("promptCount") && !doc.contains("lastUsedAt"),
+        "counters live in their columns only: {doc}"
+    );
+    assert_eq!(column::<i64>(&path, "SELECT prompt_count FROM users"), 12);
+}
+
+#[tokio::test]
+async fn counted_requests_update_only_the_counter_columns() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    engine.flush().await.unwrap();
+    // Mark the stored document so a rewrite would show.
+    raw(&path)
+        .execute(
+            "UPDATE users SET doc = json_set(doc, '$.adminNote', 'marker')",
+            [],
+        )
+        .unwrap();
+    let rec = cache.get("a").unwrap();
+    for _ in 0..5 {
+        cache.count_request(&rec, 42);
+    }
+    engine.flush().await.unwrap();
+    let (count, last, doc): (i64, Option<i64>, String) = raw(&path)
+        .query_row(
+            "SELECT prompt_count, last_used_at, doc FROM users",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((count, last), (5, Some(42)));
+    assert!(doc.contains("marker"), "document untouched: {doc}");
+}
+
+#[tokio::test]
+async fn a_retried_batch_does_not_count_twice() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let cache = UserCache::default();
+    cache.load([User::new("a".into(), UserType::Normal, 1)]);
+    let rec = cache.get("a").unwrap();
+    for _ in 0..3 {
+        cache.count_request(&rec, 7);
+    }
+    let taken = cache.take_changes(10);
+    let batch = Batch {
+        seq: 1,
+        changes: taken.changes,
+        covers: taken.covers,
+    };
+    // The row does not exist yet: the counter update falls back to writing the whole user.
+    store.apply(&batch).await.unwrap();
+    // The commit happened but, say, the acknowledgement was lost: the same batch again.
+    store.apply(&batch).await.unwrap();
+    let users = store.load_all().await.unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].prompt_count, 3);
+    assert_eq!(users[0].last_used_at, Some(7));
+}
+
+#[tokio::test]
+async fn removed_users_are_deleted_and_others_kept() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    for t in ["a", "b", "c"] {
+        cache
+            .create(&User::new(t.into(), UserType::Normal, 1))
+            .unwrap();
+    }
+    engine.flush().await.unwrap();
+    cache.remove("b").unwrap();
+    engine.flush().await.unwrap();
+    let mut tokens: Vec<String> = store
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.token)
+        .collect();
+    tokens.sort();
+    assert_eq!(tokens, vec!["a", "c"]);
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_flush_and_the_retry_loses_nothing() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    cache
+        .create(&User::new("first".into(), UserType::Normal, 1))
+        .unwrap();
+    engine.flush().await.unwrap();
+    // Cap the writer's file at its current size: the next big write hits SQLITE_FULL.
+    {
+        let slot = store.writer.lock();
+        let conn = slot.as_ref().expect("connected by the first flush");
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages).unwrap();
+    }
+    for i in 0..500 {
+        let mut user = User::new(format!("user-{i}"), UserType::Normal, 1);
+        user.admin_note = Some("x".repeat(200));
+        cache.create(&user).unwrap();
+    }
+    let err = engine.flush().await.unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{message}");
+    assert!(
+        message.contains("disk is full") && message.contains(&path.display().to_string()),
+        "{message}"
+    );
+    assert_eq!(
+        column::<i64>(&path, "SELECT count(*) FROM users"),
+        1,
+        "nothing of the failed transaction is visible"
+    );
+    // The failed write dropped its connection; the new one has no cap: the retry succeeds.
+    engine.flush().await.unwrap();
+    assert_eq!(store.load_all().await.unwrap().len(), 501);
+}
+
+/// The version-1 layout exactly as it was, written by hand (not from the migration list).
+fn make_v1(path: &Path, docs: &[&str]) {
+    let conn = raw(path);
+    conn.execute_batch(
+        "CREATE TABLE users (token TEXT NOT NULL PRIMARY KEY, doc TEXT NOT NULL) STRICT;
+         PRAGMA application_id = 1416382324;
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    for doc in docs {
+        let token: String = serde_json::from_str::<serde_json::Value>(doc)
+            .map(|v| v["token"].as_str().unwrap_or("broken").to_string())
+            .unwrap_or_else(|_| "broken".into());
+        conn.execute(
+            "INSERT INTO users (token, doc) VALUES (?1, ?2)",
+            (token, doc),
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_version_1_file_is_migrated_and_serves_its_users() {
+    assert_eq!(APPLICATION_ID, 1416382324, "the literal in make_v1");
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let with_counters = full_user("old-1");
+    let fresh = User::new("old-2".into(), UserType::Special, 5);
+    make_v1(
+        &path,
+        &[
+            &serde_json::to_string(&with_counters).unwrap(),
+            &serde_json::to_string(&fresh).unwrap(),
+        ],
+    );
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(column::<u32>(&path, "PRAGMA user_version"), 2);
+    let mut users = store.load_all().await.unwrap();
+    users.sort_by(|a, b| a.token.cmp(&b.token));
+    assert_eq!(users, vec![with_counters, fresh]);
+    let (count, last): (i64, Option<i64>) = raw(&path)
+        .query_row(
+            "SELECT prompt_count, last_used_at FROM users WHERE token = 'old-1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((count, last), (12, Some(1700000001000)));
+    let docs_with_counters: i64 = column(
+        &path,
+        "SELECT count(*) FROM users WHERE doc LIKE '%promptCount%' OR doc LIKE '%lastUsedAt%'",
+    );
+    assert_eq!(docs_with_counters, 0);
+}
+
+#[test]
+fn a_failed_migration_leaves_the_file_at_its_old_version() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    make_v1(
+        &path,
+        &[
+            r#"{"token":"ok","type":"normal","promptCount":1,"createdAt":1}"#,
+            "{not json",
+        ],
+    );
+    let err = SqliteStore::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("from version 1 to 2") && err.contains("still version 1"),
+        "{err}"
+    );
+    assert_eq!(column::<u32>(&path, "PRAGMA user_version"), 1);
+    let cols: i64 = column(
+        &path,
+        "SELECT count(*) FROM pragma_table_info('users') WHERE name = 'prompt_count'",
+    );
+    assert_eq!(cols, 0, "the ALTER TABLE was rolled back too");
+}
+
+#[test]
+fn a_file_from_a_newer_tollgate_is_refused() {
+    let (_dir, path) = temp();
+    SqliteStore::open(&path).unwrap();
+    raw(&path)
+        .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(matches!(err, SqliteError::TooNew { .. }));
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&path.display().to_string())
+            && message.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+        "{message}"
+    );
+    assert_eq!(
+        column::<u32>(&path, "PRAGMA user_version"),
+        SCHEMA_VERSION + 1,
+        "left alone"
+    );
+}
+
+#[test]
+fn another_applications_database_is_refused() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    raw(&path)
+        .execute_batch("CREATE TABLE notes (body TEXT);")
+        .unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(matches!(err, SqliteError::Foreign { .. }), "{err}");
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_refused_clearly() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vec![b'z'; 8192]).unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(err.is_fatal());
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&path.display().to_string())
+            && message.contains("not an SQLite database"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_row_stops_the_load_naming_the_row_not_the_token() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    cache
+        .create(&User::new("secret-token".into(), UserType::Normal, 1))
+        .unwrap();
+    engine.flush().await.unwrap();
+    raw(&path)
+        .execute("UPDATE users SET doc = '{\"token\": 5}'", [])
+        .unwrap();
+    let err = store.load_all().await.unwrap_err().to_string();
+    assert!(err.contains("row 1") && err.contains("tok:"), "{err}");
+    assert!(!err.contains("secret-token"), "{err}");
+}
+
+#[test]
+fn a_directory_that_cannot_be_created_is_named() {
+    let (dir, _) = temp();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let path = blocker.join("sub").join("tollgate.db");
+    let message = SqliteStore::open(&path).unwrap_err().to_string();
+    assert!(
+        message.contains("cannot create the directory") && message.contains("file/sub"),
+        "{message}"
+    );
+}
+
+#[test]
+fn oversized_counters_are_rejected_not_retried_forever() {
+    let cache = UserCache::default();
+    let mut user = User::new("big".into(), UserType::Normal, 1);
+    user.prompt_count = u64::MAX;
+    cache.create(&user).unwrap();
+    let change = cache.take_changes(1).changes.pop().unwrap();
+    let Err(reason) = rows::encode(&change) else {
+        panic!("encoded")
+    };
+    assert!(reason.contains("promptCount"), "{reason}");
+}
