@@ -3,6 +3,7 @@
 //! is retried with backoff, so nothing is dropped whatever the backend does.
 
 pub mod engine;
+pub mod firebase;
 pub mod memory;
 pub mod purge;
 pub mod sqlite;
@@ -24,10 +25,7 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn StoreBackend>, StoreError> {
     match config.kind {
         StoreKind::Memory => Ok(Arc::new(memory::MemoryStore)),
         StoreKind::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&config.sqlite_path)?)),
-        StoreKind::FirebaseRtdb => Err(StoreError::Fatal(format!(
-            "the {} store is not available in this build",
-            config.kind.as_str()
-        ))),
+        StoreKind::FirebaseRtdb => Ok(Arc::new(firebase::FirebaseStore::open(&config.firebase)?)),
     }
 }
 

@@ -46,6 +46,9 @@ impl Fields {
     pub const TRACKED: Fields = Fields(Fields::ALL.0 | Fields::CREATED.0);
     /// `promptCount` grew by the change's delta (requests, not an admin edit).
     pub const PROMPT_DELTA: Fields = Fields(1 << 21);
+    /// With `IP`: an admin replaced the `ip` list (write it as is), rather than requests
+    /// adding addresses to it (merge them into the stored list).
+    pub const IP_REPLACED: Fields = Fields(1 << 22);
 
     #[inline]
     pub const fn union(self, other: Fields) -> Fields {

@@ -9,6 +9,6 @@ pub mod record;
 
 pub use cache::{Change, ChangeTicket, TakenChanges, UserCache, UserChange};
 pub use fields::Fields;
-pub use model::{FieldError, User, UserType};
+pub use model::{FieldError, StoredUser, User, UserType};
 pub use patch::{Patch, UserPatch};
 pub use record::{IpAdmission, UserRecord};

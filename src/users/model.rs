@@ -146,6 +146,82 @@ impl User {
     }
 }
 
+/// Every field name of the stored user, as the older proxy's layout spells it.
+pub const STORED_FIELDS: &[&str] = &[
+    "token",
+    "ip",
+    "nickname",
+    "type",
+    "promptCount",
+    "tokenCount",
+    "tokenCounts",
+    "tokenLimits",
+    "tokenRefresh",
+    "createdAt",
+    "lastUsedAt",
+    "disabledAt",
+    "disabledReason",
+    "expiresAt",
+    "maxIps",
+    "adminNote",
+    "meta",
+];
+
+/// A stored user that could be read, and what had to be left out of it.
+#[derive(Debug)]
+pub struct StoredUser {
+    pub user: User,
+    /// Fields tollgate does not know (kept in the store, not in the cache).
+    pub unknown_fields: Vec<String>,
+}
+
+impl User {
+    /// Reads a user as a shared store (Firebase) holds it, leniently: the key is the token,
+    /// unknown fields are left out (and named), an `ip` list stored as an index-keyed object
+    /// or with holes is read as a list. Only a user whose known fields are malformed fails.
+    pub fn from_stored(token: &str, value: Value) -> Result<StoredUser, String> {
+        let Value::Object(mut fields) = value else {
+            return Err("the stored value is not an object".into());
+        };
+        let mut unknown_fields = Vec::new();
+        fields.retain(|name, _| {
+            let known = STORED_FIELDS.contains(&name.as_str());
+            if !known {
+                unknown_fields.push(name.clone());
+            }
+            known
+        });
+        fields.insert("token".into(), Value::String(token.to_string()));
+        if let Some(ip) = fields.get_mut("ip") {
+            *ip = Value::Array(stored_list(std::mem::take(ip)));
+        }
+        let user = serde_json::from_value::<User>(Value::Object(fields))
+            .map_err(|e| format!("malformed field: {e}"))?;
+        Ok(StoredUser {
+            user,
+            unknown_fields,
+        })
+    }
+}
+
+/// A list as Firebase may return it: an array with `null` holes, or an object keyed by index.
+fn stored_list(value: Value) -> Vec<Value> {
+    match value {
+        Value::Array(items) => items.into_iter().filter(|v| !v.is_null()).collect(),
+        Value::Object(map) => {
+            let mut items: Vec<(u64, Value)> = map
+                .into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.parse().unwrap_or(u64::MAX), v))
+                .collect();
+            items.sort_by_key(|(i, _)| *i);
+            items.into_iter().map(|(_, v)| v).collect()
+        }
+        Value::Null => Vec::new(),
+        single => vec![single],
+    }
+}
+
 /// A validation failure naming the field (`users[3].maxIps`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]
@@ -257,6 +333,23 @@ mod tests {
             serde_json::from_str(r#"{"token":"t","type":"normal","promptCount":0,"createdAt":1}"#)
                 .unwrap();
         assert!(user.ip.is_empty() && user.token_counts.is_empty() && user.meta.is_none());
+    }
+
+    #[test]
+    fn stored_users_are_read_leniently() {
+        let stored = User::from_stored(
+            "key-token",
+            serde_json::json!({"token": "other", "type": "special", "promptCount": 3,
+                "createdAt": 1, "ip": {"0": "1.1.1.1", "2": "2.2.2.2"}, "legacyField": 7}),
+        )
+        .unwrap();
+        assert_eq!(stored.user.token, "key-token", "the key is the token");
+        assert_eq!(stored.user.ip, vec!["1.1.1.1", "2.2.2.2"]);
+        assert_eq!(stored.unknown_fields, vec!["legacyField"]);
+        let holes = User::from_stored("t", serde_json::json!({"ip": [null, "3.3.3.3"]})).unwrap();
+        assert_eq!(holes.user.ip, vec!["3.3.3.3"]);
+        assert!(User::from_stored("t", serde_json::json!(5)).is_err());
+        assert!(User::from_stored("t", serde_json::json!({"promptCount": "x"})).is_err());
     }
 
     #[test]

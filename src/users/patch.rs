@@ -127,7 +127,7 @@ impl UserPatch {
                 f = f | bit;
             }
         };
-        add(!self.ip.is_absent(), Fields::IP);
+        add(!self.ip.is_absent(), Fields::IP | Fields::IP_REPLACED);
         add(!self.nickname.is_absent(), Fields::NICKNAME);
         add(!self.user_type.is_absent(), Fields::TYPE);
         add(!self.prompt_count.is_absent(), Fields::PROMPT_COUNT);

@@ -6,6 +6,7 @@ mod support;
 mod admin_api;
 mod config_cli;
 mod deploy;
+mod firebase;
 mod gatekeeper;
 mod openapi;
 mod operations;

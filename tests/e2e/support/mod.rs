@@ -20,6 +20,8 @@ pub fn free_port() -> u16 {
 
 /// A blocking HTTP client that neither follows redirects nor uses a system proxy.
 pub fn client() -> reqwest::blocking::Client {
+    // reqwest is built with rustls and no built-in provider (tollgate installs ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::blocking::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())

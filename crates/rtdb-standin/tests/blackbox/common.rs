@@ -12,6 +12,12 @@ use serde_json::Value;
 /// Upper bound on any single wait; only reached when a test is failing.
 pub const PATIENCE: Duration = Duration::from_secs(5);
 
+/// In a workspace build reqwest gets tollgate's features (rustls without a built-in crypto
+/// provider), so a provider must be installed before building a client.
+pub fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A stand-in with fast keep-alives and a client that does not follow redirects.
 pub struct Fixture {
     pub standin: StandIn,
@@ -27,6 +33,7 @@ impl Fixture {
     pub fn with(options: Options) -> Self {
         let standin = StandIn::start(options);
         let token = standin.issue_token();
+        tls_provider();
         let client = Client::builder().redirect(Policy::none()).build().unwrap();
         Fixture {
             standin,

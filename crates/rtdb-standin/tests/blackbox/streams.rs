@@ -275,6 +275,7 @@ async fn redirect_to_another_host_catches_clients_that_drop_authorization() {
     f.standin.set_redirect(RedirectScope::Streams, Some(2));
 
     // A client that follows redirects itself loses the header on the host change.
+    crate::common::tls_provider();
     let following = Client::new();
     let resp = following
         .get(f.url("/users.json"))

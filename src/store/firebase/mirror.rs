@@ -1,0 +1,277 @@
+//! The last known server state of the users path, changed only by stream events. `put` and
+//! `patch` are applied as Firebase defines them (multi-segment patch keys included), and each
+//! event says which users it touched so only they are re-read into the cache.
+//!
+//! Values are kept as the database stores them: no `null`, no empty objects, arrays as
+//! index-keyed objects. [`render`] turns index-keyed objects back into arrays, as a read would.
+
+use serde_json::{Map, Value};
+
+/// Users an event touched.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Touched {
+    /// The whole path was replaced (the first event of every connection).
+    All,
+    Users(Vec<String>),
+}
+
+#[derive(Debug, Default)]
+pub struct Mirror {
+    users: Map<String, Value>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("the event's data is not JSON of the form {{\"path\":…,\"data\":…}}")]
+    Shape,
+    #[error("a patch event whose data is not an object")]
+    PatchNotObject,
+}
+
+/// The payload of `put` and `patch` events.
+#[derive(serde::Deserialize)]
+struct Payload {
+    path: String,
+    #[serde(default)]
+    data: Value,
+}
+
+impl Mirror {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Applies a `put` event's data (JSON text).
+    pub fn put(&mut self, payload: &str) -> Result<Touched, EventError> {
+        let p: Payload = serde_json::from_str(payload).map_err(|_| EventError::Shape)?;
+        let path = segments(&p.path);
+        if path.is_empty() {
+            self.users = match normalize(p.data) {
+                Some(Value::Object(users)) => users,
+                _ => Map::new(),
+            };
+            return Ok(Touched::All);
+        }
+        let token = path[0].to_string();
+        set(&mut self.users, &path, normalize(p.data));
+        Ok(Touched::Users(vec![token]))
+    }
+
+    /// Applies a `patch` event's data: each key (a relative path) is replaced.
+    pub fn patch(&mut self, payload: &str) -> Result<Touched, EventError> {
+        let p: Payload = serde_json::from_str(payload).map_err(|_| EventError::Shape)?;
+        let Value::Object(children) = p.data else {
+            return Err(EventError::PatchNotObject);
+        };
+        let base = segments(&p.path);
+        let mut touched: Vec<String> = Vec::new();
+        for (key, value) in children {
+            let mut path = base.clone();
+            path.extend(segments(&key));
+            if path.is_empty() {
+                continue;
+            }
+            if !touched.iter().any(|t| t == path[0]) {
+                touched.push(path[0].to_string());
+            }
+            set(&mut self.users, &path, normalize(value));
+        }
+        Ok(Touched::Users(touched))
+    }
+
+    /// A user's stored value, rendered as a read would return it.
+    pub fn user(&self, token: &str) -> Option<Value> {
+        self.users.get(token).map(|v| render(v.clone()))
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = &String> {
+        self.users.keys()
+    }
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// Sets (or with `None` removes) the value at `path`, creating parents and pruning the ones
+/// left empty. A primitive in the way becomes an object, as in the database.
+fn set(map: &mut Map<String, Value>, path: &[&str], value: Option<Value>) {
+    let (first, rest) = path.split_first().expect("non-empty path");
+    if rest.is_empty() {
+        match value {
+            Some(v) => {
+                map.insert((*first).to_string(), v);
+            }
+            None => {
+                map.remove(*first);
+            }
+        }
+        return;
+    }
+    if value.is_none() && !map.contains_key(*first) {
+        return;
+    }
+    let child = map
+        .entry((*first).to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !child.is_object() {
+        *child = Value::Object(Map::new());
+    }
+    let Value::Object(child_map) = child else {
+        unreachable!("made an object above")
+    };
+    set(child_map, rest, value);
+    if child_map.is_empty() {
+        map.remove(*first);
+    }
+}
+
+/// The stored form: no nulls or empty containers, arrays as index-keyed objects.
+pub fn normalize(value: Value) -> Option<Value> {
+    match value {
+        Value::Null => None,
+        Value::Array(items) => {
+            let map: Map<String, Value> = items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, v)| normalize(v).map(|v| (i.to_string(), v)))
+                .collect();
+            (!map.is_empty()).then_some(Value::Object(map))
+        }
+        Value::Object(map) => {
+            let map: Map<String, Value> = map
+                .into_iter()
+                .filter_map(|(k, v)| normalize(v).map(|v| (k, v)))
+                .collect();
+            (!map.is_empty()).then_some(Value::Object(map))
+        }
+        other => Some(other),
+    }
+}
+
+/// Objects keyed by array indices read back as arrays (with `null` holes) when the largest
+/// index is below twice the number of keys, as Firebase renders them.
+pub fn render(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let indices: Option<Vec<usize>> = map.keys().map(|k| array_index(k)).collect();
+            match indices {
+                Some(indices) if !indices.is_empty() => {
+                    let max = *indices.iter().max().expect("non-empty");
+                    if max < 2 * indices.len() {
+                        let mut items = vec![Value::Null; max + 1];
+                        for (i, (_, v)) in indices.into_iter().zip(map) {
+                            items[i] = render(v);
+                        }
+                        return Value::Array(items);
+                    }
+                    Value::Object(map.into_iter().map(|(k, v)| (k, render(v))).collect())
+                }
+                _ => Value::Object(map.into_iter().map(|(k, v)| (k, render(v))).collect()),
+            }
+        }
+        other => other,
+    }
+}
+
+fn array_index(key: &str) -> Option<usize> {
+    if key == "0" {
+        return Some(0);
+    }
+    if key.starts_with('0') || key.len() > 9 || !key.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    key.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn put(m: &mut Mirror, path: &str, data: Value) -> Touched {
+        m.put(&json!({"path": path, "data": data}).to_string())
+            .unwrap()
+    }
+
+    fn patch(m: &mut Mirror, path: &str, data: Value) -> Touched {
+        m.patch(&json!({"path": path, "data": data}).to_string())
+            .unwrap()
+    }
+
+    #[test]
+    fn put_and_patch_follow_firebase_semantics() {
+        let mut m = Mirror::new();
+        let t = put(
+            &mut m,
+            "/",
+            json!({"a": {"promptCount": 1, "ip": ["1.1.1.1"], "meta": {}}, "b": {"promptCount": 2}}),
+        );
+        assert_eq!(t, Touched::All);
+        assert_eq!(
+            m.user("a"),
+            Some(json!({"promptCount": 1, "ip": ["1.1.1.1"]}))
+        );
+        // A multi-path patch at the root with keys that contain '/'.
+        let t = patch(
+            &mut m,
+            "/",
+            json!({"a/promptCount": 5, "b/tokenCounts/gpt4": 3, "c": {"promptCount": 0, "type": "normal"}}),
+        );
+        assert_eq!(t, Touched::Users(vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(m.user("a").unwrap()["promptCount"], 5);
+        assert_eq!(
+            m.user("b"),
+            Some(json!({"promptCount": 2, "tokenCounts": {"gpt4": 3}}))
+        );
+        // The nested form of the same thing.
+        patch(&mut m, "/a", json!({"nickname": "x", "ip/1": "2.2.2.2"}));
+        assert_eq!(m.user("a").unwrap()["ip"], json!(["1.1.1.1", "2.2.2.2"]));
+        assert_eq!(m.user("a").unwrap()["nickname"], "x");
+        // A leaf put, then deletions; an emptied user disappears.
+        put(&mut m, "/b/promptCount", json!(9));
+        assert_eq!(m.user("b").unwrap()["promptCount"], 9);
+        put(&mut m, "/b/promptCount", Value::Null);
+        put(&mut m, "/b/tokenCounts/gpt4", Value::Null);
+        assert_eq!(m.user("b"), None);
+        let t = patch(&mut m, "/", json!({"c": null}));
+        assert_eq!(t, Touched::Users(vec!["c".into()]));
+        assert_eq!(m.user("c"), None);
+        // Deleting below a missing parent creates nothing.
+        put(&mut m, "/zz/ip/0", Value::Null);
+        assert_eq!(m.user("zz"), None);
+        // A full replace drops everything else.
+        put(&mut m, "/", Value::Null);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn malformed_events_are_errors() {
+        let mut m = Mirror::new();
+        assert_eq!(m.put("{\"path\":\"/\",\"data\":"), Err(EventError::Shape));
+        assert_eq!(
+            m.patch(r#"{"path":"/","data":5}"#),
+            Err(EventError::PatchNotObject)
+        );
+    }
+
+    #[test]
+    fn arrays_render_like_firebase() {
+        assert_eq!(render(json!({"0": "a", "1": "b"})), json!(["a", "b"]));
+        assert_eq!(render(json!({"1": "b"})), json!([null, "b"]));
+        assert_eq!(
+            render(json!({"0": "a", "5": "b"})),
+            json!({"0": "a", "5": "b"})
+        );
+        assert_eq!(render(json!({"01": "a"})), json!({"01": "a"}));
+        assert_eq!(normalize(json!([null, "x", []])), Some(json!({"1": "x"})));
+    }
+}

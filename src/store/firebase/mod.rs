@@ -1,0 +1,629 @@
+//! The Firebase Realtime Database store: users live at `/<users>/<token>` in the older proxy's
+//! layout, and several tollgate instances share them.
+//!
+//! - Start-up ([`FirebaseStore::load_all`]): one GET of the users path, bounded in time.
+//! - Remote to local ([`stream`]): an SSE stream on the users path keeps a mirror and the cache
+//!   in step; every (re)connect starts with a full snapshot.
+//! - Local to remote ([`FirebaseStore::apply`]): each engine batch is one atomic multi-path
+//!   PATCH of leaves with server-side increments and a per-instance marker that makes
+//!   retries after an ambiguous failure exactly-once ([`batch`]); `ip` lists merge by ETag CAS.
+//! - Fleet-wide jobs take a lease ([`lease`]).
+//!
+//! See `docs/firebase.md`.
+
+pub mod auth;
+pub mod batch;
+pub mod client;
+pub mod key;
+pub mod lease;
+pub mod mirror;
+pub mod sse;
+pub mod stream;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{debug, info, warn};
+use pingora::server::ShutdownWatch;
+use reqwest::{Method, Url};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use self::auth::TokenSource;
+use self::batch::{Bisection, Layout};
+use self::client::{Request, Rtdb, RtdbError, Target, REQUEST_TIMEOUT};
+use super::{ApplyReport, Batch, StoreBackend, StoreError, StoreStatus};
+use crate::config::FirebaseConfig;
+use crate::observe::token_id;
+use crate::users::{Change, User, UserCache};
+
+pub struct FirebaseStore {
+    target: Arc<Target>,
+    auth: Arc<TokenSource>,
+    layout: Layout,
+    instance: String,
+    keepalive: Duration,
+    startup_timeout: Duration,
+    /// The client for the engine's runtime (flushes and the stream), made there on first use:
+    /// connections belong to the runtime that opened them.
+    engine_client: OnceLock<Rtdb>,
+    /// The client for the maintenance service's runtime (the lease).
+    lease_client: OnceLock<Rtdb>,
+    progress: tokio::sync::Mutex<Progress>,
+    /// The marker's sequence: one number per PATCH sent with new content.
+    write_no: AtomicU64,
+}
+
+/// How far the batch being written got; kept across the engine's retries of the same batch.
+#[derive(Debug, Default)]
+struct Progress {
+    seq: u64,
+    /// Changes whose PATCH is applied.
+    done: HashSet<usize>,
+    /// Changes Firebase refused (400), with its message.
+    rejected: Vec<(usize, String)>,
+    /// Changes whose `ip` merge is done.
+    ips_done: HashSet<usize>,
+    /// A PATCH that failed ambiguously: `(write_no, changes)`, to be settled by reading the
+    /// marker before anything else is sent.
+    unresolved: Option<(u64, Vec<usize>)>,
+}
+
+impl std::fmt::Debug for FirebaseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirebaseStore")
+            .field("target", &self.target)
+            .field("users", &self.layout.users)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FirebaseStore {
+    /// Checks the configuration and decodes the key; nothing is sent yet.
+    pub fn open(config: &FirebaseConfig) -> Result<Self, StoreError> {
+        let (target, emulator) = target(config).map_err(StoreError::Fatal)?;
+        let auth = if emulator {
+            TokenSource::Emulator
+        } else {
+            let raw = config
+                .key
+                .as_ref()
+                .ok_or_else(|| StoreError::Fatal("FIREBASE_KEY is not set".into()))?;
+            let account =
+                key::decode(raw.expose()).map_err(|e| StoreError::Fatal(e.to_string()))?;
+            check_token_uri(&account.token_uri, target.local).map_err(StoreError::Fatal)?;
+            TokenSource::service_account(account)
+        };
+        let users = users_path(&config.users_ref).map_err(StoreError::Fatal)?;
+        let instance = instance_id();
+        if target.local {
+            info!(
+                "firebase: {} is a local database (emulator or stand-in): plain http allowed",
+                target.base
+            );
+        }
+        Ok(Self {
+            target: Arc::new(target),
+            auth: Arc::new(auth),
+            layout: Layout {
+                marker: format!("_sync/instances/{instance}"),
+                users,
+            },
+            instance,
+            keepalive: config.keepalive_timeout,
+            startup_timeout: config.startup_timeout,
+            engine_client: OnceLock::new(),
+            lease_client: OnceLock::new(),
+            progress: tokio::sync::Mutex::new(Progress::default()),
+            write_no: AtomicU64::new(0),
+        })
+    }
+
+    /// This boot's id in `_sync/instances/<id>` and in leases.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn client<'a>(&self, slot: &'a OnceLock<Rtdb>) -> Result<&'a Rtdb, StoreError> {
+        if let Some(rtdb) = slot.get() {
+            return Ok(rtdb);
+        }
+        let rtdb = Rtdb::new(Arc::clone(&self.target), Arc::clone(&self.auth))
+            .map_err(StoreError::Fatal)?;
+        Ok(slot.get_or_init(|| rtdb))
+    }
+
+    /// The marker's `seq` as stored: the newest write of this instance that was applied.
+    async fn read_marker(&self, rtdb: &Rtdb) -> Result<u64, RtdbError> {
+        let path = format!("{}/seq", self.layout.marker);
+        let value = rtdb.call(Request::new(Method::GET, &path)).await?.json()?;
+        Ok(value.as_u64().unwrap_or(0))
+    }
+
+    /// Writes one group of changes as one atomic PATCH. `Ok(Err(msg))`: refused with 400.
+    async fn write_group(
+        &self,
+        rtdb: &Rtdb,
+        batch: &Batch,
+        group: &[usize],
+        progress: &mut Progress,
+    ) -> Result<Result<(), String>, StoreError> {
+        let no = self.write_no.fetch_add(1, Ordering::AcqRel) + 1;
+        let body = batch::patch_body(&self.layout, &batch.changes, group, no, batch.seq);
+        let bytes = serde_json::to_vec(&Value::Object(body))
+            .map_err(|e| StoreError::Fatal(format!("cannot encode a batch: {e}")))?;
+        let request = Request::new(Method::PATCH, "")
+            .query("print", "silent")
+            .json(bytes);
+        match rtdb.call(request).await {
+            Ok(_) => Ok(Ok(())),
+            Err(RtdbError::BadRequest(message)) => Ok(Err(message)),
+            Err(e) if e.is_ambiguous() => {
+                progress.unresolved = Some((no, group.to_vec()));
+                match self.read_marker(rtdb).await {
+                    Ok(stored) if stored >= no => {
+                        progress.unresolved = None;
+                        info!(
+                            "firebase: a write failed ambiguously ({e}) but its marker shows it \
+                             applied; not resending"
+                        );
+                        Ok(Ok(()))
+                    }
+                    Ok(_) => {
+                        progress.unresolved = None;
+                        Err(StoreError::Unavailable(format!("{e} (not applied)")))
+                    }
+                    Err(read) => Err(StoreError::Unavailable(format!(
+                        "{e}; the batch marker cannot be read yet ({read})"
+                    ))),
+                }
+            }
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Adds the addresses requests recorded to the stored `ip` list by compare-and-set, so
+    /// addresses other instances added meanwhile are kept. The list keeps the older layout.
+    async fn merge_ip(&self, rtdb: &Rtdb, token: &str, local: &[String]) -> Result<(), RtdbError> {
+        // A user removed elsewhere is not re-created by its ip list.
+        let user_path = self.layout.user(token);
+        let exists = rtdb
+            .call(Request::new(Method::GET, &user_path).query("shallow", "true"))
+            .await?
+            .json()?;
+        if exists.is_null() {
+            return Ok(());
+        }
+        let path = self.layout.leaf(token, "ip");
+        let mut read = Request::new(Method::GET, &path);
+        read.etag = true;
+        let reply = rtdb.call(read).await?;
+        let mut current = stored_list(reply.json()?);
+        let mut etag = reply.etag.unwrap_or_else(|| "null_etag".into());
+        for _ in 0..25 {
+            let Some(merged) = batch::merge_ips(&current, local) else {
+                return Ok(());
+            };
+            let body = serde_json::to_vec(&merged).unwrap_or_default();
+            let mut put = Request::new(Method::PUT, &path).json(body);
+            put.if_match = Some(etag.clone());
+            match rtdb.call(put).await {
+                Ok(_) => return Ok(()),
+                Err(RtdbError::Precondition { body, etag: tag }) => {
+                    current = stored_list(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                    etag = tag.unwrap_or_else(|| "null_etag".into());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RtdbError::Other {
+            status: 412,
+            message: "the ip list kept changing (25 attempts)".into(),
+        })
+    }
+}
+
+#[async_trait]
+impl StoreBackend for FirebaseStore {
+    fn name(&self) -> &'static str {
+        "firebase_rtdb"
+    }
+
+    /// One GET of the users path. Transient failures are retried until a bound (a little
+    /// under `startup_timeout`); a refused key or permission fails at once.
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        // This runs on the loader's short-lived runtime: its own client, dropped with it.
+        let rtdb = Rtdb::new(Arc::clone(&self.target), Arc::clone(&self.auth))
+            .map_err(StoreError::Fatal)?;
+        let bound = self
+            .startup_timeout
+            .mul_f64(0.9)
+            .max(Duration::from_millis(500));
+        let deadline = Instant::now() + bound;
+        let mut wait = Duration::from_millis(250);
+        let where_ = format!("{}{}", self.target.base, self.layout.users);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let request = Request::new(Method::GET, &self.layout.users).timeout(
+                remaining
+                    .min(REQUEST_TIMEOUT)
+                    .max(Duration::from_millis(100)),
+            );
+            let last = match tokio::time::timeout(remaining, rtdb.call(request)).await {
+                Ok(Ok(reply)) => {
+                    return Ok(self.parse_all(
+                        reply
+                            .json()
+                            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                    ))
+                }
+                Ok(Err(e)) if e.is_permanent() => {
+                    return Err(StoreError::Fatal(startup_problem(&e, &where_)));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            if Instant::now() + wait >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot read {where_} within {} s: {last}",
+                    bound.as_secs_f32().round()
+                )));
+            }
+            debug!("firebase: start-up read failed ({last}); retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        let rtdb = self.client(&self.engine_client)?;
+        let mut progress = self.progress.lock().await;
+        if progress.seq != batch.seq {
+            *progress = Progress {
+                seq: batch.seq,
+                ..Progress::default()
+            };
+        }
+        if let Some((no, group)) = progress.unresolved.clone() {
+            let stored = self.read_marker(rtdb).await.map_err(|e| {
+                StoreError::Unavailable(format!("the batch marker cannot be read yet: {e}"))
+            })?;
+            if stored >= no {
+                progress.done.extend(group);
+            }
+            progress.unresolved = None;
+        }
+        let mut to_write = Vec::new();
+        for (i, change) in batch.changes.iter().enumerate() {
+            if progress.done.contains(&i) || progress.rejected.iter().any(|(j, _)| *j == i) {
+                continue;
+            }
+            if batch::entries(&self.layout, change).is_empty() {
+                progress.done.insert(i);
+            } else {
+                to_write.push(i);
+            }
+        }
+        let mut bisection = Bisection::new(to_write);
+        while let Some(group) = bisection.next_group() {
+            match self.write_group(rtdb, batch, &group, &mut progress).await? {
+                Ok(()) => progress.done.extend(group),
+                Err(message) => {
+                    if group.len() > 1 {
+                        warn!(
+                            "firebase refused a batch of {} users ({message}); splitting it to \
+                             find the bad key",
+                            group.len()
+                        );
+                    }
+                    if let Some(bad) = bisection.refused(group) {
+                        progress.rejected.push((bad, message));
+                    }
+                }
+            }
+        }
+        for (i, change) in batch.changes.iter().enumerate() {
+            if !progress.done.contains(&i)
+                || progress.ips_done.contains(&i)
+                || !batch::needs_ip_merge(change)
+            {
+                continue;
+            }
+            let Change::Upsert(c) = change else { continue };
+            match self.merge_ip(rtdb, c.record.token(), &c.user.ip).await {
+                Ok(()) => {}
+                Err(e) if e.is_permanent() => warn!(
+                    "firebase: the ip list of user {} cannot be written: {e}",
+                    token_id(c.record.token())
+                ),
+                Err(e) => return Err(StoreError::Unavailable(format!("ip list: {e}"))),
+            }
+            progress.ips_done.insert(i);
+        }
+        let rejected = progress
+            .rejected
+            .iter()
+            .map(|(i, message)| (Arc::clone(batch.changes[*i].token()), message.clone()))
+            .collect();
+        Ok(ApplyReport { rejected })
+    }
+
+    fn echoes_counters(&self) -> bool {
+        true
+    }
+
+    async fn follow(
+        &self,
+        cache: Arc<UserCache>,
+        status: Arc<StoreStatus>,
+        mut shutdown: ShutdownWatch,
+    ) {
+        let rtdb = match self.client(&self.engine_client) {
+            Ok(rtdb) => rtdb.clone(),
+            Err(e) => {
+                log::error!("firebase stream cannot start: {e}");
+                let _ = shutdown.changed().await;
+                return;
+            }
+        };
+        stream::Follower {
+            rtdb,
+            users_path: self.layout.users.clone(),
+            keepalive: self.keepalive,
+            cache,
+            status,
+        }
+        .run(shutdown)
+        .await
+    }
+
+    async fn lead(&self, job: &str, ttl: Duration) -> bool {
+        let rtdb = match self.client(&self.lease_client) {
+            Ok(rtdb) => rtdb,
+            Err(e) => {
+                warn!("firebase: cannot take the {job} lease: {e}");
+                return false;
+            }
+        };
+        match lease::acquire(rtdb, &self.instance, job, ttl, crate::clock::now_ms()).await {
+            Ok(held) => held,
+            Err(e) => {
+                warn!("firebase: cannot take the {job} lease: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl FirebaseStore {
+    fn parse_all(&self, value: Value) -> Vec<User> {
+        let Value::Object(users) = value else {
+            if !value.is_null() {
+                warn!(
+                    "firebase: /{} is not an object; starting with no users",
+                    self.layout.users
+                );
+            } else {
+                info!("firebase: no users in /{}", self.layout.users);
+            }
+            return Vec::new();
+        };
+        let total = users.len();
+        let loaded: Vec<User> = users
+            .into_iter()
+            .filter_map(|(token, v)| stream::read_user(&token, Some(v), true))
+            .collect();
+        if loaded.len() < total {
+            warn!(
+                "firebase: {} of {total} stored users could not be read (see above)",
+                total - loaded.len()
+            );
+        }
+        loaded
+    }
+}
+
+/// One line for an operator: what failed at start-up and what to check.
+fn startup_problem(e: &RtdbError, where_: &str) -> String {
+    match e {
+        RtdbError::Auth(a) => format!("{a} (check FIREBASE_KEY)"),
+        RtdbError::Denied { status, message } => format!(
+            "permission denied reading {where_} ({status}: {message}); the service account \
+             needs access to the Realtime Database"
+        ),
+        RtdbError::Other { status: 404, .. } => {
+            format!("{where_} answered 404: FIREBASE_RTDB_URL does not name a database")
+        }
+        other => format!("cannot read {where_}: {other}"),
+    }
+}
+
+/// The database's base URL, namespace and mode from the configuration.
+fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
+    let raw = config
+        .rtdb_url
+        .as_deref()
+        .ok_or("FIREBASE_RTDB_URL is not set")?;
+    let url =
+        Url::parse(raw.trim()).map_err(|e| format!("FIREBASE_RTDB_URL is not a URL ({e})"))?;
+    let ns = url
+        .query_pairs()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.into_owned());
+    if let Some(host) = &config.emulator_host {
+        // As the Firebase tools do: talk plain http to the emulator, with the namespace taken
+        // from the database URL, and `Bearer owner`.
+        let base = Url::parse(&format!("http://{}", host.trim()))
+            .map_err(|e| format!("FIREBASE_DATABASE_EMULATOR_HOST is not host:port ({e})"))?;
+        let ns = ns.or_else(|| {
+            url.host_str()
+                .and_then(|h| h.split('.').next())
+                .map(str::to_string)
+        });
+        return Ok((
+            Target {
+                base: origin(&base),
+                ns,
+                local: true,
+            },
+            true,
+        ));
+    }
+    let local = match url.scheme() {
+        "https" => false,
+        "http" => true,
+        other => return Err(format!("FIREBASE_RTDB_URL: unsupported scheme {other}")),
+    };
+    if url.host_str().is_none() {
+        return Err("FIREBASE_RTDB_URL has no host".into());
+    }
+    if !matches!(url.path(), "" | "/") {
+        return Err(
+            "FIREBASE_RTDB_URL must be the database's root URL (https://<db>.firebaseio.com)"
+                .into(),
+        );
+    }
+    Ok((
+        Target {
+            base: origin(&url),
+            ns,
+            local,
+        },
+        false,
+    ))
+}
+
+fn origin(url: &Url) -> Url {
+    let mut base = url.clone();
+    base.set_path("/");
+    base.set_query(None);
+    base.set_fragment(None);
+    base
+}
+
+/// The key's `token_uri` gets the signed assertion: https, or loopback for a local database.
+fn check_token_uri(uri: &str, local: bool) -> Result<(), String> {
+    let url = Url::parse(uri).map_err(|_| "FIREBASE_KEY: token_uri is not a URL".to_string())?;
+    let loopback = url.host_str().is_some_and(|h| {
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if local && loopback => Ok(()),
+        _ => Err(format!(
+            "FIREBASE_KEY: token_uri must be https (plain http only on loopback with a local \
+             database), got {}://{}",
+            url.scheme(),
+            url.host_str().unwrap_or("?")
+        )),
+    }
+}
+
+/// `FIREBASE_USERS_REF_NAME` as a path: segments that are valid Firebase keys.
+fn users_path(name: &str) -> Result<String, String> {
+    let segments: Vec<&str> = name.split('/').filter(|s| !s.is_empty()).collect();
+    if segments.is_empty() {
+        return Err("FIREBASE_USERS_REF_NAME must name a path".into());
+    }
+    for s in &segments {
+        crate::users::model::validate_key(s, "FIREBASE_USERS_REF_NAME segment")?;
+        if *s == "_sync" {
+            return Err("FIREBASE_USERS_REF_NAME must not be _sync (tollgate's own data)".into());
+        }
+    }
+    Ok(segments.join("/"))
+}
+
+/// `<host>-<random>`: unique per boot, a valid Firebase key.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(40)
+        .collect();
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    let host = if host.is_empty() { "tollgate" } else { &host };
+    format!("{host}-{}", &random[..12])
+}
+
+/// A list as stored: an array (with holes) or an index-keyed object.
+fn stored_list(value: Value) -> Vec<String> {
+    match User::from_stored("_", serde_json::json!({ "ip": value })) {
+        Ok(stored) => stored.user.ip,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A cheap random number in [0, 1) for jitter.
+pub(crate) fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(crate::clock::now_ms());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str) -> FirebaseConfig {
+        FirebaseConfig {
+            rtdb_url: Some(url.into()),
+            key: None,
+            users_ref: "users".into(),
+            emulator_host: None,
+            startup_timeout: Duration::from_secs(15),
+            keepalive_timeout: Duration::from_secs(75),
+            temporary_user_purge: Duration::from_secs(48 * 3600),
+        }
+    }
+
+    #[test]
+    fn targets() {
+        let (t, emulator) = target(&config("https://my-db.firebaseio.com/")).unwrap();
+        assert!(!emulator && !t.local && t.ns.is_none());
+        assert_eq!(t.base.as_str(), "https://my-db.firebaseio.com/");
+        let (t, _) = target(&config("http://127.0.0.1:9000/?ns=x")).unwrap();
+        assert!(t.local);
+        assert_eq!(t.ns.as_deref(), Some("x"));
+        let mut c = config("https://my-db.europe-west1.firebasedatabase.app");
+        c.emulator_host = Some("localhost:9000".into());
+        let (t, emulator) = target(&c).unwrap();
+        assert!(emulator && t.local);
+        assert_eq!(t.base.as_str(), "http://localhost:9000/");
+        assert_eq!(t.ns.as_deref(), Some("my-db"));
+        assert!(target(&config("https://my-db.firebaseio.com/users")).is_err());
+        assert!(target(&config("ftp://x")).is_err());
+    }
+
+    #[test]
+    fn users_paths_and_instance_ids() {
+        assert_eq!(users_path("users").unwrap(), "users");
+        assert_eq!(users_path("/proxy/users/").unwrap(), "proxy/users");
+        assert!(users_path("a.b").is_err());
+        assert!(users_path("_sync").is_err());
+        let id = instance_id();
+        assert!(crate::users::model::validate_key(&id, "id").is_ok());
+        assert_ne!(id, instance_id());
+    }
+
+    #[test]
+    fn token_uri_rules() {
+        assert!(check_token_uri("https://oauth2.googleapis.com/token", false).is_ok());
+        assert!(check_token_uri("http://127.0.0.1:1/token", true).is_ok());
+        assert!(check_token_uri("http://127.0.0.1:1/token", false).is_err());
+        assert!(check_token_uri("http://example.com/token", true).is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! Remote to local: the SSE stream on the users path. Every connection starts with a full
+//! snapshot (`put /`), which replaces the mirror and the cache's remote state, so deletions
+//! made while disconnected apply. Later `put`/`patch` events re-read only the users they touch.
+//! Reconnects back off with jitter; a watchdog drops a stream that stays silent; `auth_revoked`
+//! reconnects at once with a new token; `cancel` is reported and backed off.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+use pingora::server::ShutdownWatch;
+use reqwest::Method;
+
+use super::client::{Request, Rtdb, RtdbError};
+use super::mirror::{Mirror, Touched};
+use super::sse::{SseEvent, SseParser};
+use crate::observe::token_id;
+use crate::store::StoreStatus;
+use crate::users::{User, UserCache};
+
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// After a `cancel` (the rules revoked the read) retry no faster than this.
+const CANCEL_BACKOFF: Duration = Duration::from_secs(5);
+/// How long to wait for the stream's response headers.
+const CONNECT_BOUND: Duration = Duration::from_secs(30);
+
+pub struct Follower {
+    pub rtdb: Rtdb,
+    pub users_path: String,
+    pub keepalive: Duration,
+    pub cache: Arc<UserCache>,
+    pub status: Arc<StoreStatus>,
+}
+
+/// Why a connection ended.
+enum End {
+    Shutdown,
+    /// `auth_revoked` or a 401: reconnect now with a new token.
+    Revoked(Arc<str>),
+    Cancelled,
+    Failed(String),
+}
+
+impl Follower {
+    pub async fn run(self, mut shutdown: ShutdownWatch) {
+        self.status.set_stream_connected(false);
+        let mut failures: u32 = 0;
+        let mut first = true;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let mut snapshot_seen = false;
+            let end = self
+                .connection(&mut shutdown, &mut snapshot_seen, first)
+                .await;
+            self.status.set_stream_connected(false);
+            if snapshot_seen {
+                first = false;
+                failures = 0;
+            }
+            let wait = match end {
+                End::Shutdown => return,
+                End::Revoked(token) => {
+                    info!("firebase stream: credential revoked; reconnecting with a new token");
+                    self.rtdb.auth().invalidate(&token).await;
+                    failures += 1;
+                    if failures == 1 {
+                        Duration::ZERO
+                    } else {
+                        backoff(failures - 1)
+                    }
+                }
+                End::Cancelled => {
+                    error!(
+                        "firebase stream cancelled by the database (security rules no longer allow \
+                         reading /{}); the cache is stale until the stream is back",
+                        self.users_path
+                    );
+                    failures += 1;
+                    backoff(failures).max(CANCEL_BACKOFF)
+                }
+                End::Failed(reason) => {
+                    failures += 1;
+                    let wait = backoff(failures);
+                    if failures == 1 || failures.is_power_of_two() {
+                        warn!(
+                            "firebase stream lost ({reason}); reconnecting in {} ms ({} in a row)",
+                            wait.as_millis(),
+                            failures
+                        );
+                    }
+                    wait
+                }
+            };
+            self.status.count_reconnect();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn connection(
+        &self,
+        shutdown: &mut ShutdownWatch,
+        snapshot_seen: &mut bool,
+        first: bool,
+    ) -> End {
+        let mut req = Request::new(Method::GET, &self.users_path);
+        req.stream = true;
+        req.timeout = None;
+        let token = match self.rtdb.auth().token(self.rtdb.http()).await {
+            Ok(t) => t,
+            Err(e) => return End::Failed(e.to_string()),
+        };
+        let connect = tokio::time::timeout(CONNECT_BOUND, self.rtdb.execute(&req));
+        let response = tokio::select! {
+            r = connect => r,
+            _ = shutdown.changed() => return End::Shutdown,
+        };
+        let mut response = match response {
+            Err(_) => return End::Failed("no response to the stream request".into()),
+            Ok(Err(RtdbError::Denied { status: 401, .. })) => return End::Revoked(token),
+            Ok(Err(e)) => return End::Failed(e.to_string()),
+            Ok(Ok(r)) => r,
+        };
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.bytes().await.unwrap_or_default();
+            return End::Failed(super::client::status_error(status, body, None).to_string());
+        }
+        let mut parser = SseParser::new();
+        let mut mirror = Mirror::new();
+        loop {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(self.keepalive, response.chunk()) => c,
+                _ = shutdown.changed() => return End::Shutdown,
+            };
+            let chunk = match chunk {
+                Err(_) => {
+                    return End::Failed(format!(
+                        "nothing received for {} s",
+                        self.keepalive.as_secs_f32()
+                    ))
+                }
+                Ok(Err(e)) => return End::Failed(super::client::describe(&e)),
+                Ok(Ok(None)) => return End::Failed("the database closed the stream".into()),
+                Ok(Ok(Some(bytes))) => bytes,
+            };
+            for event in parser.feed(&chunk) {
+                match self.handle(event, &mut mirror, snapshot_seen, first) {
+                    Ok(()) => {}
+                    Err(end) => {
+                        if let End::Revoked(_) = end {
+                            return End::Revoked(Arc::clone(&token));
+                        }
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &self,
+        event: SseEvent,
+        mirror: &mut Mirror,
+        snapshot_seen: &mut bool,
+        first: bool,
+    ) -> Result<(), End> {
+        let touched = match event.event.as_str() {
+            "put" => mirror.put(&event.data),
+            "patch" => mirror.patch(&event.data),
+            "keep-alive" => return Ok(()),
+            "cancel" => return Err(End::Cancelled),
+            "auth_revoked" => return Err(End::Revoked(Arc::from(""))),
+            other => {
+                debug!("firebase stream: ignoring an unknown event {other:?}");
+                return Ok(());
+            }
+        };
+        let touched = touched.map_err(|e| End::Failed(format!("a malformed event: {e}")))?;
+        match touched {
+            Touched::All => {
+                let mut users = HashMap::with_capacity(mirror.len());
+                for token in mirror.tokens() {
+                    if let Some(user) = read_user(token, mirror.user(token), first) {
+                        users.insert(token.clone(), user);
+                    }
+                }
+                self.cache.replace_all_remote(&users);
+                if !*snapshot_seen {
+                    *snapshot_seen = true;
+                    self.status.set_stream_connected(true);
+                    info!(
+                        "firebase stream connected: {} users in /{}",
+                        users.len(),
+                        self.users_path
+                    );
+                }
+            }
+            Touched::Users(tokens) => {
+                for token in tokens {
+                    match mirror.user(&token) {
+                        None => self.cache.apply_remote(&token, None),
+                        Some(value) => {
+                            if let Some(user) = read_user(&token, Some(value), false) {
+                                self.cache.apply_remote(&token, Some(&user));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses one stored user; logs (by token id, never the token) and skips one that cannot be
+/// read. Unknown fields are reported when `verbose` (at load and on the first snapshot).
+pub fn read_user(token: &str, value: Option<serde_json::Value>, verbose: bool) -> Option<User> {
+    let value = value?;
+    match User::from_stored(token, value) {
+        Ok(stored) => {
+            if verbose && !stored.unknown_fields.is_empty() {
+                warn!(
+                    "firebase: user {} has fields tollgate does not know ({}); they stay in the \
+                     database but are not used",
+                    token_id(token),
+                    stored.unknown_fields.join(", ")
+                );
+            }
+            Some(stored.user)
+        }
+        Err(problem) => {
+            warn!(
+                "firebase: user {} cannot be read and is skipped: {problem}",
+                token_id(token)
+            );
+            None
+        }
+    }
+}
+
+/// 0.25 s doubling to 30 s, ±25 % jitter.
+fn backoff(failures: u32) -> Duration {
+    let base = BACKOFF_START
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
+        .min(BACKOFF_CAP);
+    base.mul_f64(0.75 + 0.5 * super::jitter())
+}

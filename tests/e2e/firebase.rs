@@ -1,0 +1,656 @@
+//! The Firebase RTDB store on the real binary, against the local stand-in
+//! (`crates/rtdb-standin`): the older proxy's layout, both sync directions across instances,
+//! exact counters under faults, shutdown, and start-up failures.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use rtdb_standin::{
+    FaultAction, FaultRule, Options, PatchEventKeys, RedirectScope, StandIn, StreamAction,
+};
+use serde_json::{json, Value};
+
+use crate::support::tollgate::Tollgate;
+use crate::support::{client, wait_until, Origin, TollgateBuilder};
+
+/// Edits made elsewhere must be live within this.
+const PROPAGATION: Duration = Duration::from_secs(2);
+
+fn standin() -> StandIn {
+    StandIn::start(Options::default().keepalive(Duration::from_millis(200)))
+}
+
+/// tollgate on the stand-in: 1 s flushes, a 2 s stream watchdog, no rate limit.
+fn builder(origin: &Origin, db: &StandIn) -> TollgateBuilder {
+    builder_flushing(origin, db, 1)
+}
+
+fn builder_flushing(origin: &Origin, db: &StandIn, flush_seconds: u64) -> TollgateBuilder {
+    TollgateBuilder::new(origin.addr)
+        .env("GATEKEEPER_STORE", "firebase_rtdb")
+        .env("FIREBASE_RTDB_URL", &db.db_url())
+        .env("FIREBASE_KEY", &db.firebase_key_b64())
+        .yaml(&format!(
+            "store:\n  flush_interval_seconds: {flush_seconds}\n  firebase:\n    \
+             keepalive_timeout_seconds: 2\n    startup_timeout_seconds: 5\n"
+        ))
+        .yaml("rate_limit:\n  requests_per_minute: 0\n")
+}
+
+fn start(origin: &Origin, db: &StandIn) -> Tollgate {
+    let streams = db.open_streams();
+    let tg = builder(origin, db).start();
+    assert!(
+        wait_until(Duration::from_secs(10), || db.open_streams() > streams),
+        "no stream opened:\n{}",
+        tg.log()
+    );
+    wait_ready(&tg);
+    tg
+}
+
+fn wait_ready(tg: &Tollgate) {
+    let ready = wait_until(Duration::from_secs(15), || {
+        client()
+            .get(tg.admin_url("/ready"))
+            .send()
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    });
+    assert!(ready, "not ready:\n{}", tg.log());
+}
+
+fn proxy(tg: &Tollgate, token: &str) -> StatusCode {
+    client()
+        .get(tg.url("/v1/models"))
+        .bearer_auth(token)
+        .send()
+        .map(|r| r.status())
+        .unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+fn admin(tg: &Tollgate, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = tg.admin_request(method, path);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().unwrap();
+    (resp.status().as_u16(), resp.json().unwrap_or(Value::Null))
+}
+
+fn stored(db: &StandIn, path: &str) -> Value {
+    db.get(path).unwrap()
+}
+
+/// Polls until `check` holds, for at most `within`; panics with `what` otherwise.
+fn eventually(within: Duration, what: &str, tg: &Tollgate, check: impl FnMut() -> bool) {
+    assert!(wait_until(within, check), "{what}\n{}", tg.log());
+}
+
+fn older_user(token: &str, extra: Value) -> Value {
+    let mut user = json!({
+        "token": token, "type": "normal", "promptCount": 0, "createdAt": 1700000000000u64,
+        "tokenCounts": {"turbo": 0}, "tokenLimits": {"turbo": 0}, "ip": [], "meta": {},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        user[k] = v.clone();
+    }
+    user
+}
+
+#[test]
+fn older_layout_loads_and_every_user_works() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently(
+        "/users",
+        json!({
+            "full": older_user("full", json!({"ip": ["1.2.3.4", "::ffff:5.6.7.8"], "nickname": "bob",
+                "type": "special", "promptCount": 12, "tokenCounts": {"turbo": 1200, "gpt4": 0.5},
+                "tokenLimits": {"gpt4": 100000}, "lastUsedAt": 1700000001000u64,
+                "meta": {"refreshable": true}, "adminNote": "n"})),
+            // RTDB dropped its empty containers; no token field either.
+            "bare": {"type": "normal", "promptCount": 3, "createdAt": 1},
+            // Fields tollgate does not know, from another fork of the older proxy.
+            "legacy": older_user("legacy", json!({"legacyQuota": {"a": 1}, "quotaResetAt": 5})),
+            // An ip list with a hole reads back with null in it.
+            "holes": older_user("holes", json!({"ip": {"0": "9.9.9.9", "2": "8.8.8.8"}})),
+            "broken": {"type": "normal", "promptCount": "lots"},
+        }),
+    )
+    .unwrap();
+    let tg = start(&origin, &db);
+    assert!(tg.log().contains("loaded 4 users"), "{}", tg.log());
+    for token in ["full", "bare", "legacy", "holes"] {
+        assert_eq!(proxy(&tg, token), StatusCode::OK, "{token}");
+    }
+    assert_eq!(proxy(&tg, "broken"), StatusCode::UNAUTHORIZED);
+    let log = tg.log();
+    assert!(log.contains("cannot be read and is skipped"), "{log}");
+    assert!(
+        log.contains("legacyQuota"),
+        "unknown fields are named: {log}"
+    );
+    assert!(
+        !log.contains("\"broken\"") && !log.contains(" broken "),
+        "no tokens in logs"
+    );
+
+    let full = tg.user("full");
+    assert_eq!(full["nickname"], "bob");
+    assert_eq!(full["tokenCounts"], json!({"turbo": 1200, "gpt4": 0.5}));
+    assert_eq!(tg.user("holes")["ip"].as_array().unwrap().len(), 3);
+
+    // Counters go up in the database; the ip list stays a list; unknown fields stay.
+    eventually(Duration::from_secs(10), "counters written", &tg, || {
+        stored(&db, "/users/bare/promptCount") == json!(4)
+            && stored(&db, "/users/full/promptCount") == json!(13)
+    });
+    eventually(Duration::from_secs(10), "ip lists merged", &tg, || {
+        stored(&db, "/users/bare/ip") == json!(["127.0.0.1"])
+            && stored(&db, "/users/full/ip") == json!(["1.2.3.4", "::ffff:5.6.7.8", "127.0.0.1"])
+    });
+    assert_eq!(stored(&db, "/users/legacy/legacyQuota"), json!({"a": 1}));
+    assert_eq!(stored(&db, "/users/full/nickname"), json!("bob"));
+    assert_eq!(stored(&db, "/users/broken/promptCount"), json!("lots"));
+    // Leaves only: nobody rewrote a whole user.
+    let writes: Vec<_> = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    assert!(!writes.is_empty());
+    for w in &writes {
+        let body: Value = serde_json::from_str(&w.body).unwrap();
+        for key in body.as_object().unwrap().keys() {
+            assert!(
+                key.starts_with("_sync/instances/") || key.matches('/').count() >= 2,
+                "whole-user write {key}"
+            );
+        }
+    }
+}
+
+#[test]
+fn console_edits_reach_the_cache_quickly() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently("/users/alice", older_user("alice", json!({})))
+        .unwrap();
+    let tg = start(&origin, &db);
+    assert_eq!(proxy(&tg, "alice"), StatusCode::OK);
+
+    // A console edit of one leaf.
+    db.set("/users/alice/disabledAt", json!(1700000000000u64))
+        .unwrap();
+    db.set("/users/alice/disabledReason", json!("console"))
+        .unwrap();
+    eventually(PROPAGATION, "console disable visible", &tg, || {
+        tg.user("alice")["disabledReason"] == "console"
+    });
+    assert_eq!(proxy(&tg, "alice"), StatusCode::FORBIDDEN);
+    // A user added in the console works; one removed there stops working.
+    db.set("/users/carol", older_user("carol", json!({})))
+        .unwrap();
+    eventually(PROPAGATION, "console user visible", &tg, || {
+        proxy(&tg, "carol") == StatusCode::OK
+    });
+    db.delete("/users/carol").unwrap();
+    eventually(PROPAGATION, "console delete visible", &tg, || {
+        proxy(&tg, "carol") == StatusCode::UNAUTHORIZED
+    });
+    // A multi-path update in the nested event form.
+    db.update_knobs(|k| k.patch_event_keys = PatchEventKeys::Nest);
+    db.update(
+        "/",
+        json!({"users/alice/disabledAt": null, "users/alice/disabledReason": null,
+               "users/alice/nickname": "al", "users/dave": older_user("dave", json!({}))}),
+    )
+    .unwrap();
+    eventually(PROPAGATION, "multi-path update visible", &tg, || {
+        tg.user("alice")["nickname"] == "al" && proxy(&tg, "dave") == StatusCode::OK
+    });
+    assert_eq!(proxy(&tg, "alice"), StatusCode::OK);
+}
+
+#[test]
+fn admin_edits_on_one_instance_reach_the_other() {
+    let db = standin();
+    let origin = Origin::start();
+    let a = start(&origin, &db);
+    let b = start(&origin, &db);
+
+    let resp = a
+        .admin_request(Method::POST, "/admin/users")
+        .json(&json!({"tokenLimits": {"gpt4": 1000}}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-tollgate-persisted"],
+        "true",
+        "acknowledged by the database"
+    );
+    let token = resp.json::<Value>().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        stored(&db, &format!("/users/{token}/tokenLimits")),
+        json!({"gpt4": 1000})
+    );
+    eventually(PROPAGATION, "created on A, works on B", &b, || {
+        proxy(&b, &token) == StatusCode::OK
+    });
+
+    // Different fields edited on both at once: both edits stay (per-field last writer wins).
+    let path = format!("/admin/users/{token}");
+    let (sa, _) = admin(&a, Method::PUT, &path, Some(json!({"nickname": "from-a"})));
+    let (sb, _) = admin(&b, Method::PUT, &path, Some(json!({"maxIps": 7})));
+    assert_eq!((sa, sb), (200, 200));
+    for tg in [&a, &b] {
+        eventually(PROPAGATION, "both edits everywhere", tg, || {
+            let u = tg.user(&token);
+            u["nickname"] == "from-a" && u["maxIps"] == 7
+        });
+    }
+    // The same field edited on both: the later write wins everywhere.
+    admin(&a, Method::PUT, &path, Some(json!({"adminNote": "first"})));
+    admin(&b, Method::PUT, &path, Some(json!({"adminNote": "second"})));
+    for tg in [&a, &b] {
+        eventually(PROPAGATION, "last writer wins", tg, || {
+            tg.user(&token)["adminNote"] == "second"
+        });
+    }
+    // An absolute promptCount set by an admin replaces the counter everywhere.
+    admin(&b, Method::PUT, &path, Some(json!({"promptCount": 100})));
+    eventually(PROPAGATION, "admin count visible on A", &a, || {
+        a.user(&token)["promptCount"] == 100
+    });
+    // Disable on A; B refuses the user; a hard delete removes it everywhere.
+    let (status, _) = admin(&a, Method::DELETE, &path, None);
+    assert_eq!(status, 200);
+    eventually(PROPAGATION, "disabled on B", &b, || {
+        proxy(&b, &token) == StatusCode::FORBIDDEN
+    });
+    let (status, _) = admin(&b, Method::DELETE, &format!("{path}?hard=true"), None);
+    assert_eq!(status, 200);
+    eventually(PROPAGATION, "deleted on A", &a, || {
+        proxy(&a, &token) == StatusCode::UNAUTHORIZED
+    });
+    assert_eq!(stored(&db, &format!("/users/{token}")), Value::Null);
+}
+
+/// Three instances under traffic while the database fails in every way the issue names;
+/// afterwards each user's stored `promptCount` equals the requests answered for it.
+#[test]
+fn three_instances_keep_exact_counters_under_faults() {
+    let db = standin();
+    let origin = Origin::start();
+    let tokens: Vec<String> = (0..6).map(|i| format!("user-{i}")).collect();
+    let seed: serde_json::Map<String, Value> = tokens
+        .iter()
+        .map(|t| (t.clone(), older_user(t, json!({}))))
+        .collect();
+    db.set_silently("/users", Value::Object(seed)).unwrap();
+    let mut instances: Vec<Tollgate> = (0..3).map(|_| start(&origin, &db)).collect();
+
+    let answered: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = instances
+        .iter()
+        .enumerate()
+        .map(|(n, tg)| {
+            let (url, tokens) = (tg.url("/v1/chat"), tokens.clone());
+            let (answered, stop) = (Arc::clone(&answered), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let http = client();
+                let mut i = n;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let token = &tokens[i % tokens.len()];
+                    i += 1;
+                    let ok = http
+                        .post(&url)
+                        .bearer_auth(token)
+                        .body("{}")
+                        .send()
+                        .is_ok_and(|r| r.status() == StatusCode::OK);
+                    if ok {
+                        *answered.lock().unwrap().entry(token.clone()).or_default() += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(4));
+                }
+            })
+        })
+        .collect();
+
+    let pause = |ms| std::thread::sleep(Duration::from_millis(ms));
+    pause(1_200);
+    // 5xx on writes: not applied, retried.
+    db.add_fault(
+        FaultRule::new("PATCH", "/.json", FaultAction::status_retry_after(503, "1")).times(3),
+    );
+    pause(1_500);
+    // Writes applied but never acknowledged: the marker tells them apart from lost ones.
+    db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::ApplyThenDrop).times(3));
+    pause(2_000);
+    db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::DropBeforeApply).times(2));
+    pause(1_500);
+    // Every token revoked: streams get auth_revoked, writes get 401.
+    db.revoke_tokens();
+    pause(1_500);
+    // A 10 s outage: every request and stream reset; the proxies keep serving.
+    db.begin_outage();
+    pause(10_000);
+    db.end_outage();
+    pause(2_000);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    db.clear_faults();
+    let answered = answered.lock().unwrap().clone();
+    let total: u64 = answered.values().sum();
+    assert!(total > 300, "too little traffic: {total}");
+
+    let log = db.requests();
+    assert!(
+        log.iter()
+            .any(|r| r.outcome.starts_with("applied_then_dropped")),
+        "no ambiguous write happened"
+    );
+    let stored_counts = || -> HashMap<String, u64> {
+        tokens
+            .iter()
+            .map(|t| {
+                let v = stored(&db, &format!("/users/{t}/promptCount"));
+                (t.clone(), v.as_u64().unwrap_or(0))
+            })
+            .collect()
+    };
+    let expected: HashMap<String, u64> = tokens
+        .iter()
+        .map(|t| (t.clone(), answered.get(t).copied().unwrap_or(0)))
+        .collect();
+    // Give the instances' retries time to land, then stop them: SIGTERM flushes the rest.
+    wait_until(Duration::from_secs(40), || stored_counts() == expected);
+    for tg in &mut instances {
+        assert!(tg.stop().success(), "{}", tg.log());
+    }
+    assert_eq!(
+        stored_counts(),
+        expected,
+        "stored counts vs answered requests"
+    );
+    for t in &tokens {
+        assert_eq!(stored(&db, &format!("/users/{t}/ip")), json!(["127.0.0.1"]));
+    }
+    let logs: String = instances.iter().map(|tg| tg.log()).collect();
+    assert!(logs.contains("marker shows it applied"), "{logs}");
+    assert!(logs.contains("credential revoked"), "{logs}");
+    assert!(db.counters().tokens_issued > 3, "tokens were refreshed");
+}
+
+#[test]
+fn graceful_shutdown_writes_everything() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently("/users/u", older_user("u", json!({})))
+        .unwrap();
+    let mut tg = builder_flushing(&origin, &db, 3600).start();
+    for _ in 0..25 {
+        assert_eq!(proxy(&tg, "u"), StatusCode::OK);
+    }
+    let (status, _) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/u",
+        Some(json!({"nickname": "n"})),
+    );
+    assert_eq!(status, 200, "an admin write is flushed at once");
+    // The admin write flushed everything queued before it; count some more after it.
+    for _ in 0..5 {
+        assert_eq!(proxy(&tg, "u"), StatusCode::OK);
+    }
+    assert!(tg.stop().success());
+    assert_eq!(stored(&db, "/users/u/promptCount"), json!(30));
+    assert_eq!(stored(&db, "/users/u/nickname"), json!("n"));
+    assert!(tg.log().contains("all changes written before shutdown"));
+}
+
+#[test]
+fn stream_survives_redirects_revocation_cancel_and_stalls() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently("/users/u", older_user("u", json!({})))
+        .unwrap();
+    // Every database request is redirected to another host (127.0.0.2).
+    db.set_redirect(RedirectScope::All, None);
+    let tg = start(&origin, &db);
+    let redirected: Vec<_> = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.listener == "secondary")
+        .collect();
+    assert!(!redirected.is_empty(), "redirects were followed");
+    assert!(
+        redirected.iter().all(|r| r
+            .headers
+            .get("authorization")
+            .is_some_and(|a| a.starts_with("Bearer "))),
+        "Authorization kept across hosts"
+    );
+    let nick = |n: &str| {
+        db.set("/users/u/nickname", json!(n)).unwrap();
+        eventually(PROPAGATION, &format!("edit {n} visible"), &tg, || {
+            tg.user("u")["nickname"] == n
+        });
+    };
+    nick("after-redirect");
+    // Writes go through the redirect too.
+    assert_eq!(proxy(&tg, "u"), StatusCode::OK);
+    eventually(
+        Duration::from_secs(10),
+        "write through redirect",
+        &tg,
+        || stored(&db, "/users/u/promptCount") == json!(1),
+    );
+    db.set_redirect(RedirectScope::Off, None);
+
+    let issued = db.counters().tokens_issued;
+    db.stream_action(StreamAction::AuthRevoked, None).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || db
+        .counters()
+        .tokens_issued
+        > issued));
+    nick("after-revoke");
+
+    db.stream_action(StreamAction::Stall, None).unwrap();
+    nick_after_watchdog(&db, &tg);
+
+    db.stream_action(StreamAction::MalformedEvent, None)
+        .unwrap();
+    wait_ready(&tg);
+    nick("after-malformed");
+
+    for action in [
+        StreamAction::Comment,
+        StreamAction::UnknownEvent,
+        StreamAction::Duplicate,
+        StreamAction::CloseMidEvent,
+    ] {
+        db.stream_action(action, None).unwrap();
+    }
+    wait_ready(&tg);
+    nick("after-noise");
+
+    db.stream_action(StreamAction::Cancel, None).unwrap();
+    eventually(Duration::from_secs(2), "cancel reported", &tg, || {
+        tg.log().contains("firebase stream cancelled")
+    });
+    // A deletion while the stream is away applies from the next snapshot.
+    db.delete("/users/u").unwrap();
+    wait_ready(&tg);
+    eventually(PROPAGATION, "deletion made while away applied", &tg, || {
+        proxy(&tg, "u") == StatusCode::UNAUTHORIZED
+    });
+    let metrics = client()
+        .get(tg.admin_url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("reconnect"), "{metrics}");
+}
+
+/// A stalled stream is dropped by the watchdog (2 s here) and the edit arrives after it.
+fn nick_after_watchdog(db: &StandIn, tg: &Tollgate) {
+    db.set("/users/u/nickname", json!("after-stall")).unwrap();
+    eventually(Duration::from_secs(8), "watchdog reconnect", tg, || {
+        tg.user("u")["nickname"] == "after-stall"
+    });
+    assert!(tg.log().contains("nothing received for"), "{}", tg.log());
+}
+
+#[test]
+fn a_refused_write_is_split_and_the_rest_applied_once() {
+    let db = standin();
+    let origin = Origin::start();
+    let tokens = ["a", "b", "c", "d"];
+    for t in tokens {
+        db.set_silently(&format!("/users/{t}"), older_user(t, json!({})))
+            .unwrap();
+    }
+    let tg = builder_flushing(&origin, &db, 3600).start();
+    for t in tokens {
+        assert_eq!(proxy(&tg, t), StatusCode::OK);
+        assert_eq!(proxy(&tg, t), StatusCode::OK);
+    }
+    // The whole batch is refused once: it is split and its halves go through.
+    db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::status(400)).times(1));
+    let (status, _) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/a",
+        Some(json!({"nickname": "x"})),
+    );
+    assert_eq!(status, 200);
+    for t in tokens {
+        assert_eq!(
+            stored(&db, &format!("/users/{t}/promptCount")),
+            json!(2),
+            "{t}"
+        );
+    }
+    assert!(tg.log().contains("splitting it"), "{}", tg.log());
+    // A change refused on its own is dropped and reported; later changes still flow.
+    db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::status(400)).times(1));
+    let (status, _) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/b",
+        Some(json!({"nickname": "y"})),
+    );
+    assert_eq!(status, 200);
+    assert!(tg.log().contains("it is dropped"), "{}", tg.log());
+    let (status, _) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/b",
+        Some(json!({"nickname": "z"})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(stored(&db, "/users/b/nickname"), json!("z"));
+}
+
+#[test]
+fn temporary_user_purge_runs_on_one_instance() {
+    let db = standin();
+    let origin = Origin::start();
+    let a = start(&origin, &db);
+    let b = start(&origin, &db);
+    // Both instances try; the lease in the database lets one of them lead.
+    let lease = || stored(&db, "/_sync/leader/purge-temporary-users");
+    eventually(Duration::from_secs(5), "lease taken", &a, || {
+        lease()["id"].is_string()
+    });
+    let holder = lease()["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lease()["id"].as_str(), Some(holder.as_str()), "no flapping");
+    let puts = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("_sync/leader") && r.status == Some(200))
+        .count();
+    assert_eq!(puts, 1, "one instance took the lease");
+    drop((a, b));
+}
+
+fn run_to_exit(builder: TollgateBuilder) -> (bool, String, Duration) {
+    let started = Instant::now();
+    let (status, output) = builder.run_to_exit(&[], Duration::from_secs(20));
+    (status.success(), output, started.elapsed())
+}
+
+#[test]
+fn bad_key_unreachable_database_and_denied_access_fail_start_up_fast() {
+    let db = standin();
+    let origin = Origin::start();
+    let bound = Duration::from_secs(5);
+    let check = |name: &str, b: TollgateBuilder, expect: &str| {
+        let (ok, output, took) = run_to_exit(b);
+        assert!(!ok, "{name}: start-up must fail:\n{output}");
+        assert!(
+            took < bound + Duration::from_secs(3),
+            "{name}: took {took:?}"
+        );
+        let line = output
+            .lines()
+            .find(|l| l.starts_with("tollgate: "))
+            .unwrap_or_else(|| panic!("{name}: no error line:\n{output}"));
+        assert!(line.contains(expect), "{name}: {line}");
+        assert!(
+            !output.contains("PRIVATE KEY") && !output.contains("fake-"),
+            "{name}: secrets leaked"
+        );
+    };
+    // Not base64 at all.
+    check(
+        "garbage key",
+        builder(&origin, &db).env("FIREBASE_KEY", "%%% not a key %%%"),
+        "FIREBASE_KEY is not base64",
+    );
+    // A well-formed key the token endpoint does not know.
+    let mut account: Value = serde_json::from_str(&db.service_account_json()).unwrap();
+    account["client_email"] = json!("someone-else@example.iam.gserviceaccount.com");
+    let foreign = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(account.to_string())
+    };
+    check(
+        "unknown account",
+        builder(&origin, &db).env("FIREBASE_KEY", &foreign),
+        "refused the service account",
+    );
+    // Nothing listens at the database URL.
+    let closed = format!("http://127.0.0.1:{}", crate::support::free_port());
+    check(
+        "unreachable",
+        builder(&origin, &db).env("FIREBASE_RTDB_URL", &closed),
+        "cannot read",
+    );
+    // The account may not read the users.
+    db.add_fault(FaultRule::new(
+        "GET",
+        "/users.json",
+        FaultAction::status(401),
+    ));
+    check(
+        "permission denied",
+        builder(&origin, &db),
+        "permission denied",
+    );
+}
