@@ -654,3 +654,37 @@ fn bad_key_unreachable_database_and_denied_access_fail_start_up_fast() {
         "permission denied",
     );
 }
+
+#[test]
+fn access_tokens_are_refreshed_before_they_expire() {
+    let db = StandIn::start(
+        Options::default()
+            .keepalive(Duration::from_millis(200))
+            .token_expires_in(Duration::from_secs(4)),
+    );
+    let origin = Origin::start();
+    db.set_silently("/users/u", older_user("u", json!({})))
+        .unwrap();
+    let tg = start(&origin, &db);
+    let mut answered = 0;
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        if proxy(&tg, "u") == StatusCode::OK {
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eventually(Duration::from_secs(10), "all counted", &tg, || {
+        stored(&db, "/users/u/promptCount") == json!(answered)
+    });
+    assert!(
+        db.counters().tokens_issued >= 2,
+        "a new token before expiry"
+    );
+    let refused: Vec<_> = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET" && r.status == Some(401))
+        .collect();
+    assert!(refused.is_empty(), "writes never used an expired token");
+}
