@@ -8,10 +8,11 @@ use clap::Parser;
 use log::{error, info};
 use pingora::prelude::*;
 use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::RunArgs;
 use pingora::services::listening::Service;
 
 use tollgate::admin::AdminService;
-use tollgate::config::{Config, ProcessEnv};
+use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, Metrics};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
@@ -30,6 +31,12 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // A file-size limit (`ulimit -f`) must reach the store as a write error that it reports
+    // and retries, not kill the proxy (the default action of SIGXFSZ).
+    // SAFETY: sets a signal's disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let Some(path) = cli.pingora.conf.clone() else {
@@ -110,6 +117,10 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
         config.store.flush_interval,
         shutdown_deadline,
     );
+    let engine = match config.store.kind {
+        StoreKind::Sqlite => engine.with_batch_users(store::sqlite::BATCH_USERS),
+        _ => engine,
+    };
     let purge = TemporaryUserPurge::new(
         Arc::clone(&cache),
         Arc::clone(&backend),
@@ -119,7 +130,9 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
 
     server.add_service(proxy_service);
     server.add_service(admin_service);
-    server.add_service(background_service("store sync", engine));
+    let sync = background_service("store sync", engine);
+    let engine = sync.task();
+    server.add_service(sync);
     server.add_service(background_service("temporary user purge", purge));
     if let Some(writer) = access_log_writer {
         server.add_service(background_service("access log", writer));
@@ -137,7 +150,23 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
         backend.name(),
         cache.len()
     );
-    server.run_forever()
+    server.run(RunArgs::default());
+    // Requests in flight at SIGTERM finish during the grace period, after the engine's
+    // shutdown flush. Every service has stopped now: write what they counted too.
+    if status.gauges().pending_changes > 0 {
+        flush_after_shutdown(&engine);
+    }
+    Ok(())
+}
+
+fn flush_after_shutdown(engine: &SyncEngine) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(engine.final_flush()),
+        Err(e) => error!("cannot start the runtime for the last store flush: {e}"),
+    }
 }
 
 /// Fills the cache before any listener opens. This runs on a short-lived runtime that is gone

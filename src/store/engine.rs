@@ -225,7 +225,8 @@ impl SyncEngine {
         backoff_for(failures)
     }
 
-    async fn final_flush(&self) {
+    /// Writes everything still queued, retrying with backoff until the shutdown deadline.
+    pub async fn final_flush(&self) {
         let deadline = Instant::now() + self.shutdown_deadline;
         loop {
             match self.flush().await {

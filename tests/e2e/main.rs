@@ -12,3 +12,4 @@ mod openapi;
 mod operations;
 mod proxying;
 mod rate_limit;
+mod sqlite;

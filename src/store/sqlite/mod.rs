@@ -2,9 +2,10 @@
 //!
 //! - WAL mode with `synchronous=FULL`: a committed flush survives a crash or power loss, and a
 //!   crash at any moment leaves a file that opens clean (an unfinished flush is rolled back).
-//! - The sync engine is the only writer. A flush is one transaction holding only the users
-//!   that changed; counters are written as absolute values taken with the batch, so a flush
-//!   that is retried, or that committed just before a crash, never counts a request twice.
+//! - The sync engine writes; a flush is one transaction holding only the users that changed.
+//!   Counted requests are added to the stored count, and the transaction records the batch's
+//!   number, so a retried batch is never added twice, a crash never counts a request twice,
+//!   and during a graceful upgrade the old and the new process's counts add up.
 //! - The schema is versioned and migrated on start (see [`schema`]); a file from a newer
 //!   tollgate, another application's file, a corrupt, read-only or unwritable one stops
 //!   start-up with one line naming the file and the problem.
@@ -23,11 +24,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, MAIN_DB};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, MAIN_DB};
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
 use super::{ApplyReport, Batch, StoreBackend, StoreError};
+use crate::clock::now_ms;
 use crate::observe::token_id;
 use crate::users::User;
 use rows::Op;
@@ -92,6 +94,36 @@ impl SqliteError {
         }
     }
 
+    /// As [`Self::sqlite`], adding the operating system's error behind an I/O failure
+    /// ("No space left on device", "File too large", "Read-only file system").
+    fn sqlite_on(
+        conn: &Connection,
+        path: &Path,
+        context: impl Into<String>,
+        e: rusqlite::Error,
+    ) -> Self {
+        let mut error = Self::sqlite(path, context, e);
+        if let Self::Sqlite {
+            problem,
+            code: Some(code),
+            ..
+        } = &mut error
+        {
+            let io = matches!(
+                code,
+                ErrorCode::SystemIoFailure
+                    | ErrorCode::DiskFull
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::PermissionDenied
+            );
+            if let Some(os) = os_error(conn).filter(|_| io) {
+                problem.push_str(&format!(": {os}"));
+            }
+        }
+        error
+    }
+
     fn migration(path: &Path, from: u32, context: &str, e: rusqlite::Error) -> Self {
         let context = if from == 0 {
             context.to_string()
@@ -125,6 +157,13 @@ impl From<SqliteError> for StoreError {
             StoreError::Unavailable(e.to_string())
         }
     }
+}
+
+/// The OS error behind the connection's last failed system call, if any.
+fn os_error(conn: &Connection) -> Option<std::io::Error> {
+    // SAFETY: the handle is valid while `conn` lives; the call only reads an integer.
+    let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+    (errno != 0).then(|| std::io::Error::from_raw_os_error(errno))
 }
 
 /// SQLite's message, with what it usually means for an operator.
@@ -163,12 +202,12 @@ fn connect(path: &Path) -> Result<Connection, SqliteError> {
     let mut conn = Connection::open_with_flags(path, flags)
         .map_err(|e| SqliteError::sqlite(path, "cannot open", e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(|e| SqliteError::sqlite(path, "cannot configure", e))?;
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot configure", e))?;
     let found = schema::inspect(&conn, path)?;
     // SQLite falls back to read-only when the file is write-protected; tollgate must write.
     if conn
         .is_readonly(MAIN_DB)
-        .map_err(|e| SqliteError::sqlite(path, "cannot open", e))?
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot open", e))?
     {
         return Err(SqliteError::ReadOnly {
             path: path.display().to_string(),
@@ -176,7 +215,7 @@ fn connect(path: &Path) -> Result<Connection, SqliteError> {
     }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(|e| SqliteError::sqlite(path, "cannot switch to WAL mode", e))?;
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot switch to WAL mode", e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(SqliteError::Sqlite {
             path: path.display().to_string(),
@@ -187,7 +226,7 @@ fn connect(path: &Path) -> Result<Connection, SqliteError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .and_then(|()| conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT))
-        .map_err(|e| SqliteError::sqlite(path, "cannot configure", e))?;
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot configure", e))?;
     let from = match found {
         schema::Found::Empty => 0,
         schema::Found::Version(v) => v,
@@ -196,10 +235,18 @@ fn connect(path: &Path) -> Result<Connection, SqliteError> {
     Ok(conn)
 }
 
+/// The flush connection: also forgets writers that stopped long ago.
+fn connect_writer(path: &Path) -> Result<Connection, SqliteError> {
+    let conn = connect(path)?;
+    conn.execute(PRUNE, [now_ms() as i64 - FLUSHES_KEPT_MS])
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot write", e))?;
+    Ok(conn)
+}
+
 /// Every user in the file, in storage order.
 fn load(path: &Path) -> Result<Vec<User>, SqliteError> {
     let conn = connect(path)?;
-    let read_err = |e| SqliteError::sqlite(path, "cannot read users", e);
+    let read_err = |e| SqliteError::sqlite_on(&conn, path, "cannot read users", e);
     let estimate: i64 = conn
         .query_row("SELECT coalesce(max(rowid), 0) FROM users", [], |r| {
             r.get(0)
@@ -244,21 +291,47 @@ const PUT: &str = "INSERT INTO users (token, doc, prompt_count, last_used_at)
      VALUES (?1, ?2, ?3, ?4)
      ON CONFLICT (token) DO UPDATE SET
          doc = excluded.doc,
-         prompt_count = excluded.prompt_count,
+         prompt_count = CASE WHEN ?6 THEN excluded.prompt_count ELSE prompt_count + ?5 END,
          last_used_at = excluded.last_used_at";
-const COUNTERS: &str = "UPDATE users SET prompt_count = ?2, last_used_at = ?3 WHERE token = ?1";
+const COUNTERS: &str = "UPDATE users SET
+         prompt_count = CASE WHEN ?5 THEN ?2 ELSE prompt_count + ?4 END,
+         last_used_at = ?3
+     WHERE token = ?1";
 const DELETE: &str = "DELETE FROM users WHERE token = ?1";
+const WRITTEN: &str = "SELECT seq FROM flushes WHERE writer = ?1";
+const RECORD: &str = "INSERT INTO flushes (writer, seq, written_at) VALUES (?1, ?2, ?3)
+     ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, written_at = excluded.written_at";
+/// A writer's row only matters while it may retry a batch (seconds); a day is plenty.
+const PRUNE: &str = "DELETE FROM flushes WHERE written_at < ?1";
+const FLUSHES_KEPT_MS: i64 = 24 * 3600 * 1000;
 
-/// Writes `ops` in one transaction; nothing is written unless everything is.
-fn write(conn: &mut Connection, path: &Path, ops: &[Op]) -> Result<(), SqliteError> {
-    let err = |e| SqliteError::sqlite(path, "cannot write", e);
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(err)?;
+/// Writes batch `seq` of `writer` in one transaction; nothing is written unless everything
+/// is, and a batch already written (a retry after a commit that reported failure) is skipped.
+fn write(
+    conn: &mut Connection,
+    path: &Path,
+    writer: &str,
+    seq: u64,
+    ops: &[Op],
+) -> Result<(), SqliteError> {
+    write_ops(conn, writer, seq, ops)
+        .map_err(|e| SqliteError::sqlite_on(conn, path, "cannot write", e))
+}
+
+fn write_ops(conn: &mut Connection, writer: &str, seq: u64, ops: &[Op]) -> rusqlite::Result<()> {
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let written: Option<i64> = tx
+        .prepare_cached(WRITTEN)?
+        .query_row([writer], |r| r.get(0))
+        .optional()?;
+    if written.is_some_and(|w| w >= seq) {
+        return tx.commit();
+    }
     {
-        let mut put = tx.prepare_cached(PUT).map_err(err)?;
-        let mut counters = tx.prepare_cached(COUNTERS).map_err(err)?;
-        let mut delete = tx.prepare_cached(DELETE).map_err(err)?;
+        let mut put = tx.prepare_cached(PUT)?;
+        let mut counters = tx.prepare_cached(COUNTERS)?;
+        let mut delete = tx.prepare_cached(DELETE)?;
         for op in ops {
             match op {
                 Op::Put {
@@ -266,43 +339,60 @@ fn write(conn: &mut Connection, path: &Path, ops: &[Op]) -> Result<(), SqliteErr
                     counters: c,
                     doc,
                 } => {
-                    put.execute((&**token, doc, c.prompt_count, c.last_used_at))
-                        .map_err(err)?;
+                    put.execute((
+                        &**token,
+                        doc,
+                        c.prompt_count,
+                        c.last_used_at,
+                        c.delta,
+                        c.absolute,
+                    ))?;
                 }
                 Op::Counters {
                     token,
                     counters: c,
                     record,
                 } => {
-                    let changed = counters
-                        .execute((&**token, c.prompt_count, c.last_used_at))
-                        .map_err(err)?;
+                    let changed = counters.execute((
+                        &**token,
+                        c.prompt_count,
+                        c.last_used_at,
+                        c.delta,
+                        c.absolute,
+                    ))?;
                     if changed == 0 {
-                        // The row is gone (edited by hand?): write the user whole again.
-                        let doc =
-                            rows::doc_of(&record.to_user()).map_err(|e| SqliteError::Sqlite {
-                                path: path.display().to_string(),
-                                context: "cannot encode a user".into(),
-                                problem: e.to_string(),
-                                code: None,
-                            })?;
-                        put.execute((&**token, &doc, c.prompt_count, c.last_used_at))
-                            .map_err(err)?;
+                        // The row is gone (deleted by hand?): write the user whole again.
+                        let doc = rows::doc_of(&record.to_user())
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+                        put.execute((
+                            &**token,
+                            &doc,
+                            c.prompt_count,
+                            c.last_used_at,
+                            c.delta,
+                            true,
+                        ))?;
                     }
                 }
                 Op::Delete { token } => {
-                    delete.execute([&**token]).map_err(err)?;
+                    delete.execute([&**token])?;
                 }
             }
         }
     }
-    tx.commit().map_err(err)
+    tx.prepare_cached(RECORD)?
+        .execute((writer, seq, now_ms() as i64))?;
+    tx.commit()
 }
 
 /// The SQLite backend. Cheap to share; the connection is behind a mutex and only the sync
 /// engine writes.
+///
+/// One sync engine per instance: batches are numbered per engine, and the instance records
+/// the newest it wrote under its own random writer id.
 pub struct SqliteStore {
     path: PathBuf,
+    writer_id: Arc<str>,
     writer: Arc<Mutex<Option<Connection>>>,
 }
 
@@ -317,8 +407,12 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Creates the directory and the file when missing, checks that the file is tollgate's,
     /// writable and not newer than this build, and migrates it. Blocking; call before the
-    /// runtime starts (or from `spawn_blocking`). Keeps no connection open.
+    /// runtime starts (or from `spawn_blocking`). Keeps no connection open. A relative path
+    /// is taken from the current working directory.
     pub fn open(path: &Path) -> Result<Self, SqliteError> {
+        // Absolute from here on: messages name the file unambiguously, and Pingora's `-d`
+        // changes the working directory when it forks.
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| SqliteError::CreateDir {
                 path: path.display().to_string(),
@@ -329,6 +423,7 @@ impl SqliteStore {
         drop(connect(path)?);
         Ok(Self {
             path: path.to_path_buf(),
+            writer_id: uuid::Uuid::new_v4().to_string().into(),
             writer: Arc::new(Mutex::new(None)),
         })
     }
@@ -373,14 +468,19 @@ impl StoreBackend for SqliteStore {
         if ops.is_empty() {
             return Ok(report);
         }
-        let (path, writer) = (self.path.clone(), Arc::clone(&self.writer));
+        let (path, writer, writer_id, seq) = (
+            self.path.clone(),
+            Arc::clone(&self.writer),
+            Arc::clone(&self.writer_id),
+            batch.seq,
+        );
         blocking(move || {
             let mut slot = writer.lock();
             let conn = match slot.as_mut() {
                 Some(conn) => conn,
-                None => slot.insert(connect(&path)?),
+                None => slot.insert(connect_writer(&path)?),
             };
-            let result = write(conn, &path, &ops);
+            let result = write(conn, &path, &writer_id, seq, &ops);
             if result.is_err() {
                 // Reconnect on the next attempt: that re-checks the file from scratch (it may
                 // have been replaced, repaired or made writable again meanwhile).

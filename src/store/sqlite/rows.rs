@@ -1,5 +1,10 @@
 //! Users as rows: `promptCount` and `lastUsedAt` in the integer columns `prompt_count` and
 //! `last_used_at`, everything else in `doc` as the older proxy's JSON without those two fields.
+//!
+//! Counted requests are written as increments (`prompt_count + delta`), so two processes on
+//! one file (the old and the new one during a graceful upgrade) add up instead of overwriting
+//! each other; the `flushes` table makes each increment apply once. An absolute value is
+//! written for a new user and for an admin's `promptCount`.
 
 use std::sync::Arc;
 
@@ -17,7 +22,7 @@ pub(super) enum Op {
         counters: Counters,
         doc: String,
     },
-    /// Only counters changed. The values are absolute, so writing them twice is harmless.
+    /// Only counters changed.
     Counters {
         token: Arc<str>,
         counters: Counters,
@@ -31,20 +36,29 @@ pub(super) enum Op {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Counters {
+    /// The user's `promptCount` when the change was taken: written for a row that is new, or
+    /// when `absolute`.
     pub prompt_count: i64,
+    /// Requests counted since the previous write: added to the stored count otherwise.
+    pub delta: i64,
+    /// The count was set (new user, admin edit), not counted up.
+    pub absolute: bool,
     pub last_used_at: Option<i64>,
 }
 
 impl Counters {
-    fn of(user: &User) -> Result<Self, String> {
+    fn of(user: &User, delta: u64, absolute: bool) -> Result<Self, String> {
         let prompt_count = i64::try_from(user.prompt_count)
             .map_err(|_| format!("promptCount {} is too large to store", user.prompt_count))?;
+        let delta = i64::try_from(delta).map_err(|_| format!("{delta} requests is too many"))?;
         let last_used_at = user
             .last_used_at
             .map(|at| i64::try_from(at).map_err(|_| format!("lastUsedAt {at} is too large")))
             .transpose()?;
         Ok(Self {
             prompt_count,
+            delta,
+            absolute,
             last_used_at,
         })
     }
@@ -57,7 +71,8 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
             token: Arc::clone(token),
         }),
         Change::Upsert(c) => {
-            let counters = Counters::of(&c.user)?;
+            let absolute = c.fields.intersects(Fields::CREATED | Fields::PROMPT_COUNT);
+            let counters = Counters::of(&c.user, c.prompt_delta, absolute)?;
             let token = Arc::clone(c.record.token());
             let profile_changed = c.fields.contains(Fields::CREATED)
                 || c.fields.intersects(Fields(!COUNTER_FIELDS.0));

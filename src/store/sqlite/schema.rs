@@ -5,9 +5,12 @@
 //! Versions:
 //! - **v1**: one row per user, `token` and `doc`, the user as the older proxy's JSON.
 //! - **v2**: `promptCount` and `lastUsedAt` move out of the document into `prompt_count` and
-//!   `last_used_at` columns. Under traffic nearly every change is "requests were counted", so
-//!   a flush now updates two integers per user instead of re-encoding and rewriting its whole
-//!   document, and the counters can be read with plain SQL (`ORDER BY prompt_count`).
+//!   `last_used_at` columns, and the `flushes` table records each writer's newest batch.
+//!   Under traffic nearly every change is "requests were counted": a flush now adds to an
+//!   integer instead of re-encoding and rewriting the user's whole document, and increments
+//!   from two processes on one file (a graceful upgrade) add up instead of the later process
+//!   overwriting the earlier one's count. `flushes` makes a retried batch apply once. The
+//!   counters can also be read with plain SQL (`ORDER BY prompt_count`).
 
 use std::path::Path;
 
@@ -30,14 +33,20 @@ const MIGRATIONS: &[&str] = &[
          token TEXT NOT NULL PRIMARY KEY,
          doc   TEXT NOT NULL
      ) STRICT;",
-    // 1 → 2: counters get their own columns (see the module comment).
+    // 1 → 2: counters get their own columns, batches are recorded (see the module comment).
+    // `flushes`: one row per tollgate process (a random id per start), its newest batch.
     "ALTER TABLE users ADD COLUMN prompt_count INTEGER NOT NULL DEFAULT 0
          CHECK (prompt_count >= 0);
      ALTER TABLE users ADD COLUMN last_used_at INTEGER;
      UPDATE users SET
          prompt_count = CAST(COALESCE(json_extract(doc, '$.promptCount'), 0) AS INTEGER),
          last_used_at = CAST(json_extract(doc, '$.lastUsedAt') AS INTEGER),
-         doc = json_remove(doc, '$.promptCount', '$.lastUsedAt');",
+         doc = json_remove(doc, '$.promptCount', '$.lastUsedAt');
+     CREATE TABLE flushes (
+         writer     TEXT    NOT NULL PRIMARY KEY,
+         seq        INTEGER NOT NULL,
+         written_at INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// What a file is, before anything is written to it.

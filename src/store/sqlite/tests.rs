@@ -115,30 +115,75 @@ async fn counted_requests_update_only_the_counter_columns() {
     assert!(doc.contains("marker"), "document untouched: {doc}");
 }
 
+fn counted_batch(cache: &UserCache, token: &str, requests: usize, seq: u64) -> Batch {
+    let rec = cache.get(token).unwrap();
+    for _ in 0..requests {
+        cache.count_request(&rec, 7);
+    }
+    let taken = cache.take_changes(10);
+    Batch {
+        seq,
+        changes: taken.changes,
+        covers: taken.covers,
+    }
+}
+
 #[tokio::test]
 async fn a_retried_batch_does_not_count_twice() {
     let (_dir, path) = temp();
     let store = Arc::new(SqliteStore::open(&path).unwrap());
     let cache = UserCache::default();
     cache.load([User::new("a".into(), UserType::Normal, 1)]);
-    let rec = cache.get("a").unwrap();
-    for _ in 0..3 {
-        cache.count_request(&rec, 7);
-    }
-    let taken = cache.take_changes(10);
-    let batch = Batch {
-        seq: 1,
-        changes: taken.changes,
-        covers: taken.covers,
-    };
     // The row does not exist yet: the counter update falls back to writing the whole user.
-    store.apply(&batch).await.unwrap();
-    // The commit happened but, say, the acknowledgement was lost: the same batch again.
-    store.apply(&batch).await.unwrap();
+    let first = counted_batch(&cache, "a", 3, 1);
+    store.apply(&first).await.unwrap();
+    cache.acknowledge(&first.changes, true);
+    let second = counted_batch(&cache, "a", 2, 2);
+    store.apply(&second).await.unwrap();
+    // The commit happened but, say, its success was not reported: the same batch again.
+    store.apply(&second).await.unwrap();
+    store.apply(&first).await.unwrap();
     let users = store.load_all().await.unwrap();
     assert_eq!(users.len(), 1);
-    assert_eq!(users[0].prompt_count, 3);
+    assert_eq!(users[0].prompt_count, 5);
     assert_eq!(users[0].last_used_at, Some(7));
+}
+
+#[tokio::test]
+async fn two_processes_on_one_file_add_up_their_counts() {
+    // A graceful upgrade: the new process loaded the users, then the old one kept counting
+    // until it exited. Neither overwrites the other's requests.
+    let (_dir, path) = temp();
+    let setup = Arc::new(SqliteStore::open(&path).unwrap());
+    let (setup_engine, cache) = engine(&setup);
+    cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    setup_engine.flush().await.unwrap();
+    let old = Arc::new(SqliteStore::open(&path).unwrap());
+    let new = Arc::new(SqliteStore::open(&path).unwrap());
+    let (old_engine, old_cache) = engine(&old);
+    let (new_engine, new_cache) = engine(&new);
+    old_cache.load(old.load_all().await.unwrap());
+    new_cache.load(new.load_all().await.unwrap());
+    for _ in 0..4 {
+        old_cache.count_request(&old_cache.get("a").unwrap(), 10);
+    }
+    for _ in 0..3 {
+        new_cache.count_request(&new_cache.get("a").unwrap(), 20);
+    }
+    new_engine.flush().await.unwrap();
+    old_engine.flush().await.unwrap();
+    let users = new.load_all().await.unwrap();
+    assert_eq!(users[0].prompt_count, 7);
+    // An admin's absolute value still replaces the count.
+    new_cache.upsert(
+        "a",
+        &serde_json::from_str(r#"{"promptCount": 100}"#).unwrap(),
+        30,
+    );
+    new_engine.flush().await.unwrap();
+    assert_eq!(new.load_all().await.unwrap()[0].prompt_count, 100);
 }
 
 #[tokio::test]
@@ -258,6 +303,36 @@ async fn a_version_1_file_is_migrated_and_serves_its_users() {
         "SELECT count(*) FROM users WHERE doc LIKE '%promptCount%' OR doc LIKE '%lastUsedAt%'",
     );
     assert_eq!(docs_with_counters, 0);
+
+    // The migrated file has exactly the layout of a new one.
+    let (_fresh_dir, fresh) = temp();
+    SqliteStore::open(&fresh).unwrap();
+    assert_eq!(layout(&path), layout(&fresh));
+}
+
+/// Every table's columns: (table, name, type, not null, default, primary key).
+fn layout(path: &Path) -> Vec<(String, String, String, bool, Option<String>, i64)> {
+    let conn = raw(path);
+    let mut stmt = conn
+        .prepare(
+            "SELECT m.name, c.name, c.type, c.\"notnull\", c.dflt_value, c.pk
+             FROM sqlite_schema m JOIN pragma_table_info(m.name) c
+             WHERE m.type = 'table' ORDER BY m.name, c.cid",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap();
+    rows.map(Result::unwrap).collect()
 }
 
 #[test]
