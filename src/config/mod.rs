@@ -556,7 +556,8 @@ fn check_secrets(
                 "must be set when the store is firebase_rtdb",
             ));
         }
-        if store.firebase.key.is_none() {
+        // A local emulator takes `Bearer owner` (as the Firebase tools send), not a key.
+        if store.firebase.key.is_none() && store.firebase.emulator_host.is_none() {
             return Err(env::error(
                 "FIREBASE_KEY",
                 "must be set when the store is firebase_rtdb",

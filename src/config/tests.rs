@@ -184,6 +184,24 @@ fn modes_refuse_missing_secrets() {
     let err = load(MINIMAL, &[("GATEKEEPER_STORE", "firebase_rtdb")]).unwrap_err();
     assert_eq!(err.key, "FIREBASE_RTDB_URL");
     assert!(load(MINIMAL, &[("GATEKEEPER", "proxy_key"), ("PROXY_KEY", "p")]).is_ok());
+    let err = load(
+        MINIMAL,
+        &[
+            ("GATEKEEPER_STORE", "firebase_rtdb"),
+            ("FIREBASE_RTDB_URL", "https://x.firebaseio.com"),
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "FIREBASE_KEY");
+    let emulator = [
+        ("GATEKEEPER_STORE", "firebase_rtdb"),
+        ("FIREBASE_RTDB_URL", "http://127.0.0.1:9000/?ns=demo"),
+        ("FIREBASE_DATABASE_EMULATOR_HOST", "127.0.0.1:9000"),
+    ];
+    assert!(
+        load(MINIMAL, &emulator).is_ok(),
+        "the emulator needs no key"
+    );
 }
 
 #[test]

@@ -23,7 +23,10 @@ fn check_config(path: &str, env: &[(&str, &str)]) {
 #[test]
 fn shipped_configurations_pass_dash_t() {
     check_config("conf/tollgate.yaml", &[]);
-    check_config("conf/tollgate.yaml", &[("GATEKEEPER", "user_token"), ("ADMIN_KEY", "k")]);
+    check_config(
+        "conf/tollgate.yaml",
+        &[("GATEKEEPER", "user_token"), ("ADMIN_KEY", "k")],
+    );
     check_config("deploy/tollgate.yaml", &[("ADMIN_KEY", "k")]);
 }
 
@@ -35,13 +38,25 @@ fn systemd_unit_verifies() {
     };
     assert!(probe.status.success());
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tollgate.service")).unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/tollgate.service"
+    ))
+    .unwrap();
     // Point the unit at the binary under test (it is installed to /usr/local/bin in production).
     let unit = unit.replace("/usr/local/bin/tollgate", binary());
     let path = dir.path().join("tollgate.service");
     std::fs::write(&path, unit).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
-    let messages = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let messages = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Without systemd as PID 1 (containers), verify still parses the unit and checks the
     // commands; it may complain about the missing bus, which says nothing about the unit.
     let problems: Vec<&str> = messages

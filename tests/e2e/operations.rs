@@ -88,7 +88,11 @@ fn graceful_upgrade_applies_a_changed_config_with_no_failed_request() {
         > 100));
     // The change to roll out: a new header value.
     let config = std::fs::read_to_string(&old.config).unwrap();
-    std::fs::write(&old.config, config.replace("x-config-generation: \"1\"", "x-config-generation: \"2\"")).unwrap();
+    std::fs::write(
+        &old.config,
+        config.replace("x-config-generation: \"1\"", "x-config-generation: \"2\""),
+    )
+    .unwrap();
     let mut new = old.spawn_upgrade();
     std::thread::sleep(Duration::from_millis(500)); // let it reach the socket hand-over
     old.signal(libc::SIGQUIT);
@@ -105,7 +109,11 @@ fn graceful_upgrade_applies_a_changed_config_with_no_failed_request() {
     for c in clients {
         c.join().unwrap();
     }
-    assert_eq!(origin.last().header("x-config-generation"), Some("2"), "the new config is live");
+    assert_eq!(
+        origin.last().header("x-config-generation"),
+        Some("2"),
+        "the new config is live"
+    );
     let (ok, retried) = (ok.load(Ordering::Relaxed), retried.load(Ordering::Relaxed));
     assert_eq!(
         failed.load(Ordering::Relaxed),

@@ -264,5 +264,8 @@ fn tls_upstream_with_sni_and_certificate_verification() {
         .upstream_yaml("tls: true\nsni: other.test")
         .yaml(&pingora)
         .start();
-    assert_eq!(client().get(wrong.url("/secure")).send().unwrap().status(), 502);
+    assert_eq!(
+        client().get(wrong.url("/secure")).send().unwrap().status(),
+        502
+    );
 }

@@ -57,7 +57,9 @@ impl TestPki {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         Self {
@@ -77,14 +79,20 @@ impl Origin {
     /// the `x-seen-sni` pseudo-header of each request.
     pub fn start_tls(pki: &TestPki) -> Self {
         use tokio_rustls::rustls;
-        let certs = rustls_pemfile::certs(&mut pki.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-        let key = rustls_pemfile::private_key(&mut pki.key_pem.as_bytes()).unwrap().unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
+        let certs = rustls_pemfile::certs(&mut pki.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
             .unwrap();
+        let key = rustls_pemfile::private_key(&mut pki.key_pem.as_bytes())
+            .unwrap()
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
         Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
 
