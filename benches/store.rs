@@ -1,5 +1,6 @@
-//! Store benchmarks: the SQLite start-up load and the admin bulk import, at the sizes the
-//! issue names (1,000,000 users loaded, 100,000 imported). Results: `docs/performance.md`.
+//! Store benchmarks: the SQLite start-up load (in process, and the real binary until `/ready`
+//! answers 200) and the admin bulk import, at the sizes the issue names (1,000,000 users
+//! loaded, 100,000 imported), and a steady-state counter flush. Results: `docs/performance.md`.
 //!
 //! ```text
 //! cargo bench --bench store                    # full size
@@ -9,7 +10,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
@@ -110,12 +111,82 @@ fn load(c: &mut Criterion) {
         b.iter(|| {
             let store = SqliteStore::open(&path).unwrap();
             let users = rt.block_on(store.load_all()).unwrap();
-            let cache = UserCache::default();
+            let cache = UserCache::with_capacity(users.len());
             assert_eq!(cache.load(users), n);
             cache
         })
     });
+    // The real binary on the same file: from exec until `/ready` answers 200.
+    group.bench_function(format!("binary_startup_{n}_users"), |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| time_binary_startup(dir.path(), &path))
+                .sum()
+        })
+    });
     group.finish();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `GET /ready`; its status, if tollgate answered.
+fn ready_status(admin: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    stream
+        .write_all(b"GET /ready HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Starts `tollgate` on `db`, waits for `/ready` = 200, stops it; the time to ready.
+fn time_binary_startup(dir: &Path, db: &Path) -> Duration {
+    let (proxy, admin) = (free_port(), free_port());
+    let config = dir.join("startup.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [\"127.0.0.1:{proxy}\"]\nupstream:\n  addrs: [\"127.0.0.1:9\"]\n\
+             admin:\n  listen: \"127.0.0.1:{admin}\"\n\
+             pingora:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n\
+             store:\n  kind: sqlite\n  sqlite:\n    path: {}\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("-c")
+        .arg(&config)
+        .env("ADMIN_KEY", "bench-admin-key-0123456789")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = started + Duration::from_secs(60);
+    while ready_status(admin) != Some(200) {
+        assert!(Instant::now() < deadline, "tollgate did not become ready");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("tollgate exited during start-up: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = started.elapsed();
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().unwrap();
+    elapsed
 }
 
 /// `PUT /admin/users` with `n` new users: the cache applies the patches, then the engine

@@ -66,8 +66,7 @@ fn main() -> ExitCode {
 
 fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
     let backend = store::open(&config.store).map_err(|e| format!("store: {e}"))?;
-    let cache = Arc::new(UserCache::default());
-    load_users(&config, backend.as_ref(), &cache)?;
+    let cache = Arc::new(load_users(&config, backend.as_ref())?);
     let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
     status.set_ready(true);
     let metrics = Arc::new(Metrics::new(
@@ -171,11 +170,7 @@ fn flush_after_shutdown(engine: &SyncEngine) {
 
 /// Fills the cache before any listener opens. This runs on a short-lived runtime that is gone
 /// before Pingora starts (its `-d` fork would lose any threads started here).
-fn load_users(
-    config: &Config,
-    backend: &dyn StoreBackend,
-    cache: &UserCache,
-) -> Result<(), String> {
+fn load_users(config: &Config, backend: &dyn StoreBackend) -> Result<UserCache, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -191,7 +186,9 @@ fn load_users(
             )
         })?
         .map_err(|e| format!("store {}: cannot load users: {e}", backend.name()))?;
+    // Sized up front: growing the map a million times over costs more than filling it.
+    let cache = UserCache::with_capacity(users.len());
     let loaded = cache.load(users);
     info!("loaded {loaded} users from the {} store", backend.name());
-    Ok(())
+    Ok(cache)
 }

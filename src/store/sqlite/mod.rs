@@ -243,20 +243,94 @@ fn connect_writer(path: &Path) -> Result<Connection, SqliteError> {
     Ok(conn)
 }
 
-/// Every user in the file, in storage order.
+/// Below this many rows one thread reads them all.
+const ROWS_PER_LOAD_THREAD: i64 = 100_000;
+/// Decoding users is most of start-up; it is spread over up to this many threads.
+const MAX_LOAD_THREADS: usize = 4;
+
+/// Every user in the file. Large files are read in rowid ranges on several threads, each
+/// with its own connection: decoding a million users is CPU work that parallelises well.
 fn load(path: &Path) -> Result<Vec<User>, SqliteError> {
+    load_in_ranges(path, ROWS_PER_LOAD_THREAD)
+}
+
+fn load_in_ranges(path: &Path, rows_per_thread: i64) -> Result<Vec<User>, SqliteError> {
     let conn = connect(path)?;
-    let read_err = |e| SqliteError::sqlite_on(&conn, path, "cannot read users", e);
-    let estimate: i64 = conn
-        .query_row("SELECT coalesce(max(rowid), 0) FROM users", [], |r| {
-            r.get(0)
-        })
-        .map_err(read_err)?;
-    let mut users = Vec::with_capacity(usize::try_from(estimate).unwrap_or(0));
+    let (first, last): (i64, i64) = conn
+        .query_row(
+            "SELECT coalesce(min(rowid), 0), coalesce(max(rowid), -1) FROM users",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot read users", e))?;
+    let span = last.saturating_sub(first).saturating_add(1).max(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_LOAD_THREADS)
+        .min(usize::try_from(span / rows_per_thread.max(1)).unwrap_or(1))
+        .max(1);
+    if threads == 1 {
+        let mut users = Vec::with_capacity(usize::try_from(span).unwrap_or(0));
+        read_range(&conn, path, first, last, &mut users)?;
+        return Ok(users);
+    }
+    let step = (span + threads as i64 - 1) / threads as i64;
+    let parts = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads as i64)
+            .map(|i| {
+                let from = first + i * step;
+                let to = (from + step - 1).min(last);
+                scope.spawn(move || {
+                    let conn = connect_reader(path)?;
+                    let mut users = Vec::with_capacity(usize::try_from(step).unwrap_or(0));
+                    read_range(&conn, path, from, to, &mut users)?;
+                    Ok::<_, SqliteError>(users)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a load thread panicked"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    // Growing the first part reallocates in place (a large allocation is remapped, not
+    // copied); only the other parts are moved.
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let mut parts = parts.into_iter();
+    let mut users = parts.next().unwrap_or_default();
+    users.reserve_exact(total - users.len());
+    for part in parts {
+        users.extend(part);
+    }
+    Ok(users)
+}
+
+/// A second connection for reading, on a file `connect` has already checked.
+fn connect_reader(path: &Path) -> Result<Connection, SqliteError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| SqliteError::sqlite(path, "cannot open", e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot configure", e))?;
+    Ok(conn)
+}
+
+/// Decodes the users with `from <= rowid <= to` into `users`.
+fn read_range(
+    conn: &Connection,
+    path: &Path,
+    from: i64,
+    to: i64,
+    users: &mut Vec<User>,
+) -> Result<(), SqliteError> {
+    let read_err = |e| SqliteError::sqlite_on(conn, path, "cannot read users", e);
     let mut stmt = conn
-        .prepare("SELECT rowid, token, prompt_count, last_used_at, doc FROM users")
+        .prepare(
+            "SELECT rowid, token, prompt_count, last_used_at, doc FROM users
+             WHERE rowid BETWEEN ?1 AND ?2",
+        )
         .map_err(read_err)?;
-    let mut rows = stmt.query([]).map_err(read_err)?;
+    let mut rows = stmt.query([from, to]).map_err(read_err)?;
     while let Some(row) = rows.next().map_err(read_err)? {
         let rowid: i64 = row.get(0).map_err(read_err)?;
         let token = row.get_ref(1).and_then(|v| Ok(v.as_str()?));
@@ -284,7 +358,7 @@ fn load(path: &Path) -> Result<Vec<User>, SqliteError> {
             }
         }
     }
-    Ok(users)
+    Ok(())
 }
 
 const PUT: &str = "INSERT INTO users (token, doc, prompt_count, last_used_at)

@@ -187,6 +187,47 @@ async fn two_processes_on_one_file_add_up_their_counts() {
 }
 
 #[tokio::test]
+async fn a_large_file_loads_on_several_threads_with_every_user_once() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    for i in 0..1000 {
+        cache
+            .create(&User::new(format!("u{i:04}"), UserType::Normal, i))
+            .unwrap();
+    }
+    engine.flush().await.unwrap();
+    // Holes in the rowids, and rows past the first range's end.
+    for i in (0..1000).step_by(7) {
+        cache.remove(&format!("u{i:04}")).unwrap();
+    }
+    for i in 1000..1100 {
+        cache
+            .create(&User::new(format!("u{i:04}"), UserType::Normal, i))
+            .unwrap();
+    }
+    engine.flush().await.unwrap();
+    let mut expected: Vec<String> = cache.snapshot().into_iter().map(|u| u.token).collect();
+    expected.sort();
+    if std::thread::available_parallelism().map_or(1, usize::from) > 1 {
+        let mut loaded: Vec<String> = load_in_ranges(&path, 10)
+            .unwrap()
+            .into_iter()
+            .map(|u| u.token)
+            .collect();
+        loaded.sort();
+        assert_eq!(loaded, expected);
+    }
+    let mut single: Vec<String> = load_in_ranges(&path, i64::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|u| u.token)
+        .collect();
+    single.sort();
+    assert_eq!(single, expected);
+}
+
+#[tokio::test]
 async fn removed_users_are_deleted_and_others_kept() {
     let (_dir, path) = temp();
     let store = Arc::new(SqliteStore::open(&path).unwrap());
