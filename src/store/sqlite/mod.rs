@@ -6,7 +6,7 @@
 //!   Counted requests are added to the stored count, and the transaction records the batch's
 //!   number, so a retried batch is never added twice, a crash never counts a request twice,
 //!   and during a graceful upgrade the old and the new process's counts add up.
-//! - The schema is versioned and migrated on start (see [`schema`]); a file from a newer
+//! - The schema is versioned and migrated on start (see `schema.rs`); a file from a newer
 //!   tollgate, another application's file, a corrupt, read-only or unwritable one stops
 //!   start-up with one line naming the file and the problem.
 //! - No connection is open while tollgate starts: the file is checked and migrated, users are
