@@ -106,6 +106,13 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path, from: u32) -> Result<(
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| SqliteError::sqlite(path, "cannot start the schema migration", e))?;
+        // Another tollgate starting on the same file may have taken this step meanwhile.
+        let current: u32 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| SqliteError::sqlite(path, "cannot read the schema version", e))?;
+        if current > version {
+            continue;
+        }
         let step = MIGRATIONS[version as usize];
         let context = if version == 0 {
             "cannot create the schema"

@@ -490,3 +490,13 @@ fn oversized_counters_are_rejected_not_retried_forever() {
     };
     assert!(reason.contains("promptCount"), "{reason}");
 }
+
+#[test]
+fn a_step_another_process_took_meanwhile_is_skipped() {
+    // Two tollgates starting on one new file: both saw it empty, the first created the schema.
+    let (_dir, path) = temp();
+    SqliteStore::open(&path).unwrap();
+    let mut conn = raw(&path);
+    schema::migrate(&mut conn, &path, 0).unwrap();
+    assert_eq!(column::<u32>(&path, "PRAGMA user_version"), SCHEMA_VERSION);
+}
