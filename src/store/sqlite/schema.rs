@@ -95,8 +95,15 @@ pub(super) fn inspect(conn: &Connection, path: &Path) -> Result<Found, SqliteErr
 /// Brings the file to [`SCHEMA_VERSION`], one transaction per step: a step that fails leaves
 /// the file at the version before it.
 pub(super) fn migrate(conn: &mut Connection, path: &Path, from: u32) -> Result<(), SqliteError> {
+    if from == 0 {
+        info!(
+            "sqlite store {}: new database, schema version {SCHEMA_VERSION}",
+            path.display()
+        );
+    }
     for version in from..SCHEMA_VERSION {
-        if version > 0 {
+        // A new file takes every step from zero: that is creation, not a migration.
+        if from > 0 {
             info!(
                 "sqlite store {}: migrating the schema from version {version} to {}",
                 path.display(),
