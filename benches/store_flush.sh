@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Does the SQLite store's flush stall the proxy? The same traffic through tollgate with the
+# memory store (never writes) and with the SQLite store flushing every second, as latency
+# percentiles side by side.
+#
+#   benches/store_flush.sh          (about 2 minutes plus the release build)
+#
+# An nginx origin answers a small body. tollgate runs in user_token mode with USERS users
+# (imported through the admin API) and rate limiting off; wrk sends requests with a random user
+# token each, so every flush writes the counters of (nearly) all USERS users: the steady state
+# of a busy instance, with the flush interval at its minimum (1 s) instead of the default 20 s.
+# Runs alternate memory and sqlite ROUNDS times; the table has the medians over rounds.
+#
+# Tunables (environment): ROUNDS (3), DURATION seconds per run (10), CONNECTIONS (16),
+# USERS (10000), PORT_BASE (19180), TOLLGATE_BIN (skip the build).
+# Only loopback addresses are used; every run is bounded by DURATION.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-16}
+USERS=${USERS:-10000}
+PORT_BASE=${PORT_BASE:-19180}
+ADMIN_KEY=bench-admin-key-0123456789
+
+log() { printf '%s store_flush: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+scripts/setup.sh wrk nginx-light curl
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [ -z "${TOLLGATE_BIN:-}" ]; then
+  log "building tollgate (release)"
+  cargo build --release --locked -p tollgate --bin tollgate >&2
+  TOLLGATE_BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
+fi
+
+ORIGIN_PORT=$PORT_BASE
+PROXY_PORT=$((PORT_BASE + 1))
+ADMIN_PORT=$((PORT_BASE + 2))
+WORK=$(mktemp -d /tmp/tollgate-store-flush.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK/tmp"
+cat >"$WORK/origin.conf" <<EOF
+worker_processes 1;
+pid $WORK/origin.pid;
+error_log $WORK/origin.error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp/body;
+  proxy_temp_path $WORK/tmp/proxy;
+  fastcgi_temp_path $WORK/tmp/fastcgi;
+  uwsgi_temp_path $WORK/tmp/uwsgi;
+  scgi_temp_path $WORK/tmp/scgi;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT;
+    location / { default_type text/plain; return 200 "hello from origin\n"; }
+  }
+}
+EOF
+"$NGINX" -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off;' 2>>"$WORK/origin.stderr" &
+PIDS+=($!)
+
+python3 - "$USERS" >"$WORK/users.json" <<'EOF'
+import json, sys
+print(json.dumps({"users": [{"token": "bench-%06d" % i} for i in range(int(sys.argv[1]))]}))
+EOF
+cat >"$WORK/random-user.lua" <<EOF
+math.randomseed(os.time())
+request = function()
+  local i = math.random(0, $USERS - 1)
+  return wrk.format("GET", "/small", {["Authorization"] = string.format("Bearer bench-%06d", i)})
+end
+EOF
+
+wait_port() {
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  die "nothing listens on port $1 (logs in $WORK)"
+}
+
+# One run: start tollgate with store $1, import the users, drive it, print
+# "requests/s p50_ms p99_ms" and stop it.
+run() {
+  rm -f "$WORK"/tollgate.db*
+  cat >"$WORK/$1.yaml" <<EOF
+listen: ["127.0.0.1:$PROXY_PORT"]
+pingora:
+  threads: 2
+  grace_period_seconds: 0
+  graceful_shutdown_timeout_seconds: 1
+  upgrade_sock: $WORK/upgrade.sock
+upstream:
+  addrs: ["127.0.0.1:$ORIGIN_PORT"]
+gatekeeper:
+  mode: user_token
+rate_limit:
+  requests_per_minute: 0
+admin:
+  listen: "127.0.0.1:$ADMIN_PORT"
+store:
+  kind: $1
+  flush_interval_seconds: 1
+  sqlite:
+    path: $WORK/tollgate.db
+EOF
+  ADMIN_KEY=$ADMIN_KEY RUST_LOG=warn "$TOLLGATE_BIN" -c "$WORK/$1.yaml" 2>>"$WORK/$1.stderr" &
+  local pid=$!
+  wait_port "$PROXY_PORT"
+  curl -sf -o /dev/null -X PUT -H "Authorization: Bearer $ADMIN_KEY" \
+    -H 'content-type: application/json' --data-binary @"$WORK/users.json" \
+    "http://127.0.0.1:$ADMIN_PORT/admin/users" || die "import failed"
+  wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/random-user.lua" \
+    "http://127.0.0.1:$PROXY_PORT/small" >"$WORK/wrk.out"
+  kill -TERM "$pid"
+  wait "$pid" || true
+  python3 - "$WORK/wrk.out" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+lat = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", text, re.M)}
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+if bad:
+    sys.exit("non-2xx responses: " + bad.group(1))
+print(f"{rps:.0f} {lat['50']:.3f} {lat['99']:.3f}")
+EOF
+}
+
+: >"$WORK/results"
+for round in $(seq "$ROUNDS"); do
+  for kind in memory sqlite; do
+    log "round $round: $kind"
+    echo "$kind $(run "$kind")" >>"$WORK/results"
+  done
+done
+
+python3 - "$WORK/results" "$USERS" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    kind, *vals = line.split()
+    rows.setdefault(kind, []).append([float(v) for v in vals])
+print(f"| store (flush every 1 s, {int(sys.argv[2]):,} users active) | requests/s | p50 ms | p99 ms |")
+print("|---|---|---|---|")
+for kind in ("memory", "sqlite"):
+    med = [statistics.median(col) for col in zip(*rows[kind])]
+    print(f"| {kind} | {med[0]:,.0f} | {med[1]:.2f} | {med[2]:.2f} |")
+EOF
