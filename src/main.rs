@@ -18,6 +18,11 @@ use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
 use tollgate::users::UserCache;
 
+/// mimalloc instead of glibc's malloc: Pingora allocates and frees many small objects per
+/// request (headers, tasks, buffers); see docs/performance.md for the measured difference.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Pingora's flags (`-c`, `-d`, `-t`, `-u`) are tollgate's flags.
 #[derive(Parser, Debug)]
 #[command(

@@ -45,11 +45,12 @@ pub(super) fn build(
         }
     }
     let user_set = |k: &str| section.contains_key(k);
-    let (set_grace, set_timeout, set_sock, set_pid) = (
+    let (set_grace, set_timeout, set_sock, set_pid, set_stealing) = (
         user_set("grace_period_seconds"),
         user_set("graceful_shutdown_timeout_seconds"),
         user_set("upgrade_sock"),
         user_set("pid_file"),
+        user_set("work_stealing"),
     );
     let mut conf: ServerConf =
         serde_path_to_error::deserialize(serde_yaml::Value::Mapping(section)).map_err(|e| {
@@ -70,6 +71,11 @@ pub(super) fn build(
     }
     if !set_pid {
         conf.pid_file = DEFAULT_PID_FILE.to_string();
+    }
+    if !set_stealing && conf.threads == 1 {
+        // One worker has nobody to steal from: a single-threaded runtime does the same work
+        // without the multi-threaded scheduler's atomics and wake-ups (docs/performance.md).
+        conf.work_stealing = false;
     }
     if conf.threads == 0 {
         return Err(ConfigError::new(

@@ -78,6 +78,20 @@ fn pingora_values_are_type_checked_and_kept() {
 }
 
 #[test]
+fn one_worker_thread_runs_without_work_stealing_unless_asked() {
+    let stealing = |pingora: &str| {
+        load(&format!("{MINIMAL}pingora:\n{pingora}"), &[])
+            .unwrap()
+            .server
+            .work_stealing
+    };
+    assert!(!stealing("  threads: 1\n"));
+    assert!(stealing("  threads: 1\n  work_stealing: true\n"));
+    assert!(stealing("  threads: 2\n"));
+    assert!(!stealing("  threads: 2\n  work_stealing: false\n"));
+}
+
+#[test]
 fn wrong_types_name_the_key() {
     assert_eq!(
         key_of(&format!(

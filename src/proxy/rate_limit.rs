@@ -1,18 +1,17 @@
-//! Rate limiting on pingora-limits' `Rate`, read as a sliding window: the previous window's
-//! count is weighted by how much of it still overlaps the last window-length of time. A fixed
-//! window would let a client send twice the limit across a boundary; this does not.
+//! Rate limiting as a sliding window: the previous window's count is weighted by how much of
+//! it still overlaps the last window-length of time. A fixed window would let a client send
+//! twice the limit across a boundary; this does not.
 //!
-//! Keys are hashed once per request (a keyed SipHash) and the sketch only sees the `u64`.
+//! Keys are hashed once per request (a keyed SipHash); the counts live in a count-min sketch
+//! ([`WindowSketch`]) whose counters for one key, in both windows, share one cache line, so a
+//! check and its count touch one line of memory however many clients there are.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use pingora_limits::inflight::{Guard, Inflight};
-use pingora_limits::rate::{Rate, RateComponents};
-
-/// Rows of the count-min sketch: over-counting needs a collision in every row.
-const HASHES: usize = 4;
 
 /// What a limiter is keyed by. Users are limited per token across IPs; everyone else per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,16 +50,16 @@ pub enum RateDecision {
 
 /// A sliding-window limit of `limit` events per `window` per key.
 pub struct SlidingWindowLimiter {
-    rate: Rate,
+    sketch: WindowSketch,
     limit: u32,
     window_ms: f64,
 }
 
 impl SlidingWindowLimiter {
-    /// `slots` per hash row: sized for the number of distinct keys active per window.
+    /// `slots`: sized for the number of distinct keys active per window.
     pub fn new(limit: u32, window: Duration, slots: usize) -> Self {
         Self {
-            rate: Rate::new_with_estimator_config(window, HASHES, slots),
+            sketch: WindowSketch::new(window, slots),
             limit,
             window_ms: window.as_millis() as f64,
         }
@@ -74,10 +73,10 @@ impl SlidingWindowLimiter {
     /// off for `Retry-After` gets through).
     #[inline]
     pub fn check_and_count(&self, key: u64, now_ms: u64) -> RateDecision {
-        let window = self.window(key);
-        let decision = decide(window, self.limit, now_ms);
+        let (counts, slot) = self.sketch.counts(key);
+        let decision = decide(self.window(counts), self.limit, now_ms);
         if matches!(decision, RateDecision::Allowed { .. }) {
-            self.rate.observe(&key, 1);
+            self.sketch.add(slot);
         }
         decision
     }
@@ -85,23 +84,198 @@ impl SlidingWindowLimiter {
     /// Whether `key` is over the limit, without counting anything.
     #[inline]
     pub fn check(&self, key: u64, now_ms: u64) -> RateDecision {
-        decide(self.window(key), self.limit, now_ms)
+        let (counts, _) = self.sketch.counts(key);
+        decide(self.window(counts), self.limit, now_ms)
     }
 
     /// Counts one event without checking.
     #[inline]
     pub fn count(&self, key: u64) {
-        self.rate.observe(&key, 1);
+        let (_, slot) = self.sketch.counts(key);
+        self.sketch.add(slot);
     }
 
-    fn window(&self, key: u64) -> Window {
-        let length_ms = self.window_ms;
-        self.rate.rate_with(&key, |c: RateComponents| Window {
-            previous: c.prev_samples.max(0) as f64,
-            current: c.curr_samples.max(0) as f64,
-            elapsed: c.current_interval_fraction.clamp(0.0, 1.0),
-            length_ms,
-        })
+    #[inline]
+    fn window(&self, counts: Counts) -> Window {
+        Window {
+            previous: f64::from(counts.previous),
+            current: f64::from(counts.current),
+            elapsed: counts.elapsed.clamp(0.0, 1.0),
+            length_ms: self.window_ms,
+        }
+    }
+}
+
+/// Counters per window in one block: a key uses 4 of them, chosen by its hash.
+const PER_WINDOW: usize = 8;
+/// Hash rows of the sketch: over-counting a key needs collisions on all of its counters.
+const HASHES: usize = 4;
+
+/// One cache line: 8 counters of window A, then 8 of window B.
+#[repr(C, align(64))]
+struct Block([AtomicU32; 2 * PER_WINDOW]);
+
+/// The 70 ways to pick 4 of a block's 8 counters, as bit masks.
+const SUBSETS: [u8; 70] = {
+    let mut out = [0u8; 70];
+    let mut n = 0;
+    let mut mask = 0u16;
+    while mask < 256 {
+        if mask.count_ones() == HASHES as u32 {
+            out[n] = mask as u8;
+            n += 1;
+        }
+        mask += 1;
+    }
+    out
+};
+
+/// Where a key's counters are: its block and which 4 of the block's 8 per window.
+#[derive(Clone, Copy)]
+struct Slot {
+    block: usize,
+    mask: u8,
+    /// The half of the block counting the current window when the slot was read.
+    current: usize,
+}
+
+/// A key's counts in the previous and current windows, and how far into the current window
+/// we are (0..1).
+#[derive(Clone, Copy, Debug)]
+struct Counts {
+    previous: u32,
+    current: u32,
+    elapsed: f64,
+}
+
+/// Two count-min sketches, one per window, that rotate like pingora-limits' `Rate` (the
+/// current window becomes the previous one every `window`, counted from creation). Unlike
+/// `Rate`, whose four rows per window are separate arrays hashed separately (eight cache lines
+/// and twelve hashes per check and count), a key's counters for both windows sit in one
+/// 64-byte block picked from its (already keyed-hashed) value.
+struct WindowSketch {
+    blocks: Box<[Block]>,
+    /// Which half (0 or 1) of every block counts the current window.
+    current: AtomicUsize,
+    start: Instant,
+    interval_ms: u64,
+    /// When the current window began, in ms since `start`.
+    last_reset_ms: AtomicU64,
+}
+
+impl WindowSketch {
+    /// As many counters per window as a 4-row sketch `slots` wide: `slots / 2` blocks.
+    fn new(window: Duration, slots: usize) -> Self {
+        let blocks = (slots * HASHES / PER_WINDOW).max(1);
+        Self {
+            blocks: (0..blocks)
+                .map(|_| Block(std::array::from_fn(|_| AtomicU32::new(0))))
+                .collect(),
+            current: AtomicUsize::new(0),
+            start: Instant::now(),
+            interval_ms: (window.as_millis() as u64).max(1),
+            last_reset_ms: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    fn slot(&self, key: u64) -> Slot {
+        // `key` is a keyed SipHash already; one multiply spreads even small test keys. The high
+        // bits pick the block (no division), the low bits the counters within it.
+        let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (key >> 29);
+        let block = ((u128::from(mixed) * self.blocks.len() as u128) >> 64) as usize;
+        let mask = SUBSETS[(mixed as u32 as usize) % SUBSETS.len()];
+        Slot {
+            block,
+            mask,
+            current: 0,
+        }
+    }
+
+    /// Starts a new window when the current one is over; returns the ms since the current
+    /// window began (as it was before any reset), as `Rate` does.
+    #[inline]
+    fn maybe_reset(&self) -> u64 {
+        let now = self.start.elapsed().as_millis() as u64;
+        let last = self.last_reset_ms.load(Ordering::Acquire);
+        let past = now.saturating_sub(last);
+        if past < self.interval_ms {
+            return past;
+        }
+        let current = self.current.load(Ordering::Acquire);
+        if self
+            .last_reset_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // The previous window's half is cleared and becomes the current one.
+            self.clear(current ^ 1);
+            self.current.store(current ^ 1, Ordering::Release);
+            if past >= self.interval_ms * 2 {
+                // Nothing happened for two windows: the old current one is stale too.
+                self.clear(current);
+            }
+        }
+        past
+    }
+
+    fn clear(&self, half: usize) {
+        for block in self.blocks.iter() {
+            for counter in &block.0[half * PER_WINDOW..(half + 1) * PER_WINDOW] {
+                counter.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[inline]
+    fn min(block: &Block, half: usize, mask: u8) -> u32 {
+        let counters = &block.0[half * PER_WINDOW..(half + 1) * PER_WINDOW];
+        let mut min = u32::MAX;
+        for (i, counter) in counters.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                min = min.min(counter.load(Ordering::Relaxed));
+            }
+        }
+        min
+    }
+
+    /// The key's counts, and its slot for a following [`add`](Self::add).
+    #[inline]
+    fn counts(&self, key: u64) -> (Counts, Slot) {
+        let past = self.maybe_reset();
+        let mut slot = self.slot(key);
+        let current = self.current.load(Ordering::Acquire);
+        slot.current = current;
+        let block = &self.blocks[slot.block];
+        let (previous, current_count) = if past >= self.interval_ms * 2 {
+            (0, 0)
+        } else if past >= self.interval_ms {
+            // A reset just happened: the window that ended is the previous one now.
+            (Self::min(block, current ^ 1, slot.mask), 0)
+        } else {
+            (
+                Self::min(block, current ^ 1, slot.mask),
+                Self::min(block, current, slot.mask),
+            )
+        };
+        let counts = Counts {
+            previous,
+            current: current_count,
+            elapsed: (past % self.interval_ms) as f64 / self.interval_ms as f64,
+        };
+        (counts, slot)
+    }
+
+    /// Counts one event in the window that was current when `slot` was read.
+    #[inline]
+    fn add(&self, slot: Slot) {
+        let block = &self.blocks[slot.block];
+        let counters = &block.0[slot.current * PER_WINDOW..(slot.current + 1) * PER_WINDOW];
+        for (i, counter) in counters.iter().enumerate() {
+            if slot.mask & (1 << i) != 0 {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 

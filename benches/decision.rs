@@ -1,0 +1,238 @@
+//! Microbenchmarks of the proxy's hot path and of the admin bulk import.
+//!
+//! `cargo bench --bench decision` measures; `cargo test --benches` (CI) runs every benchmark
+//! once with small user counts so that they keep compiling and running.
+//!
+//! - `decision/user_token/N`: `Proxy::decide`, the whole admission decision of
+//!   `request_filter` (client IP, credential extraction from the `RequestHeader`, user cache
+//!   lookup, IP check, auth-failure and rate-limit checks), for a uniformly random user among
+//!   N cached ones (1,000, 100,000, 1,000,000) whose IP is already recorded (steady state).
+//! - `decision/8_threads_during_import/100000`: the same with 8 threads deciding at once while
+//!   another thread keeps bulk-importing users; the time is wall time per decision.
+//! - `admin/bulk_import/100000`: `PUT /admin/users` with 100,000 new users: JSON parsing,
+//!   validation, cache inserts and the JSON reply.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use pingora::http::RequestHeader;
+use pingora::proxy::ProxyHttp;
+use tollgate::admin::users::UsersApi;
+use tollgate::clock::now_ms;
+use tollgate::config::Config;
+use tollgate::observe::Metrics;
+use tollgate::proxy::Proxy;
+use tollgate::store::StoreStatus;
+use tollgate::users::{User, UserCache, UserPatch, UserType};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 7));
+
+/// `cargo bench` passes `--bench`; `cargo test --benches` does not (criterion's test mode).
+fn measuring() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
+}
+
+/// A small, fast generator (xorshift); the benchmark needs spread, not quality.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn tokens(n: usize) -> Vec<String> {
+    (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect()
+}
+
+/// What the admin API creates, with the benchmark client's IP already recorded.
+fn user(token: &str) -> User {
+    let mut user = User::new(token.to_string(), UserType::Normal, now_ms());
+    user.ip = vec![CLIENT.to_string()];
+    user
+}
+
+/// tollgate in `user_token` mode with rate limiting on (high enough never to refuse).
+fn proxy(cache: Arc<UserCache>) -> Proxy {
+    let yaml = "listen: [\"127.0.0.1:7860\"]\n\
+                upstream:\n  addrs: [\"127.0.0.1:8080\"]\n\
+                gatekeeper:\n  mode: user_token\n\
+                rate_limit:\n  requests_per_minute: 1000000000\n\
+                store:\n  kind: memory\n";
+    let env: HashMap<String, String> = [("ADMIN_KEY".to_string(), "bench-admin-key".to_string())]
+        .into_iter()
+        .collect();
+    let config = Config::from_yaml(yaml, "bench", &env).expect("valid configuration");
+    let metrics = Arc::new(Metrics::new("user_token", "memory"));
+    Proxy::new(&config, cache, metrics, None)
+}
+
+fn request(token: &str) -> RequestHeader {
+    let mut req = RequestHeader::build("POST", b"/v1/chat/completions", Some(4)).unwrap();
+    req.append_header("host", "api.example.com").unwrap();
+    req.append_header("authorization", format!("Bearer {token}"))
+        .unwrap();
+    req.append_header("content-type", "application/json")
+        .unwrap();
+    req
+}
+
+/// One request's admission, as `request_filter` makes it.
+#[inline]
+fn decide(proxy: &Proxy, req: &RequestHeader) {
+    let mut ctx = proxy.new_ctx();
+    let outcome = proxy.decide(req, CLIENT, now_ms(), &mut ctx);
+    assert!(outcome.is_ok(), "the benchmark's requests are all admitted");
+    black_box(&ctx);
+}
+
+fn decision(c: &mut Criterion) {
+    let sizes: &[usize] = if measuring() {
+        &[1_000, 100_000, 1_000_000]
+    } else {
+        &[1_000]
+    };
+    let mut group = c.benchmark_group("decision/user_token");
+    for &n in sizes {
+        let tokens = tokens(n);
+        let cache = Arc::new(UserCache::default());
+        cache.load(tokens.iter().map(|t| user(t)));
+        let proxy = proxy(Arc::clone(&cache));
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter_batched_ref(
+                || request(&tokens[rng.below(n)]),
+                |req| decide(&proxy, req),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// Imports batches of new users until `stop`, as an admin bulk import (then the store sync)
+/// would, removing them again once 100,000 are in so that memory stays bounded.
+fn importer(cache: &UserCache, stop: &AtomicBool, batch: usize) -> usize {
+    let mut imported = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let mut added = Vec::new();
+        while added.len() < 100_000 && !stop.load(Ordering::Relaxed) {
+            let items: Vec<(String, UserPatch)> = tokens(batch)
+                .into_iter()
+                .map(|t| (t, UserPatch::default()))
+                .collect();
+            cache.upsert_many(&items, now_ms());
+            let taken = cache.take_changes(usize::MAX);
+            cache.acknowledge(&taken.changes, true);
+            imported += items.len();
+            added.extend(items.into_iter().map(|(t, _)| t));
+        }
+        for token in &added {
+            let _ = cache.remove(token);
+        }
+        let taken = cache.take_changes(usize::MAX);
+        cache.acknowledge(&taken.changes, true);
+    }
+    imported
+}
+
+fn decision_under_import(c: &mut Criterion) {
+    const THREADS: usize = 8;
+    let n = if measuring() { 100_000 } else { 1_000 };
+    let batch = if measuring() { 1_000 } else { 100 };
+    let tokens = tokens(n);
+    let cache = Arc::new(UserCache::default());
+    cache.load(tokens.iter().map(|t| user(t)));
+    let proxy = proxy(Arc::clone(&cache));
+    // Per thread, requests for 4,096 random users, cycled.
+    let requests: Vec<Vec<RequestHeader>> = (0..THREADS)
+        .map(|i| {
+            let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ (i as u64 + 1));
+            (0..4096).map(|_| request(&tokens[rng.below(n)])).collect()
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let import = s.spawn(|| importer(&cache, &stop, batch));
+        let mut group = c.benchmark_group("decision/8_threads_during_import");
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter_custom(|iters| {
+                let per_thread = iters.div_ceil(THREADS as u64) as usize;
+                let start = Instant::now();
+                std::thread::scope(|t| {
+                    for reqs in &requests {
+                        let proxy = &proxy;
+                        t.spawn(move || {
+                            for req in reqs.iter().cycle().take(per_thread) {
+                                decide(proxy, req);
+                            }
+                        });
+                    }
+                });
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (per_thread * THREADS) as f64)
+            })
+        });
+        group.finish();
+        stop.store(true, Ordering::Relaxed);
+        let imported = import.join().expect("importer");
+        assert!(imported > 0, "the import ran during the benchmark");
+    });
+}
+
+fn bulk_import(c: &mut Criterion) {
+    let n = if measuring() { 100_000 } else { 1_000 };
+    let users: Vec<serde_json::Value> = tokens(n)
+        .into_iter()
+        .map(|t| serde_json::json!({ "token": t, "meta": {} }))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({ "users": users })).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("admin/bulk_import");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_with_input(BenchmarkId::from_parameter(n), &body, |b, body| {
+        b.iter_batched(
+            || {
+                let cache = Arc::new(UserCache::default());
+                UsersApi {
+                    status: StoreStatus::new("memory", Arc::clone(&cache)),
+                    cache,
+                    // Nothing confirms writes here: answer 202 at once instead of waiting.
+                    persist_timeout: Duration::ZERO,
+                }
+            },
+            |api| {
+                let reply = runtime.block_on(api.upsert_many(body)).expect("import");
+                assert_eq!(api.cache.len(), n);
+                black_box(reply);
+                api
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decision, decision_under_import, bulk_import);
+criterion_main!(benches);

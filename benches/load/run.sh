@@ -1,0 +1,361 @@
+#!/usr/bin/env bash
+# tollgate side by side with what operators would otherwise run, in one run, as ratios.
+#
+#   benches/load/run.sh            (about 5 minutes plus the release build)
+#
+# One nginx origin (1 worker) serves a small body (/small, 18 bytes) and a 64 KiB body (/64k).
+# Each round then drives, in turn, with wrk over loopback:
+#   direct      the origin itself
+#   nginx       nginx as a reverse proxy, upstream keep-alive
+#   tg-pass     tollgate, gatekeeper `none`, rate limiting off (pass-through)
+#   tg-user     tollgate, gatekeeper `user_token`, rate limiting on (never triggers), 100,000
+#               users imported through the admin API
+# for both bodies. Rounds alternate the cases (order rotated each round) so that the noise of
+# a shared machine falls on all of them alike; the table reports per case the median over
+# rounds of requests/s, p50, p99 and the proxy's CPU time per request, then the ratios.
+#
+# Tunables (environment): ROUNDS (3), DURATION seconds per run (8), WARMUP seconds (2),
+# CONNECTIONS (32), WRK_THREADS (1), WORKERS proxy workers for both nginx and tollgate (2),
+# USERS (100000), BODIES ("small 64k"), PORT_BASE (19080), TOLLGATE_BIN (skip the build),
+# OUT (Markdown table; default <target dir>/bench/load.md).
+#
+# Nothing is pinned to cores: wrk, the origin and the proxy share the machine's cores, as they
+# would on a small box. Only loopback addresses are used, and every run is bounded by DURATION.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-2}
+CONNECTIONS=${CONNECTIONS:-32}
+WRK_THREADS=${WRK_THREADS:-1}
+WORKERS=${WORKERS:-2}
+USERS=${USERS:-100000}
+BODIES=${BODIES:-"small 64k"}
+PORT_BASE=${PORT_BASE:-19080}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+OUT=${OUT:-$TARGET_DIR/bench/load.md}
+ADMIN_KEY=bench-admin-key-0123456789
+
+log() { printf '%s load: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+scripts/setup.sh wrk nginx-light curl
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || die "nginx not found after setup"
+
+if [ -z "${TOLLGATE_BIN:-}" ]; then
+  log "building tollgate (release)"
+  cargo build --release --locked -p tollgate --bin tollgate >&2
+  TOLLGATE_BIN=$TARGET_DIR/release/tollgate
+fi
+[ -x "$TOLLGATE_BIN" ] || die "no tollgate binary at $TOLLGATE_BIN"
+
+ORIGIN_PORT=$PORT_BASE
+NGINX_PORT=$((PORT_BASE + 1))
+PASS_PORT=$((PORT_BASE + 2))
+PASS_ADMIN=$((PORT_BASE + 3))
+USER_PORT=$((PORT_BASE + 4))
+USER_ADMIN=$((PORT_BASE + 5))
+for port in $ORIGIN_PORT $NGINX_PORT $PASS_PORT $PASS_ADMIN $USER_PORT $USER_ADMIN; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is in use (set PORT_BASE)"
+  fi
+done
+
+WORK=$(mktemp -d /tmp/tollgate-load.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  # SIGINT is a fast shutdown for both nginx (which then stops its workers) and tollgate.
+  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- nginx: origin and proxy
+
+mkdir -p "$WORK/www" "$WORK/tmp"
+head -c 65536 /dev/zero | tr '\0' 'x' >"$WORK/www/64k"
+nginx_common() {
+  cat <<EOF
+pid $WORK/$1.pid;
+error_log $WORK/$1.error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+http_common() {
+  cat <<EOF
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path $WORK/tmp/body;
+  proxy_temp_path $WORK/tmp/proxy;
+  fastcgi_temp_path $WORK/tmp/fastcgi;
+  uwsgi_temp_path $WORK/tmp/uwsgi;
+  scgi_temp_path $WORK/tmp/scgi;
+EOF
+}
+{
+  echo "worker_processes 1;"
+  nginx_common origin
+  echo "http {"
+  http_common
+  cat <<EOF
+  sendfile on;
+  tcp_nopush on;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT;
+    location = /small { default_type text/plain; return 200 "hello from origin\n"; }
+    location = /64k { default_type application/octet-stream; root $WORK/www; }
+  }
+}
+EOF
+} >"$WORK/origin.conf"
+# The proxy gets what an operator would give it: upstream keep-alive (HTTP/1.1, no
+# Connection header), X-Forwarded-For set as tollgate sets it, buffers large enough that a
+# 64 KiB response never goes to a temporary file, and as many workers as tollgate has threads.
+{
+  echo "worker_processes $WORKERS;"
+  nginx_common proxy
+  echo "http {"
+  http_common
+  cat <<EOF
+  upstream origin {
+    server 127.0.0.1:$ORIGIN_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffer_size 8k;
+      proxy_buffers 16 8k;
+    }
+  }
+}
+EOF
+} >"$WORK/proxy.conf"
+
+start_nginx() {
+  "$NGINX" -t -q -p "$WORK" -c "$WORK/$1.conf" || die "nginx rejected $1.conf"
+  "$NGINX" -p "$WORK" -c "$WORK/$1.conf" -g 'daemon off;' 2>>"$WORK/$1.stderr" &
+  PIDS+=($!)
+  eval "${1^^}_PID=$!"
+}
+
+# ---------------------------------------------------------------- tollgate: two instances
+
+tollgate_conf() { # name port admin_port mode requests_per_minute
+  cat <<EOF
+listen: ["127.0.0.1:$2"]
+pingora:
+  threads: $WORKERS
+  grace_period_seconds: 1
+  graceful_shutdown_timeout_seconds: 1
+  upgrade_sock: $WORK/$1.sock
+  pid_file: $WORK/$1.pid
+upstream:
+  addrs: ["127.0.0.1:$ORIGIN_PORT"]
+gatekeeper:
+  mode: $4
+rate_limit:
+  requests_per_minute: $5
+admin:
+  listen: "127.0.0.1:$3"
+store:
+  kind: memory
+access_log:
+  enabled: false
+EOF
+}
+tollgate_conf pass "$PASS_PORT" "$PASS_ADMIN" none 0 >"$WORK/pass.yaml"
+# 1e9 per minute: on, and far above what one token can send here.
+tollgate_conf user "$USER_PORT" "$USER_ADMIN" user_token 1000000000 >"$WORK/user.yaml"
+
+start_tollgate() {
+  ADMIN_KEY=$ADMIN_KEY "$TOLLGATE_BIN" -t -c "$WORK/$1.yaml" >/dev/null || die "tollgate rejected $1.yaml"
+  ADMIN_KEY=$ADMIN_KEY RUST_LOG=warn "$TOLLGATE_BIN" -c "$WORK/$1.yaml" 2>>"$WORK/$1.stderr" &
+  PIDS+=($!)
+  eval "${1^^}_PID=$!"
+}
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "nothing listens on port $1 (logs in $WORK)"
+}
+
+log "starting the origin, nginx proxy ($WORKERS workers) and two tollgates ($WORKERS threads)"
+start_nginx origin
+start_nginx proxy
+start_tollgate pass
+start_tollgate user
+for port in $ORIGIN_PORT $NGINX_PORT $PASS_PORT $PASS_ADMIN $USER_PORT $USER_ADMIN; do
+  wait_port "$port"
+done
+
+# ---------------------------------------------------------------- users
+
+log "importing $USERS users into tollgate (user_token) through the admin API"
+awk -v n="$USERS" 'BEGIN {
+  srand(20240601)
+  printf "{\"users\":["
+  for (i = 0; i < n; i++) {
+    printf "%s{\"token\":\"%08x-%04x-4%03x-%04x-%04x%08x\",\"meta\":{}}", (i ? "," : ""),
+      int(rand() * 4294967296), int(rand() * 65536), int(rand() * 4096),
+      32768 + int(rand() * 16384), int(rand() * 65536), int(rand() * 4294967296)
+  }
+  printf "]}"
+}' >"$WORK/users.json"
+code=$(curl -sS -o "$WORK/import.out" -w '%{http_code}' -X PUT \
+  -H "Authorization: Bearer $ADMIN_KEY" -H 'content-type: application/json' \
+  --data-binary "@$WORK/users.json" "http://127.0.0.1:$USER_ADMIN/admin/users")
+case $code in 200 | 202) ;; *) die "bulk import answered $code: $(head -c 300 "$WORK/import.out")" ;; esac
+# The client's token: one from the middle of the import.
+TOKEN=$(grep -o '"token":"[^"]*"' "$WORK/users.json" | sed -n "$((USERS / 2 + 1))p" | cut -d'"' -f4)
+cached=$(curl -sS -H "Authorization: Bearer $ADMIN_KEY" "http://127.0.0.1:$USER_ADMIN/metrics" |
+  awk '/^tollgate_users_cached /{print $2}')
+[ "$cached" = "$USERS" ] || die "tollgate holds $cached users, expected $USERS"
+USER_RSS_KB=$(awk '/^VmRSS/{print $2}' "/proc/$USER_PID/status")
+
+# ---------------------------------------------------------------- cases
+
+port_of() {
+  case $1 in
+    direct) echo "$ORIGIN_PORT" ;; nginx) echo "$NGINX_PORT" ;;
+    tg-pass) echo "$PASS_PORT" ;; tg-user) echo "$USER_PORT" ;;
+  esac
+}
+pid_of() { # the process that does the case's proxying (nginx: its master; workers are summed)
+  case $1 in
+    direct) echo "$ORIGIN_PID" ;; nginx) echo "$PROXY_PID" ;;
+    tg-pass) echo "$PASS_PID" ;; tg-user) echo "$USER_PID" ;;
+  esac
+}
+# CPU ticks (user+system) of a process and its children processes (nginx workers).
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$1" $(cat "/proc/$1/task/"*/children 2>/dev/null); do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+CASES=(direct nginx tg-pass tg-user)
+for body in $BODIES; do
+  for c in "${CASES[@]}"; do
+    out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' \
+      -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$(port_of "$c")/$body")
+    want=18
+    [ "$body" = 64k ] && want=65536
+    [ "$out" = "200 $want" ] || die "$c /$body answered '$out', expected '200 $want'"
+  done
+done
+
+run_wrk() { # case body seconds -> "rps p50_us p99_us cpu_us_per_req origin_cpu_us_per_req"
+  local c=$1 body=$2 secs=$3 pid out before after obefore oafter
+  pid=$(pid_of "$c")
+  before=$(cpu_ticks "$pid")
+  obefore=$(cpu_ticks "$ORIGIN_PID")
+  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency \
+    -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$(port_of "$c")/$body")
+  after=$(cpu_ticks "$pid")
+  oafter=$(cpu_ticks "$ORIGIN_PID")
+  if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
+    log "$c /$body: wrk reported errors:"
+    grep 'Non-2xx\|Socket errors' <<<"$out" >&2
+    die "$c /$body is not answering cleanly"
+  fi
+  awk -v cpu=$(((after - before) * TICK_US)) -v ocpu=$(((oafter - obefore) * TICK_US)) '
+    function us(v) {
+      if (v ~ /us$/) return v + 0
+      if (v ~ /ms$/) return v * 1000
+      if (v ~ /s$/) return v * 1000000
+      return v
+    }
+    /requests in/ { n = $1 }
+    /Requests\/sec:/ { rps = $2 }
+    $1 == "50%" { p50 = us($2) }
+    $1 == "99%" { p99 = us($2) }
+    END { printf "%.0f %.0f %.0f %.2f %.2f\n", rps, p50, p99, (n ? cpu / n : 0), (n ? ocpu / n : 0) }
+  ' <<<"$out"
+}
+
+log "warm-up (${WARMUP}s per case)"
+for body in $BODIES; do
+  for c in "${CASES[@]}"; do run_wrk "$c" "$body" "$WARMUP" >/dev/null; done
+done
+
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+total=$((ROUNDS * ${#CASES[@]} * $(wc -w <<<"$BODIES") * DURATION))
+log "measuring: $ROUNDS rounds x ${#CASES[@]} cases x bodies ($BODIES) x ${DURATION}s = ${total}s"
+for round in $(seq "$ROUNDS"); do
+  for body in $BODIES; do
+    for i in "${!CASES[@]}"; do
+      c=${CASES[$(((i + round - 1) % ${#CASES[@]}))]}
+      r=$(run_wrk "$c" "$body" "$DURATION")
+      printf '%s\t%s\t%s\t%s\n' "$body" "$c" "$round" "$r" | tr ' ' '\t' >>"$RESULTS"
+      log "round $round /$body $c: $r"
+    done
+  done
+done
+
+# ---------------------------------------------------------------- report
+
+median() { sort -n | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { awk -F'\t' -v b="$1" -v c="$2" -v k="$3" '$1 == b && $2 == c { print $k }' "$RESULTS" | median; }
+fmt_us() { awk -v v="$1" 'BEGIN { if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=" ? v >= t : v <= t); print (ok ? "met" : "NOT met") }'; }
+
+mkdir -p "$(dirname "$OUT")"
+{
+  echo "## Load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+  echo
+  echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); load average at start $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS workers/threads each; tollgate user_token: $USERS users cached, RSS $((USER_RSS_KB / 1024)) MiB."
+  echo
+  echo "| body | case | req/s | p50 | p99 | proxy CPU per request | origin CPU per request |"
+  echo "|---|---|---:|---:|---:|---:|---:|"
+  for body in $BODIES; do
+    for c in "${CASES[@]}"; do
+      cpu=$(col "$body" "$c" 7)
+      [ "$c" = direct ] && cpu_text="–" || cpu_text="$(printf '%.1f' "$cpu") µs"
+      printf '| %s | %s | %s | %s | %s | %s | %.1f µs |\n' "$body" "$c" "$(col "$body" "$c" 4)" \
+        "$(fmt_us "$(col "$body" "$c" 5)")" "$(fmt_us "$(col "$body" "$c" 6)")" "$cpu_text" "$(col "$body" "$c" 8)"
+    done
+  done
+  echo
+  echo "| body | tg-user / tg-pass req/s (target ≥ 0.95) | tg-pass / nginx req/s (target ≥ 0.80) | tg-pass / nginx p99 (target ≤ 1.5) | tg-pass / nginx CPU per request |"
+  echo "|---|---|---|---|---|"
+  for body in $BODIES; do
+    u=$(ratio "$(col "$body" tg-user 4)" "$(col "$body" tg-pass 4)")
+    p=$(ratio "$(col "$body" tg-pass 4)" "$(col "$body" nginx 4)")
+    l=$(ratio "$(col "$body" tg-pass 6)" "$(col "$body" nginx 6)")
+    k=$(ratio "$(col "$body" tg-pass 7)" "$(col "$body" nginx 7)")
+    echo "| $body | $u ($(verdict "$u" ">=" 0.95)) | $p ($(verdict "$p" ">=" 0.80)) | $l ($(verdict "$l" "<=" 1.5)) | $k |"
+  done
+} >"$OUT"
+cp "$RESULTS" "${OUT%.md}.tsv"
+echo
+cat "$OUT"
+echo
+log "table written to $OUT (raw runs: ${OUT%.md}.tsv)"
