@@ -422,6 +422,35 @@ fn graceful_shutdown_writes_everything() {
 }
 
 #[test]
+fn a_request_in_flight_at_sigterm_is_counted_too() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently("/users/u", older_user("u", json!({})))
+        .unwrap();
+    let mut tg = builder_flushing(&origin, &db, 3600)
+        .yaml("pingora:\n  threads: 2\n  grace_period_seconds: 3\n  graceful_shutdown_timeout_seconds: 2")
+        .start();
+    assert_eq!(proxy(&tg, "u"), StatusCode::OK);
+    let url = tg.url("/slow");
+    let slow = std::thread::spawn(move || {
+        crate::support::client()
+            .get(url)
+            .bearer_auth("u")
+            .header("x-origin-delay-ms", "1500")
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    assert!(crate::support::wait_until(
+        Duration::from_secs(5),
+        || origin.count() == 2
+    ));
+    // The engine's shutdown flush runs at once; the slow request is answered after it.
+    assert!(tg.stop().success());
+    assert_eq!(slow.join().unwrap().expect("answered"), 200);
+    assert_eq!(stored(&db, "/users/u/promptCount"), json!(2));
+}
+
+#[test]
 fn stream_survives_redirects_revocation_cancel_and_stalls() {
     let db = standin();
     let origin = Origin::start();
