@@ -21,8 +21,8 @@ export ADMIN_KEY="${ADMIN_KEY:-$(head -c 24 /dev/urandom | base64 | tr '+/' '-_'
 export GATEKEEPER=user_token
 
 python3 scripts/demo-origin.py 8080 &
-origin=$!
-trap 'kill $origin 2>/dev/null || true' EXIT
+# The origin goes when the demo goes (also on Ctrl-C).
+trap 'kill $! 2>/dev/null || true' EXIT
 
 cat <<INFO
 
@@ -44,10 +44,5 @@ cat <<INFO
 
 INFO
 
-# Ctrl-C becomes SIGTERM: tollgate's graceful shutdown writes pending changes (Pingora treats
-# SIGINT as a fast shutdown that skips the final flush).
-./target/release/tollgate -c conf/tollgate.yaml &
-tollgate=$!
-trap 'kill -TERM $tollgate 2>/dev/null || true' INT TERM
-wait $tollgate || true
-wait $tollgate 2>/dev/null || true
+# Ctrl-C stops it; pending user changes are written to data/tollgate.db before it exits.
+./target/release/tollgate -c conf/tollgate.yaml

@@ -70,7 +70,8 @@ fn main() -> ExitCode {
 }
 
 fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
-    let backend = store::open(&config.store).map_err(|e| format!("store: {e}"))?;
+    let backend = store::open(&config.store)
+        .map_err(|e| format!("store {}: {e}", config.store.kind.as_str()))?;
     let cache = Arc::new(load_users(&config, backend.as_ref())?);
     let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
     status.set_ready(true);

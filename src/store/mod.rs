@@ -50,10 +50,10 @@ pub struct ApplyReport {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Worth retrying: network, 5xx, busy database, full disk.
-    #[error("store unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
     /// Retrying will not help: bad credentials, permissions, corrupt data.
-    #[error("store refused: {0}")]
+    #[error("{0}")]
     Fatal(String),
 }
 

@@ -412,17 +412,23 @@ fn health_ready_and_metrics() {
     let token = tg.create_user(json!({}));
     http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
     http.get(tg.url("/a")).bearer_auth("nope").send().unwrap();
-    let metrics = http
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    assert!(
-        metrics.contains(r#"tollgate_requests_total{mode="user_token",result="proxied"} 1"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains(r#"tollgate_requests_total{mode="user_token",result="401"} 1"#));
-    assert!(metrics.contains("tollgate_users_cached 1"));
-    assert!(metrics.contains("tollgate_upstream_latency_seconds_count 1"));
+    // Requests are counted when they end, just after the client has its answer: poll.
+    let expected = [
+        r#"tollgate_requests_total{mode="user_token",result="proxied"} 1"#,
+        r#"tollgate_requests_total{mode="user_token",result="401"} 1"#,
+        "tollgate_users_cached 1",
+        "tollgate_upstream_latency_seconds_count 1",
+    ];
+    let scrape = || {
+        http.get(tg.admin_url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    let complete = crate::support::wait_until(std::time::Duration::from_secs(5), || {
+        let metrics = scrape();
+        expected.iter().all(|line| metrics.contains(line))
+    });
+    assert!(complete, "{}", scrape());
 }

@@ -326,6 +326,27 @@ fn sigterm_under_traffic_loses_nothing() {
 }
 
 #[test]
+fn sigint_writes_pending_changes_too() {
+    let origin = Origin::start();
+    // Pingora's SIGINT is a fast shutdown (no grace period); tollgate still writes what it
+    // counted once the services have stopped.
+    let mut tg = sqlite(&origin, 3600).start();
+    let token = tg.create_user(json!({"type": "special"}));
+    for _ in 0..20 {
+        assert_eq!(proxied(&tg, &token), 200);
+    }
+    tg.signal(libc::SIGINT);
+    tg.wait_exit(Duration::from_secs(20))
+        .expect("exits after SIGINT");
+    assert_eq!(
+        stored_prompt_count(&db_path(&tg), &token),
+        Some(20),
+        "{}",
+        tg.log()
+    );
+}
+
+#[test]
 fn a_graceful_upgrade_keeps_the_counts_of_both_processes() {
     let origin = Origin::start();
     // Long flush interval: the old process writes its requests only as it exits, after the
