@@ -15,12 +15,15 @@
 # rounds of requests/s, p50, p99 and the proxy's CPU time per request, then the ratios.
 #
 # Tunables (environment): ROUNDS (3), DURATION seconds per run (8), WARMUP seconds (2),
-# CONNECTIONS (32), WRK_THREADS (1), WORKERS proxy workers for both nginx and tollgate (2),
+# CONNECTIONS (32), WRK_THREADS (1), WORKERS proxy workers for both nginx and tollgate (1),
 # USERS (100000), BODIES ("small 64k"), PORT_BASE (19080), TOLLGATE_BIN (skip the build),
 # OUT (Markdown table; default <target dir>/bench/load.md).
 #
 # Nothing is pinned to cores: wrk, the origin and the proxy share the machine's cores, as they
-# would on a small box. Only loopback addresses are used, and every run is bounded by DURATION.
+# would on a small box. One worker per proxy by default: on two cores that wrk and the origin
+# already keep more than half busy, one worker is the most efficient setting for both proxies
+# (docs/performance.md); WORKERS=2 compares them with two each. Only loopback addresses are
+# used, and every run is bounded by DURATION.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -29,7 +32,7 @@ DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 WRK_THREADS=${WRK_THREADS:-1}
-WORKERS=${WORKERS:-2}
+WORKERS=${WORKERS:-1}
 USERS=${USERS:-100000}
 BODIES=${BODIES:-"small 64k"}
 PORT_BASE=${PORT_BASE:-19080}

@@ -111,7 +111,12 @@ impl Gatekeeper {
         } else {
             profile.max_ips.unwrap_or(self.max_ips_per_user)
         };
+        // The common case, a known IP, is answered from the profile already loaded.
+        let known = profile.has_ip(ip);
         drop(profile);
+        if known {
+            return Ok(Identity::User(record));
+        }
         match self.cache.admit_ip(&record, ip, limit) {
             IpAdmission::Known | IpAdmission::Added => Ok(Identity::User(record)),
             IpAdmission::OverLimit if self.auto_ban => {

@@ -146,6 +146,16 @@ impl Proxy {
         let credential = credential::extract(req);
         ctx.credential = credential.as_ref().map(|(source, _)| *source);
         let token = credential.as_ref().map(|(_, t)| t.as_ref());
+        // A user's limit key depends only on the token: hash it now and let its counters load
+        // while the user is looked up.
+        let user_key = match (self.gatekeeper.mode(), token, &self.requests) {
+            (GatekeeperMode::UserToken, Some(token), Some(requests)) => {
+                let key = self.hasher.hash(LimitKey::User(token));
+                requests.prefetch(key);
+                Some(key)
+            }
+            _ => None,
+        };
         let identity = match self.gatekeeper.admit(token, ctx.client_ip, now) {
             Ok(identity) => identity,
             Err(refusal) => return Err(self.refuse(refusal, ip_key)),
@@ -154,7 +164,10 @@ impl Proxy {
             Identity::User(user) if user.profile().user_type == crate::users::UserType::Special => {
                 None
             }
-            Identity::User(user) => Some(self.hasher.hash(LimitKey::User(user.token()))),
+            // The user was found by this very token, so `user_key` is its key.
+            Identity::User(user) => {
+                Some(user_key.unwrap_or_else(|| self.hasher.hash(LimitKey::User(user.token()))))
+            }
             Identity::Anonymous => Some(ip_key),
         };
         ctx.identity = Some(identity);

@@ -81,6 +81,20 @@ impl SlidingWindowLimiter {
         decision
     }
 
+    /// Starts fetching `key`'s counters into the cache, so that a check shortly after does not
+    /// wait for memory (the user lookup runs meanwhile).
+    #[inline]
+    pub fn prefetch(&self, key: u64) {
+        let block: *const Block = &self.sketch.blocks[self.sketch.slot(key).block];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is only a hint; the address is that of a live block.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(block.cast());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = block;
+    }
+
     /// Whether `key` is over the limit, without counting anything.
     #[inline]
     pub fn check(&self, key: u64, now_ms: u64) -> RateDecision {

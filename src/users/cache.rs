@@ -6,8 +6,10 @@
 //! engine drains that queue into batches. Changes that come *from* the store are applied
 //! without being queued, and never overwrite a local edit the store has not confirmed.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -83,8 +85,36 @@ pub enum CacheError {
     NotFound,
 }
 
+/// A record as the map holds it: found by its token, so that the map keeps one pointer per user
+/// (a key-value map would keep the token's `Arc` a second time beside the record's).
+#[derive(Clone)]
+struct ByToken(Arc<UserRecord>);
+
+impl Hash for ByToken {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Exactly as `str` hashes, so that lookups by `&str` find it.
+        self.0.token().as_ref().hash(state)
+    }
+}
+
+impl PartialEq for ByToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.token() == other.0.token()
+    }
+}
+
+impl Eq for ByToken {}
+
+impl Borrow<str> for ByToken {
+    fn borrow(&self) -> &str {
+        self.0.token()
+    }
+}
+
+type Map = papaya::HashSet<ByToken, RandomState>;
+
 pub struct UserCache {
-    map: papaya::HashMap<Arc<str>, Arc<UserRecord>, RandomState>,
+    map: Map,
     queue: SegQueue<Queued>,
     /// Bumped (after queueing) by every change someone may wait for.
     tickets: AtomicU64,
@@ -105,7 +135,7 @@ impl UserCache {
         Self {
             // SipHash with a random key: tokens are attacker-chosen, and the lookup's timing
             // reveals nothing about stored tokens without the key.
-            map: papaya::HashMap::builder()
+            map: papaya::HashSet::builder()
                 .capacity(capacity)
                 .hasher(RandomState::new())
                 .build(),
@@ -119,7 +149,7 @@ impl UserCache {
     /// The hot-path lookup: lock-free.
     #[inline]
     pub fn get(&self, token: &str) -> Option<Arc<UserRecord>> {
-        self.map.pin().get(token).cloned()
+        self.map.pin().get(token).map(|r| Arc::clone(&r.0))
     }
 
     pub fn user(&self, token: &str) -> Option<User> {
@@ -136,13 +166,13 @@ impl UserCache {
 
     /// Every user, in no particular order.
     pub fn snapshot(&self) -> Vec<User> {
-        self.map.pin().values().map(|r| r.to_user()).collect()
+        self.map.pin().iter().map(|r| r.0.to_user()).collect()
     }
 
     /// Calls `f` for every record (maintenance jobs).
     pub fn for_each(&self, mut f: impl FnMut(&Arc<UserRecord>)) {
-        for record in self.map.pin().values() {
-            f(record);
+        for record in self.map.pin().iter() {
+            f(&record.0);
         }
     }
 
@@ -206,7 +236,7 @@ impl UserCache {
     pub fn create(&self, user: &User) -> Result<ChangeTicket, CacheError> {
         let _guard = self.structure.lock();
         let map = self.map.pin();
-        if map.contains_key(user.token.as_str()) {
+        if map.contains(user.token.as_str()) {
             return Err(CacheError::Exists);
         }
         self.insert_created(&map, Arc::new(UserRecord::from_user(user)));
@@ -215,11 +245,11 @@ impl UserCache {
 
     fn insert_created(
         &self,
-        map: &papaya::HashMapRef<'_, Arc<str>, Arc<UserRecord>, RandomState, impl papaya::Guard>,
+        map: &papaya::HashSetRef<'_, ByToken, RandomState, impl papaya::Guard>,
         record: Arc<UserRecord>,
     ) {
         self.deleting.lock().remove(record.token());
-        map.insert(Arc::clone(record.token()), Arc::clone(&record));
+        map.insert(ByToken(Arc::clone(&record)));
         self.mark(&record, Fields::CREATED | Fields::ALL);
     }
 
@@ -246,7 +276,7 @@ impl UserCache {
     fn upsert_one(&self, token: &str, patch: &UserPatch, now_ms: u64) -> User {
         let _guard = self.structure.lock();
         let map = self.map.pin();
-        let Some(record) = map.get(token).cloned() else {
+        let Some(record) = map.get(token).map(|r| Arc::clone(&r.0)) else {
             let mut user = User::new(token.to_string(), Default::default(), now_ms);
             patch.apply_to(&mut user);
             let record = Arc::new(UserRecord::from_user(&user));
@@ -294,7 +324,11 @@ impl UserCache {
     pub fn remove(&self, token: &str) -> Result<ChangeTicket, CacheError> {
         let _guard = self.structure.lock();
         let map = self.map.pin();
-        let record = map.remove(token).cloned().ok_or(CacheError::NotFound)?;
+        let record = map
+            .get(token)
+            .map(|r| Arc::clone(&r.0))
+            .ok_or(CacheError::NotFound)?;
+        map.remove(token);
         record.mark_deleted();
         self.deleting.lock().insert(Arc::clone(record.token()));
         self.queue.push(Queued::Deleted(Arc::clone(record.token())));
@@ -309,8 +343,7 @@ impl UserCache {
         let map = self.map.pin();
         let mut loaded = 0;
         for user in users {
-            let record = Arc::new(UserRecord::from_user(&user));
-            map.insert(Arc::clone(record.token()), record);
+            map.insert(ByToken(Arc::new(UserRecord::from_user(&user))));
             loaded += 1;
         }
         loaded
@@ -324,7 +357,7 @@ impl UserCache {
 
     fn apply_remote_locked(&self, token: &str, remote: Option<&User>) {
         let map = self.map.pin();
-        match (map.get(token), remote) {
+        match (map.get(token).map(|r| &r.0), remote) {
             (Some(record), Some(user)) => record.apply_remote(user),
             (Some(record), None) => {
                 // A user created here and not yet written is not "deleted remotely".
@@ -335,8 +368,7 @@ impl UserCache {
             }
             (None, Some(user)) => {
                 if !self.deleting.lock().contains(token) {
-                    let record = Arc::new(UserRecord::from_user(user));
-                    map.insert(Arc::clone(record.token()), record);
+                    map.insert(ByToken(Arc::new(UserRecord::from_user(user))));
                 }
             }
             (None, None) => {}
@@ -350,7 +382,8 @@ impl UserCache {
         let gone: Vec<Arc<str>> = self
             .map
             .pin()
-            .keys()
+            .iter()
+            .map(|r| r.0.token())
             .filter(|t| !users.contains_key(t.as_ref()))
             .cloned()
             .collect();
