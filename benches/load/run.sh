@@ -40,6 +40,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=${OUT:-$TARGET_DIR/bench/load.md}
 ADMIN_KEY=bench-admin-key-0123456789
 
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log() { printf '%s load: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -47,6 +48,8 @@ scripts/setup.sh wrk nginx-light curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || die "nginx not found after setup"
 
+BIN_NOTE="built from this tree"
+[ -n "${TOLLGATE_BIN:-}" ] && BIN_NOTE="TOLLGATE_BIN=$TOLLGATE_BIN"
 if [ -z "${TOLLGATE_BIN:-}" ]; then
   log "building tollgate (release)"
   cargo build --release --locked -p tollgate --bin tollgate >&2
@@ -331,10 +334,10 @@ verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=" ? v >= 
 
 mkdir -p "$(dirname "$OUT")"
 {
-  echo "## Load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+  echo "## Load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), tollgate $BIN_NOTE)"
   echo
-  echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); load average at start $(cut -d' ' -f1-3 /proc/loadavg)."
-  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS workers/threads each; tollgate user_token: $USERS users cached, RSS $((USER_RSS_KB / 1024)) MiB."
+  echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); load average $LOADAVG_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
+  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS worker process(es) for nginx, as many threads for tollgate; tollgate user_token: $USERS users cached (RSS right after the import: $((USER_RSS_KB / 1024)) MiB)."
   echo
   echo "| body | case | req/s | p50 | p99 | proxy CPU per request | origin CPU per request |"
   echo "|---|---|---:|---:|---:|---:|---:|"
