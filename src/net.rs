@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::ServerSession;
 
 /// A list of networks; a bare address means a single host (`/32` or `/128`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -93,6 +95,27 @@ pub fn resolve_client_ip<'a>(
         }
     }
     client
+}
+
+/// The TCP peer of a session (`0.0.0.0` for a Unix socket, which has no IP).
+#[inline]
+pub fn peer_ip(session: &ServerSession) -> IpAddr {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+/// The client of `req` arriving from `peer`: see [`resolve_client_ip`].
+#[inline]
+pub fn request_client_ip(peer: IpAddr, req: &RequestHeader, trusted: &CidrSet) -> IpAddr {
+    let forwarded = req
+        .headers
+        .get_all("x-forwarded-for")
+        .into_iter()
+        .map(|v| v.as_bytes());
+    resolve_client_ip(peer, forwarded, trusted)
 }
 
 /// Parses one `X-Forwarded-For` hop; tolerates spaces and a `:port` or `[v6]:port` suffix.

@@ -6,7 +6,6 @@ pub mod auth;
 pub mod http;
 pub mod users;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use pingora::protocols::http::ServerSession;
 
 use crate::config::Config;
 use crate::encoding::percent_decode;
-use crate::net::{resolve_client_ip, CidrSet};
+use crate::net::{peer_ip, request_client_ip, CidrSet};
 use crate::observe::Metrics;
 use crate::store::StoreStatus;
 use crate::users::UserCache;
@@ -85,21 +84,6 @@ impl AdminService {
         }
     }
 
-    fn client_ip(&self, session: &ServerSession) -> IpAddr {
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let forwarded = session
-            .req_header()
-            .headers
-            .get_all("x-forwarded-for")
-            .into_iter()
-            .map(|v| v.as_bytes());
-        resolve_client_ip(peer, forwarded, &self.trusted_proxies)
-    }
-
     async fn handle(&self, session: &mut ServerSession) -> Result<Response<Vec<u8>>, ApiError> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
@@ -115,7 +99,11 @@ impl AdminService {
             )
             .with_header("allow", allowed.join(", ")));
         }
-        let ip = self.client_ip(session);
+        let ip = request_client_ip(
+            peer_ip(session),
+            session.req_header(),
+            &self.trusted_proxies,
+        );
         match route {
             Route::Health => {
                 return Ok(json_response(

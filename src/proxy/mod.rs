@@ -23,7 +23,7 @@ use pingora_limits::inflight::Guard;
 
 use crate::clock::now_ms;
 use crate::config::{Config, GatekeeperMode};
-use crate::net::{resolve_client_ip, CidrSet};
+use crate::net::{peer_ip, request_client_ip, CidrSet};
 use crate::observe::{AccessLog, Metrics, Outcome};
 use crate::users::UserCache;
 use credential::CredentialSource;
@@ -103,17 +103,6 @@ impl Proxy {
         }
     }
 
-    /// The client's address: the TCP peer, or what trusted proxies say it is.
-    #[inline]
-    fn client_ip(&self, peer: IpAddr, req: &RequestHeader) -> IpAddr {
-        let forwarded = req
-            .headers
-            .get_all("x-forwarded-for")
-            .into_iter()
-            .map(|v| v.as_bytes());
-        resolve_client_ip(peer, forwarded, &self.trusted_proxies)
-    }
-
     /// The whole admission decision of `request_filter`, without I/O: the client IP (`peer`
     /// is the TCP peer), block list, credential, gatekeeper, rate and concurrency limits.
     /// Fills `ctx` for the later phases; `Err` is the reply to send instead of proxying.
@@ -125,7 +114,7 @@ impl Proxy {
         now: u64,
         ctx: &mut RequestCtx,
     ) -> Result<(), (ErrorReply, Outcome)> {
-        ctx.client_ip = self.client_ip(peer, req);
+        ctx.client_ip = request_client_ip(peer, req, &self.trusted_proxies);
         if !self.blocklist.is_empty() && self.blocklist.contains(ctx.client_ip) {
             return Err((self.replies.blocked.clone(), Outcome::Forbidden));
         }
@@ -262,11 +251,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let peer = peer_ip(session);
         match self.decide(session.req_header(), peer, now_ms(), ctx) {
             Ok(()) => Ok(false),
             Err((reply, outcome)) => {
