@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::support::tollgate::{ADMIN_KEY, PROXY_KEY};
+use crate::support::tollgate::{Tollgate, ADMIN_KEY, PROXY_KEY};
 use crate::support::{client, error_type, Origin, TollgateBuilder};
 
 fn get(url: &str, token: Option<&str>) -> (StatusCode, Value) {
@@ -22,6 +22,16 @@ fn get(url: &str, token: Option<&str>) -> (StatusCode, Value) {
         assert_eq!(ct.as_deref(), Some("application/json"), "errors are JSON");
     }
     (status, body)
+}
+
+/// A request with `token` that trusted proxies say comes from `ip`.
+fn get_from(tg: &Tollgate, token: &str, ip: &str) -> reqwest::blocking::Response {
+    client()
+        .get(tg.url("/a"))
+        .bearer_auth(token)
+        .header("x-forwarded-for", ip)
+        .send()
+        .unwrap()
 }
 
 #[test]
@@ -152,14 +162,7 @@ fn new_ip_beyond_the_limit_is_refused_and_not_recorded() {
         .env("MAX_IPS_PER_USER", "1")
         .start();
     let token = tg.create_user(json!({}));
-    let from = |ip: &str| {
-        client()
-            .get(tg.url("/a"))
-            .bearer_auth(&token)
-            .header("x-forwarded-for", ip)
-            .send()
-            .unwrap()
-    };
+    let from = |ip: &str| get_from(&tg, &token, ip);
     assert_eq!(from("198.51.100.1").status(), 200);
     assert_eq!(from("198.51.100.1").status(), 200);
     let refused = from("198.51.100.2");
@@ -196,14 +199,7 @@ fn auto_ban_disables_the_user() {
         .yaml("gatekeeper:\n  mode: user_token\n  max_ips_per_user: 1\n  max_ips_auto_ban: true")
         .start();
     let token = tg.create_user(json!({}));
-    let from = |ip: &str| {
-        client()
-            .get(tg.url("/a"))
-            .bearer_auth(&token)
-            .header("x-forwarded-for", ip)
-            .send()
-            .unwrap()
-    };
+    let from = |ip: &str| get_from(&tg, &token, ip);
     assert_eq!(from("198.51.100.1").status(), 200);
     let banned = from("198.51.100.2");
     assert_eq!(banned.status(), 403);
