@@ -575,5 +575,34 @@ fn host_part(entry: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// Every key of the file format with its default, as dotted paths (`upstream.read_timeout_ms`);
+/// the `pingora` section is Pingora's and listed separately by Pingora.
+pub fn known_keys() -> Vec<String> {
+    let defaults: raw::RawConfig =
+        parse_yaml("upstream: {addrs: [\"127.0.0.1:1\"]}", "defaults").expect("defaults parse");
+    let value = serde_yaml::to_value(defaults).expect("the file format serializes");
+    let mut keys = Vec::new();
+    collect_keys(&value, "", &mut keys);
+    keys
+}
+
+fn collect_keys(value: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
+    let Some(map) = value.as_mapping() else {
+        return;
+    };
+    for (key, child) in map {
+        let Some(key) = key.as_str() else { continue };
+        let path = if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        if key != "pingora" {
+            out.push(path.clone());
+            collect_keys(child, &path, out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

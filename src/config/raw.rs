@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Pingora's `ServerConf`, checked key by key (Pingora itself ignores typos).
@@ -34,7 +34,7 @@ fn default_listen() -> Vec<String> {
     vec!["0.0.0.0:7860".to_string()]
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub addrs: Vec<String>,
@@ -69,7 +69,7 @@ fn default_idle_timeout_ms() -> u64 {
     60_000
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGatekeeper {
     #[serde(default = "default_mode")]
@@ -94,7 +94,7 @@ impl Default for RawGatekeeper {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     #[serde(default = "default_rpm")]
@@ -136,7 +136,7 @@ impl Default for RawRateLimit {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     #[serde(default = "default_admin_listen")]
@@ -191,7 +191,7 @@ impl Default for RawAdmin {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     #[serde(default = "default_store_kind")]
@@ -222,7 +222,7 @@ impl Default for RawStore {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSqlite {
     #[serde(default = "default_sqlite_path")]
@@ -242,7 +242,7 @@ impl Default for RawSqlite {
 }
 
 /// Non-secret Firebase tuning; the URL and key come from the environment.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFirebase {
     #[serde(default = "default_startup_timeout")]
@@ -273,7 +273,7 @@ impl Default for RawFirebase {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAccessLog {
     #[serde(default)]

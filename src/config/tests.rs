@@ -245,3 +245,43 @@ fn empty_document_names_the_missing_section() {
     assert_eq!(key_of(""), "upstream");
     assert_eq!(key_of("upstream: {tls: true}"), "upstream.addrs");
 }
+
+/// `conf/tollgate.yaml` (the commented reference) and `docs/configuration.md` list every key.
+#[test]
+fn reference_file_and_docs_cover_every_key() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let reference: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{root}/conf/tollgate.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut in_reference = Vec::new();
+    collect_keys(&reference, "", &mut in_reference);
+    let docs = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+    let keys = known_keys();
+    assert!(
+        keys.contains(&"rate_limit.window_seconds".to_string()),
+        "{keys:?}"
+    );
+    for key in &keys {
+        assert!(in_reference.contains(key), "conf/tollgate.yaml lacks {key}");
+        let leaf = key.rsplit('.').next().unwrap();
+        let section_doc = key.contains('.') || docs.contains(&format!("### `{key}`"));
+        assert!(
+            section_doc,
+            "docs/configuration.md has no section for {key}"
+        );
+        assert!(
+            docs.contains(&format!("`{leaf}`"))
+                || docs.contains(&format!("`{key}`"))
+                || docs.contains(&format!(".{leaf}`"))
+                || docs.contains(&format!("`{leaf}.")),
+            "docs/configuration.md does not document {key}"
+        );
+    }
+    for key in &in_reference {
+        assert!(
+            keys.contains(key),
+            "conf/tollgate.yaml has {key}, which tollgate does not accept"
+        );
+    }
+}
