@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::{GatekeeperConfig, GatekeeperMode, Secrets};
 use crate::secret::Secret;
-use crate::users::{IpAdmission, UserCache, UserRecord, UserType};
+use crate::users::{IpAdmission, Lookup, UserCache, UserRecord, UserType};
 
 /// The reason recorded when auto-ban disables a user.
 pub const AUTO_BAN_REASON: &str = "IP address limit exceeded.";
@@ -69,6 +69,19 @@ impl Gatekeeper {
     /// Decides for one request. `token` is the credential found, if any.
     #[inline]
     pub fn admit(&self, token: Option<&str>, ip: IpAddr, now_ms: u64) -> Result<Identity, Refusal> {
+        self.admit_with(token, None, ip, now_ms)
+    }
+
+    /// [`admit`](Self::admit), with the user's lookup already started: `lookup` is
+    /// `UserCache::lookup` of this very `token` (or `None`: it is looked up here).
+    #[inline]
+    pub fn admit_with(
+        &self,
+        token: Option<&str>,
+        lookup: Option<Lookup<'_>>,
+        ip: IpAddr,
+        now_ms: u64,
+    ) -> Result<Identity, Refusal> {
         if let (Some(token), Some(admin)) = (token, &self.admin_key) {
             if admin.matches(token) {
                 return Ok(Identity::Anonymous);
@@ -84,8 +97,11 @@ impl Gatekeeper {
             GatekeeperMode::UserToken => {
                 let token = token.ok_or(Refusal::MissingToken)?;
                 // A keyed-hash lookup: its timing says nothing about stored tokens.
-                let record = self.cache.get(token).ok_or(Refusal::UnknownToken)?;
-                self.admit_user(record, ip, now_ms)
+                let record = match lookup {
+                    Some(lookup) => lookup.get(),
+                    None => self.cache.get(token),
+                };
+                self.admit_user(record.ok_or(Refusal::UnknownToken)?, ip, now_ms)
             }
         }
     }
@@ -96,7 +112,14 @@ impl Gatekeeper {
         ip: IpAddr,
         now_ms: u64,
     ) -> Result<Identity, Refusal> {
-        let profile = record.profile();
+        // The common case, a user neither disabled nor expiring who comes from the address
+        // it came from last time, is answered from the record's admission word: the profile
+        // is not read.
+        let admission = record.admission();
+        if !admission.disabled() && !admission.expires() && record.knows_ip(ip, admission) {
+            return Ok(Identity::User(record));
+        }
+        let (_, profile, known) = record.profile_with_ip(ip);
         if profile.disabled_at.is_some() {
             let reason = profile.disabled_reason().unwrap_or("User token disabled");
             return Err(Refusal::Disabled(format!("Forbidden: {reason}")));
@@ -111,8 +134,6 @@ impl Gatekeeper {
         } else {
             profile.max_ips.unwrap_or(self.max_ips_per_user)
         };
-        // The common case, a known IP, is answered from the profile already loaded.
-        let known = profile.has_ip(ip);
         drop(profile);
         if known {
             return Ok(Identity::User(record));
@@ -277,6 +298,60 @@ mod tests {
             4,
             "IPs are still recorded"
         );
+    }
+
+    fn patch(json: &str) -> crate::users::UserPatch {
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// The fast path (a remembered IP, no profile read) never outlives what it stands for.
+    #[test]
+    fn a_remembered_ip_does_not_outlive_the_profile_it_was_found_in() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 1, false);
+        add(&cache, "u", |_| {});
+        for _ in 0..3 {
+            assert!(g.admit(Some("u"), ip(1), 0).is_ok());
+        }
+        assert!(cache
+            .get("u")
+            .unwrap()
+            .knows_ip(ip(1), cache.get("u").unwrap().admission()));
+        // The admin empties the list: ip(1) is new again and must be admitted (and recorded)
+        // as one, so ip(2) no longer fits in the limit of 1.
+        cache.upsert("u", &patch(r#"{"ip": []}"#), 1);
+        assert!(g.admit(Some("u"), ip(2), 2).is_ok());
+        assert_eq!(refusal(g.admit(Some("u"), ip(1), 3)), Refusal::IpLimit);
+        assert_eq!(cache.user("u").unwrap().ip, vec!["10.0.0.2"]);
+        // Disabled while its IP is remembered: refused with the reason.
+        assert!(g.admit(Some("u"), ip(2), 4).is_ok());
+        cache.disable("u", Some("abuse"), 5).unwrap();
+        assert_eq!(
+            refusal(g.admit(Some("u"), ip(2), 6)),
+            Refusal::Disabled("Forbidden: abuse".into())
+        );
+        // The store confirms the local changes, then its copy re-enables the user with
+        // another list: ip(2) is refused as a new IP again.
+        let taken = cache.take_changes(usize::MAX);
+        cache.acknowledge(&taken.changes, true);
+        let mut remote = cache.user("u").unwrap();
+        remote.disabled_at = None;
+        remote.ip = vec!["10.0.0.3".into()];
+        cache.apply_remote("u", Some(&remote));
+        assert_eq!(refusal(g.admit(Some("u"), ip(2), 7)), Refusal::IpLimit);
+        assert!(g.admit(Some("u"), ip(3), 8).is_ok());
+    }
+
+    #[test]
+    fn a_remembered_ip_does_not_skip_expiry() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 0, false);
+        add(&cache, "t", |u| {
+            u.user_type = UserType::Temporary;
+            u.expires_at = Some(1000);
+        });
+        for now in [10, 500, 999] {
+            assert!(g.admit(Some("t"), ip(1), now).is_ok());
+        }
+        assert_eq!(refusal(g.admit(Some("t"), ip(1), 1000)), Refusal::Expired);
     }
 
     #[test]

@@ -114,15 +114,37 @@ impl Proxy {
         now: u64,
         ctx: &mut RequestCtx,
     ) -> Result<(), (ErrorReply, Outcome)> {
+        let credential = credential::extract(req);
+        ctx.credential = credential.as_ref().map(|(source, _)| *source);
+        let token = credential.as_ref().map(|(_, t)| t.as_ref());
+        // In user_token mode the token is hashed first: the hash finds the user and is the
+        // user's limit key, and the memory both will read starts loading now, while the
+        // checks below run.
+        let lookup = match (self.gatekeeper.mode(), token) {
+            (GatekeeperMode::UserToken, Some(token)) => {
+                let lookup = self.cache.lookup(token);
+                if let Some(requests) = &self.requests {
+                    requests.prefetch(lookup.hash());
+                }
+                Some(lookup)
+            }
+            _ => None,
+        };
+        let user_key = lookup.as_ref().map(|l| l.hash());
         ctx.client_ip = request_client_ip(peer, req, &self.trusted_proxies);
         if !self.blocklist.is_empty() && self.blocklist.contains(ctx.client_ip) {
             return Err((self.replies.blocked.clone(), Outcome::Forbidden));
         }
-        let ip_key = self.hasher.hash(LimitKey::Ip(ctx.client_ip));
+        // The client IP's key, hashed only when needed.
+        let mut ip_key = None;
+        let hasher = &self.hasher;
+        let client_ip = ctx.client_ip;
+        let mut ip_key_of = || *ip_key.get_or_insert_with(|| hasher.hash(LimitKey::Ip(client_ip)));
         if let Some(failures) = &self.auth_failures {
-            if let RateDecision::Limited {
+            // Known without the IP's counters while no authentication failed lately.
+            if let Some(RateDecision::Limited {
                 retry_after_secs, ..
-            } = failures.check(ip_key, now)
+            }) = failures.check_rare(&mut ip_key_of, now)
             {
                 let message = format!(
                     "Too many failed authentication attempts from this IP. Please try again in {retry_after_secs} seconds."
@@ -132,32 +154,20 @@ impl Proxy {
                 return Err((reply, Outcome::RateLimited));
             }
         }
-        let credential = credential::extract(req);
-        ctx.credential = credential.as_ref().map(|(source, _)| *source);
-        let token = credential.as_ref().map(|(_, t)| t.as_ref());
-        // A user's limit key depends only on the token: hash it now and let its counters load
-        // while the user is looked up.
-        let user_key = match (self.gatekeeper.mode(), token, &self.requests) {
-            (GatekeeperMode::UserToken, Some(token), Some(requests)) => {
-                let key = self.hasher.hash(LimitKey::User(token));
-                requests.prefetch(key);
-                Some(key)
-            }
-            _ => None,
-        };
-        let identity = match self.gatekeeper.admit(token, ctx.client_ip, now) {
+        let identity = match self
+            .gatekeeper
+            .admit_with(token, lookup, ctx.client_ip, now)
+        {
             Ok(identity) => identity,
-            Err(refusal) => return Err(self.refuse(refusal, ip_key)),
+            Err(refusal) => return Err(self.refuse(refusal, &mut ip_key_of)),
         };
         let limit_key = match &identity {
-            Identity::User(user) if user.profile().user_type == crate::users::UserType::Special => {
-                None
-            }
+            Identity::User(user) if user.admission().special() => None,
             // The user was found by this very token, so `user_key` is its key.
             Identity::User(user) => {
-                Some(user_key.unwrap_or_else(|| self.hasher.hash(LimitKey::User(user.token()))))
+                Some(user_key.unwrap_or_else(|| self.cache.token_hash(user.token())))
             }
-            Identity::Anonymous => Some(ip_key),
+            Identity::Anonymous => Some(ip_key_of()),
         };
         ctx.identity = Some(identity);
         let Some(limit_key) = limit_key else {
@@ -193,11 +203,11 @@ impl Proxy {
         Ok(())
     }
 
-    fn refuse(&self, refusal: Refusal, ip_key: u64) -> (ErrorReply, Outcome) {
+    fn refuse(&self, refusal: Refusal, ip_key: impl FnOnce() -> u64) -> (ErrorReply, Outcome) {
         match refusal {
             Refusal::MissingToken | Refusal::UnknownToken => {
                 if let Some(failures) = &self.auth_failures {
-                    failures.count(ip_key);
+                    failures.count(ip_key());
                 }
                 let reply = if refusal == Refusal::MissingToken {
                     &self.replies.missing_token

@@ -8,7 +8,7 @@
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pingora_limits::inflight::{Guard, Inflight};
@@ -53,6 +53,9 @@ pub struct SlidingWindowLimiter {
     sketch: WindowSketch,
     limit: u32,
     window_ms: f64,
+    /// 1 + the newest sketch generation an event was counted in; 0 once none can be left
+    /// (see [`check_rare`](Self::check_rare)).
+    latest_event: AtomicU64,
 }
 
 impl SlidingWindowLimiter {
@@ -62,6 +65,7 @@ impl SlidingWindowLimiter {
             sketch: WindowSketch::new(window, slots),
             limit,
             window_ms: window.as_millis() as f64,
+            latest_event: AtomicU64::new(0),
         }
     }
 
@@ -76,9 +80,49 @@ impl SlidingWindowLimiter {
         let (counts, slot) = self.sketch.counts(key);
         let decision = decide(self.window(counts), self.limit, now_ms);
         if matches!(decision, RateDecision::Allowed { .. }) {
+            self.record_event(slot.generation);
             self.sketch.add(slot);
         }
         decision
+    }
+
+    /// Notes, before an event is added, the generation it is counted in. One write per
+    /// generation: afterwards it is a read of a line that rarely changes.
+    #[inline]
+    fn record_event(&self, generation: u64) {
+        if self.latest_event.load(Ordering::Acquire) < generation + 1 {
+            self.latest_event
+                .fetch_max(generation + 1, Ordering::SeqCst);
+        }
+    }
+
+    /// [`check`](Self::check) for a limiter of rare events (failed authentications), or `None`
+    /// when the answer is known to be "allowed" for every key without hashing the key or
+    /// reading its counters: no event was counted in the sketch's current or previous window,
+    /// so every key's count is zero. An event counted at generation `g` is in the half of the
+    /// sketch that is cleared when the generation reaches `g + 2`, so "quiet" is exact, not a
+    /// guess from the clock. `key` is only called when the counters must be read.
+    #[inline]
+    pub fn check_rare(&self, key: impl FnOnce() -> u64, now_ms: u64) -> Option<RateDecision> {
+        let latest = self.latest_event.load(Ordering::SeqCst);
+        if latest == 0 && self.limit > 0 {
+            return None;
+        }
+        if self.limit > 0 {
+            // `latest - 1` is the generation of the newest event; it is gone at `+ 2`.
+            let generation = self.sketch.generation_now();
+            if generation > latest {
+                // A newer event since `latest` was read makes this fail, as it should.
+                let _ = self.latest_event.compare_exchange(
+                    latest,
+                    0,
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                );
+                return None;
+            }
+        }
+        Some(self.check(key(), now_ms))
     }
 
     /// Starts fetching `key`'s counters into the cache, so that a check shortly after does not
@@ -106,6 +150,7 @@ impl SlidingWindowLimiter {
     #[inline]
     pub fn count(&self, key: u64) {
         let (_, slot) = self.sketch.counts(key);
+        self.record_event(slot.generation);
         self.sketch.add(slot);
     }
 
@@ -149,8 +194,15 @@ const SUBSETS: [u8; 70] = {
 struct Slot {
     block: usize,
     mask: u8,
-    /// The half of the block counting the current window when the slot was read.
-    current: usize,
+    /// The sketch's generation when the slot was read; its parity is the half of the block
+    /// counting the current window.
+    generation: u64,
+}
+
+impl Slot {
+    fn current(self) -> usize {
+        (self.generation & 1) as usize
+    }
 }
 
 /// A key's counts in the previous and current windows, and how far into the current window
@@ -169,8 +221,10 @@ struct Counts {
 /// 64-byte block picked from its (already keyed-hashed) value.
 struct WindowSketch {
     blocks: Box<[Block]>,
-    /// Which half (0 or 1) of every block counts the current window.
-    current: AtomicUsize,
+    /// Windows started so far; its parity is the half of every block counting the current
+    /// window. A half is cleared just before it becomes current, so whatever was counted at
+    /// generation `g` is gone once the generation is `g + 2`.
+    generation: AtomicU64,
     start: Instant,
     interval_ms: u64,
     /// When the current window began, in ms since `start`.
@@ -185,7 +239,7 @@ impl WindowSketch {
             blocks: (0..blocks)
                 .map(|_| Block(std::array::from_fn(|_| AtomicU32::new(0))))
                 .collect(),
-            current: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
             start: Instant::now(),
             interval_ms: (window.as_millis() as u64).max(1),
             last_reset_ms: AtomicU64::new(0),
@@ -202,8 +256,15 @@ impl WindowSketch {
         Slot {
             block,
             mask,
-            current: 0,
+            generation: 0,
         }
+    }
+
+    /// The generation, after starting a new window if the current one is over.
+    #[inline]
+    fn generation_now(&self) -> u64 {
+        self.maybe_reset();
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Starts a new window when the current one is over; returns the ms since the current
@@ -216,7 +277,8 @@ impl WindowSketch {
         if past < self.interval_ms {
             return past;
         }
-        let current = self.current.load(Ordering::Acquire);
+        let generation = self.generation.load(Ordering::Acquire);
+        let current = (generation & 1) as usize;
         if self
             .last_reset_ms
             .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
@@ -224,7 +286,7 @@ impl WindowSketch {
         {
             // The previous window's half is cleared and becomes the current one.
             self.clear(current ^ 1);
-            self.current.store(current ^ 1, Ordering::Release);
+            self.generation.store(generation + 1, Ordering::Release);
             if past >= self.interval_ms * 2 {
                 // Nothing happened for two windows: the old current one is stale too.
                 self.clear(current);
@@ -258,8 +320,8 @@ impl WindowSketch {
     fn counts(&self, key: u64) -> (Counts, Slot) {
         let past = self.maybe_reset();
         let mut slot = self.slot(key);
-        let current = self.current.load(Ordering::Acquire);
-        slot.current = current;
+        slot.generation = self.generation.load(Ordering::Acquire);
+        let current = slot.current();
         let block = &self.blocks[slot.block];
         let (previous, current_count) = if past >= self.interval_ms * 2 {
             (0, 0)
@@ -284,7 +346,8 @@ impl WindowSketch {
     #[inline]
     fn add(&self, slot: Slot) {
         let block = &self.blocks[slot.block];
-        let counters = &block.0[slot.current * PER_WINDOW..(slot.current + 1) * PER_WINDOW];
+        let half = slot.current();
+        let counters = &block.0[half * PER_WINDOW..(half + 1) * PER_WINDOW];
         for (i, counter) in counters.iter().enumerate() {
             if slot.mask & (1 << i) != 0 {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -484,6 +547,54 @@ mod tests {
             limiter.check_and_count(43, 0),
             RateDecision::Allowed { .. }
         ));
+    }
+
+    #[test]
+    fn a_rare_event_limiter_skips_the_counters_only_while_nothing_can_be_counted() {
+        let window = Duration::from_millis(60);
+        let limiter = SlidingWindowLimiter::new(3, window, 1024);
+        let never = || -> u64 { panic!("a quiet limiter needs no key") };
+        assert_eq!(limiter.check_rare(never, 0), None, "nothing counted yet");
+        let (throttled, other) = (7, 8);
+        for _ in 0..3 {
+            limiter.count(throttled);
+        }
+        assert!(matches!(
+            limiter.check_rare(|| throttled, 0),
+            Some(RateDecision::Limited { .. })
+        ));
+        assert!(matches!(
+            limiter.check_rare(|| other, 0),
+            Some(RateDecision::Allowed { .. })
+        ));
+        // Over the next windows: whenever the counters are skipped, reading them would have
+        // allowed the key too; and they are skipped again before long.
+        let start = Instant::now();
+        let mut quiet_since = None;
+        while start.elapsed() < window * 6 {
+            let rare = limiter.check_rare(|| throttled, 0);
+            let plain = limiter.check(throttled, 0);
+            match rare {
+                None => {
+                    assert!(matches!(plain, RateDecision::Allowed { .. }), "{plain:?}");
+                    quiet_since.get_or_insert(start.elapsed());
+                }
+                Some(decision) => {
+                    assert_eq!(decision, plain);
+                    assert!(quiet_since.is_none(), "quiet stays quiet until an event");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let quiet_since = quiet_since.expect("quiet again within a few windows");
+        assert!(
+            quiet_since >= window,
+            "not before the window is over: {quiet_since:?}"
+        );
+        // A new event ends the quiet at once.
+        limiter.count(other);
+        assert!(limiter.check_rare(|| other, 0).is_some());
+        assert!(limiter.check_rare(|| throttled, 0).is_some());
     }
 
     #[test]

@@ -6,10 +6,7 @@
 //! engine drains that queue into batches. Changes that come *from* the store are applied
 //! without being queued, and never overwrite a local edit the store has not confirmed.
 
-use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +19,7 @@ use super::model::User;
 use super::patch::UserPatch;
 use super::profile::Profile;
 use super::record::{IpAdmission, UserRecord};
+use super::table::{Lookup, RecordTable};
 
 /// Identifies a local change; a store confirms changes up to a ticket.
 pub type ChangeTicket = u64;
@@ -85,36 +83,9 @@ pub enum CacheError {
     NotFound,
 }
 
-/// A record as the map holds it: found by its token, so that the map keeps one pointer per user
-/// (a key-value map would keep the token's `Arc` a second time beside the record's).
-#[derive(Clone)]
-struct ByToken(Arc<UserRecord>);
-
-impl Hash for ByToken {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Exactly as `str` hashes, so that lookups by `&str` find it.
-        self.0.token().as_ref().hash(state)
-    }
-}
-
-impl PartialEq for ByToken {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.token() == other.0.token()
-    }
-}
-
-impl Eq for ByToken {}
-
-impl Borrow<str> for ByToken {
-    fn borrow(&self) -> &str {
-        self.0.token()
-    }
-}
-
-type Map = papaya::HashSet<ByToken, RandomState>;
-
 pub struct UserCache {
-    map: Map,
+    /// Records found by token (`table.rs`): lock-free reads, one pointer per user.
+    map: RecordTable,
     queue: SegQueue<Queued>,
     /// Bumped (after queueing) by every change someone may wait for.
     tickets: AtomicU64,
@@ -133,12 +104,7 @@ impl Default for UserCache {
 impl UserCache {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
-            // SipHash with a random key: tokens are attacker-chosen, and the lookup's timing
-            // reveals nothing about stored tokens without the key.
-            map: papaya::HashSet::builder()
-                .capacity(capacity)
-                .hasher(RandomState::new())
-                .build(),
+            map: RecordTable::with_capacity(capacity),
             queue: SegQueue::new(),
             tickets: AtomicU64::new(0),
             structure: Mutex::new(()),
@@ -149,7 +115,20 @@ impl UserCache {
     /// The hot-path lookup: lock-free.
     #[inline]
     pub fn get(&self, token: &str) -> Option<Arc<UserRecord>> {
-        self.map.pin().get(token).map(|r| Arc::clone(&r.0))
+        self.map.get(token)
+    }
+
+    /// The keyed hash [`lookup`](Self::lookup) computes for `token`.
+    pub fn token_hash(&self, token: &str) -> u64 {
+        self.map.hash(token)
+    }
+
+    /// Starts a lookup: hashes the token and starts loading the memory the lookup will read,
+    /// so that other work can run meanwhile; [`Lookup::get`] finishes it. Its
+    /// [`hash`](Lookup::hash) is a keyed hash of the token, usable as the user's limit key.
+    #[inline]
+    pub fn lookup<'a>(&'a self, token: &'a str) -> Lookup<'a> {
+        self.map.lookup(token)
     }
 
     pub fn user(&self, token: &str) -> Option<User> {
@@ -166,14 +145,14 @@ impl UserCache {
 
     /// Every user, in no particular order.
     pub fn snapshot(&self) -> Vec<User> {
-        self.map.pin().iter().map(|r| r.0.to_user()).collect()
+        let mut users = Vec::with_capacity(self.len());
+        self.map.for_each(|r| users.push(r.to_user()));
+        users
     }
 
     /// Calls `f` for every record (maintenance jobs).
-    pub fn for_each(&self, mut f: impl FnMut(&Arc<UserRecord>)) {
-        for record in self.map.pin().iter() {
-            f(&record.0);
-        }
+    pub fn for_each(&self, f: impl FnMut(&Arc<UserRecord>)) {
+        self.map.for_each(f);
     }
 
     /// Users waiting in the change queue (approximate while others push).
@@ -235,21 +214,16 @@ impl UserCache {
     /// Adds a new user; refuses an existing token.
     pub fn create(&self, user: &User) -> Result<ChangeTicket, CacheError> {
         let _guard = self.structure.lock();
-        let map = self.map.pin();
-        if map.contains(user.token.as_str()) {
+        if self.map.contains(user.token.as_str()) {
             return Err(CacheError::Exists);
         }
-        self.insert_created(&map, Arc::new(UserRecord::from_user(user)));
+        self.insert_created(Arc::new(UserRecord::from_user(user)));
         Ok(self.ticket())
     }
 
-    fn insert_created(
-        &self,
-        map: &papaya::HashSetRef<'_, ByToken, RandomState, impl papaya::Guard>,
-        record: Arc<UserRecord>,
-    ) {
+    fn insert_created(&self, record: Arc<UserRecord>) {
         self.deleting.lock().remove(record.token());
-        map.insert(ByToken(Arc::clone(&record)));
+        self.map.insert(Arc::clone(&record));
         self.mark(&record, Fields::CREATED | Fields::ALL);
     }
 
@@ -275,12 +249,11 @@ impl UserCache {
 
     fn upsert_one(&self, token: &str, patch: &UserPatch, now_ms: u64) -> User {
         let _guard = self.structure.lock();
-        let map = self.map.pin();
-        let Some(record) = map.get(token).map(|r| Arc::clone(&r.0)) else {
+        let Some(record) = self.map.get(token) else {
             let mut user = User::new(token.to_string(), Default::default(), now_ms);
             patch.apply_to(&mut user);
             let record = Arc::new(UserRecord::from_user(&user));
-            self.insert_created(&map, record);
+            self.insert_created(record);
             return user;
         };
         drop(_guard);
@@ -323,12 +296,7 @@ impl UserCache {
     /// `DELETE ?hard=true`: removes the user everywhere.
     pub fn remove(&self, token: &str) -> Result<ChangeTicket, CacheError> {
         let _guard = self.structure.lock();
-        let map = self.map.pin();
-        let record = map
-            .get(token)
-            .map(|r| Arc::clone(&r.0))
-            .ok_or(CacheError::NotFound)?;
-        map.remove(token);
+        let record = self.map.remove(token).ok_or(CacheError::NotFound)?;
         record.mark_deleted();
         self.deleting.lock().insert(Arc::clone(record.token()));
         self.queue.push(Queued::Deleted(Arc::clone(record.token())));
@@ -340,10 +308,9 @@ impl UserCache {
     /// Fills the cache at start-up; nothing is queued.
     pub fn load(&self, users: impl IntoIterator<Item = User>) -> usize {
         let _guard = self.structure.lock();
-        let map = self.map.pin();
         let mut loaded = 0;
         for user in users {
-            map.insert(ByToken(Arc::new(UserRecord::from_user(&user))));
+            self.map.insert(Arc::new(UserRecord::from_user(&user)));
             loaded += 1;
         }
         loaded
@@ -356,19 +323,18 @@ impl UserCache {
     }
 
     fn apply_remote_locked(&self, token: &str, remote: Option<&User>) {
-        let map = self.map.pin();
-        match (map.get(token).map(|r| &r.0), remote) {
+        match (self.map.get(token), remote) {
             (Some(record), Some(user)) => record.apply_remote(user),
             (Some(record), None) => {
                 // A user created here and not yet written is not "deleted remotely".
                 if !record.unconfirmed_fields().contains(Fields::CREATED) {
-                    map.remove(token);
+                    self.map.remove(token);
                     record.mark_deleted();
                 }
             }
             (None, Some(user)) => {
                 if !self.deleting.lock().contains(token) {
-                    map.insert(ByToken(Arc::new(UserRecord::from_user(user))));
+                    self.map.insert(Arc::new(UserRecord::from_user(user)));
                 }
             }
             (None, None) => {}
@@ -379,14 +345,12 @@ impl UserCache {
     /// removed here too, unless they were created here and are not written yet.
     pub fn replace_all_remote(&self, users: &HashMap<String, User>) {
         let _guard = self.structure.lock();
-        let gone: Vec<Arc<str>> = self
-            .map
-            .pin()
-            .iter()
-            .map(|r| r.0.token())
-            .filter(|t| !users.contains_key(t.as_ref()))
-            .cloned()
-            .collect();
+        let mut gone: Vec<Arc<str>> = Vec::new();
+        self.map.for_each(|r| {
+            if !users.contains_key(r.token().as_ref()) {
+                gone.push(Arc::clone(r.token()));
+            }
+        });
         for token in gone {
             self.apply_remote_locked(&token, None);
         }

@@ -6,9 +6,11 @@ pub mod model;
 pub mod patch;
 pub mod profile;
 pub mod record;
+mod table;
 
 pub use cache::{Change, ChangeTicket, TakenChanges, UserCache, UserChange};
 pub use fields::Fields;
 pub use model::{FieldError, StoredUser, User, UserType};
 pub use patch::{Patch, UserPatch};
-pub use record::{IpAdmission, UserRecord};
+pub use record::{Admission, IpAdmission, UserRecord};
+pub use table::Lookup;

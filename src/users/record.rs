@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Guard};
 
 use super::fields::Fields;
-use super::model::User;
+use super::model::{User, UserType};
 use super::profile::{IpEntry, Profile};
 
 /// Set in `pending` while the record sits in the change queue.
@@ -16,8 +16,76 @@ const QUEUED: u32 = 1 << 31;
 /// Set in `inflight` once the user was removed from the cache.
 const DELETED: u32 = 1 << 31;
 
+/// What the gatekeeper reads from a user on every request, in one word beside the token:
+/// whether the user is disabled, special, or a temporary user with an expiry (whose profile
+/// must then be read), and the version of the profile it was taken from. Every writer of the
+/// profile publishes a new word after swapping the profile (see `UserRecord::publish`), so
+/// the word never lags the profile by more than a write in progress, as a reader holding the
+/// previous profile would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission(u64);
+
+impl Admission {
+    const DISABLED: u64 = 1 << 32;
+    const SPECIAL: u64 = 1 << 33;
+    const EXPIRES: u64 = 1 << 34;
+
+    fn of(profile: &Profile, version: u32) -> Self {
+        let mut word = u64::from(version);
+        if profile.disabled_at.is_some() {
+            word |= Self::DISABLED;
+        }
+        if profile.user_type == UserType::Special {
+            word |= Self::SPECIAL;
+        }
+        // Exactly the users `Profile::is_expired` can refuse.
+        if profile.user_type == UserType::Temporary && profile.expires_at.is_some() {
+            word |= Self::EXPIRES;
+        }
+        Self(word)
+    }
+
+    /// Counts profile swaps (wrapping, never 0).
+    pub fn version(self) -> u32 {
+        self.0 as u32
+    }
+
+    pub fn disabled(self) -> bool {
+        self.0 & Self::DISABLED != 0
+    }
+
+    /// `type: special`: exempt from IP and rate limits.
+    pub fn special(self) -> bool {
+        self.0 & Self::SPECIAL != 0
+    }
+
+    /// A temporary user with `expiresAt`: whether it expired is in the profile.
+    pub fn expires(self) -> bool {
+        self.0 & Self::EXPIRES != 0
+    }
+}
+
+/// A remembered known IP: the IPv4 address and the admission version it was checked at.
+/// Other addresses are not remembered (their check reads the profile).
+#[inline]
+fn ip_fingerprint(ip: IpAddr, version: u32) -> Option<u64> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => Some(u64::from(version) << 32 | u64::from(u32::from(v4))),
+        IpAddr::V6(_) => None,
+    }
+}
+
+// Hot fields first: a lookup reads the token, then `admission` and `known_ip`; with the
+// `Arc`'s counts they are the first 64 bytes.
+#[repr(C)]
 pub struct UserRecord {
     token: Arc<str>,
+    /// [`Admission`] of the current profile.
+    admission: AtomicU64,
+    /// An IPv4 address found in the profile's list, and the admission version it was found
+    /// at ([`ip_fingerprint`]): while that version is current, the address is known without
+    /// reading the profile. 0 (version 0 never occurs) remembers nothing.
+    known_ip: AtomicU64,
     profile: ArcSwap<Profile>,
     /// `promptCount` as last written to (or read from) the store.
     prompt_base: AtomicU64,
@@ -53,6 +121,8 @@ impl UserRecord {
     ) -> Self {
         Self {
             token,
+            admission: AtomicU64::new(Admission::of(&profile, 1).0),
+            known_ip: AtomicU64::new(0),
             profile: ArcSwap::from_pointee(profile),
             prompt_base: AtomicU64::new(prompt_count),
             prompt_pending: AtomicU64::new(0),
@@ -85,6 +155,65 @@ impl UserRecord {
 
     pub fn profile_full(&self) -> Arc<Profile> {
         self.profile.load_full()
+    }
+
+    /// The current [`Admission`]: one load, no pointer to follow.
+    #[inline]
+    pub fn admission(&self) -> Admission {
+        Admission(self.admission.load(Ordering::Acquire))
+    }
+
+    /// Whether `ip` is known to be in the user's list at `admission` (from
+    /// [`admission`](Self::admission)) without reading the profile: true only for the address
+    /// last found there while that profile version is current. False means "read the profile".
+    #[inline]
+    pub fn knows_ip(&self, ip: IpAddr, admission: Admission) -> bool {
+        ip_fingerprint(ip, admission.version())
+            .is_some_and(|fp| self.known_ip.load(Ordering::Relaxed) == fp)
+    }
+
+    /// The admission, then the profile (loaded after it), and whether `ip` is in the profile's
+    /// list; an address found there is remembered for [`knows_ip`](Self::knows_ip).
+    #[inline]
+    pub fn profile_with_ip(&self, ip: IpAddr) -> (Admission, Guard<Arc<Profile>>, bool) {
+        let admission = self.admission();
+        let profile = self.profile();
+        let known = profile.has_ip(ip);
+        if known {
+            // The profile was loaded after the version was read, so the address was in a
+            // profile at least as new as that version's.
+            if let Some(fp) = ip_fingerprint(ip, admission.version()) {
+                if self.known_ip.load(Ordering::Relaxed) != fp {
+                    self.known_ip.store(fp, Ordering::Relaxed);
+                }
+            }
+        }
+        (admission, profile, known)
+    }
+
+    /// Publishes the [`Admission`] of the current profile under a new version. Every profile
+    /// swap is followed by this; concurrent writers each retry until their word was computed
+    /// from a profile loaded after the word they replace, so the last word published is that
+    /// of the last profile.
+    fn publish(&self) {
+        let mut word = self.admission.load(Ordering::Acquire);
+        loop {
+            let profile = self.profile.load();
+            let version = match Admission(word).version().wrapping_add(1) {
+                0 => 1,
+                v => v,
+            };
+            let next = Admission::of(&profile, version).0;
+            match self.admission.compare_exchange_weak(
+                word,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(current) => word = current,
+            }
+        }
     }
 
     /// `promptCount` as clients and admins see it: stored value plus what is on its way.
@@ -141,6 +270,9 @@ impl UserRecord {
             next.ips = ips.into_boxed_slice();
             Arc::new(next)
         });
+        if outcome == IpAdmission::Added {
+            self.publish();
+        }
         outcome
     }
 
@@ -152,6 +284,7 @@ impl UserRecord {
             result = Some(edit(&mut next));
             Arc::new(next)
         });
+        self.publish();
         result.expect("rcu runs the closure at least once")
     }
 
@@ -227,6 +360,7 @@ impl UserRecord {
         let incoming = Profile::from_user(remote);
         self.profile
             .rcu(|current| Arc::new(merge_profile(current, &incoming, keep)));
+        self.publish();
         if !keep.contains(Fields::PROMPT_COUNT) {
             self.prompt_base
                 .store(remote.prompt_count, Ordering::Release);
@@ -376,6 +510,151 @@ mod tests {
             Some(9),
             "confirmed: the store wins again"
         );
+    }
+
+    /// The invariant: the published word is that of the current profile.
+    fn assert_in_step(r: &UserRecord) {
+        let word = r.admission();
+        assert_eq!(
+            word,
+            Admission::of(&r.profile(), word.version()),
+            "admission word matches the profile"
+        );
+        assert_ne!(word.version(), 0);
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn admission_follows_edits_remote_applies_and_ip_admissions() {
+        let r = record();
+        assert_in_step(&r);
+        assert!(!r.admission().disabled() && !r.admission().special());
+        let v0 = r.admission().version();
+        r.edit(|p| p.disabled_at = Some(5));
+        assert_in_step(&r);
+        assert!(r.admission().disabled());
+        assert_ne!(r.admission().version(), v0);
+        r.edit(|p| {
+            p.disabled_at = None;
+            p.user_type = UserType::Special;
+        });
+        assert_in_step(&r);
+        assert!(!r.admission().disabled() && r.admission().special());
+        let mut remote = r.to_user();
+        remote.user_type = UserType::Temporary;
+        remote.expires_at = Some(1000);
+        r.apply_remote(&remote);
+        assert_in_step(&r);
+        assert!(r.admission().expires() && !r.admission().special());
+        remote.expires_at = None;
+        r.apply_remote(&remote);
+        assert_in_step(&r);
+        assert!(
+            !r.admission().expires(),
+            "a temporary user without expiry never expires"
+        );
+        let v = r.admission().version();
+        assert_eq!(r.admit_ip(ip("1.1.1.1"), 0), IpAdmission::Added);
+        assert_in_step(&r);
+        assert_ne!(r.admission().version(), v, "a new IP is a new profile");
+        let v = r.admission().version();
+        assert_eq!(r.admit_ip(ip("1.1.1.1"), 0), IpAdmission::Known);
+        assert_eq!(r.admit_ip(ip("2.2.2.2"), 1), IpAdmission::OverLimit);
+        assert_eq!(r.admission().version(), v, "no change, no new version");
+    }
+
+    #[test]
+    fn a_known_ip_is_remembered_until_the_profile_changes() {
+        let r = record();
+        let a = ip("1.1.1.1");
+        assert!(!r.knows_ip(a, r.admission()), "nothing remembered yet");
+        r.admit_ip(a, 0);
+        assert!(
+            !r.knows_ip(a, r.admission()),
+            "only found addresses are remembered"
+        );
+        let (_, _, known) = r.profile_with_ip(a);
+        assert!(known);
+        assert!(r.knows_ip(a, r.admission()));
+        assert!(!r.knows_ip(ip("1.1.1.2"), r.admission()));
+        // IPv4-mapped IPv6 is the same client.
+        assert!(r.knows_ip(ip("::ffff:1.1.1.1"), r.admission()));
+        // Any profile change forgets it, even one that keeps the address...
+        r.edit(|p| p.max_ips = Some(3));
+        assert!(!r.knows_ip(a, r.admission()));
+        assert!(r.profile_with_ip(a).2);
+        assert!(r.knows_ip(a, r.admission()));
+        // ...and one that removes it: the address is no longer known.
+        let mut remote = r.to_user();
+        remote.ip = vec!["9.9.9.9".into()];
+        r.apply_remote(&remote);
+        assert!(!r.knows_ip(a, r.admission()));
+        assert!(!r.profile_with_ip(a).2);
+        assert!(!r.knows_ip(a, r.admission()));
+        // A stale word cannot vouch for the address either.
+        let before = r.admission();
+        r.profile_with_ip(ip("9.9.9.9"));
+        r.edit(|p| p.ips = Box::new([]));
+        assert!(!r.knows_ip(ip("9.9.9.9"), r.admission()));
+        assert_ne!(before, r.admission());
+    }
+
+    #[test]
+    fn ipv6_addresses_are_always_checked_in_the_profile() {
+        let r = record();
+        let v6 = ip("2001:db8::1");
+        r.admit_ip(v6, 0);
+        assert!(r.profile_with_ip(v6).2);
+        assert!(!r.knows_ip(v6, r.admission()));
+    }
+
+    #[test]
+    fn concurrent_writers_leave_the_word_in_step() {
+        let r = Arc::new(record());
+        let writers: Vec<_> = (0..4u8)
+            .map(|t| {
+                let r = Arc::clone(&r);
+                std::thread::spawn(move || {
+                    for i in 0..2000u32 {
+                        match (i + u32::from(t)) % 4 {
+                            0 => {
+                                r.edit(|p| p.disabled_at = (i % 3 == 0).then_some(u64::from(i)));
+                            }
+                            1 => {
+                                let mut remote = r.to_user();
+                                remote.user_type = if i % 2 == 0 {
+                                    UserType::Special
+                                } else {
+                                    UserType::Temporary
+                                };
+                                remote.expires_at = (i % 5 == 0).then_some(7);
+                                r.apply_remote(&remote);
+                            }
+                            2 => {
+                                r.admit_ip(IpAddr::from([10, t, (i >> 8) as u8, i as u8]), 0);
+                            }
+                            _ => {
+                                r.profile_with_ip(IpAddr::from([10, t, 0, 1]));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_in_step(&r);
+        // Whatever was remembered is in the list.
+        for t in 0..4u8 {
+            let a = IpAddr::from([10, t, 0, 1]);
+            if r.knows_ip(a, r.admission()) {
+                assert!(r.profile().has_ip(a));
+            }
+        }
     }
 
     #[test]
