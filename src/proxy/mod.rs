@@ -161,7 +161,9 @@ impl Proxy {
             Ok(identity) => identity,
             Err(refusal) => return Err(self.refuse(refusal, &mut ip_key_of)),
         };
+        let limited = self.requests.is_some() || self.inflight.is_some();
         let limit_key = match &identity {
+            _ if !limited => None,
             Identity::User(user) if user.admission().special() => None,
             // The user was found by this very token, so `user_key` is its key.
             Identity::User(user) => {
