@@ -17,7 +17,9 @@
 # Tunables (environment): ROUNDS (3), DURATION seconds per run (8), WARMUP seconds (2),
 # CONNECTIONS (32), WRK_THREADS (1), WORKERS proxy workers for both nginx and tollgate (1),
 # USERS (100000), BODIES ("small 64k"), PORT_BASE (19080), TOLLGATE_BIN (skip the build),
-# OUT (Markdown table; default <target dir>/bench/load.md).
+# ORIGIN_TCP_NOPUSH (off; "on" reproduces the origin of the first measurements, whose 64 KiB
+# responses stall, see docs/performance.md), OUT (Markdown table; default
+# <target dir>/bench/load.md).
 #
 # Nothing is pinned to cores: wrk, the origin and the proxy share the machine's cores, as they
 # would on a small box. One worker per proxy by default: on two cores that wrk and the origin
@@ -36,6 +38,8 @@ WORKERS=${WORKERS:-1}
 USERS=${USERS:-100000}
 BODIES=${BODIES:-"small 64k"}
 PORT_BASE=${PORT_BASE:-19080}
+ORIGIN_TCP_NOPUSH=${ORIGIN_TCP_NOPUSH:-off}
+TAIL_LUA=$PWD/benches/load/tail.lua
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=${OUT:-$TARGET_DIR/bench/load.md}
 ADMIN_KEY=bench-admin-key-0123456789
@@ -114,9 +118,13 @@ EOF
   nginx_common origin
   echo "http {"
   http_common
+  # sendfile, but not tcp_nopush: with TCP_CORK on loopback, about 5 % of the 64 KiB
+  # responses (64 KiB plus headers: one full 65,483-byte segment and a small corked rest) wait
+  # for the receiver's delayed ACK, 15-45 ms, directly and behind either proxy alike; every
+  # case's p99 then depends on whether its run had more or less than 1 % of them.
   cat <<EOF
   sendfile on;
-  tcp_nopush on;
+  tcp_nopush $ORIGIN_TCP_NOPUSH;
   server {
     listen 127.0.0.1:$ORIGIN_PORT;
     location = /small { default_type text/plain; return 200 "hello from origin\n"; }
@@ -275,12 +283,12 @@ for body in $BODIES; do
   done
 done
 
-run_wrk() { # case body seconds -> "rps p50_us p99_us cpu_us_per_req origin_cpu_us_per_req"
+run_wrk() { # case body seconds -> "rps p50_us p99_us cpu_us_per_req origin_cpu_us_per_req p999_us over10ms_pct"
   local c=$1 body=$2 secs=$3 pid out before after obefore oafter
   pid=$(pid_of "$c")
   before=$(cpu_ticks "$pid")
   obefore=$(cpu_ticks "$ORIGIN_PID")
-  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency \
+  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency -s "$TAIL_LUA" \
     -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$(port_of "$c")/$body")
   after=$(cpu_ticks "$pid")
   oafter=$(cpu_ticks "$ORIGIN_PID")
@@ -300,7 +308,8 @@ run_wrk() { # case body seconds -> "rps p50_us p99_us cpu_us_per_req origin_cpu_
     /Requests\/sec:/ { rps = $2 }
     $1 == "50%" { p50 = us($2) }
     $1 == "99%" { p99 = us($2) }
-    END { printf "%.0f %.0f %.0f %.2f %.2f\n", rps, p50, p99, (n ? cpu / n : 0), (n ? ocpu / n : 0) }
+    $1 == "TAIL" { p999 = $3; slow = $5 }
+    END { printf "%.0f %.0f %.0f %.2f %.2f %.0f %.3f\n", rps, p50, p99, (n ? cpu / n : 0), (n ? ocpu / n : 0), p999, slow }
   ' <<<"$out"
 }
 
@@ -337,16 +346,17 @@ mkdir -p "$(dirname "$OUT")"
   echo "## Load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), tollgate $BIN_NOTE)"
   echo
   echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); load average $LOADAVG_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
-  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS worker process(es) for nginx, as many threads for tollgate; tollgate user_token: $USERS users cached (RSS right after the import: $((USER_RSS_KB / 1024)) MiB)."
+  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS worker process(es) for nginx, as many threads for tollgate; origin tcp_nopush $ORIGIN_TCP_NOPUSH; tollgate user_token: $USERS users cached (RSS right after the import: $((USER_RSS_KB / 1024)) MiB)."
   echo
-  echo "| body | case | req/s | p50 | p99 | proxy CPU per request | origin CPU per request |"
-  echo "|---|---|---:|---:|---:|---:|---:|"
+  echo "| body | case | req/s | p50 | p99 | p99.9 | responses > 10 ms | proxy CPU per request | origin CPU per request |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
   for body in $BODIES; do
     for c in "${CASES[@]}"; do
       cpu=$(col "$body" "$c" 7)
       [ "$c" = direct ] && cpu_text="–" || cpu_text="$(printf '%.1f' "$cpu") µs"
-      printf '| %s | %s | %s | %s | %s | %s | %.1f µs |\n' "$body" "$c" "$(col "$body" "$c" 4)" \
-        "$(fmt_us "$(col "$body" "$c" 5)")" "$(fmt_us "$(col "$body" "$c" 6)")" "$cpu_text" "$(col "$body" "$c" 8)"
+      printf '| %s | %s | %s | %s | %s | %s | %.2f %% | %s | %.1f µs |\n' "$body" "$c" "$(col "$body" "$c" 4)" \
+        "$(fmt_us "$(col "$body" "$c" 5)")" "$(fmt_us "$(col "$body" "$c" 6)")" \
+        "$(fmt_us "$(col "$body" "$c" 9)")" "$(col "$body" "$c" 10)" "$cpu_text" "$(col "$body" "$c" 8)"
     done
   done
   echo
