@@ -223,7 +223,8 @@ impl Lookup<'_> {
             while candidates != 0 {
                 let slot = candidates.trailing_zeros() as usize / 8;
                 candidates &= candidates - 1;
-                let word = bucket.tokens[slot].load(Ordering::Acquire);
+                // SeqCst, as the guard's protected loads: the word points into a record.
+                let word = bucket.tokens[slot].load(Ordering::SeqCst);
                 let ptr = self.guard.protect(&bucket.records[slot], Ordering::Acquire);
                 if ptr.is_null() {
                     continue;
