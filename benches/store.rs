@@ -48,7 +48,7 @@ fn realistic_user(i: usize) -> User {
             i,
             i.wrapping_mul(2_654_435_761)
         ),
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             UserType::Special
         } else {
             UserType::Normal
@@ -67,7 +67,7 @@ fn realistic_user(i: usize) -> User {
         "turbo".into(),
         tollgate::users::model::JsNumber((i % 5000) as f64),
     );
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         user.nickname = Some(format!("user {i}"));
     }
     user

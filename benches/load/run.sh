@@ -339,6 +339,16 @@ median() { sort -n | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; 
 col() { awk -F'\t' -v b="$1" -v c="$2" -v k="$3" '$1 == b && $2 == c { print $k }' "$RESULTS" | median; }
 fmt_us() { awk -v v="$1" 'BEGIN { if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+# Ratio a/b within each round (the two cases ran minutes apart at most, so slow drifts of a
+# shared machine cancel), then the median and range over rounds.
+paired() { # body case_a case_b column -> "median (min-max)"
+  awk -F'\t' -v b="$1" -v x="$2" -v y="$3" -v k="$4" '
+    $1 == b && $2 == x { a[$3] = $k } $1 == b && $2 == y { d[$3] = $k }
+    END { for (r in a) if (d[r] > 0) printf "%.4f\n", a[r] / d[r] }' "$RESULTS" |
+    sort -n | awk '{v[NR] = $1} END {
+      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+      printf "%.2f (%.2f–%.2f)", m, v[1], v[NR] }'
+}
 verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=" ? v >= t : v <= t); print (ok ? "met" : "NOT met") }'; }
 
 mkdir -p "$(dirname "$OUT")"
@@ -368,6 +378,14 @@ mkdir -p "$(dirname "$OUT")"
     l=$(ratio "$(col "$body" tg-pass 6)" "$(col "$body" nginx 6)")
     k=$(ratio "$(col "$body" tg-pass 7)" "$(col "$body" nginx 7)")
     echo "| $body | $u ($(verdict "$u" ">=" 0.95)) | $p ($(verdict "$p" ">=" 0.80)) | $l ($(verdict "$l" "<=" 1.5)) | $k |"
+  done
+  echo
+  echo "The same ratios taken within each round, median (lowest–highest) over the $ROUNDS rounds: how much the machine moved them."
+  echo
+  echo "| body | tg-user / tg-pass req/s | tg-pass / nginx req/s | tg-pass / nginx p99 |"
+  echo "|---|---|---|---|"
+  for body in $BODIES; do
+    echo "| $body | $(paired "$body" tg-user tg-pass 4) | $(paired "$body" tg-pass nginx 4) | $(paired "$body" tg-pass nginx 6) |"
   done
 } >"$OUT"
 cp "$RESULTS" "${OUT%.md}.tsv"

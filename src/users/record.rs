@@ -373,37 +373,29 @@ impl UserRecord {
     }
 }
 
+/// For each `BIT => field`: `$out.field` becomes `$local.field` when `$keep` has the bit.
+macro_rules! keep_local {
+    ($keep:expr, $out:expr, $local:expr, { $($bit:ident => $field:ident),+ $(,)? }) => {
+        $(if $keep.contains(Fields::$bit) {
+            $out.$field = $local.$field.clone();
+        })+
+    };
+}
+
 /// `incoming`, except the fields in `keep`, which stay as they are locally.
 fn merge_profile(local: &Profile, incoming: &Profile, keep: Fields) -> Profile {
     let mut out = incoming.clone();
-    let take_local = |f: Fields| keep.contains(f);
-    if take_local(Fields::IP) {
-        out.ips = local.ips.clone();
-    }
-    if take_local(Fields::TYPE) {
-        out.user_type = local.user_type;
-    }
-    if take_local(Fields::CREATED_AT) {
-        out.created_at = local.created_at;
-    }
-    if take_local(Fields::DISABLED_AT) {
-        out.disabled_at = local.disabled_at;
-    }
-    if take_local(Fields::EXPIRES_AT) {
-        out.expires_at = local.expires_at;
-    }
-    if take_local(Fields::MAX_IPS) {
-        out.max_ips = local.max_ips;
-    }
-    if take_local(Fields::TOKEN_COUNTS) {
-        out.token_counts = local.token_counts.clone();
-    }
-    if take_local(Fields::TOKEN_LIMITS) {
-        out.token_limits = local.token_limits.clone();
-    }
-    if take_local(Fields::META) {
-        out.empty_meta = local.empty_meta;
-    }
+    keep_local!(keep, out, local, {
+        IP => ips,
+        TYPE => user_type,
+        CREATED_AT => created_at,
+        DISABLED_AT => disabled_at,
+        EXPIRES_AT => expires_at,
+        MAX_IPS => max_ips,
+        TOKEN_COUNTS => token_counts,
+        TOKEN_LIMITS => token_limits,
+        META => empty_meta,
+    });
     let extra_bits = Fields::NICKNAME
         | Fields::DISABLED_REASON
         | Fields::ADMIN_NOTE
@@ -413,24 +405,14 @@ fn merge_profile(local: &Profile, incoming: &Profile, keep: Fields) -> Profile {
     if keep.intersects(extra_bits) {
         let local_extra = local.extra.as_deref().cloned().unwrap_or_default();
         let mut extra = out.extra.as_deref().cloned().unwrap_or_default();
-        if take_local(Fields::NICKNAME) {
-            extra.nickname = local_extra.nickname;
-        }
-        if take_local(Fields::DISABLED_REASON) {
-            extra.disabled_reason = local_extra.disabled_reason;
-        }
-        if take_local(Fields::ADMIN_NOTE) {
-            extra.admin_note = local_extra.admin_note;
-        }
-        if take_local(Fields::META) {
-            extra.meta = local_extra.meta;
-        }
-        if take_local(Fields::TOKEN_REFRESH) {
-            extra.token_refresh = local_extra.token_refresh;
-        }
-        if take_local(Fields::TOKEN_COUNT) {
-            extra.token_count = local_extra.token_count;
-        }
+        keep_local!(keep, extra, local_extra, {
+            NICKNAME => nickname,
+            DISABLED_REASON => disabled_reason,
+            ADMIN_NOTE => admin_note,
+            META => meta,
+            TOKEN_REFRESH => token_refresh,
+            TOKEN_COUNT => token_count,
+        });
         out.extra = (extra != Default::default()).then(|| Box::new(extra));
     }
     out
