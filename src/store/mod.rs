@@ -90,4 +90,10 @@ pub trait StoreBackend: Send + Sync + 'static {
     async fn lead(&self, _job: &str, _ttl: Duration) -> bool {
         true
     }
+
+    /// Upkeep of the store's own bookkeeping, run by the instance that leads the fleet's
+    /// housekeeping; returns how many entries it removed.
+    async fn housekeeping(&self, _now_ms: u64) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }

@@ -1,12 +1,13 @@
 //! Temporary users are removed `POW_TOKEN_PURGE_HOURS` (default 48) after they stopped working
 //! (expired or disabled), as in the older proxy. Stores shared by a fleet elect one instance
-//! to do it, so deletes are not issued once per instance.
+//! to do it, so deletes are not issued once per instance. The same leader does the store's own
+//! housekeeping ([`StoreBackend::housekeeping`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use log::info;
+use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -72,12 +73,21 @@ impl BackgroundService for TemporaryUserPurge {
             if !self.backend.lead(JOB, self.every * 2).await {
                 continue;
             }
-            let purged = purge_temporary_users(&self.cache, now_ms(), self.after);
+            let now = now_ms();
+            let purged = purge_temporary_users(&self.cache, now, self.after);
             if purged > 0 {
                 info!(
                     "purged {purged} temporary users unusable for over {} h",
                     self.after.as_secs() / 3600
                 );
+            }
+            match self.backend.housekeeping(now).await {
+                Ok(0) => {}
+                Ok(removed) => info!("{}: removed {removed} stale entries", self.backend.name()),
+                Err(e) => warn!(
+                    "{}: housekeeping failed, retried later: {e}",
+                    self.backend.name()
+                ),
             }
         }
     }

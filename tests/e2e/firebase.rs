@@ -618,6 +618,44 @@ fn temporary_user_purge_runs_on_one_instance() {
     drop((a, b));
 }
 
+#[test]
+fn markers_of_runs_stopped_long_ago_are_removed_by_one_instance() {
+    let db = standin();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let day = 24 * 3600 * 1000;
+    db.set_silently(
+        "/_sync/instances",
+        json!({
+            "old-host-1": {"seq": 4, "batch": 2, "at": now - 8 * day},
+            "old-host-2": {"seq": 9, "batch": 9, "at": now - 30 * day},
+            "recent-host": {"seq": 1, "batch": 1, "at": now - 6 * day},
+            "no-time-host": {"seq": 1},
+        }),
+    )
+    .unwrap();
+    let origin = Origin::start();
+    let a = start(&origin, &db);
+    let b = start(&origin, &db);
+    let instances = || stored(&db, "/_sync/instances");
+    eventually(Duration::from_secs(5), "stale markers removed", &a, || {
+        instances().get("old-host-1").is_none() && instances().get("old-host-2").is_none()
+    });
+    let left = instances();
+    assert!(left.get("recent-host").is_some(), "{left}");
+    assert!(left.get("no-time-host").is_some(), "{left}");
+    // One instance does it: each stale marker is deleted once.
+    let deletes = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE" && r.path.contains("_sync/instances"))
+        .count();
+    assert_eq!(deletes, 2);
+    drop((a, b));
+}
+
 fn run_to_exit(builder: TollgateBuilder) -> (bool, String, Duration) {
     let started = Instant::now();
     let (status, output) = builder.run_to_exit(&[], Duration::from_secs(20));

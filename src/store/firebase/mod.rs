@@ -7,7 +7,8 @@
 //! - Local to remote ([`FirebaseStore::apply`]): each engine batch is one atomic multi-path
 //!   PATCH of leaves with server-side increments and a per-instance marker that makes
 //!   retries after an ambiguous failure exactly-once ([`batch`]); `ip` lists merge by ETag CAS.
-//! - Fleet-wide jobs take a lease ([`lease`]).
+//! - Fleet-wide jobs take a lease ([`lease`]); the leader removes the markers of runs that
+//!   stopped long ago ([`markers`]).
 //!
 //! See `docs/firebase.md`.
 
@@ -16,6 +17,7 @@ pub mod batch;
 pub mod client;
 pub mod key;
 pub mod lease;
+pub mod markers;
 pub mod mirror;
 pub mod sse;
 pub mod stream;
@@ -55,6 +57,9 @@ pub struct FirebaseStore {
     progress: tokio::sync::Mutex<Progress>,
     /// The marker's sequence: one number per PATCH sent with new content.
     write_no: AtomicU64,
+    /// When housekeeping may next read the markers (ms since the epoch): at most hourly, as
+    /// every read downloads all of them.
+    next_housekeeping_ms: AtomicU64,
 }
 
 /// How far the batch being written got; kept across the engine's retries of the same batch.
@@ -120,6 +125,7 @@ impl FirebaseStore {
             lease_client: OnceLock::new(),
             progress: tokio::sync::Mutex::new(Progress::default()),
             write_no: AtomicU64::new(0),
+            next_housekeeping_ms: AtomicU64::new(0),
         })
     }
 
@@ -397,7 +403,23 @@ impl StoreBackend for FirebaseStore {
             }
         }
     }
+
+    async fn housekeeping(&self, now_ms: u64) -> Result<usize, StoreError> {
+        if now_ms < self.next_housekeeping_ms.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        let rtdb = self.client(&self.lease_client)?;
+        let removed = markers::remove_stale(rtdb, &self.instance, now_ms)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot remove stale markers: {e}")))?;
+        self.next_housekeeping_ms
+            .store(now_ms + HOUSEKEEPING_EVERY_MS, Ordering::Release);
+        Ok(removed)
+    }
 }
+
+/// How often the leader looks for stale markers.
+const HOUSEKEEPING_EVERY_MS: u64 = 3_600_000;
 
 impl FirebaseStore {
     fn parse_all(&self, value: Value) -> Vec<User> {
