@@ -10,4 +10,5 @@ pub mod observe;
 pub mod proxy;
 pub mod secret;
 pub mod store;
+pub mod upgrade;
 pub mod users;

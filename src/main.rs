@@ -16,6 +16,7 @@ use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, Metrics};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
+use tollgate::upgrade::HandOver;
 use tollgate::users::UserCache;
 
 /// mimalloc instead of glibc's malloc: Pingora allocates and frees many small objects per
@@ -33,6 +34,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     pingora: Opt,
+
+    /// With -u: once this process is ready, ask process PID (the running tollgate) to hand
+    /// over its listeners (SIGQUIT). Without it, send that SIGQUIT yourself after starting
+    /// this process, within about 5 seconds; see docs/operations.md.
+    #[arg(long, value_name = "PID", requires = "upgrade")]
+    upgrade_from: Option<i32>,
 }
 
 fn main() -> ExitCode {
@@ -59,7 +66,7 @@ fn main() -> ExitCode {
         println!("tollgate: configuration {path} is valid");
         return ExitCode::SUCCESS;
     }
-    match run(cli.pingora, config) {
+    match run(cli.pingora, config, cli.upgrade_from) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             error!("{message}");
@@ -69,7 +76,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
+fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<(), String> {
     let backend = store::open(&config.store)
         .map_err(|e| format!("store {}: {e}", config.store.kind.as_str()))?;
     let cache = Arc::new(load_users(&config, backend.as_ref())?);
@@ -84,8 +91,14 @@ fn run(mut opt: Opt, mut config: Config) -> Result<(), String> {
         std::time::Duration::from_secs(config.server.grace_period_seconds.unwrap_or(5).max(1));
     // tollgate read the file itself; Pingora gets the validated ServerConf.
     opt.conf = None;
+    let hand_over = upgrade_from
+        .map(|old| HandOver::when_bound(config.server.upgrade_sock.as_ref(), old))
+        .transpose()?;
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
     server.bootstrap();
+    if let Some(hand_over) = hand_over {
+        hand_over.finish()?;
+    }
 
     let (access_log, access_log_writer) = match config.access_log {
         true => {

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::tollgate::Tollgate;
 use crate::support::{client, wait_until, Origin, TollgateBuilder};
 
 #[test]
@@ -38,91 +39,192 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_within_the_grace_period() {
     );
 }
 
-#[test]
-fn graceful_upgrade_applies_a_changed_config_with_no_failed_request() {
-    let origin = Origin::start();
-    let mut old = TollgateBuilder::new(origin.addr)
+/// Client threads sending requests through `tg` until stopped, counting the outcomes.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    retried: Arc<AtomicUsize>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(tg: &Tollgate) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed, retried) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let clients = (0..4)
+            .map(|_| {
+                let (url, stop, ok, failed, retried) = (
+                    tg.url("/a"),
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    retried.clone(),
+                );
+                std::thread::spawn(move || {
+                    let http = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        // A keep-alive connection the old process closes while a request is on
+                        // the wire fails without an answer; HTTP clients retry idempotent
+                        // requests then (RFC 9112 §9.3.1), once, on a new connection. That is
+                        // not a failed request.
+                        let outcome = http.get(&url).send().or_else(|_| {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            http.get(&url).send()
+                        });
+                        match outcome {
+                            Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            Ok(r) => panic!("status {} during the upgrade", r.status()),
+                            Err(e) => {
+                                eprintln!("request failed after a retry: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        let traffic = Self {
+            stop,
+            ok,
+            failed,
+            retried,
+            clients,
+        };
+        traffic.wait_for_more(100);
+        traffic
+    }
+
+    /// Waits until `more` requests more have been answered.
+    fn wait_for_more(&self, more: usize) {
+        let from = self.ok.load(Ordering::Relaxed);
+        assert!(
+            wait_until(Duration::from_secs(5), || self.ok.load(Ordering::Relaxed)
+                >= from + more),
+            "requests keep being answered"
+        );
+    }
+
+    /// Stops the clients; asserts that no request failed.
+    fn stop_and_check(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients {
+            c.join().unwrap();
+        }
+        let (ok, retried) = (
+            self.ok.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+        );
+        assert_eq!(
+            self.failed.load(Ordering::Relaxed),
+            0,
+            "{ok} ok, {retried} retried"
+        );
+        eprintln!(
+            "upgrade: {ok} requests answered, {retried} retried on a closed keep-alive connection"
+        );
+    }
+}
+
+/// A tollgate whose upstream header `x-config-generation` shows which configuration is live.
+fn generation_one(origin: &Origin) -> Tollgate {
+    TollgateBuilder::new(origin.addr)
         .mode("none")
         .upstream_yaml("set_headers:\n  x-config-generation: \"1\"")
         .yaml("rate_limit:\n  requests_per_minute: 0")
-        .start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, retried) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (url, stop, ok, failed, retried) = (
-                old.url("/a"),
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                retried.clone(),
-            );
-            std::thread::spawn(move || {
-                let http = client();
-                while !stop.load(Ordering::Relaxed) {
-                    // A keep-alive connection the old process closes while a request is on the
-                    // wire fails without an answer; HTTP clients retry idempotent requests then
-                    // (RFC 9112 §9.3.1), once, on a new connection. That is not a failed request.
-                    let outcome = http.get(&url).send().or_else(|_| {
-                        retried.fetch_add(1, Ordering::Relaxed);
-                        http.get(&url).send()
-                    });
-                    match outcome {
-                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                        Ok(r) => panic!("status {} during the upgrade", r.status()),
-                        Err(e) => {
-                            eprintln!("request failed after a retry: {e}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-        })
-        .collect();
-    assert!(wait_until(Duration::from_secs(5), || ok
-        .load(Ordering::Relaxed)
-        > 100));
-    // The change to roll out: a new header value.
-    let config = std::fs::read_to_string(&old.config).unwrap();
+        .start()
+}
+
+/// Rewrites `tg`'s configuration with `x-config-generation: "2"`.
+fn roll_out_generation_two(tg: &Tollgate) {
+    let config = std::fs::read_to_string(&tg.config).unwrap();
     std::fs::write(
-        &old.config,
+        &tg.config,
         config.replace("x-config-generation: \"1\"", "x-config-generation: \"2\""),
     )
     .unwrap();
-    let mut new = old.spawn_upgrade();
-    std::thread::sleep(Duration::from_millis(500)); // let it reach the socket hand-over
-    old.signal(libc::SIGQUIT);
+}
+
+/// Upgrades `old` under traffic, `hand_over` starting the new process (and signalling the old
+/// one if it does not); checks that no request failed and the new configuration is live.
+fn upgrade_under_traffic(hand_over: impl FnOnce(&Tollgate) -> Tollgate) {
+    let origin = Origin::start();
+    let mut old = generation_one(&origin);
+    let traffic = Traffic::start(&old);
+    roll_out_generation_two(&old);
+    let mut new = hand_over(&old);
     new.wait_until_serving();
-    let before_exit = ok.load(Ordering::Relaxed);
     assert!(
         old.wait_exit(Duration::from_secs(20)).is_some(),
         "old process exits"
     );
-    assert!(wait_until(Duration::from_secs(5), || ok
-        .load(Ordering::Relaxed)
-        > before_exit + 200));
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    traffic.wait_for_more(200);
+    traffic.stop_and_check();
     assert_eq!(
         origin.last().header("x-config-generation"),
         Some("2"),
         "the new config is live"
     );
-    let (ok, retried) = (ok.load(Ordering::Relaxed), retried.load(Ordering::Relaxed));
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{ok} ok, {retried} retried"
+}
+
+#[test]
+fn graceful_upgrade_applies_a_changed_config_with_no_failed_request() {
+    upgrade_under_traffic(|old| {
+        let new = old.spawn_upgrade();
+        std::thread::sleep(Duration::from_millis(500)); // let it reach the socket hand-over
+        old.signal(libc::SIGQUIT);
+        new
+    });
+}
+
+#[test]
+fn upgrade_from_signals_the_old_process_once_the_new_one_is_ready() {
+    // What `systemctl reload` runs: no SIGQUIT from outside.
+    upgrade_under_traffic(|old| {
+        old.spawn_upgrade_with(&["--upgrade-from", &old.pid().to_string()])
+    });
+}
+
+#[test]
+fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
+    let origin = Origin::start();
+    let mut old = generation_one(&origin);
+    let traffic = Traffic::start(&old);
+    // The new configuration is valid, but its store cannot be opened: the new process fails
+    // while loading users, before the hand-over.
+    let garbage = old.config.with_file_name("not-a-database.db");
+    std::fs::write(&garbage, b"this is not an SQLite file, just text").unwrap();
+    let config = std::fs::read_to_string(&old.config).unwrap();
+    std::fs::write(
+        &old.config,
+        format!(
+            "{config}\nstore:\n  kind: sqlite\n  sqlite:\n    path: {}\n",
+            garbage.display()
+        ),
+    )
+    .unwrap();
+    let mut new = old.spawn_upgrade_with(&["--upgrade-from", &old.pid().to_string()]);
+    let status = new
+        .wait_exit(Duration::from_secs(20))
+        .expect("the new process gives up");
+    assert!(!status.success(), "{status}");
+    assert!(
+        new.log().contains("not an SQLite database"),
+        "{}",
+        new.log()
     );
-    eprintln!(
-        "upgrade: {ok} requests answered, {retried} retried on a closed keep-alive connection"
+    // The old process was never asked to hand over: it is still there, serving.
+    traffic.wait_for_more(200);
+    assert!(
+        old.wait_exit(Duration::from_secs(1)).is_none(),
+        "old still running"
     );
+    traffic.stop_and_check();
+    assert_eq!(origin.last().header("x-config-generation"), Some("1"));
 }
 
 #[test]

@@ -389,8 +389,14 @@ impl Tollgate {
     /// Starts a second process with `-u` on the same configuration: it takes the listening
     /// sockets over once this one gets SIGQUIT. Not ready until then.
     pub fn spawn_upgrade(&self) -> Tollgate {
+        self.spawn_upgrade_with(&[])
+    }
+
+    /// [`spawn_upgrade`](Self::spawn_upgrade) with more arguments after `-u`.
+    pub fn spawn_upgrade_with(&self, args: &[&str]) -> Tollgate {
+        let args: Vec<&str> = std::iter::once("-u").chain(args.iter().copied()).collect();
         Tollgate {
-            child: Some(self.spawn_child(&["-u"])),
+            child: Some(self.spawn_child(&args)),
             proxy: self.proxy.clone(),
             admin: self.admin.clone(),
             proxy_port: self.proxy_port,

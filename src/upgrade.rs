@@ -1,0 +1,123 @@
+//! Graceful upgrade in the safe order, for `tollgate -u --upgrade-from PID`.
+//!
+//! Pingora's upgrade has the new process (`-u`) wait for the listening sockets on
+//! `upgrade_sock` while the old one, on SIGQUIT, sends them there, retrying for about 5 s, and
+//! then shuts down *whether or not they were taken*. So SIGQUIT must only be sent once the new
+//! process waits for them: sent earlier, a new process still loading its users (seconds with a
+//! large store) or failing to start leaves nobody listening. `--upgrade-from` makes the new
+//! process send the SIGQUIT itself at the right moment, after its users are loaded and its
+//! socket is bound; if it fails before that, the old process is never asked and keeps serving.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long the new process may take from here to binding `upgrade_sock` (Pingora's
+/// bootstrap does it at once).
+const BIND_WITHIN: Duration = Duration::from_secs(10);
+
+/// A SIGQUIT to the old process, sent once the upgrade socket is bound.
+pub struct HandOver {
+    thread: JoinHandle<Result<(), String>>,
+}
+
+impl HandOver {
+    /// Call right before Pingora's `bootstrap`, which binds `upgrade_sock` and waits there.
+    /// Checks that `old` is a running process first.
+    pub fn when_bound(upgrade_sock: &Path, old: i32) -> Result<Self, String> {
+        if old <= 0 {
+            return Err(format!("--upgrade-from {old}: not a process id"));
+        }
+        // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+        if unsafe { libc::kill(old, 0) } != 0 {
+            return Err(format!(
+                "--upgrade-from {old}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        // A socket file left by an earlier upgrade would look bound: remove it (bootstrap
+        // removes it too, before binding its own).
+        match std::fs::remove_file(upgrade_sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", upgrade_sock.display())),
+        }
+        let path = upgrade_sock.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("upgrade hand-over".into())
+            .spawn(move || signal_when_bound(&path, old))
+            .map_err(|e| format!("cannot start the upgrade hand-over: {e}"))?;
+        Ok(Self { thread })
+    }
+
+    /// After `bootstrap` returned (the sockets arrived): the thread's outcome.
+    pub fn finish(self) -> Result<(), String> {
+        self.thread
+            .join()
+            .map_err(|_| "the upgrade hand-over panicked".to_string())?
+    }
+}
+
+fn signal_when_bound(path: &Path, old: i32) -> Result<(), String> {
+    let deadline = Instant::now() + BIND_WITHIN;
+    while !is_socket(path) {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} was not bound within {BIND_WITHIN:?}; process {old} was not asked to hand over",
+                path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log::info!("upgrade: asking process {old} for its listeners (SIGQUIT)");
+    // SAFETY: sends SIGQUIT to the process the operator named.
+    if unsafe { libc::kill(old, libc::SIGQUIT) } != 0 {
+        return Err(format!(
+            "cannot signal process {old}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_pid_that_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("upgrade.sock");
+        let e = HandOver::when_bound(&sock, 0).err().unwrap();
+        assert!(e.contains("not a process id"), "{e}");
+        // Far above any pid_max.
+        let e = HandOver::when_bound(&sock, i32::MAX).err().unwrap();
+        assert!(e.contains("No such process"), "{e}");
+    }
+
+    #[test]
+    fn signals_only_after_the_socket_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("upgrade.sock");
+        // A stale socket file from an earlier upgrade must not count as bound.
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let mut old = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let hand_over = HandOver::when_bound(&sock, old.id() as i32).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(old.try_wait().unwrap().is_none(), "not signalled yet");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        hand_over.finish().unwrap();
+        let status = old.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGQUIT));
+    }
+}
