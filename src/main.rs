@@ -16,7 +16,7 @@ use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, Metrics};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
-use tollgate::upgrade::HandOver;
+use tollgate::upgrade::{DaemonReady, HandOver};
 use tollgate::users::UserCache;
 
 /// mimalloc instead of glibc's malloc: Pingora allocates and frees many small objects per
@@ -91,6 +91,10 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         std::time::Duration::from_secs(config.server.grace_period_seconds.unwrap_or(5).max(1));
     // tollgate read the file itself; Pingora gets the validated ServerConf.
     opt.conf = None;
+    let daemon_ready = opt.daemon.then(|| {
+        config.server.daemon_wait_for_ready = true;
+        DaemonReady::new()
+    });
     let hand_over = upgrade_from
         .map(|old| HandOver::when_bound(config.server.upgrade_sock.as_ref(), old))
         .transpose()?;
@@ -146,8 +150,12 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         std::time::Duration::from_secs(60),
     );
 
-    server.add_service(proxy_service);
-    server.add_service(admin_service);
+    let proxy_service = server.add_service(proxy_service);
+    let admin_service = server.add_service(admin_service);
+    if let Some(ready) = daemon_ready {
+        let ready = server.add_service(background_service("daemon ready", ready));
+        ready.add_dependencies([&proxy_service, &admin_service]);
+    }
     let sync = background_service("store sync", engine);
     let engine = sync.task();
     server.add_service(sync);

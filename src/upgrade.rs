@@ -1,4 +1,5 @@
-//! Graceful upgrade in the safe order, for `tollgate -u --upgrade-from PID`.
+//! Process hand-overs: graceful upgrade in the safe order (`tollgate -u --upgrade-from PID`),
+//! and, with `-d`, a launcher that returns only once the daemon serves ([`DaemonReady`]).
 //!
 //! Pingora's upgrade has the new process (`-u`) wait for the listening sockets on
 //! `upgrade_sock` while the old one, on SIGQUIT, sends them there, retrying for about 5 s, and
@@ -84,6 +85,64 @@ fn signal_when_bound(path: &Path, old: i32) -> Result<(), String> {
 
 fn is_socket(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// With `-d`, Pingora's launching process waits (`daemon_wait_for_ready`) for a SIGUSR1 from
+/// the daemon before it exits. tollgate sends it once its services run, so `tollgate -d` (and
+/// `systemctl start` and `reload`) return when tollgate serves, and by then the pid file names
+/// the new process: systemd, which reads the pid file when the command returns, follows the
+/// main process across a reload.
+pub struct DaemonReady {
+    launcher: u32,
+}
+
+impl DaemonReady {
+    /// Call in the launching process, before Pingora daemonizes.
+    pub fn new() -> Self {
+        // Until Pingora's launcher listens for SIGUSR1 (a moment after the fork), the signal's
+        // default action would kill it: absorb it instead (the notifier repeats it).
+        extern "C" fn absorb(_: libc::c_int) {}
+        // SAFETY: installs a handler that does nothing, before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGUSR1, absorb as *const () as libc::sighandler_t);
+        }
+        Self {
+            launcher: std::process::id(),
+        }
+    }
+}
+
+impl Default for DaemonReady {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for DaemonReady {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        if std::process::id() != self.launcher {
+            notify_launcher(self.launcher).await;
+        }
+        let _ = shutdown.changed().await;
+    }
+}
+
+/// Sends SIGUSR1 until the launcher has exited (a signal that arrives before it listens is
+/// absorbed, so one is not enough).
+async fn notify_launcher(launcher: u32) {
+    let Ok(pid) = i32::try_from(launcher) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        // SAFETY: signals the process that started this daemon.
+        if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+            return; // gone: it took the signal and exited
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    log::warn!("the launching process {launcher} did not exit after the ready signal");
 }
 
 #[cfg(test)]

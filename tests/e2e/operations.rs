@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::tollgate::Tollgate;
-use crate::support::{client, wait_until, Origin, TollgateBuilder};
+use crate::support::{client, free_port, wait_until, Origin, TollgateBuilder};
 
 #[test]
 fn sigterm_lets_in_flight_requests_finish_then_exits_within_the_grace_period() {
@@ -227,32 +227,91 @@ fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
     assert_eq!(origin.last().header("x-config-generation"), Some("1"));
 }
 
+/// Daemons this test started, stopped however the test ends.
+struct Daemons(Vec<i32>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: signalling a daemon this test started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
 #[test]
-fn daemon_mode_writes_a_pid_file_and_serves() {
+fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_successor() {
     let origin = Origin::start();
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("tollgate.pid");
-    let builder = TollgateBuilder::new(origin.addr).mode("none").yaml(&format!(
-        "pingora:\n  threads: 1\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {}\n  error_log: {}",
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let pingora = format!(
+        "pingora:\n  threads: 1\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {}\n  error_log: {}\n  upgrade_sock: {}",
         pid_file.display(),
-        dir.path().join("error.log").display()
-    ));
-    let (status, output) = builder.run_to_exit(&["-d"], Duration::from_secs(20));
-    assert!(status.success(), "the launcher exits 0: {output}");
-    assert!(wait_until(Duration::from_secs(10), || pid_file.exists()));
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        dir.path().join("error.log").display(),
+        dir.path().join("upgrade.sock").display(),
+    );
+    // What systemd runs: `ExecStart` (-d), then `ExecReload` (-u -d --upgrade-from $MAINPID).
+    let run = |args: &[&str]| {
+        let (status, output) = TollgateBuilder::new(origin.addr)
+            .mode("none")
+            .ports(proxy_port, admin_port)
+            .yaml(&pingora)
+            .run_to_exit(args, Duration::from_secs(30));
+        assert!(status.success(), "{args:?}: the launcher exits 0: {output}");
+        // It waited for its daemon's word, rather than racing it.
+        assert!(
+            output.contains("Daemon signaled readiness, parent exiting"),
+            "{output}"
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("the pid file is written when the launcher returns")
+            .trim()
+            .parse()
+            .unwrap();
+        pid
+    };
+    let serves = || {
+        let http = client();
+        let health = http
+            .get(format!("http://127.0.0.1:{admin_port}/health"))
+            .send();
+        let proxied = http.get(format!("http://127.0.0.1:{proxy_port}/a")).send();
+        matches!((health, proxied), (Ok(h), Ok(p)) if h.status() == 200 && p.status() == 200)
+    };
+    let mut daemons = Daemons(Vec::new());
+
+    let first = run(&["-d"]);
+    daemons.0.push(first);
+    assert!(alive(first));
+    assert!(serves(), "serving as soon as `tollgate -d` returns");
+
+    let second = run(&["-u", "-d", "--upgrade-from", &first.to_string()]);
+    daemons.0.push(second);
+    assert_ne!(second, first, "the pid file names the successor");
+    assert!(alive(second));
+    assert!(
+        serves(),
+        "the successor serves as soon as the reload returns"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !alive(first)),
+        "the old daemon exits after the hand-over"
+    );
+    assert!(serves());
     // SAFETY: signalling the daemon this test started.
-    let alive = || unsafe { libc::kill(pid, 0) == 0 };
-    assert!(alive());
     unsafe {
-        libc::kill(pid, libc::SIGTERM);
+        libc::kill(second, libc::SIGTERM);
     }
     assert!(
-        wait_until(Duration::from_secs(10), || !alive()),
+        wait_until(Duration::from_secs(10), || !alive(second)),
         "daemon stops on SIGTERM"
     );
 }
