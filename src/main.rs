@@ -93,7 +93,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     opt.conf = None;
     let daemon_ready = opt.daemon.then(|| {
         config.server.daemon_wait_for_ready = true;
-        DaemonReady::new()
+        DaemonReady::install()
     });
     let hand_over = upgrade_from
         .map(|old| HandOver::when_bound(config.server.upgrade_sock.as_ref(), old))

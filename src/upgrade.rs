@@ -98,7 +98,7 @@ pub struct DaemonReady {
 
 impl DaemonReady {
     /// Call in the launching process, before Pingora daemonizes.
-    pub fn new() -> Self {
+    pub fn install() -> Self {
         // Until Pingora's launcher listens for SIGUSR1 (a moment after the fork), the signal's
         // default action would kill it: absorb it instead (the notifier repeats it).
         extern "C" fn absorb(_: libc::c_int) {}
@@ -109,12 +109,6 @@ impl DaemonReady {
         Self {
             launcher: std::process::id(),
         }
-    }
-}
-
-impl Default for DaemonReady {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -120,6 +120,37 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Visits, in probe order, the slots whose tag matches `hash` (bucket index, bucket, slot)
+    /// until `visit` returns `Some`, or a bucket with an empty slot ends the probe.
+    #[inline(always)]
+    fn probe<R>(
+        &self,
+        hash: u64,
+        mut visit: impl FnMut(usize, &Bucket, usize) -> Option<R>,
+    ) -> Option<R> {
+        let tag = tag_of(hash);
+        let mut index = hash as usize;
+        for _ in 0..=self.mask {
+            let bucket = self.bucket(index);
+            let tags = bucket.tags.load(Ordering::Acquire);
+            let mut candidates = matching(tags, tag);
+            while candidates != 0 {
+                let slot = candidates.trailing_zeros() as usize / 8;
+                candidates &= candidates - 1;
+                if let Some(found) = visit(index & self.mask, bucket, slot) {
+                    return Some(found);
+                }
+            }
+            if zero_bytes(tags) != 0 {
+                return None;
+            }
+            index = index.wrapping_add(1);
+        }
+        None
+    }
+}
+
 /// How many buckets hold `users` records within [`Table::max_used`].
 fn buckets_for(users: usize) -> usize {
     (users.saturating_mul(4).div_ceil(SLOTS * 3))
@@ -214,43 +245,29 @@ impl Lookup<'_> {
     /// The record with this token.
     #[inline]
     pub fn get(self) -> Option<Arc<UserRecord>> {
-        let tag = tag_of(self.hash);
-        let mut index = self.hash as usize;
-        for _ in 0..=self.table.mask {
-            let bucket = self.table.bucket(index);
-            let tags = bucket.tags.load(Ordering::Acquire);
-            let mut candidates = matching(tags, tag);
-            while candidates != 0 {
-                let slot = candidates.trailing_zeros() as usize / 8;
-                candidates &= candidates - 1;
-                // SeqCst, as the guard's protected loads: the word points into a record.
-                let word = bucket.tokens[slot].load(Ordering::SeqCst);
-                let ptr = self.guard.protect(&bucket.records[slot], Ordering::Acquire);
-                if ptr.is_null() {
-                    continue;
-                }
-                // The record loads while the token is compared.
-                prefetch(ptr);
-                let matched = word_holds(word, self.token);
-                // SAFETY: a non-null slot holds a live record, kept alive by the guard.
-                let record = unsafe { &*ptr };
-                let own = word != 0
-                    && record.token().as_ptr().expose_provenance()
-                        == word & ((1 << ADDRESS_BITS) - 1);
-                if (matched && own) || (!own && record.token().as_ref() == self.token) {
-                    // SAFETY: the table's reference is not released while the guard is held,
-                    // so the count is at least one.
-                    unsafe { Arc::increment_strong_count(ptr) };
-                    // SAFETY: one reference, just taken, handed to the caller.
-                    return Some(unsafe { Arc::from_raw(ptr) });
-                }
-            }
-            if zero_bytes(tags) != 0 {
+        self.table.probe(self.hash, |_, bucket, slot| {
+            // SeqCst, as the guard's protected loads: the word points into a record.
+            let word = bucket.tokens[slot].load(Ordering::SeqCst);
+            let ptr = self.guard.protect(&bucket.records[slot], Ordering::Acquire);
+            if ptr.is_null() {
                 return None;
             }
-            index = index.wrapping_add(1);
-        }
-        None
+            // The record loads while the token is compared.
+            prefetch(ptr);
+            let matched = word_holds(word, self.token);
+            // SAFETY: a non-null slot holds a live record, kept alive by the guard.
+            let record = unsafe { &*ptr };
+            let own = word != 0
+                && record.token().as_ptr().expose_provenance() == word & ((1 << ADDRESS_BITS) - 1);
+            if !((matched && own) || (!own && record.token().as_ref() == self.token)) {
+                return None;
+            }
+            // SAFETY: the table's reference is not released while the guard is held, so the
+            // count is at least one.
+            unsafe { Arc::increment_strong_count(ptr) };
+            // SAFETY: one reference, just taken, handed to the caller.
+            Some(unsafe { Arc::from_raw(ptr) })
+        })
     }
 }
 
@@ -419,31 +436,15 @@ impl RecordTable {
 
     /// A writer's search (the lock is held, so nothing it finds is released meanwhile).
     fn find(&self, table: &Table, token: &str, hash: u64) -> Option<Found> {
-        let tag = tag_of(hash);
-        let mut index = hash as usize;
-        for _ in 0..=table.mask {
-            let bucket = table.bucket(index);
-            let tags = bucket.tags.load(Ordering::Acquire);
-            let mut candidates = matching(tags, tag);
-            while candidates != 0 {
-                let slot = candidates.trailing_zeros() as usize / 8;
-                candidates &= candidates - 1;
-                let ptr = bucket.records[slot].load(Ordering::Acquire);
-                // SAFETY: records are only released by writers, and this one holds the lock.
-                if !ptr.is_null() && unsafe { (*ptr).token().as_ref() } == token {
-                    return Some(Found {
-                        bucket: index & table.mask,
-                        slot,
-                        ptr,
-                    });
-                }
-            }
-            if zero_bytes(tags) != 0 {
-                return None;
-            }
-            index = index.wrapping_add(1);
-        }
-        None
+        table.probe(hash, |bucket_index, bucket, slot| {
+            let ptr = bucket.records[slot].load(Ordering::Acquire);
+            // SAFETY: records are only released by writers, and this one holds the lock.
+            (!ptr.is_null() && unsafe { (*ptr).token().as_ref() } == token).then_some(Found {
+                bucket: bucket_index,
+                slot,
+                ptr,
+            })
+        })
     }
 
     /// Copies the live records into a new table of `buckets` buckets and publishes it.
