@@ -229,7 +229,16 @@ impl SyncEngine {
     pub async fn final_flush(&self) {
         let deadline = Instant::now() + self.shutdown_deadline;
         loop {
-            match self.flush().await {
+            // One attempt may not outlast the deadline (a store request can take 30 s); a
+            // write cut off here stays in flight and is resolved by the next attempt.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = match tokio::time::timeout(left, self.flush()).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(
+                    "the shutdown deadline passed during a write".into(),
+                )),
+            };
+            match attempt {
                 Ok(()) => {
                     info!(
                         "{} store: all changes written before shutdown",

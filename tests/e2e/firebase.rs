@@ -117,7 +117,9 @@ fn older_layout_loads_and_every_user_works() {
             "legacy": older_user("legacy", json!({"legacyQuota": {"a": 1}, "quotaResetAt": 5})),
             // An ip list with a hole reads back with null in it.
             "holes": older_user("holes", json!({"ip": {"0": "9.9.9.9", "2": "8.8.8.8"}})),
-            "broken": {"type": "normal", "promptCount": "lots"},
+            "broken": {"type": "normal", "promptCount": "lots", "createdAt": 1},
+            // What late counter writes leave of a deleted user: not a user.
+            "leftover": {"promptCount": 7, "lastUsedAt": 1700000001000u64, "ip": ["1.1.1.1"]},
         }),
     )
     .unwrap();
@@ -127,8 +129,13 @@ fn older_layout_loads_and_every_user_works() {
         assert_eq!(proxy(&tg, token), StatusCode::OK, "{token}");
     }
     assert_eq!(proxy(&tg, "broken"), StatusCode::UNAUTHORIZED);
+    assert_eq!(proxy(&tg, "leftover"), StatusCode::UNAUTHORIZED);
     let log = tg.log();
     assert!(log.contains("cannot be read and is skipped"), "{log}");
+    assert!(
+        log.contains("1 entries under /users are leftovers"),
+        "{log}"
+    );
     assert!(
         log.contains("legacyQuota"),
         "unknown fields are named: {log}"
@@ -201,6 +208,23 @@ fn console_edits_reach_the_cache_quickly() {
     eventually(PROPAGATION, "console delete visible", &tg, || {
         proxy(&tg, "carol") == StatusCode::UNAUTHORIZED
     });
+    // Another instance's counter write lands after the delete: RTDB re-creates the node with
+    // just that leaf, which must not bring carol back. (Events arrive in order: once the
+    // nickname shows, the leaf's event was handled.)
+    db.update(
+        "/",
+        json!({"users/carol/promptCount": 4, "users/carol/lastUsedAt": 1700000009000u64}),
+    )
+    .unwrap();
+    db.set("/users/alice/nickname", json!("sync point"))
+        .unwrap();
+    eventually(
+        PROPAGATION,
+        "the edit after the leftover visible",
+        &tg,
+        || tg.user("alice")["nickname"] == "sync point",
+    );
+    assert_eq!(proxy(&tg, "carol"), StatusCode::UNAUTHORIZED);
     // A multi-path update in the nested event form.
     db.update_knobs(|k| k.patch_event_keys = PatchEventKeys::Nest);
     db.update(
@@ -419,6 +443,42 @@ fn graceful_shutdown_writes_everything() {
     assert_eq!(stored(&db, "/users/u/promptCount"), json!(30));
     assert_eq!(stored(&db, "/users/u/nickname"), json!("n"));
     assert!(tg.log().contains("all changes written before shutdown"));
+}
+
+#[test]
+fn a_write_cut_off_by_the_shutdown_deadline_is_not_sent_twice() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently("/users/u", older_user("u", json!({})))
+        .unwrap();
+    let mut tg = builder_flushing(&origin, &db, 3600)
+        .yaml("pingora:\n  grace_period_seconds: 2\n  graceful_shutdown_timeout_seconds: 1")
+        .start();
+    for _ in 0..25 {
+        assert_eq!(proxy(&tg, "u"), StatusCode::OK);
+    }
+    // The shutdown flush's write reaches the database but is applied only after 2.1 s, past
+    // the 2 s shutdown deadline that cuts the request off: its outcome is unknown to tollgate,
+    // which finds it applied (within its 1 s settle time) instead of sending it again.
+    db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::Delay { ms: 2100 }).times(1));
+    assert!(tg.stop().success());
+    // tollgate has exited; the delayed write lands meanwhile (and a resend would have too).
+    assert!(
+        wait_until(Duration::from_secs(10), || stored(
+            &db,
+            "/users/u/promptCount"
+        ) != json!(0)),
+        "{}",
+        tg.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        stored(&db, "/users/u/promptCount"),
+        json!(25),
+        "{}",
+        tg.log()
+    );
+    assert!(tg.log().contains("turned out applied"), "{}", tg.log());
 }
 
 #[test]

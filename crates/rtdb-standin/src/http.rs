@@ -211,8 +211,18 @@ async fn handle_with_fault(
             Err(drop_connection(shared, ctx, entry))
         }
         Some(FaultAction::Delay { ms }) => {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(finish(shared, entry, route(shared, ctx, &req).await))
+            // A server finishes a request it has read even if the client leaves meanwhile
+            // (a client's timeout makes such a write ambiguous, not lost): the delayed
+            // handling runs on its own task, which hyper cannot cancel with the connection.
+            let (shared, ctx) = (Arc::clone(shared), Arc::clone(ctx));
+            let handled = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let response = route(&shared, &ctx, &req).await;
+                finish(&shared, entry, response)
+            });
+            Ok(handled.await.unwrap_or_else(|_| {
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "handler failed")
+            }))
         }
         Some(FaultAction::Trickle {
             chunk_bytes,

@@ -150,6 +150,18 @@ impl FirebaseStore {
         Ok(value.as_u64().unwrap_or(0))
     }
 
+    /// Whether write `no` of this instance was applied, for a write whose outcome is unknown
+    /// (a timeout, a reset, a 5xx, or a send cut off by the shutdown deadline). A server may
+    /// still be applying a write its client gave up on, so a marker that is behind is read
+    /// once more after [`SETTLE`] before the write counts as lost and is sent again.
+    async fn was_applied(&self, rtdb: &Rtdb, no: u64) -> Result<bool, RtdbError> {
+        if self.read_marker(rtdb).await? >= no {
+            return Ok(true);
+        }
+        tokio::time::sleep(SETTLE).await;
+        Ok(self.read_marker(rtdb).await? >= no)
+    }
+
     /// Writes one group of changes as one atomic PATCH. `Ok(Err(msg))`: refused with 400.
     async fn write_group(
         &self,
@@ -165,29 +177,33 @@ impl FirebaseStore {
         let request = Request::new(Method::PATCH, "")
             .query("print", "silent")
             .json(bytes);
-        match rtdb.call(request).await {
+        // Unresolved from before the send: if this future is dropped mid-request (the
+        // shutdown deadline), the next attempt asks the marker instead of sending again.
+        progress.unresolved = Some((no, group.to_vec()));
+        let outcome = rtdb.call(request).await;
+        if !matches!(&outcome, Err(e) if e.is_ambiguous()) {
+            progress.unresolved = None;
+        }
+        match outcome {
             Ok(_) => Ok(Ok(())),
             Err(RtdbError::BadRequest(message)) => Ok(Err(message)),
-            Err(e) if e.is_ambiguous() => {
-                progress.unresolved = Some((no, group.to_vec()));
-                match self.read_marker(rtdb).await {
-                    Ok(stored) if stored >= no => {
-                        progress.unresolved = None;
-                        info!(
-                            "firebase: a write failed ambiguously ({e}) but its marker shows it \
+            Err(e) if e.is_ambiguous() => match self.was_applied(rtdb, no).await {
+                Ok(true) => {
+                    progress.unresolved = None;
+                    info!(
+                        "firebase: a write failed ambiguously ({e}) but its marker shows it \
                              applied; not resending"
-                        );
-                        Ok(Ok(()))
-                    }
-                    Ok(_) => {
-                        progress.unresolved = None;
-                        Err(StoreError::Unavailable(format!("{e} (not applied)")))
-                    }
-                    Err(read) => Err(StoreError::Unavailable(format!(
-                        "{e}; the batch marker cannot be read yet ({read})"
-                    ))),
+                    );
+                    Ok(Ok(()))
                 }
-            }
+                Ok(false) => {
+                    progress.unresolved = None;
+                    Err(StoreError::Unavailable(format!("{e} (not applied)")))
+                }
+                Err(read) => Err(StoreError::Unavailable(format!(
+                    "{e}; the batch marker cannot be read yet ({read})"
+                ))),
+            },
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
         }
     }
@@ -295,10 +311,11 @@ impl StoreBackend for FirebaseStore {
             };
         }
         if let Some((no, group)) = progress.unresolved.clone() {
-            let stored = self.read_marker(rtdb).await.map_err(|e| {
+            let applied = self.was_applied(rtdb, no).await.map_err(|e| {
                 StoreError::Unavailable(format!("the batch marker cannot be read yet: {e}"))
             })?;
-            if stored >= no {
+            if applied {
+                info!("firebase: an unfinished write turned out applied; not resending");
                 progress.done.extend(group);
             }
             progress.unresolved = None;
@@ -418,6 +435,9 @@ impl StoreBackend for FirebaseStore {
     }
 }
 
+/// How long a write the client gave up on is given to land before it counts as lost.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// How often the leader looks for stale markers.
 const HOUSEKEEPING_EVERY_MS: u64 = 3_600_000;
 
@@ -435,17 +455,21 @@ impl FirebaseStore {
             return Vec::new();
         };
         let total = users.len();
-        let loaded: Vec<User> = users
-            .into_iter()
-            .filter_map(|(token, v)| stream::read_user(&token, Some(v), true))
-            .collect();
-        if loaded.len() < total {
-            warn!(
-                "firebase: {} of {total} stored users could not be read (see above)",
-                total - loaded.len()
+        let (loaded, remnants) = stream::read_users(users, true);
+        if remnants > 0 {
+            info!(
+                "firebase: {remnants} entries under /{} are leftovers of deleted users (no \
+                 createdAt) and are ignored",
+                self.layout.users
             );
         }
-        loaded
+        if loaded.len() + remnants < total {
+            warn!(
+                "firebase: {} of {total} stored users could not be read (see above)",
+                total - loaded.len() - remnants
+            );
+        }
+        loaded.into_values().collect()
     }
 }
 

@@ -185,12 +185,10 @@ impl Follower {
         let touched = touched.map_err(|e| End::Failed(format!("a malformed event: {e}")))?;
         match touched {
             Touched::All => {
-                let mut users = HashMap::with_capacity(mirror.len());
-                for token in mirror.tokens() {
-                    if let Some(user) = read_user(token, mirror.user(token), first) {
-                        users.insert(token.clone(), user);
-                    }
-                }
+                let nodes = mirror
+                    .tokens()
+                    .filter_map(|token| Some((token.clone(), mirror.user(token)?)));
+                let (users, _) = read_users(nodes, first);
                 self.cache.replace_all_remote(&users);
                 if !*snapshot_seen {
                     *snapshot_seen = true;
@@ -204,13 +202,14 @@ impl Follower {
             }
             Touched::Users(tokens) => {
                 for token in tokens {
-                    match mirror.user(&token) {
-                        None => self.cache.apply_remote(&token, None),
-                        Some(value) => {
-                            if let Some(user) = read_user(&token, Some(value), false) {
-                                self.cache.apply_remote(&token, Some(&user));
-                            }
-                        }
+                    let Some(value) = mirror.user(&token) else {
+                        self.cache.apply_remote(&token, None);
+                        continue;
+                    };
+                    match read_node(&token, value, false) {
+                        Node::User(user) => self.cache.apply_remote(&token, Some(&*user)),
+                        Node::Remnant => self.cache.apply_remote(&token, None),
+                        Node::Unreadable => {}
                     }
                 }
             }
@@ -219,10 +218,29 @@ impl Follower {
     }
 }
 
+/// What a node under the users path holds.
+#[derive(Debug)]
+pub enum Node {
+    User(Box<User>),
+    /// Leaves without a user: counters, `lastUsedAt` or an `ip` list that another
+    /// instance's write added after the user was deleted (RTDB creates the parents of any
+    /// leaf written). Every user tollgate or the older proxy creates is written whole, with
+    /// `createdAt`; a node without it is not a user and must not bring one back.
+    Remnant,
+    /// A user whose known fields are malformed: logged and skipped.
+    Unreadable,
+}
+
 /// Parses one stored user; logs (by token id, never the token) and skips one that cannot be
 /// read. Unknown fields are reported when `verbose` (at load and on the first snapshot).
-pub fn read_user(token: &str, value: Option<serde_json::Value>, verbose: bool) -> Option<User> {
-    let value = value?;
+pub fn read_node(token: &str, value: serde_json::Value, verbose: bool) -> Node {
+    if value.is_object() && value.get("createdAt").is_none() {
+        debug!(
+            "firebase: /users entry {} has no createdAt: leftovers of a deleted user, ignored",
+            token_id(token)
+        );
+        return Node::Remnant;
+    }
     match User::from_stored(token, value) {
         Ok(stored) => {
             if verbose && !stored.unknown_fields.is_empty() {
@@ -233,16 +251,36 @@ pub fn read_user(token: &str, value: Option<serde_json::Value>, verbose: bool) -
                     stored.unknown_fields.join(", ")
                 );
             }
-            Some(stored.user)
+            Node::User(Box::new(stored.user))
         }
         Err(problem) => {
             warn!(
                 "firebase: user {} cannot be read and is skipped: {problem}",
                 token_id(token)
             );
-            None
+            Node::Unreadable
         }
     }
+}
+
+/// The users of a snapshot (`(token, value)` pairs); remnants and unreadable users are left
+/// out, remnants counted in the second value.
+pub fn read_users<I>(nodes: I, verbose: bool) -> (HashMap<String, User>, usize)
+where
+    I: IntoIterator<Item = (String, serde_json::Value)>,
+{
+    let mut users = HashMap::new();
+    let mut remnants = 0;
+    for (token, value) in nodes {
+        match read_node(&token, value, verbose) {
+            Node::User(user) => {
+                users.insert(token, *user);
+            }
+            Node::Remnant => remnants += 1,
+            Node::Unreadable => {}
+        }
+    }
+    (users, remnants)
 }
 
 /// 0.25 s doubling to 30 s, ±25 % jitter.

@@ -422,31 +422,16 @@ fn write_ops(conn: &mut Connection, writer: &str, seq: u64, ops: &[Op]) -> rusql
                         c.absolute,
                     ))?;
                 }
-                Op::Counters {
-                    token,
-                    counters: c,
-                    record,
-                } => {
-                    let changed = counters.execute((
+                Op::Counters { token, counters: c } => {
+                    // No row: the user was deleted (during a graceful upgrade, by the other
+                    // process). Counting its last requests must not bring it back.
+                    counters.execute((
                         &**token,
                         c.prompt_count,
                         c.last_used_at,
                         c.delta,
                         c.absolute,
                     ))?;
-                    if changed == 0 {
-                        // The row is gone (deleted by hand?): write the user whole again.
-                        let doc = rows::doc_of(&record.to_user())
-                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
-                        put.execute((
-                            &**token,
-                            &doc,
-                            c.prompt_count,
-                            c.last_used_at,
-                            c.delta,
-                            true,
-                        ))?;
-                    }
                 }
                 Op::Delete { token } => {
                     delete.execute([&**token])?;

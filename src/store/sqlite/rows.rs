@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::users::{Change, Fields, User, UserRecord};
+use crate::users::{Change, Fields, User};
 
 /// Fields that live in the counter columns: a change of only these does not touch `doc`.
 const COUNTER_FIELDS: Fields =
@@ -26,8 +26,6 @@ pub(super) enum Op {
     Counters {
         token: Arc<str>,
         counters: Counters,
-        /// To write the whole row if it is missing (someone deleted it behind our back).
-        record: Arc<UserRecord>,
     },
     Delete {
         token: Arc<str>,
@@ -83,11 +81,7 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
                     doc: doc_of(&c.user).map_err(|e| e.to_string())?,
                 })
             } else {
-                Ok(Op::Counters {
-                    token,
-                    counters,
-                    record: Arc::clone(&c.record),
-                })
+                Ok(Op::Counters { token, counters })
             }
         }
     }

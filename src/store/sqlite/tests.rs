@@ -133,12 +133,16 @@ async fn a_retried_batch_does_not_count_twice() {
     let (_dir, path) = temp();
     let store = Arc::new(SqliteStore::open(&path).unwrap());
     let cache = UserCache::default();
-    cache.load([User::new("a".into(), UserType::Normal, 1)]);
-    // The row does not exist yet: the counter update falls back to writing the whole user.
-    let first = counted_batch(&cache, "a", 3, 1);
+    cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    let created = counted_batch(&cache, "a", 0, 1);
+    store.apply(&created).await.unwrap();
+    cache.acknowledge(&created.changes, true);
+    let first = counted_batch(&cache, "a", 3, 2);
     store.apply(&first).await.unwrap();
     cache.acknowledge(&first.changes, true);
-    let second = counted_batch(&cache, "a", 2, 2);
+    let second = counted_batch(&cache, "a", 2, 3);
     store.apply(&second).await.unwrap();
     // The commit happened but, say, its success was not reported: the same batch again.
     store.apply(&second).await.unwrap();
@@ -184,6 +188,41 @@ async fn two_processes_on_one_file_add_up_their_counts() {
     );
     new_engine.flush().await.unwrap();
     assert_eq!(new.load_all().await.unwrap()[0].prompt_count, 100);
+}
+
+#[tokio::test]
+async fn counts_from_the_old_process_do_not_bring_back_a_user_the_new_one_deleted() {
+    // A graceful upgrade: an admin hard-deletes a user on the new process while the old one
+    // still answers (and counts) a last request of that user.
+    let (_dir, path) = temp();
+    let setup = Arc::new(SqliteStore::open(&path).unwrap());
+    let (setup_engine, cache) = engine(&setup);
+    for t in ["gone", "kept"] {
+        cache
+            .create(&User::new(t.into(), UserType::Normal, 1))
+            .unwrap();
+    }
+    setup_engine.flush().await.unwrap();
+    let old = Arc::new(SqliteStore::open(&path).unwrap());
+    let new = Arc::new(SqliteStore::open(&path).unwrap());
+    let (old_engine, old_cache) = engine(&old);
+    let (new_engine, new_cache) = engine(&new);
+    old_cache.load(old.load_all().await.unwrap());
+    new_cache.load(new.load_all().await.unwrap());
+    new_cache.remove("gone").unwrap();
+    new_engine.flush().await.unwrap();
+    for t in ["gone", "kept"] {
+        old_cache.count_request(&old_cache.get(t).unwrap(), 10);
+    }
+    old_engine.flush().await.unwrap();
+    let users = new.load_all().await.unwrap();
+    assert_eq!(
+        users
+            .iter()
+            .map(|u| (u.token.as_str(), u.prompt_count))
+            .collect::<Vec<_>>(),
+        vec![("kept", 1)]
+    );
 }
 
 #[tokio::test]

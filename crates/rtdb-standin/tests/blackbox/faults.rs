@@ -145,6 +145,30 @@ async fn delay_and_trickle() {
 }
 
 #[tokio::test]
+async fn a_delayed_write_is_applied_even_if_its_client_gives_up() {
+    // As a real server does with a request it has read: the client's timeout makes the
+    // write's outcome unknown to the client, not undone.
+    let f = Fixture::new();
+    f.standin
+        .add_fault(FaultRule::new("PATCH", "/.json", FaultAction::Delay { ms: 300 }).times(1));
+    let gave_up = f
+        .req(Method::PATCH, "/.json")
+        .json(&increment())
+        .timeout(Duration::from_millis(50))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client timed out");
+    let started = Instant::now();
+    while f.get_json("/users/a/n.json").await.1 != json!(1) {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the delayed write never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn faults_also_apply_to_the_token_endpoint() {
     let f = Fixture::new();
     f.standin
