@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use pingora::prelude::*;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::RunArgs;
@@ -62,6 +62,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
     if cli.pingora.test {
         println!("tollgate: configuration {path} is valid");
         return ExitCode::SUCCESS;
@@ -77,6 +80,12 @@ fn main() -> ExitCode {
 }
 
 fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<(), String> {
+    // With -u the running tollgate holds the ports and hands them over.
+    if !opt.upgrade {
+        let mut addrs = config.listen.clone();
+        addrs.push(config.admin.listen);
+        tollgate::net::check_bindable(&addrs).map_err(|e| e.to_string())?;
+    }
     let backend = store::open(&config.store)
         .map_err(|e| format!("store {}: {e}", config.store.kind.as_str()))?;
     let cache = Arc::new(load_users(&config, backend.as_ref())?);

@@ -1,7 +1,7 @@
 //! CIDR sets (allow lists, block lists, trusted proxies) and client-IP resolution.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -130,6 +130,41 @@ fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
     None
 }
 
+/// Whether two listen addresses would compete for the same socket, so that Pingora's bind of
+/// the second fails (and its thread panics) while the process keeps running. Same port and
+/// either the same address, or a wildcard covering the other: `0.0.0.0` covers every IPv4
+/// address; `[::]` covers every IPv6 address and, since Linux binds it dual-stack unless
+/// `net.ipv6.bindv6only` is set, every IPv4 address too. Port 0 (any free port) never clashes.
+pub fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers =
+        |wild: IpAddr, other: IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
+    x == y || covers(x, y) || covers(y, x)
+}
+
+/// A listen address that cannot be bound right now.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source} (is another program using it?)")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds each address once and lets it go again. Pingora only logs "is in use, will try
+/// again" for a busy port and keeps retrying, while /ready reports ready; checking before
+/// Pingora starts turns that into a start-up failure naming the address. Not for a graceful
+/// upgrade: there the old process legitimately holds the ports and hands them over.
+pub fn check_bindable(addrs: &[SocketAddr]) -> Result<(), BindError> {
+    for &addr in addrs {
+        TcpListener::bind(addr).map_err(|source| BindError { addr, source })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +175,49 @@ mod tests {
 
     fn set(s: &str) -> CidrSet {
         CidrSet::parse_csv(s).unwrap()
+    }
+
+    fn sock(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn listeners_overlap_on_same_address_or_wildcard() {
+        let overlapping = [
+            ("127.0.0.1:80", "127.0.0.1:80"),
+            ("0.0.0.0:80", "127.0.0.1:80"),
+            ("10.0.0.1:80", "0.0.0.0:80"),
+            ("[::]:80", "[::1]:80"),
+            // [::] may be dual-stack: it takes the IPv4 port too.
+            ("[::]:80", "0.0.0.0:80"),
+            ("[::]:80", "127.0.0.1:80"),
+            ("[::ffff:127.0.0.1]:80", "127.0.0.1:80"),
+        ];
+        for (a, b) in overlapping {
+            assert!(listeners_overlap(sock(a), sock(b)), "{a} vs {b}");
+            assert!(listeners_overlap(sock(b), sock(a)), "{b} vs {a}");
+        }
+        let apart = [
+            ("127.0.0.1:80", "127.0.0.1:81"),
+            ("127.0.0.1:80", "127.0.0.2:80"),
+            ("0.0.0.0:80", "[::1]:80"),
+            ("[::1]:80", "[::2]:80"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ];
+        for (a, b) in apart {
+            assert!(!listeners_overlap(sock(a), sock(b)), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn check_bindable_names_a_busy_address() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = held.local_addr().unwrap();
+        let err = check_bindable(&[busy]).unwrap_err();
+        assert_eq!(err.addr, busy);
+        assert!(err.to_string().contains(&busy.to_string()), "{err}");
+        drop(held);
+        check_bindable(&[busy]).unwrap();
     }
 
     #[test]

@@ -18,7 +18,8 @@ const SWEEP_ABOVE: usize = 10_000;
 
 pub struct AdminAuth {
     key: Option<Secret>,
-    allow: CidrSet,
+    /// `None` = any address; `Some(empty)` = nobody (an explicitly empty `ADMIN_WHITELIST`).
+    allow: Option<CidrSet>,
     max_failures: u32,
     lockout: Duration,
     failures: Mutex<HashMap<IpAddr, Failures>>,
@@ -32,7 +33,12 @@ struct Failures {
 }
 
 impl AdminAuth {
-    pub fn new(key: Option<Secret>, allow: CidrSet, max_failures: u32, lockout: Duration) -> Self {
+    pub fn new(
+        key: Option<Secret>,
+        allow: Option<CidrSet>,
+        max_failures: u32,
+        lockout: Duration,
+    ) -> Self {
         Self {
             key,
             allow,
@@ -44,7 +50,7 @@ impl AdminAuth {
 
     /// Whether `ip` may reach admin endpoints at all (`ADMIN_WHITELIST`).
     pub fn allowed(&self, ip: IpAddr) -> Result<(), ApiError> {
-        if self.allow.is_empty() || self.allow.contains(ip) {
+        if self.allow.as_ref().is_none_or(|allow| allow.contains(ip)) {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -130,10 +136,11 @@ impl AdminAuth {
 mod tests {
     use super::*;
 
+    /// `allow` as `ADMIN_WHITELIST`; `""` here means unset (any address).
     fn auth(allow: &str) -> AdminAuth {
         AdminAuth::new(
             Secret::new("sekrit"),
-            CidrSet::parse_csv(allow).unwrap(),
+            (!allow.is_empty()).then(|| CidrSet::parse_csv(allow).unwrap()),
             5,
             Duration::from_secs(900),
         )
@@ -235,8 +242,28 @@ mod tests {
     }
 
     #[test]
+    fn explicitly_empty_allow_list_refuses_everyone() {
+        let a = AdminAuth::new(
+            Secret::new("sekrit"),
+            Some(CidrSet::default()),
+            5,
+            Duration::from_secs(900),
+        );
+        for addr in ["192.0.2.1", "127.0.0.1", "::1"] {
+            let err = a
+                .authorize(
+                    addr.parse().unwrap(),
+                    Some(b"Bearer sekrit"),
+                    Instant::now(),
+                )
+                .unwrap_err();
+            assert_eq!(err.status, 403, "{addr}");
+        }
+    }
+
+    #[test]
     fn missing_admin_key_refuses_everything() {
-        let a = AdminAuth::new(None, CidrSet::default(), 5, Duration::from_secs(1));
+        let a = AdminAuth::new(None, None, 5, Duration::from_secs(1));
         assert_eq!(
             a.authorize(ip(), Some(b"Bearer anything"), Instant::now())
                 .unwrap_err()

@@ -9,6 +9,8 @@ use crate::secret::Secret;
 /// Where environment variables come from (the process, or a map in tests).
 pub trait EnvSource {
     fn var(&self, name: &str) -> Option<String>;
+    /// Every variable name (to find the older proxy's `TOKEN_QUOTA_<FAMILY>` family).
+    fn names(&self) -> Vec<String>;
 }
 
 /// The real process environment.
@@ -18,11 +20,21 @@ impl EnvSource for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn names(&self) -> Vec<String> {
+        std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .collect()
+    }
 }
 
 impl EnvSource for HashMap<String, String> {
     fn var(&self, name: &str) -> Option<String> {
         self.get(name).cloned()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
     }
 }
 
@@ -40,6 +52,24 @@ pub(super) fn string(env: &dyn EnvSource, name: &str) -> Option<String> {
 /// Secrets are taken verbatim (not trimmed, never JSON-parsed: an all-digit key stays a key).
 pub(super) fn secret(env: &dyn EnvSource, name: &str) -> Option<Secret> {
     env.var(name).and_then(Secret::new)
+}
+
+/// A secret that clients present (`ADMIN_KEY`, `PROXY_KEY`). Presented keys are trimmed, so a
+/// key with leading or trailing whitespace (`"abc "`, a newline from an env file) could never
+/// match: refused at load, naming the variable but never the value.
+pub(super) fn client_secret(
+    env: &dyn EnvSource,
+    name: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    let value = env.var(name).unwrap_or_default();
+    if value.trim() != value {
+        return Err(error(
+            name,
+            "has leading or trailing whitespace (e.g. a newline from an env file); \
+             presented keys are trimmed, so it could never match: remove the whitespace",
+        ));
+    }
+    Ok(Secret::new(value))
 }
 
 pub(super) fn parsed<T: std::str::FromStr>(
@@ -71,6 +101,64 @@ pub(super) fn cidrs(env: &dyn EnvSource, name: &str) -> Result<Option<CidrSet>, 
     string(env, name)
         .map(|v| CidrSet::parse_csv(&v).map_err(|e| error(name, e.to_string())))
         .transpose()
+}
+
+/// A comma-separated CIDR list where an explicitly empty value (`""`, `","`) is an empty list,
+/// not "unset": the older proxy allowed no admin requests with an empty `ADMIN_WHITELIST`.
+/// `None` only when the variable is absent.
+pub(super) fn explicit_cidrs(
+    env: &dyn EnvSource,
+    name: &str,
+) -> Result<Option<CidrSet>, ConfigError> {
+    env.var(name)
+        .map(|v| CidrSet::parse_csv(&v).map_err(|e| error(name, e.to_string())))
+        .transpose()
+}
+
+/// The older proxy's variables that tollgate does not read, each with what to use instead.
+const NOT_READ: &[(&str, &str)] = &[
+    ("TRUSTED_PROXIES", "set `trusted_proxies` in the configuration file (a CIDR list of your proxies, not a hop count)"),
+    ("TEXT_MODEL_RATE_LIMIT", "set `rate_limit.requests_per_minute` in the configuration file"),
+    ("IMAGE_MODEL_RATE_LIMIT", "set `rate_limit.requests_per_minute` in the configuration file"),
+    ("MODEL_RATE_LIMIT", "set `rate_limit.requests_per_minute` in the configuration file"),
+    ("USER_CONCURRENCY_LIMIT", "set `rate_limit.max_inflight` in the configuration file"),
+    ("ALLOWED_MODEL_FAMILIES", "tollgate does not inspect models; it has no equivalent"),
+    ("ALLOWED_VISION_SERVICES", "tollgate does not inspect models; it has no equivalent"),
+    ("QUOTA_REFRESH_PERIOD", "per-family token quotas are not enforced by tollgate"),
+    ("CAPTCHA_MODE", "the proof-of-work captcha is not carried over"),
+    ("POW_TOKEN_HOURS", "the proof-of-work captcha is not carried over"),
+    ("POW_TOKEN_MAX_IPS", "the proof-of-work captcha is not carried over; `gatekeeper.max_ips_per_user` limits IPs per user"),
+    ("POW_DIFFICULTY_LEVEL", "the proof-of-work captcha is not carried over"),
+    ("POW_CHALLENGE_TIMEOUT", "the proof-of-work captcha is not carried over"),
+    ("ALLOW_NICKNAME_CHANGES", "tollgate has no user-facing pages; set `nickname` over the admin API"),
+    ("SIGNING_KEY", "tollgate has no admin web UI or sessions; it has no equivalent"),
+    ("COOKIE_SECRET", "tollgate has no admin web UI or sessions; it has no equivalent"),
+    ("USE_INSECURE_COOKIES", "tollgate has no admin web UI or sessions; it has no equivalent"),
+    ("EVENT_LOGGING", "/admin/events is not carried over; `access_log.enabled` logs each request"),
+    ("SQLITE_DATA_PATH", "/admin/events is not carried over; the users' SQLite file is `store.sqlite.path`"),
+    ("PROXY_ENDPOINT_ROUTE", "tollgate forwards every path unchanged; it has no equivalent"),
+];
+
+/// One warning per set variable of the older proxy that tollgate ignores, so a migrated env
+/// file does not silently lose a setting. Names only: values may be secrets.
+pub(super) fn not_read_warnings(env: &dyn EnvSource) -> Vec<String> {
+    let mut warnings: Vec<String> = NOT_READ
+        .iter()
+        .filter(|(name, _)| string(env, name).is_some())
+        .map(|(name, instead)| {
+            format!("environment: {name} is set but not read by tollgate; {instead}")
+        })
+        .collect();
+    let mut quotas: Vec<String> = env
+        .names()
+        .into_iter()
+        .filter(|name| name.starts_with("TOKEN_QUOTA_") && string(env, name).is_some())
+        .collect();
+    quotas.sort();
+    warnings.extend(quotas.into_iter().map(|name| {
+        format!("environment: {name} is set but not read by tollgate; per-family token quotas are not enforced by tollgate")
+    }));
+    warnings
 }
 
 /// Replaces `${VAR}` with the variable's value. A missing variable is an error (naming the

@@ -150,8 +150,9 @@ impl RateLimitConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-    /// Empty = everyone may try (the key is still required).
-    pub allow: CidrSet,
+    /// `None` (no `admin.allow`, no `ADMIN_WHITELIST`) = every address may try (the key is
+    /// still required); an explicitly empty list = nobody, as in the older proxy.
+    pub allow: Option<CidrSet>,
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
     pub persist_timeout: Duration,
@@ -199,6 +200,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub access_log: bool,
     pub secrets: Secrets,
+    /// Settings that do not stop tollgate but that an operator should hear about (logged at
+    /// start and by `-t`), e.g. the older proxy's variables that tollgate does not read.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -270,10 +274,21 @@ impl Builder<'_> {
         let admin = self.admin(raw.admin, &listen)?;
         let store = self.store(raw.store)?;
         let secrets = Secrets {
-            proxy_key: env::secret(self.env, "PROXY_KEY"),
-            admin_key: env::secret(self.env, "ADMIN_KEY"),
+            proxy_key: env::client_secret(self.env, "PROXY_KEY")?,
+            admin_key: env::client_secret(self.env, "ADMIN_KEY")?,
         };
         check_secrets(&gatekeeper, &store, &secrets)?;
+        let mut warnings = env::not_read_warnings(self.env);
+        if admin.allow.as_ref().is_some_and(CidrSet::is_empty) {
+            let setting = match self.env.var("ADMIN_WHITELIST") {
+                Some(_) => "environment: ADMIN_WHITELIST".to_string(),
+                None => format!("{}: admin.allow", self.origin),
+            };
+            warnings.push(format!(
+                "{setting} is set but empty: no admin requests will be allowed \
+                 (/admin/* and /metrics answer 403)"
+            ));
+        }
         Ok(Config {
             source: PathBuf::from(self.origin),
             server,
@@ -287,6 +302,7 @@ impl Builder<'_> {
             store,
             access_log: raw.access_log.enabled,
             secrets,
+            warnings,
         })
     }
 
@@ -294,11 +310,41 @@ impl Builder<'_> {
         if entries.is_empty() {
             return Err(self.err("listen", "at least one address is required"));
         }
-        entries
+        let addrs: Vec<SocketAddr> = entries
             .iter()
             .enumerate()
             .map(|(i, entry)| self.socket_addr(&format!("listen[{i}]"), entry))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let named: Vec<(String, SocketAddr)> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("listen[{i}]"), *a))
+            .collect();
+        self.check_overlaps(&named)?;
+        Ok(addrs)
+    }
+
+    /// Two listeners on one socket pass load but make Pingora's bind panic its thread while
+    /// the process stays up; refused here, naming the later key and the one it collides with.
+    fn check_overlaps(&self, listeners: &[(String, SocketAddr)]) -> Result<(), ConfigError> {
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            if let Some((earlier_key, earlier)) = listeners[..i]
+                .iter()
+                .find(|(_, other)| crate::net::listeners_overlap(*addr, *other))
+            {
+                let problem = if addr == earlier {
+                    format!("{addr} is also {earlier_key}; every listener needs its own address")
+                } else {
+                    format!(
+                        "{addr} overlaps {earlier_key} ({earlier}): a wildcard address \
+                         (0.0.0.0, or [::] which may also take IPv4) covers every address \
+                         on its port; every listener needs its own address"
+                    )
+                };
+                return Err(self.err(key.as_str(), problem));
+            }
+        }
+        Ok(())
     }
 
     fn socket_addr(&self, key: &str, entry: &str) -> Result<SocketAddr, ConfigError> {
@@ -447,15 +493,21 @@ impl Builder<'_> {
         proxy_listen: &[SocketAddr],
     ) -> Result<AdminConfig, ConfigError> {
         let listen = self.socket_addr("admin.listen", &raw.listen)?;
-        if proxy_listen.contains(&listen) {
-            return Err(self.err(
-                "admin.listen",
-                format!("{listen} is also a proxy listener; the admin API needs its own"),
-            ));
-        }
-        let allow = match env::cidrs(self.env, "ADMIN_WHITELIST")? {
-            Some(set) => set,
-            None => self.cidrs("admin.allow", &raw.allow)?,
+        // The admin listener comes last, so a collision is reported at `admin.listen`.
+        let mut listeners: Vec<(String, SocketAddr)> = proxy_listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("listen[{i}]"), *a))
+            .collect();
+        listeners.push(("admin.listen".to_string(), listen));
+        self.check_overlaps(&listeners)?;
+        let allow = match env::explicit_cidrs(self.env, "ADMIN_WHITELIST")? {
+            Some(set) => Some(set),
+            None => raw
+                .allow
+                .as_deref()
+                .map(|entries| self.cidrs("admin.allow", entries))
+                .transpose()?,
         };
         if raw.max_body_bytes == 0 {
             return Err(self.err("admin.max_body_bytes", "must be greater than 0"));
@@ -465,6 +517,19 @@ impl Builder<'_> {
         }
         if raw.body_read_timeout_ms == 0 {
             return Err(self.err("admin.body_read_timeout_ms", "must be greater than 0"));
+        }
+        // 0 would forget every failure at once (no lockout at all) or answer every write 202.
+        if raw.lockout_seconds == 0 {
+            return Err(self.err(
+                "admin.lockout_seconds",
+                "must be at least 1 (0 would disable the lockout)",
+            ));
+        }
+        if raw.persist_timeout_ms == 0 {
+            return Err(self.err(
+                "admin.persist_timeout_ms",
+                "must be at least 1 (0 would answer every write before the store confirms it)",
+            ));
         }
         Ok(AdminConfig {
             listen,

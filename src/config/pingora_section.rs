@@ -44,7 +44,9 @@ pub(super) fn build(
             ));
         }
     }
-    let user_set = |k: &str| section.contains_key(k);
+    // An explicit `null` counts as absent: tollgate's default, not Pingora's (for
+    // `grace_period_seconds`, null would otherwise bring back Pingora's 300 s).
+    let user_set = |k: &str| section.get(k).is_some_and(|v| !v.is_null());
     let (set_grace, set_timeout, set_sock, set_pid, set_stealing) = (
         user_set("grace_period_seconds"),
         user_set("graceful_shutdown_timeout_seconds"),

@@ -141,8 +141,9 @@ impl Default for RawRateLimit {
 pub struct RawAdmin {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Absent = any address; an explicit empty list = nobody (as `ADMIN_WHITELIST=""`).
     #[serde(default)]
-    pub allow: Vec<String>,
+    pub allow: Option<Vec<String>>,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     #[serde(default = "default_body_timeout")]
@@ -181,7 +182,7 @@ impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
-            allow: Vec::new(),
+            allow: None,
             max_body_bytes: default_max_body(),
             body_read_timeout_ms: default_body_timeout(),
             persist_timeout_ms: default_persist_timeout(),

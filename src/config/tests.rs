@@ -164,7 +164,12 @@ fn env_overrides_win_over_yaml() {
     assert_eq!(c.gatekeeper.max_ips_per_user, 4);
     assert!(c.gatekeeper.max_ips_auto_ban);
     assert!(c.ip_blocklist.contains("10.1.1.1".parse().unwrap()));
-    assert!(c.admin.allow.contains("::1".parse().unwrap()));
+    assert!(c
+        .admin
+        .allow
+        .as_ref()
+        .unwrap()
+        .contains("::1".parse().unwrap()));
     assert_eq!(c.store.kind, StoreKind::Sqlite);
 }
 
@@ -222,6 +227,186 @@ fn modes_refuse_missing_secrets() {
 fn admin_listener_must_be_separate() {
     let yaml = "listen: [\"127.0.0.1:9000\"]\nupstream: {addrs: [\"127.0.0.1:1\"]}\nadmin: {listen: \"127.0.0.1:9000\"}\n";
     assert_eq!(key_of(yaml), "admin.listen");
+}
+
+#[test]
+fn listeners_may_not_share_a_socket() {
+    let up = "upstream: {addrs: [\"127.0.0.1:1\"]}\n";
+    // A wildcard proxy port covers the admin address on the same port.
+    let err = load(
+        &format!("listen: [\"0.0.0.0:32001\"]\n{up}admin: {{listen: \"127.0.0.1:32001\"}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(
+        (err.origin.as_str(), err.key.as_str()),
+        ("test.yaml", "admin.listen")
+    );
+    assert!(
+        err.problem.contains("listen[0]") && err.problem.contains("0.0.0.0:32001"),
+        "{err}"
+    );
+    // Duplicate proxy entries.
+    let err = load(
+        &format!("listen: [\"127.0.0.1:9000\", \"127.0.0.1:9000\"]\n{up}"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "listen[1]");
+    assert!(err.problem.contains("listen[0]"), "{err}");
+    // [::] may be dual-stack: it overlaps an IPv4 listener on its port.
+    assert_eq!(
+        key_of(&format!(
+            "listen: [\"127.0.0.1:9000\", \"[::]:9000\"]\n{up}"
+        )),
+        "listen[1]"
+    );
+    assert_eq!(
+        key_of(&format!(
+            "listen: [\"[::]:9001\"]\n{up}admin: {{listen: \"127.0.0.1:9001\"}}\n"
+        )),
+        "admin.listen"
+    );
+    assert!(load(
+        &format!("listen: [\"0.0.0.0:9000\", \"127.0.0.1:9002\"]\n{up}admin: {{listen: \"127.0.0.2:9000\"}}\n"),
+        &[],
+    )
+    .is_err_and(|e| e.key == "admin.listen"));
+    // Different ports, or different specific addresses, are fine.
+    assert!(load(
+        &format!("listen: [\"127.0.0.1:9000\", \"127.0.0.2:9000\"]\n{up}admin: {{listen: \"127.0.0.1:9001\"}}\n"),
+        &[],
+    )
+    .is_ok());
+}
+
+#[test]
+fn client_secrets_with_surrounding_whitespace_are_refused_without_the_value() {
+    for (name, value) in [
+        ("ADMIN_KEY", "abc "),
+        ("ADMIN_KEY", "abc\n"),
+        ("ADMIN_KEY", " abc"),
+        ("PROXY_KEY", "hunter2\t"),
+    ] {
+        let err = load(
+            MINIMAL,
+            &[
+                ("GATEKEEPER", "proxy_key"),
+                ("PROXY_KEY", "p"),
+                (name, value),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.origin.as_str(), err.key.as_str()),
+            ("environment", name),
+            "{err}"
+        );
+        assert!(err.problem.contains("whitespace"), "{err}");
+        assert!(
+            !err.to_string().contains(value.trim()),
+            "never prints the value: {err}"
+        );
+    }
+    assert!(
+        load(MINIMAL, &[("ADMIN_KEY", "a b")]).is_ok(),
+        "inner spaces are fine"
+    );
+}
+
+#[test]
+fn zero_lockout_and_persist_timeout_are_refused() {
+    for key in ["lockout_seconds", "persist_timeout_ms"] {
+        let err = load(&format!("{MINIMAL}admin: {{{key}: 0}}\n"), &[]).unwrap_err();
+        assert_eq!(err.key, format!("admin.{key}"));
+        assert!(err.problem.contains("at least 1"), "{err}");
+        assert!(load(&format!("{MINIMAL}admin: {{{key}: 1}}\n"), &[]).is_ok());
+    }
+}
+
+#[test]
+fn explicitly_empty_admin_allow_list_allows_nobody() {
+    let unset = load(MINIMAL, &[]).unwrap();
+    assert_eq!(unset.admin.allow, None, "absent: any address");
+    assert!(unset.warnings.is_empty(), "{:?}", unset.warnings);
+    for value in ["", ",", " , "] {
+        let c = load(MINIMAL, &[("ADMIN_WHITELIST", value)]).unwrap();
+        assert_eq!(c.admin.allow, Some(CidrSet::default()), "{value:?}");
+        assert!(
+            c.warnings.iter().any(|w| w.contains("ADMIN_WHITELIST")
+                && w.contains("no admin requests will be allowed")),
+            "{:?}",
+            c.warnings
+        );
+    }
+    let c = load(&format!("{MINIMAL}admin: {{allow: []}}\n"), &[]).unwrap();
+    assert_eq!(c.admin.allow, Some(CidrSet::default()));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("test.yaml: admin.allow")),
+        "{:?}",
+        c.warnings
+    );
+    let c = load(&format!("{MINIMAL}admin: {{allow: null}}\n"), &[]).unwrap();
+    assert_eq!(c.admin.allow, None, "null is absent");
+    // The environment still replaces the file's list.
+    let c = load(
+        &format!("{MINIMAL}admin: {{allow: []}}\n"),
+        &[("ADMIN_WHITELIST", "10.0.0.0/8")],
+    )
+    .unwrap();
+    assert!(c.admin.allow.unwrap().contains("10.1.2.3".parse().unwrap()));
+}
+
+#[test]
+fn older_variables_tollgate_ignores_are_warned_about_by_name() {
+    let c = load(
+        MINIMAL,
+        &[
+            ("TRUSTED_PROXIES", "2"),
+            ("TEXT_MODEL_RATE_LIMIT", "4"),
+            ("MODEL_RATE_LIMIT", "8"),
+            ("USER_CONCURRENCY_LIMIT", "1"),
+            ("TOKEN_QUOTA_GPT4", "100000"),
+            ("SIGNING_KEY", "very-secret-value"),
+            ("IMAGE_MODEL_RATE_LIMIT", ""),
+        ],
+    )
+    .unwrap();
+    let find = |name: &str| {
+        c.warnings
+            .iter()
+            .find(|w| w.starts_with(&format!("environment: {name} is set")))
+            .cloned()
+            .unwrap_or_else(|| panic!("no warning for {name}: {:?}", c.warnings))
+    };
+    assert!(find("TRUSTED_PROXIES").contains("`trusted_proxies`"));
+    assert!(find("TEXT_MODEL_RATE_LIMIT").contains("`rate_limit.requests_per_minute`"));
+    assert!(find("MODEL_RATE_LIMIT").contains("`rate_limit.requests_per_minute`"));
+    assert!(find("USER_CONCURRENCY_LIMIT").contains("`rate_limit.max_inflight`"));
+    find("TOKEN_QUOTA_GPT4");
+    find("SIGNING_KEY");
+    assert_eq!(
+        c.warnings.len(),
+        6,
+        "an empty variable is unset: {:?}",
+        c.warnings
+    );
+    for value in ["100000", "very-secret-value"] {
+        assert!(
+            c.warnings.iter().all(|w| !w.contains(value)),
+            "values are never logged: {:?}",
+            c.warnings
+        );
+    }
+}
+
+#[test]
+fn null_grace_period_keeps_tollgates_default() {
+    let c = load(&format!("{MINIMAL}pingora:\n  grace_period_seconds: null\n  graceful_shutdown_timeout_seconds: ~\n"), &[]).unwrap();
+    assert_eq!(c.server.grace_period_seconds, Some(5));
+    assert_eq!(c.server.graceful_shutdown_timeout_seconds, Some(5));
 }
 
 #[test]

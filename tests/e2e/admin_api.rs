@@ -368,6 +368,25 @@ fn admin_key_is_required_and_guessing_locks_the_ip_out() {
     );
 }
 
+/// As in the older proxy: `ADMIN_WHITELIST` set but empty allows nobody (unset allows all).
+#[test]
+fn an_explicitly_empty_allow_list_refuses_everyone() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .env("ADMIN_WHITELIST", "")
+        .start();
+    let resp = tg
+        .admin_request(Method::GET, "/admin/users")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(
+        tg.log().contains("no admin requests will be allowed"),
+        "{}",
+        tg.log()
+    );
+}
+
 #[test]
 fn allow_list_refuses_other_addresses() {
     let origin = Origin::start();

@@ -120,3 +120,85 @@ fn missing_config_file_is_reported() {
         "{output}"
     );
 }
+
+#[test]
+fn overlapping_listeners_are_a_config_error() {
+    let origin = Origin::start();
+    let port = crate::support::free_port();
+    // The admin listener on the wildcard address of the proxy's port: both would bind :port.
+    let builder = || {
+        TollgateBuilder::new(origin.addr)
+            .ports(port, crate::support::free_port())
+            .yaml(&format!("admin:\n  listen: \"0.0.0.0:{port}\""))
+    };
+    let (code, output) = check(builder());
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.contains("tollgate.yaml")
+            && output.contains("admin.listen")
+            && output.contains("listen[0]"),
+        "names file, key and the other listener: {output}"
+    );
+    // Without -t the server does not start either (it used to run with a panicked thread).
+    let (status, output) = builder().run_to_exit(&[], Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{output}");
+}
+
+#[test]
+fn a_port_held_by_another_program_stops_start_up() {
+    let origin = Origin::start();
+    for admin_busy in [false, true] {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = held.local_addr().unwrap();
+        let other = crate::support::free_port();
+        let (proxy, admin) = match admin_busy {
+            false => (busy.port(), other),
+            true => (other, busy.port()),
+        };
+        let (status, output) = TollgateBuilder::new(origin.addr)
+            .ports(proxy, admin)
+            .run_to_exit(&[], Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "{output}");
+        assert!(
+            output.contains(&format!("cannot listen on {busy}")),
+            "names the address: {output}"
+        );
+        drop(held);
+    }
+}
+
+#[test]
+fn client_secret_with_a_trailing_newline_is_refused() {
+    let origin = Origin::start();
+    let (code, output) = check(TollgateBuilder::new(origin.addr).env("ADMIN_KEY", "abc-key\n"));
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.contains("environment: ADMIN_KEY") && output.contains("whitespace"),
+        "{output}"
+    );
+    assert!(
+        !output.contains("abc-key"),
+        "never prints the value: {output}"
+    );
+}
+
+#[test]
+fn older_variables_tollgate_ignores_are_warned_about() {
+    let origin = Origin::start();
+    let (code, output) = check(
+        TollgateBuilder::new(origin.addr)
+            .env("TRUSTED_PROXIES", "3")
+            .env("USER_CONCURRENCY_LIMIT", "17"),
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("TRUSTED_PROXIES is set") && output.contains("`trusted_proxies`"),
+        "{output}"
+    );
+    assert!(
+        output.contains("USER_CONCURRENCY_LIMIT is set")
+            && output.contains("`rate_limit.max_inflight`"),
+        "{output}"
+    );
+    assert!(!output.contains("17"), "values are never logged: {output}");
+}
