@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+# cargo fmt and cargo clippy below; a minimal rustup profile (e.g. rust:*-slim) lacks them.
+if command -v rustup >/dev/null 2>&1; then
+  components=()
+  cargo fmt --version >/dev/null 2>&1 || components+=(rustfmt)
+  cargo clippy --version >/dev/null 2>&1 || components+=(clippy)
+  [ ${#components[@]} -eq 0 ] || rustup component add "${components[@]}"
+fi
 
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check

@@ -12,4 +12,5 @@ mod openapi;
 mod operations;
 mod proxying;
 mod rate_limit;
+mod scripts;
 mod sqlite;

@@ -1,0 +1,105 @@
+//! scripts/setup.sh and scripts/test.sh on a bare machine, with `apt-get`, `rustup` and `cargo`
+//! replaced by stubs that record their arguments: what would be installed, and nothing when
+//! everything is present.
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A PATH directory with only the given real tools and stubs.
+struct Bin {
+    dir: tempfile::TempDir,
+    bash: PathBuf,
+}
+
+impl Bin {
+    fn new(real: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let find = |tool: &str| {
+            ["/usr/bin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(tool))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| panic!("no {tool} on this machine"))
+        };
+        let bash = find("bash");
+        for tool in ["bash", "id"].iter().chain(real) {
+            symlink(find(tool), dir.path().join(tool)).unwrap();
+        }
+        let bin = Self { dir, bash };
+        bin.stub("sudo", "exec \"$@\"");
+        for tool in ["apt-get", "rustup"] {
+            bin.stub(tool, &format!("echo \"{tool} $*\" >> \"$STUB_LOG\""));
+        }
+        bin
+    }
+
+    fn stub(&self, name: &str, body: &str) {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("#!{}\n{body}\n", self.bash.display())).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// Stubs for everything setup.sh checks for.
+    fn with_build_tools(self) -> Self {
+        for tool in ["cmake", "make", "cc", "c++", "curl"] {
+            self.stub(tool, "exit 0");
+        }
+        self
+    }
+
+    fn run(&self, script: &str) -> (Output, String) {
+        let log = self.dir.path().join("calls.log");
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+            .env_clear()
+            .env("PATH", self.dir.path())
+            .env("STUB_LOG", &log)
+            .output()
+            .unwrap();
+        (out, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+}
+
+#[test]
+fn setup_installs_make_a_compiler_and_curl_on_a_bare_machine() {
+    let (out, calls) = Bin::new(&[]).run("scripts/setup.sh");
+    assert!(out.status.success(), "{out:?}");
+    let install = calls
+        .lines()
+        .find(|l| l.starts_with("apt-get install"))
+        .unwrap_or_else(|| panic!("no install: {calls}"));
+    for pkg in ["cmake", "build-essential", "curl"] {
+        assert!(
+            install.split(' ').any(|w| w == pkg),
+            "{pkg} missing: {install}"
+        );
+    }
+}
+
+#[test]
+fn setup_is_silent_when_everything_is_present() {
+    let (out, calls) = Bin::new(&[]).with_build_tools().run("scripts/setup.sh");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(calls, "", "nothing installed");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+}
+
+#[test]
+fn test_script_adds_rustfmt_and_clippy_when_missing() {
+    let bin = Bin::new(&["dirname"]).with_build_tools();
+    // No fmt/clippy subcommands; every other cargo call fails, which stops test.sh early.
+    bin.stub(
+        "cargo",
+        "case \"$1 $2\" in \"fmt --version\"|\"clippy --version\") exit 1;; esac\nexit 1",
+    );
+    let (_, calls) = bin.run("scripts/test.sh");
+    assert_eq!(calls.trim(), "rustup component add rustfmt clippy");
+
+    let bin = Bin::new(&["dirname"]).with_build_tools();
+    bin.stub(
+        "cargo",
+        "case \"$1 $2\" in \"fmt --version\"|\"clippy --version\") exit 0;; esac\nexit 1",
+    );
+    let (_, calls) = bin.run("scripts/test.sh");
+    assert_eq!(calls, "", "nothing added when present");
+}
