@@ -65,3 +65,74 @@ fn systemd_unit_verifies() {
         .collect();
     assert!(problems.is_empty(), "{messages}");
 }
+
+/// `*` within one path component, as Docker's patterns (enough for .dockerignore's lines).
+fn component_matches(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            name.starts_with(head)
+                && (0..=name.len() - head.len())
+                    .any(|i| component_matches(tail, &name[head.len() + i..]))
+        }
+    }
+}
+
+/// Whether `pattern` excludes `path`: the pattern matches the path or one of its parents.
+fn excludes(pattern: &str, path: &str) -> bool {
+    let (anywhere, pattern) = match pattern.strip_prefix("**/") {
+        Some(rest) => (true, rest),
+        None => (false, pattern.trim_start_matches('/')),
+    };
+    let pat: Vec<&str> = pattern.split('/').collect();
+    let parts: Vec<&str> = path.split('/').collect();
+    let starts: Vec<usize> = match anywhere {
+        true => (0..parts.len()).collect(),
+        false => vec![0],
+    };
+    starts.into_iter().any(|s| {
+        parts.len() >= s + pat.len()
+            && pat
+                .iter()
+                .zip(&parts[s..])
+                .all(|(p, n)| component_matches(p, n))
+    })
+}
+
+#[test]
+fn docker_context_leaves_out_build_output_and_databases() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/.dockerignore")).expect(".dockerignore");
+    let patterns: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let excluded = |path: &str| patterns.iter().any(|p| excludes(p, path));
+    for path in [
+        "target/debug/tollgate",
+        "crates/rtdb-standin/target/x",
+        "data/tollgate.db",
+        ".git/HEAD",
+        "users.db",
+        "backup/users.db-wal",
+        "old/database.sqlite",
+        "database.sqlite3",
+        "deploy/tollgate.env",
+    ] {
+        assert!(excluded(path), "{path} would be sent to the Docker build");
+    }
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/main.rs",
+        "crates/rtdb-standin/Cargo.toml",
+        "benches/decision.rs",
+        "tests/e2e/main.rs",
+        "deploy/container.yaml",
+        "deploy/tollgate.env.example",
+        "conf/tollgate.yaml",
+    ] {
+        assert!(!excluded(path), "{path} is needed by the build");
+    }
+}
