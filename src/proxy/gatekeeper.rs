@@ -121,7 +121,12 @@ impl Gatekeeper {
         }
         let (_, profile, known) = record.profile_with_ip(ip);
         if profile.disabled_at.is_some() {
-            let reason = profile.disabled_reason().unwrap_or("User token disabled");
+            // The older proxy's `disabledReason || "User token disabled"`: an empty reason
+            // falls back too, so the message is never a bare "Forbidden: ".
+            let reason = profile
+                .disabled_reason()
+                .filter(|r| !r.is_empty())
+                .unwrap_or("User token disabled");
             return Err(Refusal::Disabled(format!("Forbidden: {reason}")));
         }
         if profile.is_expired(now_ms) {
@@ -249,6 +254,19 @@ mod tests {
         );
         assert_eq!(
             refusal(g.admit(Some("v"), ip(1), 0)),
+            Refusal::Disabled("Forbidden: User token disabled".into())
+        );
+    }
+
+    #[test]
+    fn an_empty_disabled_reason_falls_back_to_the_default_message() {
+        let (g, cache) = gate(GatekeeperMode::UserToken, 0, false);
+        add(&cache, "e", |u| {
+            u.disabled_at = Some(1);
+            u.disabled_reason = Some(String::new());
+        });
+        assert_eq!(
+            refusal(g.admit(Some("e"), ip(1), 0)),
             Refusal::Disabled("Forbidden: User token disabled".into())
         );
     }
