@@ -1,6 +1,8 @@
 //! Where a client's token comes from: `Authorization: Bearer`, then `x-api-key`, then the
-//! `key` query parameter (the older proxy's order). The source is remembered so exactly that
-//! credential is removed before the request goes upstream.
+//! `key` query parameter (the older proxy's order). In `proxy_key` and `user_token` modes every
+//! one of these is removed before the request goes upstream ([`strip_all`]): a client that sends
+//! its key in several places must not leak the ones not read. In `none` mode only the source
+//! read is removed ([`strip`]), as the older proxy did, since no key is being protected there.
 
 use std::borrow::Cow;
 
@@ -73,6 +75,59 @@ pub fn strip(req: &mut RequestHeader, source: CredentialSource) {
             }
         }
     }
+}
+
+/// Removes every tollgate credential from the upstream request: each `Authorization` value
+/// with the Bearer scheme (another scheme is not a tollgate credential and is passed on),
+/// `x-api-key`, and every `key` query parameter. Allocates only when something other than
+/// Bearer values must be kept beside them, or a `key` parameter must be cut from the query.
+pub fn strip_all(req: &mut RequestHeader) {
+    strip_bearer(req);
+    req.remove_header("x-api-key");
+    if req.uri.query().is_some_and(has_key_param) {
+        if let Some(uri) = without_key_param(&req.uri) {
+            req.set_uri(uri);
+        }
+    }
+}
+
+/// Removes the Bearer `Authorization` values and keeps any other.
+fn strip_bearer(req: &mut RequestHeader) {
+    let (mut bearers, mut others) = (0usize, 0usize);
+    for value in req.headers.get_all(http::header::AUTHORIZATION) {
+        if bearer(value.as_bytes()).is_some() {
+            bearers += 1;
+        } else {
+            others += 1;
+        }
+    }
+    if bearers == 0 {
+        return;
+    }
+    if others == 0 {
+        req.remove_header(&http::header::AUTHORIZATION);
+        return;
+    }
+    // Rare: a Bearer value beside another scheme; only the other survives.
+    let kept: Vec<_> = req
+        .headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .filter(|v| bearer(v.as_bytes()).is_none())
+        .cloned()
+        .collect();
+    req.remove_header(&http::header::AUTHORIZATION);
+    for value in kept {
+        // Re-adding a value that was valid in the same header cannot fail.
+        let _ = req.append_header(http::header::AUTHORIZATION, value);
+    }
+}
+
+/// Whether the query holds a `key` parameter (with or without a value), without allocating.
+fn has_key_param(query: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| pair == "key" || pair.starts_with("key="))
 }
 
 /// The URI without any `key=` parameter.
@@ -148,6 +203,43 @@ mod tests {
         assert_eq!(token(&req("/?key=%zz", &[])).unwrap().1, "%zz");
         assert_eq!(token(&req("/?key=%4", &[])).unwrap().1, "%4");
         assert_eq!(token(&req("/?key=&key=second", &[])).unwrap().1, "second");
+    }
+
+    #[test]
+    fn strip_all_removes_every_credential_source() {
+        let mut r = req(
+            "/p?key=pk&a=1&key&b=2",
+            &[
+                ("authorization", "Bearer pk"),
+                ("x-api-key", "pk"),
+                ("x-api-key", "pk2"),
+            ],
+        );
+        strip_all(&mut r);
+        assert!(r.headers.get("authorization").is_none());
+        assert!(r.headers.get("x-api-key").is_none());
+        assert_eq!(r.uri.to_string(), "/p?a=1&b=2");
+    }
+
+    #[test]
+    fn strip_all_keeps_other_authorization_schemes_and_queries() {
+        let mut r = req(
+            "/p?monkey=1&keys=2",
+            &[
+                ("authorization", "Basic dXNlcjpw"),
+                ("authorization", "bearer pk"),
+            ],
+        );
+        strip_all(&mut r);
+        let auth: Vec<_> = r.headers.get_all("authorization").iter().collect();
+        assert_eq!(auth, vec!["Basic dXNlcjpw"]);
+        assert_eq!(r.uri.to_string(), "/p?monkey=1&keys=2", "no key parameter");
+        let mut r = req("/p", &[("authorization", "Basic x")]);
+        strip_all(&mut r);
+        assert_eq!(r.headers.get("authorization").unwrap(), "Basic x");
+        let mut r = req("/p?key=pk", &[]);
+        strip_all(&mut r);
+        assert_eq!(r.uri.to_string(), "/p");
     }
 
     #[test]

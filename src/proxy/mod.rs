@@ -303,8 +303,14 @@ impl ProxyHttp for Proxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(source) = ctx.credential {
-            credential::strip(upstream, source);
+        if self.gatekeeper.mode() == GatekeeperMode::None {
+            // Nothing is protected: only the credential read goes, as in the older proxy.
+            if let Some(source) = ctx.credential {
+                credential::strip(upstream, source);
+            }
+        } else {
+            // A key sent in several places must not reach the upstream through the others.
+            credential::strip_all(upstream);
         }
         // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;

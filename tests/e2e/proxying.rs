@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::tollgate::ADMIN_KEY;
+use crate::support::tollgate::{ADMIN_KEY, PROXY_KEY};
 use crate::support::{client, error_type, free_port, wait_until, Origin, TollgateBuilder};
 
 #[test]
@@ -14,18 +14,8 @@ fn the_credential_used_is_stripped_before_the_upstream() {
     let token = tg.create_user(json!({}));
     let http = client();
 
-    http.get(tg.url("/a"))
-        .bearer_auth(&token)
-        .header("x-api-key", "unrelated")
-        .send()
-        .unwrap();
-    let seen = origin.last();
-    assert_eq!(seen.header("authorization"), None);
-    assert_eq!(
-        seen.header("x-api-key"),
-        Some("unrelated"),
-        "only the credential used is removed"
-    );
+    http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
+    assert_eq!(origin.last().header("authorization"), None);
 
     http.get(tg.url("/a"))
         .header("x-api-key", &token)
@@ -37,6 +27,62 @@ fn the_credential_used_is_stripped_before_the_upstream() {
         .send()
         .unwrap();
     assert_eq!(origin.last().uri, "/v1/models?limit=5");
+}
+
+/// A key sent in several places reaches the upstream through none of them, in both modes that
+/// protect a key; another `Authorization` scheme is not a credential and is passed on.
+#[test]
+fn a_credential_sent_in_every_place_reaches_the_upstream_from_none() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let token = tg.create_user(json!({}));
+    let keyed = TollgateBuilder::new(origin.addr)
+        .mode("proxy_key")
+        .env("PROXY_KEY", PROXY_KEY)
+        .start();
+    let http = client();
+    for (url, key) in [
+        (tg.url("/v1/chat"), token.as_str()),
+        (keyed.url("/v1/chat"), PROXY_KEY),
+    ] {
+        let resp = http
+            .get(format!("{url}?key={key}&stream=true&key={key}"))
+            .bearer_auth(key)
+            .header("x-api-key", key)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = origin.last();
+        assert_eq!(seen.header("authorization"), None, "{seen:?}");
+        assert_eq!(seen.header("x-api-key"), None, "{seen:?}");
+        assert_eq!(seen.uri, "/v1/chat?stream=true");
+    }
+
+    http.get(tg.url("/a"))
+        .header("authorization", "Basic dXNlcjpw")
+        .header("x-api-key", &token)
+        .send()
+        .unwrap();
+    let seen = origin.last();
+    assert_eq!(seen.header("authorization"), Some("Basic dXNlcjpw"));
+    assert_eq!(seen.header("x-api-key"), None);
+}
+
+/// `none` protects no key: as in the older proxy, only the credential read is removed.
+#[test]
+fn in_none_mode_only_the_credential_read_is_stripped() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    client()
+        .get(tg.url("/a?key=q"))
+        .bearer_auth("a")
+        .header("x-api-key", "unrelated")
+        .send()
+        .unwrap();
+    let seen = origin.last();
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("x-api-key"), Some("unrelated"));
+    assert_eq!(seen.uri, "/a?key=q");
 }
 
 #[test]
