@@ -159,7 +159,7 @@ impl Proxy {
             .admit_with(token, lookup, ctx.client_ip, now)
         {
             Ok(identity) => identity,
-            Err(refusal) => return Err(self.refuse(refusal, &mut ip_key_of)),
+            Err(refusal) => return Err(self.refuse(refusal, &mut ip_key_of, now)),
         };
         let limited = self.requests.is_some() || self.inflight.is_some();
         let limit_key = match &identity {
@@ -205,11 +205,16 @@ impl Proxy {
         Ok(())
     }
 
-    fn refuse(&self, refusal: Refusal, ip_key: impl FnOnce() -> u64) -> (ErrorReply, Outcome) {
+    fn refuse(
+        &self,
+        refusal: Refusal,
+        ip_key: impl FnOnce() -> u64,
+        now: u64,
+    ) -> (ErrorReply, Outcome) {
         match refusal {
             Refusal::MissingToken | Refusal::UnknownToken => {
                 if let Some(failures) = &self.auth_failures {
-                    failures.count(ip_key());
+                    failures.count(ip_key(), now);
                 }
                 let reply = if refusal == Refusal::MissingToken {
                     &self.replies.missing_token

@@ -5,11 +5,14 @@
 //! Keys are hashed once per request (a keyed SipHash); the counts live in a count-min sketch
 //! ([`WindowSketch`]) whose counters for one key, in both windows, share one cache line, so a
 //! check and its count touch one line of memory however many clients there are.
+//!
+//! Time is the caller's `now_ms` (epoch milliseconds, read once per request): windows start
+//! on multiples of the window length, so tests drive the clock instead of sleeping.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pingora_limits::inflight::{Guard, Inflight};
 
@@ -77,7 +80,7 @@ impl SlidingWindowLimiter {
     /// off for `Retry-After` gets through).
     #[inline]
     pub fn check_and_count(&self, key: u64, now_ms: u64) -> RateDecision {
-        let (counts, slot) = self.sketch.counts(key);
+        let (counts, slot) = self.sketch.counts(key, now_ms);
         let decision = decide(self.window(counts), self.limit, now_ms);
         if matches!(decision, RateDecision::Allowed { .. }) {
             self.record_event(slot.generation);
@@ -110,7 +113,7 @@ impl SlidingWindowLimiter {
         }
         if self.limit > 0 {
             // `latest - 1` is the generation of the newest event; it is gone at `+ 2`.
-            let generation = self.sketch.generation_now();
+            let generation = self.sketch.generation_now(now_ms);
             if generation > latest {
                 // A newer event since `latest` was read makes this fail, as it should.
                 let _ = self.latest_event.compare_exchange(
@@ -142,14 +145,14 @@ impl SlidingWindowLimiter {
     /// Whether `key` is over the limit, without counting anything.
     #[inline]
     pub fn check(&self, key: u64, now_ms: u64) -> RateDecision {
-        let (counts, _) = self.sketch.counts(key);
+        let (counts, _) = self.sketch.counts(key, now_ms);
         decide(self.window(counts), self.limit, now_ms)
     }
 
     /// Counts one event without checking.
     #[inline]
-    pub fn count(&self, key: u64) {
-        let (_, slot) = self.sketch.counts(key);
+    pub fn count(&self, key: u64, now_ms: u64) {
+        let (_, slot) = self.sketch.counts(key, now_ms);
         self.record_event(slot.generation);
         self.sketch.add(slot);
     }
@@ -215,7 +218,8 @@ struct Counts {
 }
 
 /// Two count-min sketches, one per window, that rotate like pingora-limits' `Rate` (the
-/// current window becomes the previous one every `window`, counted from creation). Unlike
+/// current window becomes the previous one every `window`; windows start on multiples of
+/// `window` since the Unix epoch, whenever the first event after a quiet spell arrives). Unlike
 /// `Rate`, whose four rows per window are separate arrays hashed separately (eight cache lines
 /// and twelve hashes per check and count), a key's counters for both windows sit in one
 /// 64-byte block picked from its (already keyed-hashed) value.
@@ -225,9 +229,10 @@ struct WindowSketch {
     /// window. A half is cleared just before it becomes current, so whatever was counted at
     /// generation `g` is gone once the generation is `g + 2`.
     generation: AtomicU64,
-    start: Instant,
     interval_ms: u64,
-    /// When the current window began, in ms since `start`.
+    /// When the current window began (epoch ms), always a multiple of `interval_ms`: a window
+    /// started late, at the first event after a quiet spell, would make the window that ended
+    /// long ago look as if it had just ended and weigh it in full.
     last_reset_ms: AtomicU64,
 }
 
@@ -240,7 +245,6 @@ impl WindowSketch {
                 .map(|_| Block(std::array::from_fn(|_| AtomicU32::new(0))))
                 .collect(),
             generation: AtomicU64::new(0),
-            start: Instant::now(),
             interval_ms: (window.as_millis() as u64).max(1),
             last_reset_ms: AtomicU64::new(0),
         }
@@ -262,26 +266,28 @@ impl WindowSketch {
 
     /// The generation, after starting a new window if the current one is over.
     #[inline]
-    fn generation_now(&self) -> u64 {
-        self.maybe_reset();
+    fn generation_now(&self, now: u64) -> u64 {
+        self.maybe_reset(now);
         self.generation.load(Ordering::Acquire)
     }
 
     /// Starts a new window when the current one is over; returns the ms since the current
-    /// window began (as it was before any reset), as `Rate` does.
+    /// window began (as it was before any reset), as `Rate` does. `now` is epoch ms; a clock
+    /// that steps back only prolongs the current window.
     #[inline]
-    fn maybe_reset(&self) -> u64 {
-        let now = self.start.elapsed().as_millis() as u64;
+    fn maybe_reset(&self, now: u64) -> u64 {
         let last = self.last_reset_ms.load(Ordering::Acquire);
         let past = now.saturating_sub(last);
         if past < self.interval_ms {
             return past;
         }
+        // The window `now` falls in, on the grid: `past % interval_ms` into it.
+        let start = last + self.interval_ms * (past / self.interval_ms);
         let generation = self.generation.load(Ordering::Acquire);
         let current = (generation & 1) as usize;
         if self
             .last_reset_ms
-            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(last, start, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             // The previous window's half is cleared and becomes the current one.
@@ -317,8 +323,8 @@ impl WindowSketch {
 
     /// The key's counts, and its slot for a following [`add`](Self::add).
     #[inline]
-    fn counts(&self, key: u64) -> (Counts, Slot) {
-        let past = self.maybe_reset();
+    fn counts(&self, key: u64, now: u64) -> (Counts, Slot) {
+        let past = self.maybe_reset(now);
         let mut slot = self.slot(key);
         slot.generation = self.generation.load(Ordering::Acquire);
         let current = slot.current();
@@ -337,6 +343,7 @@ impl WindowSketch {
         let counts = Counts {
             previous,
             current: current_count,
+            // Time since the (grid-aligned) start of the window `now` is in.
             elapsed: (past % self.interval_ms) as f64 / self.interval_ms as f64,
         };
         (counts, slot)
@@ -549,62 +556,126 @@ mod tests {
         ));
     }
 
+    /// A window boundary on the grid (epoch ms, a multiple of 10 s and of 1 s).
+    const GRID: u64 = 1_700_000_000_000;
+
+    fn allowed(d: &RateDecision) -> bool {
+        matches!(d, RateDecision::Allowed { .. })
+    }
+
     #[test]
     fn a_rare_event_limiter_skips_the_counters_only_while_nothing_can_be_counted() {
-        let window = Duration::from_millis(60);
+        let window = Duration::from_secs(1);
         let limiter = SlidingWindowLimiter::new(3, window, 1024);
         let never = || -> u64 { panic!("a quiet limiter needs no key") };
-        assert_eq!(limiter.check_rare(never, 0), None, "nothing counted yet");
+        assert_eq!(limiter.check_rare(never, GRID), None, "nothing counted yet");
         let (throttled, other) = (7, 8);
-        // Taken before the last event, so that the gap measured below is never shorter than
-        // the real one (the sketch has its own clock).
-        let mut last_event = Instant::now();
+        let last_event = GRID + 100;
         for _ in 0..3 {
-            last_event = Instant::now();
-            limiter.count(throttled);
+            limiter.count(throttled, last_event);
         }
         assert!(matches!(
-            limiter.check_rare(|| throttled, 0),
+            limiter.check_rare(|| throttled, last_event),
             Some(RateDecision::Limited { .. })
         ));
         assert!(matches!(
-            limiter.check_rare(|| other, 0),
+            limiter.check_rare(|| other, last_event),
             Some(RateDecision::Allowed { .. })
         ));
-        // Over the next windows: whenever the counters are skipped, reading them would have
-        // allowed the key too; and they are skipped again before long. The clock moves between
-        // calls, so the skipping call is compared with plain checks just before and after it.
-        let allowed = |d: &RateDecision| matches!(d, RateDecision::Allowed { .. });
+        // Over the next windows: whenever the counters are skipped, reading them allows the
+        // key too; and they are skipped again once the events' half of the sketch is cleared.
         let mut quiet_after = None;
-        while last_event.elapsed() < window * 6 {
-            let before = limiter.check(throttled, 0);
-            let rare = limiter.check_rare(|| throttled, 0);
-            let after = limiter.check(throttled, 0);
-            match rare {
+        for now in (last_event..last_event + 6_000).step_by(50) {
+            match limiter.check_rare(|| throttled, now) {
                 None => {
-                    assert!(allowed(&after), "skipped while {after:?}");
-                    quiet_after.get_or_insert(last_event.elapsed());
+                    let read = limiter.check(throttled, now);
+                    assert!(
+                        allowed(&read),
+                        "skipped at +{} while {read:?}",
+                        now - last_event
+                    );
+                    quiet_after.get_or_insert(now - last_event);
                 }
                 Some(decision) => {
-                    assert!(
-                        allowed(&decision) == allowed(&before)
-                            || allowed(&decision) == allowed(&after),
-                        "{decision:?} between {before:?} and {after:?}"
-                    );
+                    assert_eq!(decision, limiter.check(throttled, now));
                     assert!(quiet_after.is_none(), "quiet stays quiet until an event");
                 }
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
-        let quiet_after = quiet_after.expect("quiet again within a few windows");
-        assert!(
-            quiet_after >= window,
-            "not before the window is over: {quiet_after:?}"
+        // The events' window [GRID, GRID+1s) is cleared when the window after next begins.
+        assert_eq!(
+            quiet_after,
+            Some(1_900),
+            "quiet once the grid moved two windows on"
         );
         // A new event ends the quiet at once.
-        limiter.count(other);
-        assert!(limiter.check_rare(|| other, 0).is_some());
-        assert!(limiter.check_rare(|| throttled, 0).is_some());
+        let now = last_event + 6_000;
+        limiter.count(other, now);
+        assert!(limiter.check_rare(|| other, now).is_some());
+        assert!(limiter.check_rare(|| throttled, now).is_some());
+    }
+
+    /// The reviewer's case: 3 failures allowed per 10 s, 3 failures, 17 s of silence, then a
+    /// request. Every event is older than one window; a window started at the request (not
+    /// on the grid) made the next read weigh them in full (429, Retry-After 4).
+    #[test]
+    fn events_older_than_a_window_do_not_refuse_after_an_idle_gap() {
+        let limiter = SlidingWindowLimiter::new(3, Duration::from_secs(10), 1024);
+        let (key, t0) = (7, GRID + 1_000);
+        for _ in 0..3 {
+            limiter.count(key, t0);
+        }
+        assert!(!allowed(&limiter.check(key, t0)));
+        let later = t0 + 17_000;
+        // What request_filter does: the rare-event check, then (when it reads) the check.
+        let rare = limiter.check_rare(|| key, later);
+        assert!(rare.is_none_or(|d| allowed(&d)), "{rare:?}");
+        assert!(allowed(&limiter.check(key, later)));
+        // Later reads in the same window stay on the grid: 8 s into it, 20% of the 3 old
+        // events weigh in (0.6), so two more fit, not none.
+        assert!(matches!(
+            limiter.check_and_count(key, later + 1),
+            RateDecision::Allowed { remaining: 1, .. }
+        ));
+        assert!(allowed(&limiter.check_and_count(key, later + 2)));
+        assert!(!allowed(&limiter.check_and_count(key, later + 3)));
+    }
+
+    #[test]
+    fn the_window_after_an_idle_gap_is_weighed_by_its_place_on_the_grid() {
+        let limiter = SlidingWindowLimiter::new(10, Duration::from_secs(10), 1024);
+        let key = 9;
+        for _ in 0..10 {
+            assert!(allowed(&limiter.check_and_count(key, GRID + 500)));
+        }
+        // 15 s later: 5 s into the next window, half the previous window's 10 still count.
+        let now = GRID + 15_000;
+        for n in 0..5 {
+            assert!(
+                allowed(&limiter.check_and_count(key, now + n)),
+                "request {n} refused"
+            );
+        }
+        assert!(!allowed(&limiter.check_and_count(key, now + 5)));
+    }
+
+    #[test]
+    fn two_idle_windows_forget_everything() {
+        let limiter = SlidingWindowLimiter::new(3, Duration::from_secs(10), 1024);
+        let key = 11;
+        for _ in 0..3 {
+            limiter.count(key, GRID + 9_999);
+        }
+        // 20 s after the window began (10 s after the events): both halves are stale.
+        let now = GRID + 20_000;
+        assert!(matches!(
+            limiter.check_and_count(key, now),
+            RateDecision::Allowed { remaining: 2, .. }
+        ));
+        assert!(matches!(
+            limiter.check_and_count(key, now + 1),
+            RateDecision::Allowed { remaining: 1, .. }
+        ));
     }
 
     #[test]
@@ -615,7 +686,7 @@ mod tests {
             let ip = IpAddr::from(i.to_be_bytes().map(|b| b.wrapping_add(1)));
             let key = hasher.hash(LimitKey::Ip(ip));
             for _ in 0..5 {
-                limiter.count(key);
+                limiter.count(key, 0);
             }
         }
         let quiet = hasher.hash(LimitKey::Ip("203.0.113.7".parse().unwrap()));
