@@ -54,6 +54,8 @@ pub struct Proxy {
 /// Per-request state.
 pub struct RequestCtx {
     client_ip: IpAddr,
+    /// Whether the TCP peer is in `trusted_proxies`, so its forwarding headers may be passed on.
+    peer_trusted: bool,
     identity: Option<Identity>,
     credential: Option<CredentialSource>,
     rate: Option<RateDecision>,
@@ -132,6 +134,7 @@ impl Proxy {
         };
         let user_key = lookup.as_ref().map(|l| l.hash());
         ctx.client_ip = request_client_ip(peer, req, &self.trusted_proxies);
+        ctx.peer_trusted = self.trusted_proxies.contains(peer);
         if !self.blocklist.is_empty() && self.blocklist.contains(ctx.client_ip) {
             return Err((self.replies.blocked.clone(), Outcome::Forbidden));
         }
@@ -257,6 +260,7 @@ impl ProxyHttp for Proxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            peer_trusted: false,
             identity: None,
             credential: None,
             rate: None,
@@ -316,6 +320,9 @@ impl ProxyHttp for Proxy {
         } else {
             // A key sent in several places must not reach the upstream through the others.
             credential::strip_all(upstream);
+        }
+        if !ctx.peer_trusted {
+            remove_forwarding_headers(upstream);
         }
         // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
@@ -481,8 +488,57 @@ impl ProxyHttp for Proxy {
     }
 }
 
+/// Forwarding headers other than `X-Forwarded-For` (which tollgate always sets itself). From a
+/// peer that is not a trusted proxy they are whatever the client wrote, and an upstream that
+/// believes them (client IP, original host or scheme) could be fooled, so they are removed.
+static FORWARDING_HEADERS: [HeaderName; 7] = [
+    http::header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
+];
+
+/// Removes [`FORWARDING_HEADERS`]; one pass over the header names when there are none.
+fn remove_forwarding_headers(req: &mut RequestHeader) {
+    if !req.headers.keys().any(|k| FORWARDING_HEADERS.contains(k)) {
+        return;
+    }
+    for name in FORWARDING_HEADERS.iter() {
+        req.remove_header(name);
+    }
+}
+
 /// Method and path without the query string, which may carry `key=<token>`.
 fn redacted_path(session: &Session) -> String {
     let req = session.req_header();
     format!("{} {}", req.method, req.uri.path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_are_removed_and_others_kept() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (name, value) in [
+            ("Forwarded", "for=6.6.6.6"),
+            ("X-Real-IP", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-request-id", "r1"),
+        ] {
+            req.append_header(name, value).unwrap();
+        }
+        remove_forwarding_headers(&mut req);
+        let left: Vec<_> = req.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-request-id"]);
+        // Nothing to remove: untouched.
+        remove_forwarding_headers(&mut req);
+        assert_eq!(req.headers.len(), 1);
+    }
 }

@@ -116,6 +116,47 @@ fn forwarded_for_from_a_trusted_proxy_is_believed_rightmost_untrusted_first() {
     assert_eq!(origin.last().header("x-forwarded-for"), Some("203.0.113.9"));
 }
 
+/// `Forwarded`, `X-Real-IP` and the like from a client are not believed: removed, unless the
+/// peer is a trusted proxy, whose own forwarding headers go on.
+#[test]
+fn other_forwarding_headers_pass_only_from_trusted_proxies() {
+    let spoofed = [
+        ("forwarded", "for=6.6.6.6;proto=https"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+    ];
+    let send = |tg: &crate::support::tollgate::Tollgate| {
+        let mut req = client().get(tg.url("/a")).header("x-request-id", "r1");
+        for (name, value) in spoofed {
+            req = req.header(name, value);
+        }
+        assert_eq!(req.send().unwrap().status(), 200);
+    };
+    let origin = Origin::start();
+    let untrusted = TollgateBuilder::new(origin.addr).mode("none").start();
+    send(&untrusted);
+    let seen = origin.last();
+    for (name, _) in spoofed {
+        assert_eq!(seen.header(name), None, "{name} from an untrusted peer");
+    }
+    assert_eq!(seen.header("x-request-id"), Some("r1"));
+
+    let trusted = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("trusted_proxies: [\"127.0.0.1\"]")
+        .start();
+    send(&trusted);
+    let seen = origin.last();
+    for (name, value) in spoofed {
+        assert_eq!(
+            seen.header(name),
+            Some(value),
+            "{name} from a trusted proxy"
+        );
+    }
+}
+
 #[test]
 fn set_headers_reach_the_upstream_with_env_values() {
     let origin = Origin::start();
