@@ -178,8 +178,18 @@ impl Proxy {
         let Some(limit_key) = limit_key else {
             return Ok(());
         };
+        // The concurrency slot is taken first so that a request it refuses is not counted
+        // against the rate (refused requests never are); a rate refusal releases the slot.
+        let slot = self
+            .inflight
+            .as_ref()
+            .map(|inflight| inflight.acquire(limit_key));
         if let Some(requests) = &self.requests {
-            let decision = requests.check_and_count(limit_key, now);
+            let decision = if matches!(slot, Some(None)) {
+                requests.check(limit_key, now)
+            } else {
+                requests.check_and_count(limit_key, now)
+            };
             ctx.rate = Some(decision);
             if let RateDecision::Limited {
                 limit,
@@ -191,19 +201,31 @@ impl Proxy {
                 return Err((reply, Outcome::RateLimited));
             }
         }
-        if let Some(inflight) = &self.inflight {
-            match inflight.acquire(limit_key) {
-                Some(guard) => ctx._inflight = Some(guard),
-                None => {
-                    let message = format!(
-                        "Too many concurrent requests: at most {} at a time. Wait for one to finish.",
-                        inflight.max()
-                    );
-                    let reply = ErrorReply::new(429, "proxy_concurrency_limited", &message)
-                        .with_header("retry-after", 1);
-                    return Err((reply, Outcome::RateLimited));
+        match slot {
+            Some(Some(guard)) => ctx._inflight = Some(guard),
+            Some(None) => {
+                let max = self.inflight.as_ref().map_or(0, ConcurrencyLimiter::max);
+                let message = format!(
+                    "Too many concurrent requests: at most {max} at a time. Wait for one to finish."
+                );
+                let mut reply = ErrorReply::new(429, "proxy_concurrency_limited", &message)
+                    .with_header("retry-after", 1);
+                // The request rate budget, as a success would report it: the client learns
+                // that it is not the rate that refused it.
+                if let Some(RateDecision::Allowed {
+                    limit,
+                    remaining,
+                    reset_at_ms,
+                }) = ctx.rate
+                {
+                    reply = reply
+                        .with_header("x-ratelimit-limit", limit)
+                        .with_header("x-ratelimit-remaining", remaining)
+                        .with_header("x-ratelimit-reset", reset_at_ms);
                 }
+                return Err((reply, Outcome::RateLimited));
             }
+            None => {}
         }
         Ok(())
     }

@@ -81,7 +81,7 @@ impl SlidingWindowLimiter {
     #[inline]
     pub fn check_and_count(&self, key: u64, now_ms: u64) -> RateDecision {
         let (counts, slot) = self.sketch.counts(key, now_ms);
-        let decision = decide(self.window(counts), self.limit, now_ms);
+        let decision = decide(self.window(counts), self.limit, now_ms, true);
         if matches!(decision, RateDecision::Allowed { .. }) {
             self.record_event(slot.generation);
             self.sketch.add(slot);
@@ -142,11 +142,12 @@ impl SlidingWindowLimiter {
         let _ = block;
     }
 
-    /// Whether `key` is over the limit, without counting anything.
+    /// Whether one more event of `key` would be over the limit, without counting anything;
+    /// when allowed, `remaining` and `reset_at_ms` are as they stand now (nothing was counted).
     #[inline]
     pub fn check(&self, key: u64, now_ms: u64) -> RateDecision {
         let (counts, _) = self.sketch.counts(key, now_ms);
-        decide(self.window(counts), self.limit, now_ms)
+        decide(self.window(counts), self.limit, now_ms, false)
     }
 
     /// Counts one event without checking.
@@ -399,7 +400,9 @@ impl Window {
     }
 }
 
-fn decide(window: Window, limit: u32, now_ms: u64) -> RateDecision {
+/// Refuses when one more event would exceed `limit`; otherwise the budget left, after this
+/// event when it is `counted`.
+fn decide(window: Window, limit: u32, now_ms: u64, counted: bool) -> RateDecision {
     let limit_f = f64::from(limit);
     let estimate = window.estimate();
     if estimate + 1.0 > limit_f {
@@ -412,7 +415,7 @@ fn decide(window: Window, limit: u32, now_ms: u64) -> RateDecision {
         };
     }
     let after = Window {
-        current: window.current + 1.0,
+        current: window.current + if counted { 1.0 } else { 0.0 },
         ..window
     };
     RateDecision::Allowed {
@@ -464,16 +467,16 @@ mod tests {
 
     #[test]
     fn allows_up_to_the_limit_and_reports_remaining() {
-        match decide(w(0.0, 3.0, 0.5), 5, 1000) {
+        match decide(w(0.0, 3.0, 0.5), 5, 1000, true) {
             RateDecision::Allowed { remaining, .. } => assert_eq!(remaining, 1),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            decide(w(0.0, 4.0, 0.5), 5, 0),
+            decide(w(0.0, 4.0, 0.5), 5, 0, true),
             RateDecision::Allowed { remaining: 0, .. }
         ));
         assert!(matches!(
-            decide(w(0.0, 5.0, 0.5), 5, 0),
+            decide(w(0.0, 5.0, 0.5), 5, 0, true),
             RateDecision::Limited { .. }
         ));
     }
@@ -483,17 +486,17 @@ mod tests {
         // 10 requests in the last minute, limit 10, 10% into this one: 9 of them still weigh
         // in, so one more fits and the next is refused (a fixed window would allow 10).
         assert!(matches!(
-            decide(w(10.0, 0.0, 0.1), 10, 0),
+            decide(w(10.0, 0.0, 0.1), 10, 0, true),
             RateDecision::Allowed { remaining: 0, .. }
         ));
         assert!(matches!(
-            decide(w(10.0, 1.0, 0.1), 10, 0),
+            decide(w(10.0, 1.0, 0.1), 10, 0, true),
             RateDecision::Limited { .. }
         ));
         // Half-way through, half the weight is gone: 5 fit.
         let mut window = w(10.0, 0.0, 0.5);
         let mut allowed = 0;
-        while let RateDecision::Allowed { .. } = decide(window, 10, 0) {
+        while let RateDecision::Allowed { .. } = decide(window, 10, 0, true) {
             window.current += 1.0;
             allowed += 1;
         }
@@ -504,14 +507,14 @@ mod tests {
     fn retry_after_is_when_one_more_fits() {
         // Previous 10, current 1, 10% in, limit 10: need estimate <= 9, so the previous
         // weight must drop by 1, i.e. elapsed 0.1 -> 0.2: 6 s.
-        match decide(w(10.0, 1.0, 0.1), 10, 0) {
+        match decide(w(10.0, 1.0, 0.1), 10, 0, true) {
             RateDecision::Limited {
                 retry_after_secs, ..
             } => assert_eq!(retry_after_secs, 6),
             other => panic!("{other:?}"),
         }
         // Current window alone is full: wait for the boundary plus decay.
-        match decide(w(0.0, 10.0, 0.5), 10, 0) {
+        match decide(w(0.0, 10.0, 0.5), 10, 0, true) {
             RateDecision::Limited {
                 retry_after_secs,
                 reset_at_ms,
@@ -526,12 +529,28 @@ mod tests {
 
     #[test]
     fn retry_after_is_at_least_one_second() {
-        match decide(w(10.0, 1.0, 0.1999), 10, 0) {
+        match decide(w(10.0, 1.0, 0.1999), 10, 0, true) {
             RateDecision::Limited {
                 retry_after_secs, ..
             } => assert_eq!(retry_after_secs, 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_check_reports_the_budget_as_it_stands_and_counts_nothing() {
+        let limiter = SlidingWindowLimiter::new(3, Duration::from_secs(60), 1024);
+        limiter.count(5, 0);
+        for _ in 0..3 {
+            assert!(matches!(
+                limiter.check(5, 0),
+                RateDecision::Allowed { remaining: 2, .. }
+            ));
+        }
+        assert!(matches!(
+            limiter.check_and_count(5, 0),
+            RateDecision::Allowed { remaining: 1, .. }
+        ));
     }
 
     #[test]

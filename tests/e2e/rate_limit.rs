@@ -162,6 +162,53 @@ fn concurrent_requests_beyond_max_inflight_get_429_and_slots_come_back() {
     );
 }
 
+/// A concurrency refusal carries the request-rate headers a success would (the rate did not
+/// refuse it) and is not counted against the rate.
+#[test]
+fn a_concurrency_refusal_reports_the_rate_budget_and_is_not_counted() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 60\n  max_inflight: 1")
+        .start();
+    let url = tg.url("/slow");
+    let slow = std::thread::spawn(move || {
+        client()
+            .get(url)
+            .header("x-origin-delay-ms", "1500")
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert!(crate::support::wait_until(
+        Duration::from_secs(5),
+        || origin.count() == 1
+    ));
+    let resp = client().get(tg.url("/a")).send().unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(header(&resp, "retry-after").as_deref(), Some("1"));
+    assert_eq!(header(&resp, "x-ratelimit-limit").as_deref(), Some("60"));
+    assert_eq!(
+        header(&resp, "x-ratelimit-remaining").as_deref(),
+        Some("59"),
+        "only the running request is counted"
+    );
+    assert!(header(&resp, "x-ratelimit-reset").is_some());
+    assert_eq!(
+        error_type(&resp.json().unwrap()),
+        "proxy_concurrency_limited"
+    );
+    assert_eq!(slow.join().unwrap(), 200);
+    let resp = client().get(tg.url("/a")).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        header(&resp, "x-ratelimit-remaining").as_deref(),
+        Some("58"),
+        "the refused request was not counted"
+    );
+}
+
 #[test]
 fn a_client_that_disconnects_releases_its_slot() {
     use std::io::Write;
