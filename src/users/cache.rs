@@ -167,6 +167,20 @@ impl UserCache {
 
     // ---------------------------------------------------------------- local changes
 
+    /// A local edit of `fields`: protected from concurrent store changes from before it lands
+    /// until the write queued after it is confirmed.
+    fn edit_marked<R>(
+        &self,
+        record: &Arc<UserRecord>,
+        fields: Fields,
+        edit: impl FnMut(&mut Profile) -> R,
+    ) -> R {
+        record.protect(fields);
+        let result = record.edit(edit);
+        self.mark(record, fields);
+        result
+    }
+
     fn mark(&self, record: &Arc<UserRecord>, fields: Fields) {
         if record.mark(fields) {
             self.queue.push(Queued::User(Arc::clone(record)));
@@ -202,12 +216,10 @@ impl UserCache {
         reason: &str,
         now_ms: u64,
     ) -> ChangeTicket {
+        let fields = Fields::IP | Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META;
+        record.protect(fields);
         record.admit_ip(ip, 0);
-        record.edit(|p| disable_profile(p, Some(reason), now_ms));
-        self.mark(
-            record,
-            Fields::IP | Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META,
-        );
+        self.edit_marked(record, fields, |p| disable_profile(p, Some(reason), now_ms));
         self.ticket()
     }
 
@@ -258,6 +270,7 @@ impl UserCache {
         };
         drop(_guard);
         let fields = patch.fields();
+        record.protect(fields);
         record.edit(|profile| {
             let mut user = profile.to_user(token, 0, None);
             patch.apply_to(&mut user);
@@ -285,10 +298,10 @@ impl UserCache {
         now_ms: u64,
     ) -> Result<(User, ChangeTicket), CacheError> {
         let record = self.get(token).ok_or(CacheError::NotFound)?;
-        record.edit(|p| disable_profile(p, reason, now_ms));
-        self.mark(
+        self.edit_marked(
             &record,
             Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META,
+            |p| disable_profile(p, reason, now_ms),
         );
         Ok((record.to_user(), self.ticket()))
     }

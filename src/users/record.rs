@@ -288,15 +288,24 @@ impl UserRecord {
         result.expect("rcu runs the closure at least once")
     }
 
-    /// An admin's absolute `promptCount`. Requests counted before it are dropped with it.
+    /// An admin's absolute `promptCount`. Requests counted before it are dropped with it,
+    /// including those of a write in flight: its acknowledgement must not add them back.
     pub(super) fn set_prompt_count(&self, value: u64) {
         self.prompt_pending.store(0, Ordering::Release);
+        self.prompt_inflight.store(0, Ordering::Release);
         self.prompt_base.store(value, Ordering::Release);
     }
 
     pub(super) fn set_last_used_at(&self, value: Option<u64>) {
         self.last_used_at
             .store(value.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Marks fields as edited locally before the edit lands, without queueing the record: a
+    /// store change merged meanwhile ([`apply_remote`](Self::apply_remote)) then keeps them.
+    /// [`mark`](Self::mark) after the edit queues the write.
+    pub(super) fn protect(&self, fields: Fields) {
+        self.pending.fetch_or(fields.0, Ordering::AcqRel);
     }
 
     /// Marks fields changed; true when the record must be (re)queued.
@@ -317,6 +326,11 @@ impl UserRecord {
 
     /// Takes the pending changes into flight: `(fields, prompt delta, base at take time)`.
     pub(super) fn take_pending(&self) -> (Fields, u64, u64) {
+        // Into flight before out of pending, so that no store change merged in between finds
+        // the fields unprotected.
+        let seen = self.pending.load(Ordering::Acquire);
+        self.inflight
+            .fetch_or(seen & Fields::TRACKED.0, Ordering::AcqRel);
         let bits = self.pending.swap(0, Ordering::AcqRel) & !QUEUED;
         let delta = self.prompt_pending.swap(0, Ordering::AcqRel);
         self.prompt_inflight.fetch_add(delta, Ordering::AcqRel);
@@ -333,7 +347,10 @@ impl UserRecord {
     /// store echoes its totals back, as Firebase does), and the fields stop being in flight.
     pub(super) fn acknowledge(&self, fields: Fields, delta: u64, fold_counters: bool) {
         if fold_counters {
-            self.prompt_base.fetch_add(delta, Ordering::AcqRel);
+            // Only what is still in flight: an absolute `promptCount` set meanwhile dropped it.
+            let in_flight = self.prompt_inflight.load(Ordering::Acquire);
+            self.prompt_base
+                .fetch_add(delta.min(in_flight), Ordering::AcqRel);
         }
         let _ = self
             .prompt_inflight
@@ -356,10 +373,14 @@ impl UserRecord {
 
     /// Applies the store's view of this user, keeping fields with unconfirmed local edits.
     pub(super) fn apply_remote(&self, remote: &User) {
-        let keep = self.unconfirmed_fields();
         let incoming = Profile::from_user(remote);
-        self.profile
-            .rcu(|current| Arc::new(merge_profile(current, &incoming, keep)));
+        let mut keep = Fields::NONE;
+        // `keep` is read inside the swap: an edit that lands first makes the swap retry, and
+        // reads its fields as protected then.
+        self.profile.rcu(|current| {
+            keep = self.unconfirmed_fields();
+            Arc::new(merge_profile(current, &incoming, keep))
+        });
         self.publish();
         if !keep.contains(Fields::PROMPT_COUNT) {
             self.prompt_base

@@ -189,3 +189,62 @@ fn admin_prompt_count_is_absolute() {
     cache.upsert("a", &patch(r#"{"promptCount":100}"#), 1);
     assert_eq!(rec.prompt_count(), 100);
 }
+
+#[test]
+fn an_absolute_prompt_count_set_while_a_write_is_in_flight_stays_absolute() {
+    let cache = UserCache::default();
+    cache.create(&user("a")).unwrap();
+    let created = cache.take_changes(10);
+    cache.acknowledge(&created.changes, true);
+    let record = cache.get("a").unwrap();
+    for _ in 0..3 {
+        cache.count_request(&record, 5);
+    }
+    let in_flight = cache.take_changes(10);
+    cache.upsert("a", &patch(r#"{"promptCount": 0}"#), 6);
+    cache.acknowledge(&in_flight.changes, true);
+    assert_eq!(cache.user("a").unwrap().prompt_count, 0);
+    let next = cache.take_changes(10);
+    assert_eq!(only_upsert(&next).user.prompt_count, 0, "written as set");
+}
+
+#[test]
+fn an_admin_edit_racing_store_changes_is_never_overwritten() {
+    // Another instance's counter echoes arrive all the time for an active user; an admin edit
+    // landing between two of them must survive, and stay queued for the store.
+    let cache = Arc::new(UserCache::default());
+    cache.create(&user("a")).unwrap();
+    let created = cache.take_changes(10);
+    cache.acknowledge(&created.changes, true);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echoes = {
+        let (cache, stop) = (Arc::clone(&cache), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut remote = user("a");
+            remote.nickname = Some("remote".into());
+            while !stop.load(Ordering::Relaxed) {
+                remote.prompt_count += 1;
+                cache.apply_remote("a", Some(&remote));
+            }
+        })
+    };
+    for i in 0..20_000 {
+        let nickname = format!("admin {i}");
+        cache.upsert("a", &patch(&format!(r#"{{"nickname": "{nickname}"}}"#)), 7);
+        assert_eq!(
+            cache.user("a").unwrap().nickname.as_deref(),
+            Some(nickname.as_str()),
+            "edit {i} was overwritten by a store change"
+        );
+        let taken = cache.take_changes(10);
+        assert!(only_upsert(&taken).fields.contains(Fields::NICKNAME));
+        assert_eq!(
+            only_upsert(&taken).user.nickname.as_deref(),
+            Some(nickname.as_str()),
+            "edit {i}: the store is sent the edit"
+        );
+        cache.acknowledge(&taken.changes, false);
+    }
+    stop.store(true, Ordering::Relaxed);
+    echoes.join().unwrap();
+}
