@@ -165,26 +165,29 @@ impl Proxy {
             Err(refusal) => return Err(self.refuse(refusal, &mut ip_key_of, now)),
         };
         let limited = self.requests.is_some() || self.inflight.is_some();
-        let limit_key = match &identity {
-            _ if !limited => None,
-            Identity::User(user) if user.admission().special() => None,
+        // `special` users are exempt from the request rate, not from `max_inflight` (as in
+        // the older proxy, whose special users still queued like everyone else).
+        let (limit_key, rate_applies) = match &identity {
+            _ if !limited => (None, false),
             // The user was found by this very token, so `user_key` is its key.
-            Identity::User(user) => {
-                Some(user_key.unwrap_or_else(|| self.cache.token_hash(user.token())))
-            }
-            Identity::Anonymous => Some(ip_key_of()),
+            Identity::User(user) => (
+                Some(user_key.unwrap_or_else(|| self.cache.token_hash(user.token()))),
+                !user.admission().special(),
+            ),
+            Identity::Anonymous => (Some(ip_key_of()), true),
         };
         ctx.identity = Some(identity);
         let Some(limit_key) = limit_key else {
             return Ok(());
         };
+        let requests = self.requests.as_ref().filter(|_| rate_applies);
         // The concurrency slot is taken first so that a request it refuses is not counted
         // against the rate (refused requests never are); a rate refusal releases the slot.
         let slot = self
             .inflight
             .as_ref()
             .map(|inflight| inflight.acquire(limit_key));
-        if let Some(requests) = &self.requests {
+        if let Some(requests) = requests {
             let decision = if matches!(slot, Some(None)) {
                 requests.check(limit_key, now)
             } else {

@@ -94,6 +94,54 @@ fn users_are_limited_per_token_and_special_users_are_exempt() {
 }
 
 #[test]
+fn special_users_are_exempt_from_the_rate_but_not_from_max_inflight() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("rate_limit:\n  requests_per_minute: 1\n  max_inflight: 1")
+        .start();
+    let special = tg.create_user(json!({"type": "special"}));
+    let url = tg.url("/slow");
+    let token = special.clone();
+    let slow = std::thread::spawn(move || {
+        client()
+            .get(url)
+            .bearer_auth(token)
+            .header("x-origin-delay-ms", "1500")
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert!(crate::support::wait_until(
+        Duration::from_secs(5),
+        || origin.count() == 1
+    ));
+    let resp = client()
+        .get(tg.url("/a"))
+        .bearer_auth(&special)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(
+        header(&resp, "x-ratelimit-limit").is_none(),
+        "no rate budget applies"
+    );
+    assert_eq!(
+        error_type(&resp.json().unwrap()),
+        "proxy_concurrency_limited"
+    );
+    assert_eq!(slow.join().unwrap(), 200);
+    for _ in 0..3 {
+        let resp = client()
+            .get(tg.url("/a"))
+            .bearer_auth(&special)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "over 1 per minute, one at a time");
+    }
+}
+
+#[test]
 fn failed_authentications_throttle_the_ip() {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr)
