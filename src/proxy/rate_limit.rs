@@ -23,6 +23,22 @@ pub enum LimitKey<'a> {
     User(&'a str),
 }
 
+impl LimitKey<'_> {
+    /// IPv6 clients are limited per /64: one subscriber is usually given a whole /64 and can
+    /// pick a new address in it for every request, which would otherwise bypass every per-IP
+    /// limit. An IPv4-mapped address is its IPv4 address.
+    #[inline]
+    fn per_subscriber(self) -> Self {
+        match self {
+            LimitKey::Ip(IpAddr::V6(v6)) => LimitKey::Ip(match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+            }),
+            other => other,
+        }
+    }
+}
+
 /// Hashes limiter keys; one instance per process so keys cannot be predicted from outside.
 #[derive(Clone, Default)]
 pub struct KeyHasher(std::collections::hash_map::RandomState);
@@ -30,7 +46,7 @@ pub struct KeyHasher(std::collections::hash_map::RandomState);
 impl KeyHasher {
     #[inline]
     pub fn hash(&self, key: LimitKey<'_>) -> u64 {
-        self.0.hash_one(key)
+        self.0.hash_one(key.per_subscriber())
     }
 }
 
@@ -728,6 +744,19 @@ mod tests {
             hasher.hash(LimitKey::User("1.2.3.4")),
             hasher.hash(LimitKey::Ip("1.2.3.4".parse().unwrap()))
         );
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64() {
+        let hasher = KeyHasher::default();
+        let ip = |text: &str| hasher.hash(LimitKey::Ip(text.parse().unwrap()));
+        assert_eq!(
+            ip("2001:db8:1:2::1"),
+            ip("2001:db8:1:2:ffff:abcd:1234:5678")
+        );
+        assert_ne!(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1"));
+        assert_eq!(ip("::ffff:192.0.2.1"), ip("192.0.2.1"));
+        assert_ne!(ip("192.0.2.1"), ip("192.0.2.2"), "IPv4 stays per address");
     }
 
     #[test]
