@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    tollgate::observe::logging::init();
     let cli = Cli::parse();
     let Some(path) = cli.pingora.conf.clone() else {
         eprintln!("tollgate: no configuration file; pass -c FILE (see conf/tollgate.yaml)");

@@ -325,6 +325,30 @@ fn tokens_never_reach_the_logs() {
 }
 
 #[test]
+fn tokens_never_reach_the_logs_even_at_trace_level() {
+    // Pingora prints whole request headers at trace level, and admin request lines (which
+    // hold tokens) when a reply cannot be written.
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .env("RUST_LOG", "trace")
+        .start();
+    let token = tg.create_user(json!({}));
+    let http = client();
+    http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
+    http.get(tg.url(&format!("/a?key={token}"))).send().unwrap();
+    let resp = tg
+        .admin_request(reqwest::Method::GET, &format!("/admin/users/{token}"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let log = tg.log();
+    assert!(log.contains("TRACE"), "trace logging is on:\n{log}");
+    for secret in [token.as_str(), ADMIN_KEY] {
+        assert!(!log.contains(secret), "{secret} leaked into:\n{log}");
+    }
+}
+
+#[test]
 fn tls_upstream_with_sni_and_certificate_verification() {
     use crate::support::origin::TestPki;
     let pki = TestPki::new(&["api.test"]);
