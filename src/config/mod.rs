@@ -466,13 +466,37 @@ impl Builder<'_> {
         if !(1..=3600).contains(&raw.window_seconds) {
             return Err(self.err("rate_limit.window_seconds", "must be between 1 and 3600"));
         }
-        Ok(RateLimitConfig {
+        let config = RateLimitConfig {
             window: Duration::from_secs(raw.window_seconds),
             requests_per_minute: raw.requests_per_minute,
             max_inflight: raw.max_inflight,
             auth_failures_per_minute: raw.auth_failures_per_minute,
             estimator_slots: raw.estimator_slots,
-        })
+        };
+        for (key, per_minute) in [
+            ("rate_limit.requests_per_minute", config.requests_per_minute),
+            (
+                "rate_limit.auth_failures_per_minute",
+                config.auth_failures_per_minute,
+            ),
+        ] {
+            // A window holds a whole number of events: a rate too small for the window would
+            // be rounded up, e.g. 1 per minute in windows of 1 s allows 60 per minute.
+            let per_window = config.per_window(per_minute);
+            let allowed = u64::from(per_window) * 60 / raw.window_seconds;
+            if u64::from(per_minute) * 11 < allowed * 10 {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{per_minute} per minute cannot be kept in windows of {} s: each window \
+                         would allow {per_window}, {allowed} per minute; use a longer \
+                         rate_limit.window_seconds (60 keeps any rate exact)",
+                        raw.window_seconds
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 
     fn cidrs(&self, key: &str, entries: &[String]) -> Result<CidrSet, ConfigError> {

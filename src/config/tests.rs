@@ -470,3 +470,30 @@ fn reference_file_and_docs_cover_every_key() {
         );
     }
 }
+
+#[test]
+fn a_rate_too_small_for_its_window_is_refused_not_rounded_up() {
+    let err = load(
+        &format!("{MINIMAL}rate_limit:\n  requests_per_minute: 1\n  window_seconds: 1\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "rate_limit.requests_per_minute");
+    assert!(err.problem.contains("60 per minute"), "{err}");
+    assert_eq!(
+        key_of(&format!(
+            "{MINIMAL}rate_limit:\n  auth_failures_per_minute: 4\n  window_seconds: 10\n"
+        )),
+        "rate_limit.auth_failures_per_minute"
+    );
+    // Kept exactly (or within a tenth) by whole events per window.
+    for ok in [
+        "requests_per_minute: 120\n  auth_failures_per_minute: 60\n  window_seconds: 1",
+        "requests_per_minute: 66\n  window_seconds: 10",
+        "requests_per_minute: 1\n  window_seconds: 60",
+        "requests_per_minute: 0\n  auth_failures_per_minute: 0\n  window_seconds: 1",
+        "requests_per_minute: 610\n  auth_failures_per_minute: 0\n  window_seconds: 1",
+    ] {
+        load(&format!("{MINIMAL}rate_limit:\n  {ok}\n"), &[]).unwrap();
+    }
+}
