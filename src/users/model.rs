@@ -142,6 +142,14 @@ impl User {
         ] {
             validate_families(map, at, name)?;
         }
+        if let Some(meta) = &self.meta {
+            validate_tree_keys(meta, at, "meta", 1)?;
+        }
+        if let Some(Value::Object(count)) = &self.token_count {
+            validate_tree_keys(count, at, "tokenCount", 1)?;
+        } else if let Some(Value::Array(items)) = &self.token_count {
+            validate_tree_items(items, at, "tokenCount", 1)?;
+        }
         Ok(())
     }
 }
@@ -315,6 +323,71 @@ pub fn validate_families(map: &FamilyValues, at: &str, name: &str) -> Result<(),
     Ok(())
 }
 
+/// Levels of nesting allowed inside a free-form field (`meta`, `tokenCount`). Firebase refuses
+/// a write nested more than 32 levels below the database root; a user's field sits at
+/// `/<ref>/<token>/<field>/…`, and the ref name (`FIREBASE_USERS_REF_NAME`) may itself have
+/// several segments, so 16 levels keep a wide margin below Firebase's limit while allowing any
+/// realistic metadata.
+pub const MAX_FREE_FORM_DEPTH: usize = 16;
+
+/// Object keys inside free-form JSON become Firebase keys too, so they follow the same rules
+/// (a refused key makes Firebase drop the write after the admin was told it persisted).
+/// `depth` is the level of this object's keys (1 = the field's own keys).
+fn validate_tree_keys(
+    map: &Map<String, Value>,
+    at: &str,
+    path: &str,
+    depth: usize,
+) -> Result<(), FieldError> {
+    for (key, value) in map {
+        let child = format!("{path}.{key}");
+        if depth > MAX_FREE_FORM_DEPTH {
+            return Err(too_deep(at, &child));
+        }
+        validate_key(key, "key").map_err(|p| FieldError::new(at, &child, p))?;
+        validate_tree_value(value, at, &child, depth + 1)?;
+    }
+    Ok(())
+}
+
+/// Arrays are stored by Firebase as objects keyed by index: a level of their own.
+fn validate_tree_items(
+    items: &[Value],
+    at: &str,
+    path: &str,
+    depth: usize,
+) -> Result<(), FieldError> {
+    for (i, value) in items.iter().enumerate() {
+        let child = format!("{path}[{i}]");
+        if depth > MAX_FREE_FORM_DEPTH {
+            return Err(too_deep(at, &child));
+        }
+        validate_tree_value(value, at, &child, depth + 1)?;
+    }
+    Ok(())
+}
+
+fn validate_tree_value(
+    value: &Value,
+    at: &str,
+    path: &str,
+    depth: usize,
+) -> Result<(), FieldError> {
+    match value {
+        Value::Object(map) => validate_tree_keys(map, at, path, depth),
+        Value::Array(items) => validate_tree_items(items, at, path, depth),
+        _ => Ok(()),
+    }
+}
+
+fn too_deep(at: &str, path: &str) -> FieldError {
+    FieldError::new(
+        at,
+        path,
+        format!("nested deeper than {MAX_FREE_FORM_DEPTH} levels (Firebase limits nesting)"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,5 +455,57 @@ mod tests {
         let mut user = User::new("t".into(), UserType::Normal, 1);
         user.nickname = Some("x".repeat(81));
         assert_eq!(user.validate("").unwrap_err().field, "nickname");
+    }
+
+    fn with_meta(meta: Value) -> User {
+        let mut user = User::new("t".into(), UserType::Normal, 1);
+        user.meta = Some(meta.as_object().unwrap().clone());
+        user
+    }
+
+    #[test]
+    fn free_form_keys_follow_firebase_key_rules() {
+        for (meta, field) in [
+            (serde_json::json!({"a.b": 1}), "meta.a.b"),
+            (serde_json::json!({"$x": 1}), "meta.$x"),
+            (serde_json::json!({"a/b": 1}), "meta.a/b"),
+            (serde_json::json!({"": 1}), "meta."),
+            (serde_json::json!({"ok": {"a\u{1}": 1}}), "meta.ok.a\u{1}"),
+            (serde_json::json!({"ok": [{"#": 1}]}), "meta.ok[0].#"),
+        ] {
+            let err = with_meta(meta.clone()).validate("users[1]").unwrap_err();
+            assert_eq!(err.field, format!("users[1].{field}"), "{meta}");
+        }
+        with_meta(serde_json::json!({"refreshable": false, "n": {"a": [1, {"b": null}]}}))
+            .validate("")
+            .unwrap();
+
+        let mut user = User::new("t".into(), UserType::Normal, 1);
+        user.token_count = Some(serde_json::json!({"x": {"a]": 1}}));
+        assert_eq!(user.validate("").unwrap_err().field, "tokenCount.x.a]");
+        user.token_count = Some(serde_json::json!([{"a[": 1}]));
+        assert_eq!(user.validate("").unwrap_err().field, "tokenCount[0].a[");
+        user.token_count = Some(serde_json::json!(5));
+        user.validate("").unwrap();
+    }
+
+    #[test]
+    fn free_form_nesting_is_bounded() {
+        let nest = |levels: usize| {
+            let mut v = serde_json::json!(1);
+            for _ in 0..levels {
+                v = serde_json::json!({ "k": v });
+            }
+            v
+        };
+        with_meta(nest(MAX_FREE_FORM_DEPTH)).validate("").unwrap();
+        let err = with_meta(nest(MAX_FREE_FORM_DEPTH + 1))
+            .validate("")
+            .unwrap_err();
+        assert_eq!(
+            err.field,
+            format!("meta{}", ".k".repeat(MAX_FREE_FORM_DEPTH + 1))
+        );
+        assert!(err.problem.contains("nested deeper"), "{err}");
     }
 }

@@ -224,4 +224,18 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.field, "tokenCounts.a.b");
     }
+
+    #[test]
+    fn free_form_keys_are_refused_in_patches() {
+        let err = parse(r#"{"meta":{"ok":{"a.b":1}}}"#)
+            .unwrap()
+            .validate("users[0]")
+            .unwrap_err();
+        assert_eq!(err.field, "users[0].meta.ok.a.b");
+        let err = parse(r#"{"tokenCount":{"$x":1}}"#)
+            .unwrap()
+            .validate("")
+            .unwrap_err();
+        assert_eq!(err.field, "tokenCount.$x");
+    }
 }
