@@ -451,3 +451,44 @@ fn health_ready_and_metrics() {
     });
     assert!(complete, "{}", scrape());
 }
+
+#[test]
+fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
+    let (_o, tg) = start();
+    for (body, field) in [
+        (json!({"meta": {"a.b": 1}}), "meta.a.b"),
+        (json!({"meta": {"ok": {"$x": true}}}), "meta.ok.$x"),
+        (json!({"meta": {"": 1}}), "meta."),
+        (json!({"tokenCount": {"a/b": 1}}), "tokenCount.a/b"),
+    ] {
+        let (status, resp) = send(&tg, Method::PUT, "/admin/users/meta-user", Some(body));
+        assert_eq!(
+            (status, resp["error"]["field"].as_str()),
+            (400, Some(field))
+        );
+    }
+    let mut deep = json!(1);
+    for _ in 0..17 {
+        deep = json!({ "k": deep });
+    }
+    let (status, resp) = send(
+        &tg,
+        Method::PUT,
+        "/admin/users",
+        Some(json!({"users": [{"token": "ok-user"}, {"token": "deep-user", "meta": deep}]})),
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(resp["error"]["field"]
+        .as_str()
+        .unwrap()
+        .starts_with("users[1].meta.k.k"));
+    let (status, _) = send(&tg, Method::GET, "/admin/users/ok-user", None);
+    assert_eq!(status, 404, "all-or-nothing");
+    let (status, _) = send(
+        &tg,
+        Method::PUT,
+        "/admin/users/meta-user",
+        Some(json!({"meta": {"refreshable": true, "notes": {"a-b": [1, 2]}}})),
+    );
+    assert_eq!(status, 200);
+}
