@@ -15,7 +15,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::config::Config;
-use crate::encoding::percent_decode;
+use crate::encoding::percent_decode_segment;
 use crate::net::{peer_ip, request_client_ip, CidrSet};
 use crate::observe::Metrics;
 use crate::store::StoreStatus;
@@ -127,6 +127,16 @@ impl AdminService {
                 self.auth.authorize(ip, authorization, Instant::now())?;
             }
         }
+        // The token is decoded as a path segment: `+` is a literal plus, not a space.
+        let token = match route {
+            Route::User(raw) => percent_decode_segment(raw).map_err(|_| {
+                ApiError::bad_request(
+                    "token",
+                    "the path segment is not valid UTF-8 after percent-decoding",
+                )
+            })?,
+            _ => Default::default(),
+        };
         let body = if method == Method::POST || method == Method::PUT {
             read_body(session, self.max_body_bytes, self.body_read_timeout).await?
         } else {
@@ -137,13 +147,9 @@ impl AdminService {
             (Method::GET, Route::Users) => self.users.list(query),
             (Method::POST, Route::Users) => self.users.create(&body).await,
             (Method::PUT, Route::Users) => self.users.upsert_many(&body).await,
-            (Method::GET, Route::User(token)) => self.users.get(&percent_decode(token)),
-            (Method::PUT, Route::User(token)) => {
-                self.users.upsert(&percent_decode(token), &body).await
-            }
-            (Method::DELETE, Route::User(token)) => {
-                self.users.delete(&percent_decode(token), query).await
-            }
+            (Method::GET, Route::User(_)) => self.users.get(&token),
+            (Method::PUT, Route::User(_)) => self.users.upsert(&token, &body).await,
+            (Method::DELETE, Route::User(_)) => self.users.delete(&token, query).await,
             _ => unreachable!("methods checked against allowed_methods above"),
         }
     }

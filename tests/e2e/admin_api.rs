@@ -492,3 +492,24 @@ fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
     );
     assert_eq!(status, 200);
 }
+
+#[test]
+fn path_tokens_keep_plus_and_refuse_invalid_utf8() {
+    let (_o, tg) = start();
+    let (status, user) = send(&tg, Method::PUT, "/admin/users/a+b", Some(json!({})));
+    assert_eq!((status, user["token"].as_str()), (200, Some("a+b")));
+    let (status, _) = send(&tg, Method::GET, "/admin/users/a%20b", None);
+    assert_eq!(status, 404, "no user 'a b' was made");
+    let (status, user) = send(&tg, Method::GET, "/admin/users/a%2Bb", None);
+    assert_eq!((status, user["token"].as_str()), (200, Some("a+b")));
+    for method in [Method::GET, Method::PUT, Method::DELETE] {
+        let (status, body) = send(&tg, method.clone(), "/admin/users/a%FFb", Some(json!({})));
+        assert_eq!(
+            (status, error_type(&body), body["error"]["field"].as_str()),
+            (400, "invalid_request", Some("token")),
+            "{method}"
+        );
+    }
+    let (_, list) = send(&tg, Method::GET, "/admin/users", None);
+    assert_eq!(list["count"], 1, "{list}");
+}
