@@ -157,7 +157,9 @@ impl UsersApi {
         let now = now_ms();
         let mut user = User::new(uuid::Uuid::new_v4().to_string(), request.user_type, now);
         user.expires_at = request.expires_at;
-        if let Some(limits) = request.token_limits {
+        // As in the older proxy, only temporary users take `tokenLimits` at creation; for
+        // normal and special users the key is stripped (set limits afterwards with PUT).
+        if let (UserType::Temporary, Some(limits)) = (request.user_type, request.token_limits) {
             validate_families(&limits, "", "tokenLimits")
                 .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
             user.token_limits = limits;

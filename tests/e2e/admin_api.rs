@@ -513,3 +513,35 @@ fn path_tokens_keep_plus_and_refuse_invalid_utf8() {
     let (_, list) = send(&tg, Method::GET, "/admin/users", None);
     assert_eq!(list["count"], 1, "{list}");
 }
+
+#[test]
+fn create_strips_token_limits_for_normal_and_special_users() {
+    let (_o, tg) = start();
+    for user_type in ["normal", "special"] {
+        let (status, body) = send(
+            &tg,
+            Method::POST,
+            "/admin/users",
+            Some(json!({"type": user_type, "tokenLimits": {"gpt4": 1000}})),
+        );
+        assert_eq!(status, 200, "{body}");
+        let user = tg.user(body["token"].as_str().unwrap());
+        assert_eq!(
+            (&user["type"], &user["tokenLimits"]),
+            (&json!(user_type), &json!({}))
+        );
+    }
+    let (status, body) = send(
+        &tg,
+        Method::POST,
+        "/admin/users",
+        Some(
+            json!({"type": "temporary", "expiresAt": 4102444800000u64, "tokenLimits": {"gpt4": 7}}),
+        ),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        tg.user(body["token"].as_str().unwrap())["tokenLimits"],
+        json!({"gpt4": 7})
+    );
+}
