@@ -91,11 +91,7 @@ impl UsersApi {
                 }
             }
         }
-        let fields: Vec<&str> = sort
-            .split(',')
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-            .collect();
+        let fields = sort_fields(&sort);
         if let Some(bad) = fields.iter().find(|f| !SORT_FIELDS.contains(f)) {
             return Err(ApiError::bad_request(
                 "sort",
@@ -288,6 +284,21 @@ impl UsersApi {
     }
 }
 
+/// The fields of a `sort=` value; an empty value (`sort=`, `sort=,`) means the default sort,
+/// as if the parameter were absent.
+fn sort_fields(sort: &str) -> Vec<&str> {
+    let fields: Vec<&str> = sort
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
+    if fields.is_empty() {
+        DEFAULT_SORT.split(',').collect()
+    } else {
+        fields
+    }
+}
+
 /// Descending, with missing values last; arrays compare by length.
 fn compare_desc(a: &User, b: &User, field: &str) -> Ordering {
     fn opt<T: Ord>(a: Option<T>, b: Option<T>) -> Ordering {
@@ -324,6 +335,18 @@ mod tests {
         u.prompt_count = prompts;
         u.last_used_at = last;
         u
+    }
+
+    #[test]
+    fn empty_sort_means_the_default() {
+        for empty in ["", ",", " , "] {
+            assert_eq!(
+                sort_fields(empty),
+                vec!["promptCount", "lastUsedAt"],
+                "{empty:?}"
+            );
+        }
+        assert_eq!(sort_fields("ip,,token"), vec!["ip", "token"]);
     }
 
     #[test]

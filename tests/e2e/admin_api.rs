@@ -545,3 +545,31 @@ fn create_strips_token_limits_for_normal_and_special_users() {
         json!({"gpt4": 7})
     );
 }
+
+#[test]
+fn an_empty_sort_is_the_default_sort() {
+    let (_o, tg) = start();
+    let mut tokens: Vec<String> = Vec::new();
+    for prompts in 0..8 {
+        let token = tg.create_user(json!({}));
+        send(
+            &tg,
+            Method::PUT,
+            &format!("/admin/users/{token}"),
+            Some(json!({"promptCount": prompts})),
+        );
+        tokens.push(token);
+    }
+    tokens.reverse();
+    for query in ["", "?sort=", "?sort=,"] {
+        let (status, body) = send(&tg, Method::GET, &format!("/admin/users{query}"), None);
+        assert_eq!(status, 200);
+        let order: Vec<&str> = body["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(order, tokens, "{query:?}: promptCount descending");
+    }
+}
