@@ -34,6 +34,25 @@ fn documented_routes_are_exactly_the_served_routes() {
     assert_eq!(documented_routes(&spec()), served);
 }
 
+/// Every route that reads a body can answer 408 (body too slow) and 413 (body too large):
+/// `read_body` runs for each POST and PUT, so the spec must say so for each.
+#[test]
+fn body_reading_routes_document_408_and_413() {
+    let spec = spec();
+    for (method, path) in tollgate::admin::ROUTES {
+        if !matches!(*method, "POST" | "PUT") {
+            continue;
+        }
+        let responses = &spec["paths"][*path][method.to_lowercase()]["responses"];
+        for status in ["408", "413"] {
+            assert!(
+                responses.get(status).is_some(),
+                "{method} {path} does not document {status}"
+            );
+        }
+    }
+}
+
 #[test]
 fn user_schema_lists_exactly_the_user_fields() {
     let spec = spec();
