@@ -1,9 +1,10 @@
 //! Admin authentication: the optional CIDR allow list, then `Authorization: Bearer <ADMIN_KEY>`
 //! compared in constant time. Repeated failures lock the IP out for a while (15 minutes by
-//! default); unlike the older proxy the lock expires and failures are forgotten after it.
+//! default); unlike the older proxy the lock expires and failures are forgotten after it. IPv6
+//! clients count by their /64, and the table of failures is bounded.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -13,8 +14,10 @@ use crate::net::CidrSet;
 use crate::proxy::credential::bearer;
 use crate::secret::Secret;
 
-/// Entries kept before stale ones are swept.
-const SWEEP_ABOVE: usize = 10_000;
+/// Most addresses (or IPv6 /64s) whose failures are remembered. Past it the entry whose last
+/// failure is oldest is forgotten, so rotating addresses cannot grow the table (or the cost of
+/// a failure) without bound; a client with this many addresses gains little from a lockout.
+const MAX_TRACKED: usize = 10_000;
 
 pub struct AdminAuth {
     key: Option<Secret>,
@@ -22,7 +25,84 @@ pub struct AdminAuth {
     allow: Option<CidrSet>,
     max_failures: u32,
     lockout: Duration,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: Mutex<FailureTable>,
+}
+
+/// Failures by throttle key, with the keys in the order of their last failure so that expired
+/// and oldest entries are dropped from the front in amortised O(1), never by a full sweep.
+#[derive(Default)]
+struct FailureTable {
+    entries: HashMap<IpAddr, Failures>,
+    /// `(key, failure time)`, oldest first. An item whose time is not its entry's `last` (the
+    /// key failed again later, succeeded, or was dropped) is stale and skipped.
+    order: VecDeque<(IpAddr, Instant)>,
+    max_entries: usize,
+}
+
+impl FailureTable {
+    fn with_max_entries(max_entries: usize) -> Self {
+        Self {
+            max_entries: max_entries.max(1),
+            ..Self::default()
+        }
+    }
+
+    fn is_live(&self, key: IpAddr, at: Instant) -> bool {
+        self.entries.get(&key).is_some_and(|f| f.last == at)
+    }
+
+    /// Drops stale items and entries whose last failure is a lockout old (their count would
+    /// restart and any lock has ended) from the front of the order.
+    fn expire(&mut self, now: Instant, lockout: Duration) {
+        while let Some(&(key, at)) = self.order.front() {
+            if self.is_live(key, at) {
+                if now.saturating_duration_since(at) < lockout {
+                    break;
+                }
+                self.entries.remove(&key);
+            }
+            self.order.pop_front();
+        }
+    }
+
+    /// Makes room for one new key: forgets the entry whose last failure is oldest.
+    fn evict_oldest(&mut self) {
+        while self.entries.len() >= self.max_entries {
+            let Some((key, at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.is_live(key, at) {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    /// Records that `key` failed at `now`, keeping the order short: repeated failures of one
+    /// key leave stale items behind, so the order is rebuilt once it is twice the bound.
+    fn touch(&mut self, key: IpAddr, now: Instant) {
+        self.order.push_back((key, now));
+        if self.order.len() > 2 * self.max_entries {
+            let mut live: Vec<(IpAddr, Instant)> =
+                self.entries.iter().map(|(k, f)| (*k, f.last)).collect();
+            live.sort_by_key(|(_, at)| *at);
+            self.order = live.into();
+        }
+    }
+}
+
+/// What the failure throttle counts by: the address, except that IPv6 clients are keyed by
+/// their /64 (one subscriber usually holds a whole /64 and can rotate through it at will) and
+/// IPv4-mapped IPv6 addresses count as the IPv4 address.
+fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
+            )),
+        },
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -44,7 +124,7 @@ impl AdminAuth {
             allow,
             max_failures,
             lockout,
-            failures: Mutex::new(HashMap::new()),
+            failures: Mutex::new(FailureTable::with_max_entries(MAX_TRACKED)),
         }
     }
 
@@ -87,7 +167,7 @@ impl AdminAuth {
         };
         let presented = authorization.and_then(bearer);
         if presented.is_some_and(|p| key.matches(p)) {
-            self.failures.lock().remove(&ip);
+            self.failures.lock().entries.remove(&throttle_key(ip));
             return Ok(());
         }
         self.record_failure(ip, now);
@@ -100,19 +180,18 @@ impl AdminAuth {
 
     fn locked_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let failures = self.failures.lock();
-        let until = failures.get(&ip)?.locked_until?;
+        let until = failures.entries.get(&throttle_key(ip))?.locked_until?;
         (until > now).then(|| until - now)
     }
 
     fn record_failure(&self, ip: IpAddr, now: Instant) {
+        let key = throttle_key(ip);
         let mut failures = self.failures.lock();
-        if failures.len() > SWEEP_ABOVE {
-            let lockout = self.lockout;
-            failures.retain(|_, f| {
-                now.duration_since(f.last) < lockout || f.locked_until.is_some_and(|u| u > now)
-            });
+        failures.expire(now, self.lockout);
+        if !failures.entries.contains_key(&key) {
+            failures.evict_oldest();
         }
-        let entry = failures.entry(ip).or_insert(Failures {
+        let entry = failures.entries.entry(key).or_insert(Failures {
             count: 0,
             last: now,
             locked_until: None,
@@ -129,6 +208,7 @@ impl AdminAuth {
         if entry.count >= self.max_failures {
             entry.locked_until = Some(now + self.lockout);
         }
+        failures.touch(key, now);
     }
 }
 
@@ -150,6 +230,96 @@ mod tests {
 
     fn ip() -> IpAddr {
         IP.parse().unwrap()
+    }
+
+    #[test]
+    fn the_failure_table_is_bounded_and_forgets_the_oldest() {
+        let a = auth("");
+        *a.failures.lock() = FailureTable::with_max_entries(100);
+        let t0 = Instant::now();
+        for i in 0..5 {
+            let _ = a.authorize(ip(), Some(b"Bearer x"), t0 + Duration::from_millis(i));
+        }
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            a.authorize(ip(), Some(b"Bearer sekrit"), t1)
+                .unwrap_err()
+                .status,
+            429
+        );
+        // Fewer other addresses than the bound: the lock holds.
+        for n in 0..98u32 {
+            let other = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+            let _ = a.authorize(other, Some(b"Bearer x"), t1);
+        }
+        assert_eq!(
+            a.authorize(ip(), Some(b"Bearer sekrit"), t1)
+                .unwrap_err()
+                .status,
+            429
+        );
+        // Rotating through many addresses (here IPv6 /64s): the table never exceeds the bound.
+        for n in 0..10_000u128 {
+            let other = IpAddr::V6(Ipv6Addr::from((0x2001_0db8_u128 << 96) | (n << 64)));
+            let _ = a.authorize(other, Some(b"Bearer x"), t1 + Duration::from_millis(1));
+            let table = a.failures.lock();
+            assert!(table.entries.len() <= 100, "{}", table.entries.len());
+            assert!(table.order.len() <= 200, "{}", table.order.len());
+        }
+        let table = a.failures.lock();
+        let newest = IpAddr::V6(Ipv6Addr::from((0x2001_0db8_u128 << 96) | (9_999 << 64)));
+        assert!(table.entries.contains_key(&newest), "the newest is kept");
+        assert!(!table.entries.contains_key(&ip()), "the oldest went first");
+    }
+
+    #[test]
+    fn expired_entries_are_dropped_without_a_sweep() {
+        let a = auth("");
+        let t0 = Instant::now();
+        for n in 0..50u32 {
+            let other = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+            let _ = a.authorize(other, Some(b"Bearer x"), t0);
+        }
+        assert_eq!(a.failures.lock().entries.len(), 50);
+        let _ = a.authorize(ip(), Some(b"Bearer x"), t0 + Duration::from_secs(900));
+        let table = a.failures.lock();
+        assert_eq!(table.entries.len(), 1);
+        assert_eq!(table.order.len(), 1);
+    }
+
+    #[test]
+    fn ipv6_clients_are_throttled_by_their_64() {
+        let a = auth("");
+        let t0 = Instant::now();
+        for n in 0..5u16 {
+            let addr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, n, 1, 2, 3));
+            let _ = a.authorize(addr, Some(b"Bearer x"), t0);
+        }
+        let same_64: IpAddr = "2001:db8::ffff:1".parse().unwrap();
+        assert_eq!(
+            a.authorize(same_64, Some(b"Bearer sekrit"), t0)
+                .unwrap_err()
+                .status,
+            429
+        );
+        let next_64: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        assert!(a.authorize(next_64, Some(b"Bearer sekrit"), t0).is_ok());
+        assert_eq!(a.failures.lock().entries.len(), 1);
+        // An IPv4-mapped address is the IPv4 client.
+        for _ in 0..5 {
+            let _ = a.authorize(ip(), Some(b"Bearer x"), t0);
+        }
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(
+            a.authorize(mapped, Some(b"Bearer sekrit"), t0)
+                .unwrap_err()
+                .status,
+            429
+        );
+        assert_eq!(
+            throttle_key("2001:db8::1".parse().unwrap()),
+            "2001:db8::".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
