@@ -260,15 +260,29 @@ impl UserCache {
     }
 
     fn upsert_one(&self, token: &str, patch: &UserPatch, now_ms: u64) -> User {
-        let _guard = self.structure.lock();
-        let Some(record) = self.map.get(token) else {
-            let mut user = User::new(token.to_string(), Default::default(), now_ms);
-            patch.apply_to(&mut user);
-            let record = Arc::new(UserRecord::from_user(&user));
-            self.insert_created(record);
-            return user;
-        };
-        drop(_guard);
+        loop {
+            let guard = self.structure.lock();
+            let Some(record) = self.map.get(token) else {
+                let mut user = User::new(token.to_string(), Default::default(), now_ms);
+                patch.apply_to(&mut user);
+                let record = Arc::new(UserRecord::from_user(&user));
+                self.insert_created(record);
+                return user;
+            };
+            drop(guard);
+            if let Some(user) = self.upsert_existing(&record, patch) {
+                return user;
+            }
+            // The record was removed (a hard delete, or by the store) while it was edited:
+            // the edit went with it, so the PUT runs again and creates the user.
+        }
+    }
+
+    /// Applies `patch` to a record found in the map; `None` when the record turns out to have
+    /// been removed meanwhile (its change is never written, so answering with it would confirm
+    /// an edit of a user that no longer exists).
+    fn upsert_existing(&self, record: &Arc<UserRecord>, patch: &UserPatch) -> Option<User> {
+        let token = record.token();
         let fields = patch.fields();
         record.protect(fields);
         record.edit(|profile| {
@@ -285,9 +299,10 @@ impl UserCache {
             super::patch::Patch::Set(at) => record.set_last_used_at(Some(at)),
         }
         if !fields.is_empty() {
-            self.mark(&record, fields);
+            self.mark(record, fields);
         }
-        record.to_user()
+        // Checked after the mark: a removal before it means the change is skipped.
+        (!record.is_deleted()).then(|| record.to_user())
     }
 
     /// `DELETE` without `hard`: disables, as the older proxy did.
@@ -298,12 +313,27 @@ impl UserCache {
         now_ms: u64,
     ) -> Result<(User, ChangeTicket), CacheError> {
         let record = self.get(token).ok_or(CacheError::NotFound)?;
+        let user = self.disable_record(&record, reason, now_ms)?;
+        Ok((user, self.ticket()))
+    }
+
+    /// Disables a record found in the map; `NotFound` when it was removed meanwhile (its
+    /// change is never written), as if the lookup had missed it.
+    fn disable_record(
+        &self,
+        record: &Arc<UserRecord>,
+        reason: Option<&str>,
+        now_ms: u64,
+    ) -> Result<User, CacheError> {
         self.edit_marked(
-            &record,
+            record,
             Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META,
             |p| disable_profile(p, reason, now_ms),
         );
-        Ok((record.to_user(), self.ticket()))
+        if record.is_deleted() {
+            return Err(CacheError::NotFound);
+        }
+        Ok(record.to_user())
     }
 
     /// `DELETE ?hard=true`: removes the user everywhere.

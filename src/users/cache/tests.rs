@@ -248,3 +248,38 @@ fn an_admin_edit_racing_store_changes_is_never_overwritten() {
     stop.store(true, Ordering::Relaxed);
     echoes.join().unwrap();
 }
+
+#[test]
+fn an_upsert_of_a_record_removed_meanwhile_is_not_confirmed() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    // The PUT found the record, then a hard delete removed it before the edit landed.
+    let record = cache.get("a").unwrap();
+    cache.remove("a").unwrap();
+    let edit = patch(r#"{"nickname":"n"}"#);
+    assert!(cache.upsert_existing(&record, &edit).is_none());
+    // What `upsert` then does: the PUT creates the user anew, written whole after the delete.
+    let (user, _) = cache.upsert("a", &edit, 5);
+    assert_eq!((user.nickname.as_deref(), user.created_at), (Some("n"), 5));
+    assert!(cache.get("a").is_some_and(|r| !r.is_deleted()));
+    let taken = cache.take_changes(10);
+    assert!(only_upsert(&taken).fields.contains(Fields::CREATED));
+}
+
+#[test]
+fn a_disable_of_a_record_removed_meanwhile_is_not_found() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let record = cache.get("a").unwrap();
+    cache.remove("a").unwrap();
+    assert_eq!(
+        cache.disable_record(&record, Some("r"), 5).unwrap_err(),
+        CacheError::NotFound
+    );
+    assert_eq!(
+        cache.disable("a", None, 5).unwrap_err(),
+        CacheError::NotFound
+    );
+    let taken = cache.take_changes(10);
+    assert!(matches!(taken.changes[..], [Change::Delete { .. }]));
+}
