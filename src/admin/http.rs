@@ -141,6 +141,13 @@ pub async fn read_body(
         return Err(too_large());
     }
     let read_all = async {
+        // Only now, with the request authorised and its declared size acceptable, is the
+        // client told to send the body; an earlier refusal is the final status instead.
+        if expects_continue(session) {
+            session.write_continue_response().await.map_err(|e| {
+                ApiError::bad_request("", format!("could not answer 100 Continue: {e}")).closing()
+            })?;
+        }
         let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
         while let Some(chunk) = session.read_request_body().await.map_err(|e| {
             ApiError::bad_request("", format!("could not read the request body: {e}")).closing()
@@ -164,6 +171,17 @@ pub async fn read_body(
         )
         .closing()),
     }
+}
+
+/// Whether the client waits for `100 Continue` before sending the body (curl does for bodies
+/// over 1 MiB, and would otherwise stall for a second). Pingora's own check is private.
+pub fn expects_continue(session: &ServerSession) -> bool {
+    let req = session.req_header();
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Deserializes JSON, naming the field at fault (`users[3].maxIps`).

@@ -21,7 +21,7 @@ use crate::observe::Metrics;
 use crate::store::StoreStatus;
 use crate::users::UserCache;
 use auth::AdminAuth;
-use http::{bytes_response, json_response, read_body, ApiError};
+use http::{bytes_response, expects_continue, json_response, read_body, ApiError};
 use users::UsersApi;
 
 /// Every route the admin listener serves: `(method, path pattern)`. `docs/openapi.yaml`
@@ -193,7 +193,9 @@ impl ServeHttp for AdminService {
         match self.handle(session).await {
             Ok(response) => response,
             Err(error) => {
-                if error.close {
+                // A client still holding back its body after `Expect: 100-continue` may send
+                // it or not: the connection cannot be reused either way.
+                if error.close || (expects_continue(session) && !session.is_body_done()) {
                     session.set_keepalive(None);
                 }
                 error.into_response()

@@ -573,3 +573,59 @@ fn an_empty_sort_is_the_default_sort() {
         assert_eq!(order, tokens, "{query:?}: promptCount descending");
     }
 }
+
+/// Sends a request head over raw TCP and returns what arrives within `wait`.
+fn raw_head(tg: &Tollgate, head: &str, wait: std::time::Duration) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let addr = tg.admin.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    (stream, String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .admin_yaml("max_body_bytes: 1000")
+        .start();
+    let body = br#"{"nickname":"expect"}"#;
+    let head = format!(
+        "PUT /admin/users/expect-user HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    let (mut stream, got) = raw_head(&tg, &head, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 100"), "{got:?}");
+    stream.write_all(body).unwrap();
+    let mut rest = String::new();
+    let mut buf = [0u8; 4096];
+    while !rest.contains("\"expect\"") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed: {rest:?}");
+        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let final_status = if got.contains("HTTP/1.1 200") {
+        got
+    } else {
+        rest
+    };
+    assert!(final_status.contains("HTTP/1.1 200"), "{final_status:?}");
+    assert_eq!(tg.user("expect-user")["nickname"], "expect");
+
+    // Refused before the body is sent: the final status comes at once, without 100.
+    let wrong_key = head.replace(ADMIN_KEY, "wrong");
+    let (_s, got) = raw_head(&tg, &wrong_key, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 401"), "{got:?}");
+    let too_big = head.replace(
+        &format!("Content-Length: {}", body.len()),
+        "Content-Length: 5000",
+    );
+    let (_s, got) = raw_head(&tg, &too_big, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 413"), "{got:?}");
+}
