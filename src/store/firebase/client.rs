@@ -117,6 +117,10 @@ pub enum RtdbError {
     /// 412 on a conditional write: the value changed; body and ETag are the current ones.
     #[error("the value changed since it was read")]
     Precondition { body: Bytes, etag: Option<String> },
+    /// A compare-and-set kept losing to other writers: retry later, nothing is wrong with
+    /// the request.
+    #[error("{0}")]
+    Contended(String),
     #[error("the database answered {status}: {message}")]
     Other { status: u16, message: String },
     #[error("refused to follow a redirect: {0}")]

@@ -242,10 +242,10 @@ impl FirebaseStore {
                 Err(e) => return Err(e),
             }
         }
-        Err(RtdbError::Other {
-            status: 412,
-            message: "the ip list kept changing (25 attempts)".into(),
-        })
+        // Not permanent: the engine retries the batch later instead of dropping the address.
+        Err(RtdbError::Contended(
+            "the ip list kept changing (25 attempts)".into(),
+        ))
     }
 }
 
@@ -673,3 +673,6 @@ mod tests {
         assert!(check_token_uri("http://example.com/token", true).is_err());
     }
 }
+
+#[cfg(test)]
+mod standin_tests;
