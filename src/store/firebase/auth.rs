@@ -20,6 +20,11 @@ const ASSERTION_LIFETIME_S: u64 = 3_540;
 /// Refresh this long before expiry (or after 80 % of a short lifetime).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed refresh the cached token is used this long before the next attempt, so that
+/// requests do not each wait for a token endpoint that is down.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
+/// A cached token is not sent this close to its expiry (clock skew, time on the wire).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
@@ -52,6 +57,10 @@ pub enum TokenSource {
 pub struct Cached {
     token: Arc<str>,
     refresh_at: Instant,
+    /// Past this the token is not sent, whatever a refresh did.
+    expires_at: Instant,
+    /// A failed refresh was logged (once per token).
+    refresh_failed: bool,
 }
 
 #[derive(Serialize)]
@@ -89,24 +98,53 @@ impl TokenSource {
     /// A valid access token; fetches one when none is cached or the cached one is due.
     /// Concurrent callers wait for one fetch instead of each starting their own.
     pub async fn token(&self, http: &reqwest::Client) -> Result<Arc<str>, AuthError> {
+        self.token_at(http, Instant::now()).await
+    }
+
+    /// [`token`](Self::token) at `now`. A refresh that fails while the cached token is still
+    /// valid is not an error: the token endpoint being down for a few minutes must not stop
+    /// the writes and the stream, so the cached token is used until it expires.
+    async fn token_at(&self, http: &reqwest::Client, now: Instant) -> Result<Arc<str>, AuthError> {
         let (account, cached) = match self {
             TokenSource::Emulator => return Ok(Arc::from("owner")),
             TokenSource::ServiceAccount { account, cached } => (account, cached),
         };
         let mut slot = cached.lock().await;
         if let Some(c) = slot.as_ref() {
-            if Instant::now() < c.refresh_at {
+            if now < c.refresh_at {
                 return Ok(Arc::clone(&c.token));
             }
         }
-        let (token, lifetime) = fetch(account, http).await?;
+        let (token, lifetime) = match fetch(account, http).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                let Some(c) = slot.as_mut().filter(|c| now < c.expires_at) else {
+                    return Err(e);
+                };
+                if !c.refresh_failed {
+                    c.refresh_failed = true;
+                    log::warn!(
+                        "firebase: cannot refresh the access token ({e}); using the current one \
+                         until it expires in {} s",
+                        c.expires_at.saturating_duration_since(now).as_secs()
+                    );
+                }
+                c.refresh_at = (now + RETRY_AFTER_FAILURE).min(c.expires_at);
+                return Ok(Arc::clone(&c.token));
+            }
+        };
         let early = lifetime
             .saturating_sub(REFRESH_MARGIN)
             .max(lifetime.mul_f64(0.8));
+        let usable = lifetime
+            .saturating_sub(EXPIRY_MARGIN)
+            .max(lifetime.mul_f64(0.9));
         let token: Arc<str> = Arc::from(token);
         *slot = Some(Cached {
             token: Arc::clone(&token),
-            refresh_at: Instant::now() + early,
+            refresh_at: now + early,
+            expires_at: now + usable,
+            refresh_failed: false,
         });
         Ok(token)
     }
@@ -183,4 +221,40 @@ pub fn sign_assertion(account: &ServiceAccount, now_s: u64) -> Result<String, Au
     };
     jsonwebtoken::encode(&header, &claims, &account.signing_key)
         .map_err(|e| AuthError::Signing(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtdb_standin::{FaultAction, FaultRule, Options, StandIn};
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_valid_token_until_it_expires() {
+        let db = StandIn::start(Options::default());
+        let account = super::super::key::decode(&db.firebase_key_b64()).unwrap();
+        let source = TokenSource::service_account(account);
+        let http = super::super::client::http_client().unwrap();
+        let t0 = Instant::now();
+        let first = source.token_at(&http, t0).await.unwrap();
+        // The stand-in's tokens live 3599 s: due for refresh at 3299 s, sent until 3589 s.
+        db.add_fault(FaultRule::new("POST", "/token", FaultAction::status(503)));
+        let due = t0 + Duration::from_secs(3300);
+        assert_eq!(source.token_at(&http, due).await.unwrap(), first);
+        assert_eq!(db.counters().faults_triggered, 1, "the refresh was tried");
+        let soon = due + Duration::from_secs(1);
+        assert_eq!(source.token_at(&http, soon).await.unwrap(), first);
+        assert_eq!(
+            db.counters().faults_triggered,
+            1,
+            "not retried on every call while the endpoint is down"
+        );
+        let later = due + RETRY_AFTER_FAILURE;
+        assert_eq!(source.token_at(&http, later).await.unwrap(), first);
+        assert_eq!(db.counters().faults_triggered, 2);
+        let expired = t0 + Duration::from_secs(3590);
+        assert!(source.token_at(&http, expired).await.is_err());
+        db.clear_faults();
+        let fresh = source.token_at(&http, expired).await.unwrap();
+        assert_ne!(fresh, first);
+    }
 }
