@@ -258,7 +258,9 @@ impl UsersApi {
             .cache
             .disable(token, reason.as_deref(), now_ms())
             .map_err(|e| match e {
-                CacheError::NotFound | CacheError::Exists => ApiError::not_found("Not found"),
+                CacheError::NotFound | CacheError::Exists | CacheError::Changed => {
+                    ApiError::not_found("Not found")
+                }
             })?;
         self.respond_when_durable(ticket, &user).await
     }

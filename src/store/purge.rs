@@ -13,7 +13,7 @@ use pingora::services::background::BackgroundService;
 
 use super::StoreBackend;
 use crate::clock::now_ms;
-use crate::users::{UserCache, UserType};
+use crate::users::{UserCache, UserRecord, UserType};
 
 const JOB: &str = "purge-temporary-users";
 
@@ -42,22 +42,50 @@ impl TemporaryUserPurge {
 
 /// Removes temporary users unusable for longer than `after`; returns how many.
 pub fn purge_temporary_users(cache: &UserCache, now_ms: u64, after: Duration) -> usize {
-    let after_ms = after.as_millis() as u64;
+    let doomed = purgeable(cache, now_ms, after);
+    remove_still_purgeable(cache, &doomed, now_ms, after)
+}
+
+/// The tokens of the temporary users unusable for longer than `after`, from a snapshot.
+fn purgeable(cache: &UserCache, now_ms: u64, after: Duration) -> Vec<Arc<str>> {
     let mut doomed = Vec::new();
     cache.for_each(|record| {
-        let profile = record.profile();
-        if profile.user_type != UserType::Temporary {
-            return;
-        }
-        let unusable_since = match (profile.expires_at, profile.disabled_at) {
-            (Some(e), Some(d)) => Some(e.min(d)),
-            (e, d) => e.or(d),
-        };
-        if unusable_since.is_some_and(|since| since.saturating_add(after_ms) < now_ms) {
+        if is_purgeable(record, now_ms, after) {
             doomed.push(Arc::clone(record.token()));
         }
     });
-    doomed.iter().filter(|t| cache.remove(t).is_ok()).count()
+    doomed
+}
+
+/// Removes `doomed` users that are still purgeable when removed: an admin may have re-enabled
+/// one or extended its expiry since the snapshot.
+fn remove_still_purgeable(
+    cache: &UserCache,
+    doomed: &[Arc<str>],
+    now_ms: u64,
+    after: Duration,
+) -> usize {
+    doomed
+        .iter()
+        .filter(|t| {
+            cache
+                .remove_if(t, |record| is_purgeable(record, now_ms, after))
+                .is_ok()
+        })
+        .count()
+}
+
+fn is_purgeable(record: &UserRecord, now_ms: u64, after: Duration) -> bool {
+    let profile = record.profile();
+    if profile.user_type != UserType::Temporary {
+        return false;
+    }
+    let unusable_since = match (profile.expires_at, profile.disabled_at) {
+        (Some(e), Some(d)) => Some(e.min(d)),
+        (e, d) => e.or(d),
+    };
+    let after_ms = after.as_millis() as u64;
+    unusable_since.is_some_and(|since| since.saturating_add(after_ms) < now_ms)
 }
 
 #[async_trait]
@@ -132,5 +160,33 @@ mod tests {
             2,
             "removals reach the store"
         );
+    }
+
+    #[test]
+    fn a_user_revived_after_the_snapshot_is_kept() {
+        let cache = UserCache::default();
+        let hour = 3_600_000;
+        let after = Duration::from_secs(48 * 3600);
+        let mut disabled = User::new("disabled".into(), UserType::Temporary, 0);
+        disabled.disabled_at = Some(0);
+        let mut expired = User::new("expired".into(), UserType::Temporary, 0);
+        expired.expires_at = Some(0);
+        let mut untouched = User::new("untouched".into(), UserType::Temporary, 0);
+        untouched.expires_at = Some(0);
+        cache.load([disabled, expired, untouched]);
+        let mut doomed = purgeable(&cache, 50 * hour, after);
+        doomed.sort();
+        assert_eq!(doomed.len(), 3);
+        // An admin acts between the snapshot and the removal.
+        let patch = |json: &str| serde_json::from_str::<crate::users::UserPatch>(json).unwrap();
+        cache.upsert("disabled", &patch(r#"{"disabledAt":null}"#), 50 * hour);
+        cache.upsert(
+            "expired",
+            &patch(&format!(r#"{{"expiresAt":{}}}"#, 60 * hour)),
+            1,
+        );
+        assert_eq!(remove_still_purgeable(&cache, &doomed, 50 * hour, after), 1);
+        assert!(cache.get("disabled").is_some() && cache.get("expired").is_some());
+        assert!(cache.get("untouched").is_none());
     }
 }

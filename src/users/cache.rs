@@ -81,6 +81,9 @@ pub enum CacheError {
     Exists,
     #[error("no user with this token")]
     NotFound,
+    /// A conditional removal found the user changed so that it no longer applies.
+    #[error("the user changed; not removed")]
+    Changed,
 }
 
 pub struct UserCache {
@@ -338,7 +341,22 @@ impl UserCache {
 
     /// `DELETE ?hard=true`: removes the user everywhere.
     pub fn remove(&self, token: &str) -> Result<ChangeTicket, CacheError> {
+        self.remove_if(token, |_| true)
+    }
+
+    /// Removes the user only if `still` holds for its current record, checked under the lock
+    /// removals take: a job that decided from an earlier snapshot (the purge) must not remove
+    /// a user an admin changed since.
+    pub fn remove_if(
+        &self,
+        token: &str,
+        still: impl FnOnce(&UserRecord) -> bool,
+    ) -> Result<ChangeTicket, CacheError> {
         let _guard = self.structure.lock();
+        let current = self.map.get(token).ok_or(CacheError::NotFound)?;
+        if !still(&current) {
+            return Err(CacheError::Changed);
+        }
         let record = self.map.remove(token).ok_or(CacheError::NotFound)?;
         record.mark_deleted();
         self.deleting.lock().insert(Arc::clone(record.token()));
