@@ -54,6 +54,9 @@ pub struct UserChange {
     pub fields: Fields,
     /// Requests counted since the previous write.
     pub prompt_delta: u64,
+    /// Addresses requests added to the `ip` list since it was last written: what a store
+    /// that merges lists adds to its stored list (not the whole local list).
+    pub ip_added: Vec<String>,
 }
 
 impl std::fmt::Debug for UserChange {
@@ -62,6 +65,7 @@ impl std::fmt::Debug for UserChange {
         f.debug_struct("UserChange")
             .field("fields", &self.fields)
             .field("prompt_delta", &self.prompt_delta)
+            .field("ip_added", &self.ip_added.len())
             .finish_non_exhaustive()
     }
 }
@@ -469,6 +473,7 @@ impl UserCache {
 
 fn take_user_change(record: Arc<UserRecord>) -> Change {
     let (fields, prompt_delta, base) = record.take_pending();
+    let ip_added = record.take_ip_additions();
     let mut user =
         record
             .profile()
@@ -479,6 +484,7 @@ fn take_user_change(record: Arc<UserRecord>) -> Change {
         user,
         fields,
         prompt_delta,
+        ip_added,
     }))
 }
 

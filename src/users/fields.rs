@@ -42,8 +42,9 @@ impl Fields {
     pub const ALL: Fields = Fields((1 << 16) - 1);
     /// The user is new (or re-created): write it whole.
     pub const CREATED: Fields = Fields(1 << 20);
-    /// What stays "unconfirmed" until the store acknowledges it.
-    pub const TRACKED: Fields = Fields(Fields::ALL.0 | Fields::CREATED.0);
+    /// What stays "unconfirmed" until the store acknowledges it. `IP_REPLACED` too: while an
+    /// admin's list is on its way, a store change keeps the local list whole.
+    pub const TRACKED: Fields = Fields(Fields::ALL.0 | Fields::CREATED.0 | Fields::IP_REPLACED.0);
     /// `promptCount` grew by the change's delta (requests, not an admin edit).
     pub const PROMPT_DELTA: Fields = Fields(1 << 21);
     /// With `IP`: an admin replaced the `ip` list (write it as is), rather than requests

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
+use parking_lot::Mutex;
 
 use super::fields::Fields;
 use super::model::{User, UserType};
@@ -99,6 +100,19 @@ pub struct UserRecord {
     pending: AtomicU32,
     /// Fields in the batch being written now, plus `DELETED`.
     inflight: AtomicU32,
+    /// Addresses requests added since the last confirmed write: what gets merged into the
+    /// stored list, never the whole local list (which would bring back addresses an admin
+    /// cleared elsewhere). Boxed and `None` when empty, as nearly always.
+    ip_added: Mutex<Option<Box<IpAdditions>>>,
+}
+
+/// See [`UserRecord::ip_added`].
+#[derive(Debug, Default)]
+struct IpAdditions {
+    /// Added since the last flush took them.
+    pending: Vec<IpAddr>,
+    /// In the batch being written now.
+    inflight: Vec<IpAddr>,
 }
 
 /// The outcome of checking a request's IP against the user's list and limit.
@@ -130,6 +144,7 @@ impl UserRecord {
             last_used_at: AtomicU64::new(last_used_at.unwrap_or(0)),
             pending: AtomicU32::new(0),
             inflight: AtomicU32::new(0),
+            ip_added: Mutex::new(None),
         }
     }
 
@@ -272,8 +287,49 @@ impl UserRecord {
         });
         if outcome == IpAdmission::Added {
             self.publish();
+            // Only new addresses get here, so the lock is off the common path.
+            self.ip_added
+                .lock()
+                .get_or_insert_with(Default::default)
+                .pending
+                .push(ip.to_canonical());
         }
         outcome
+    }
+
+    /// Every address added by requests and not confirmed written yet.
+    fn ip_additions(&self) -> Vec<IpAddr> {
+        match self.ip_added.lock().as_deref() {
+            Some(adds) => adds.inflight.iter().chain(&adds.pending).copied().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Moves the addresses requests added into flight (with [`take_pending`]) and returns all
+    /// those in flight, as text, for the store to merge into its list. Addresses no longer in
+    /// the local list (an admin replaced it meanwhile) are dropped.
+    ///
+    /// [`take_pending`]: Self::take_pending
+    pub(super) fn take_ip_additions(&self) -> Vec<String> {
+        let mut slot = self.ip_added.lock();
+        let Some(adds) = slot.as_deref_mut() else {
+            return Vec::new();
+        };
+        let profile = self.profile();
+        for ip in std::mem::take(&mut adds.pending) {
+            if profile.has_ip(ip) && !adds.inflight.contains(&ip) {
+                adds.inflight.push(ip);
+            }
+        }
+        let out = adds
+            .inflight
+            .iter()
+            .map(|ip| IpEntry::Addr(*ip).to_text())
+            .collect();
+        if adds.inflight.is_empty() {
+            *slot = None;
+        }
+        out
     }
 
     /// Replaces the profile through `edit`; returns what `edit` reported.
@@ -359,6 +415,14 @@ impl UserRecord {
             });
         self.inflight
             .fetch_and(!(fields.0 & Fields::TRACKED.0), Ordering::AcqRel);
+        // The change carried every address in flight (one batch at a time).
+        let mut slot = self.ip_added.lock();
+        if let Some(adds) = slot.as_deref_mut() {
+            adds.inflight.clear();
+            if adds.pending.is_empty() {
+                *slot = None;
+            }
+        }
     }
 
     /// Fields with local edits the store has not confirmed yet.
@@ -379,7 +443,12 @@ impl UserRecord {
         // reads its fields as protected then.
         self.profile.rcu(|current| {
             keep = self.unconfirmed_fields();
-            Arc::new(merge_profile(current, &incoming, keep))
+            Arc::new(merge_profile(
+                current,
+                &incoming,
+                keep,
+                &self.ip_additions(),
+            ))
         });
         self.publish();
         if !keep.contains(Fields::PROMPT_COUNT) {
@@ -403,11 +472,29 @@ macro_rules! keep_local {
     };
 }
 
-/// `incoming`, except the fields in `keep`, which stay as they are locally.
-fn merge_profile(local: &Profile, incoming: &Profile, keep: Fields) -> Profile {
+/// `incoming`, except the fields in `keep`, which stay as they are locally. The `ip` list is
+/// kept only when an admin replaced it (or the user is new here); otherwise it is the
+/// incoming list plus the addresses requests added here (`ip_added`) that it lacks, so that an
+/// admin's `ip: []` elsewhere is not undone by the addresses this instance knew before.
+fn merge_profile(
+    local: &Profile,
+    incoming: &Profile,
+    keep: Fields,
+    ip_added: &[IpAddr],
+) -> Profile {
     let mut out = incoming.clone();
+    if keep.contains(Fields::IP) && keep.intersects(Fields::IP_REPLACED | Fields::CREATED) {
+        out.ips = local.ips.clone();
+    } else if ip_added.iter().any(|ip| !incoming.has_ip(*ip)) {
+        let mut ips = out.ips.into_vec();
+        for ip in ip_added {
+            if !ips.iter().any(|e| e.is(*ip)) {
+                ips.push(IpEntry::Addr(*ip));
+            }
+        }
+        out.ips = ips.into_boxed_slice();
+    }
     keep_local!(keep, out, local, {
-        IP => ips,
         TYPE => user_type,
         CREATED_AT => created_at,
         DISABLED_AT => disabled_at,
@@ -590,7 +677,10 @@ mod tests {
         assert!(!r.knows_ip(a, r.admission()));
         assert!(r.profile_with_ip(a).2);
         assert!(r.knows_ip(a, r.admission()));
-        // ...and one that removes it: the address is no longer known.
+        // ...and one that removes it: the address is no longer known (once its addition was
+        // written; until then a store change keeps it).
+        r.take_ip_additions();
+        r.acknowledge(Fields::IP, 0, true);
         let mut remote = r.to_user();
         remote.ip = vec!["9.9.9.9".into()];
         r.apply_remote(&remote);
@@ -669,5 +759,71 @@ mod tests {
         let (fields, _, _) = r.take_pending();
         assert_eq!(fields, Fields::IP | Fields::NICKNAME);
         assert!(r.mark(Fields::IP));
+    }
+}
+
+#[cfg(test)]
+mod ip_tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn with_ips(ips: &[&str]) -> UserRecord {
+        let mut user = User::new("tok".into(), UserType::Normal, 1);
+        user.ip = ips.iter().map(|s| s.to_string()).collect();
+        UserRecord::from_user(&user)
+    }
+
+    #[test]
+    fn a_remote_list_replaces_the_local_one_plus_pending_additions() {
+        let r = with_ips(&["1.1.1.1", "2.2.2.2"]);
+        assert_eq!(r.admit_ip(ip("3.3.3.3"), 0), IpAdmission::Added);
+        r.mark(Fields::IP);
+        let mut remote = r.to_user();
+        remote.ip = vec![];
+        r.apply_remote(&remote);
+        assert_eq!(r.to_user().ip, vec!["3.3.3.3"], "the admin's reset stands");
+        // In flight too.
+        let (fields, _, _) = r.take_pending();
+        assert_eq!(r.take_ip_additions(), vec!["3.3.3.3"]);
+        remote.ip = vec!["4.4.4.4".into()];
+        r.apply_remote(&remote);
+        assert_eq!(r.to_user().ip, vec!["4.4.4.4", "3.3.3.3"]);
+        // Confirmed: the store's list is the list.
+        r.acknowledge(fields, 0, true);
+        assert!(r.take_ip_additions().is_empty());
+        r.apply_remote(&remote);
+        assert_eq!(r.to_user().ip, vec!["4.4.4.4"]);
+    }
+
+    #[test]
+    fn only_additions_are_taken_and_an_admin_list_is_kept_whole() {
+        let r = with_ips(&["1.1.1.1"]);
+        r.admit_ip(ip("::ffff:2.2.2.2"), 0);
+        r.admit_ip(ip("3.3.3.3"), 0);
+        assert_eq!(r.take_ip_additions(), vec!["2.2.2.2", "3.3.3.3"]);
+        r.acknowledge(Fields::IP, 0, true);
+        // An admin replaces the list: an address added before it is not merged back.
+        r.admit_ip(ip("4.4.4.4"), 0);
+        r.protect(Fields::IP | Fields::IP_REPLACED);
+        r.edit(|p| p.ips = Box::new([IpEntry::Addr(ip("9.9.9.9"))]));
+        r.mark(Fields::IP | Fields::IP_REPLACED);
+        let mut remote = r.to_user();
+        remote.ip = vec!["1.1.1.1".into()];
+        r.apply_remote(&remote);
+        assert_eq!(
+            r.to_user().ip,
+            vec!["9.9.9.9"],
+            "the admin's list waits to be written"
+        );
+        let (fields, _, _) = r.take_pending();
+        assert!(r.take_ip_additions().is_empty());
+        r.apply_remote(&remote);
+        assert_eq!(r.to_user().ip, vec!["9.9.9.9"], "still in flight");
+        r.acknowledge(fields, 0, true);
+        r.apply_remote(&remote);
+        assert_eq!(r.to_user().ip, vec!["1.1.1.1"]);
     }
 }

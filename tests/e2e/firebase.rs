@@ -307,6 +307,55 @@ fn admin_edits_on_one_instance_reach_the_other() {
     assert_eq!(stored(&db, &format!("/users/{token}")), Value::Null);
 }
 
+/// An admin clears a user's `ip` list on B (the usual way to reset `maxIps`) while A has a new
+/// address pending for that user: A's merge adds only that address, and the old ones stay
+/// gone everywhere.
+#[test]
+fn clearing_an_ip_list_is_not_undone_by_another_instance() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently(
+        "/users",
+        json!({"u": older_user("u", json!({"ip": ["1.1.1.1", "2.2.2.2"]}))}),
+    )
+    .unwrap();
+    // A flushes only when asked, so the new address stays pending across B's reset.
+    let streams = db.open_streams();
+    let a = builder_flushing(&origin, &db, 600)
+        .yaml("trusted_proxies: [\"127.0.0.1\"]")
+        .start();
+    assert!(wait_until(Duration::from_secs(10), || db.open_streams() > streams));
+    wait_ready(&a);
+    let b = start(&origin, &db);
+    let status = client()
+        .get(a.url("/v1/models"))
+        .bearer_auth("u")
+        .header("x-forwarded-for", "3.3.3.3")
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::OK);
+    let path = "/admin/users/u";
+    let (status, _) = admin(
+        &b,
+        Method::PUT,
+        path,
+        Some(json!({"ip": [], "nickname": "reset"})),
+    );
+    assert_eq!(status, 200);
+    eventually(PROPAGATION, "B's reset reached A", &a, || {
+        a.user("u")["nickname"] == "reset"
+    });
+    assert_eq!(a.user("u")["ip"], json!(["3.3.3.3"]), "{}", a.log());
+    // Any admin write on A waits for a flush of everything queued, the ip merge included.
+    let (status, _) = admin(&a, Method::POST, "/admin/users", Some(json!({})));
+    assert_eq!(status, 200);
+    assert_eq!(stored(&db, "/users/u/ip"), json!(["3.3.3.3"]));
+    eventually(PROPAGATION, "B sees only the new address", &b, || {
+        b.user("u")["ip"] == json!(["3.3.3.3"])
+    });
+}
+
 /// Three instances under traffic while the database fails in every way the issue names;
 /// afterwards each user's stored `promptCount` equals the requests answered for it.
 #[test]

@@ -79,12 +79,12 @@ fn stored(value: Value) -> Value {
     }
 }
 
-/// Requests added addresses to the user's `ip` list: merge them into the stored list.
+/// Requests added addresses to the user's `ip` list: merge those (`ip_added`) into the stored
+/// list. An admin's replacement and a new user carry the list in the PATCH instead.
 pub fn needs_ip_merge(change: &Change) -> bool {
     match change {
         Change::Upsert(c) => {
-            c.fields.contains(Fields::IP)
-                && !c.fields.intersects(Fields::IP_REPLACED | Fields::CREATED)
+            !c.ip_added.is_empty() && !c.fields.intersects(Fields::IP_REPLACED | Fields::CREATED)
         }
         Change::Delete { .. } => false,
     }

@@ -208,9 +208,11 @@ impl FirebaseStore {
         }
     }
 
-    /// Adds the addresses requests recorded to the stored `ip` list by compare-and-set, so
-    /// addresses other instances added meanwhile are kept. The list keeps the older layout.
-    async fn merge_ip(&self, rtdb: &Rtdb, token: &str, local: &[String]) -> Result<(), RtdbError> {
+    /// Adds the addresses requests recorded here (`added`, not the whole local list) to the
+    /// stored `ip` list by compare-and-set, so addresses other instances added meanwhile are
+    /// kept and addresses an admin removed elsewhere do not come back. The list keeps the older
+    /// layout.
+    async fn merge_ip(&self, rtdb: &Rtdb, token: &str, added: &[String]) -> Result<(), RtdbError> {
         // A user removed elsewhere is not re-created by its ip list.
         let user_path = self.layout.user(token);
         let exists = rtdb
@@ -227,7 +229,7 @@ impl FirebaseStore {
         let mut current = stored_list(reply.json()?);
         let mut etag = reply.etag.unwrap_or_else(|| "null_etag".into());
         for _ in 0..25 {
-            let Some(merged) = batch::merge_ips(&current, local) else {
+            let Some(merged) = batch::merge_ips(&current, added) else {
                 return Ok(());
             };
             let body = serde_json::to_vec(&merged).unwrap_or_default();
@@ -357,7 +359,7 @@ impl StoreBackend for FirebaseStore {
                 continue;
             }
             let Change::Upsert(c) = change else { continue };
-            match self.merge_ip(rtdb, c.record.token(), &c.user.ip).await {
+            match self.merge_ip(rtdb, c.record.token(), &c.ip_added).await {
                 Ok(()) => {}
                 Err(e) if e.is_permanent() => warn!(
                     "firebase: the ip list of user {} cannot be written: {e}",

@@ -78,3 +78,22 @@ async fn an_ip_list_that_keeps_changing_is_retried_not_dropped() {
         json!(["1.1.1.1", "2.2.2.2"])
     );
 }
+
+/// Admin on another instance cleared the list (`ip: []`, to reset maxIps); this instance still
+/// knew the old addresses and had a new one pending: only the new one is added.
+#[tokio::test]
+async fn an_ip_merge_adds_only_the_new_addresses() {
+    let db = standin();
+    db.set(
+        "/users/t",
+        stored_user("t", json!({"ip": ["1.1.1.1", "2.2.2.2"]})),
+    )
+    .unwrap();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    db.set("/users/t/ip", Value::Null).unwrap();
+    let record = cache.get("t").unwrap();
+    cache.admit_ip(&record, "3.3.3.3".parse().unwrap(), 0);
+    store.apply(&take(&cache, 1)).await.unwrap();
+    assert_eq!(db.get("/users/t/ip").unwrap(), json!(["3.3.3.3"]));
+}
