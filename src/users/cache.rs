@@ -236,14 +236,22 @@ impl UserCache {
         if self.map.contains(user.token.as_str()) {
             return Err(CacheError::Exists);
         }
-        self.insert_created(Arc::new(UserRecord::from_user(user)));
+        self.insert_created(Arc::new(UserRecord::from_user(user)), None);
         Ok(self.ticket())
     }
 
-    fn insert_created(&self, record: Arc<UserRecord>) {
-        self.deleting.lock().remove(record.token());
+    /// `upserted`: the fields of the upsert that created the user from a token unknown here
+    /// (see [`Fields::UPSERTED`]); `None` for a token that cannot exist in the store.
+    fn insert_created(&self, record: Arc<UserRecord>, upserted: Option<Fields>) {
+        let recreated = self.deleting.lock().remove(record.token());
         self.map.insert(Arc::clone(&record));
-        self.mark(&record, Fields::CREATED | Fields::ALL);
+        let fields = match upserted {
+            // Removed here and not yet confirmed: this instance knew the user, and the
+            // removal plus re-creation is a replacement.
+            Some(patched) if !recreated => Fields::CREATED | Fields::UPSERTED | patched,
+            _ => Fields::CREATED | Fields::ALL,
+        };
+        self.mark(&record, fields);
     }
 
     /// Partial upsert (`PUT`): creates the user from defaults when missing. The patch must be
@@ -273,7 +281,7 @@ impl UserCache {
                 let mut user = User::new(token.to_string(), Default::default(), now_ms);
                 patch.apply_to(&mut user);
                 let record = Arc::new(UserRecord::from_user(&user));
-                self.insert_created(record);
+                self.insert_created(record, Some(patch.fields()));
                 return user;
             };
             drop(guard);

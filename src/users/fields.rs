@@ -44,12 +44,19 @@ impl Fields {
     pub const CREATED: Fields = Fields(1 << 20);
     /// What stays "unconfirmed" until the store acknowledges it. `IP_REPLACED` too: while an
     /// admin's list is on its way, a store change keeps the local list whole.
-    pub const TRACKED: Fields = Fields(Fields::ALL.0 | Fields::CREATED.0 | Fields::IP_REPLACED.0);
+    pub const TRACKED: Fields =
+        Fields(Fields::ALL.0 | Fields::CREATED.0 | Fields::IP_REPLACED.0 | Fields::UPSERTED.0);
     /// `promptCount` grew by the change's delta (requests, not an admin edit).
     pub const PROMPT_DELTA: Fields = Fields(1 << 21);
     /// With `IP`: an admin replaced the `ip` list (write it as is), rather than requests
     /// adding addresses to it (merge them into the stored list).
     pub const IP_REPLACED: Fields = Fields(1 << 22);
+    /// With `CREATED`: the user was created by an upsert of a token this instance did not
+    /// know (not streamed yet, or skipped as unreadable), so the store may have it. It is
+    /// created only if absent there; an existing one gets the upsert's fields (those marked)
+    /// as leaves instead of being replaced. Without it, `CREATED` is a token that cannot
+    /// exist (a fresh UUID, or one this instance removed and re-creates): written whole.
+    pub const UPSERTED: Fields = Fields(1 << 23);
 
     #[inline]
     pub const fn union(self, other: Fields) -> Fields {

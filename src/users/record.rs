@@ -436,7 +436,7 @@ impl UserRecord {
     // ---- changes that come from the store ----
 
     /// Applies the store's view of this user, keeping fields with unconfirmed local edits.
-    pub(super) fn apply_remote(&self, remote: &User) {
+    pub(crate) fn apply_remote(&self, remote: &User) {
         let incoming = Profile::from_user(remote);
         let mut keep = Fields::NONE;
         // `keep` is read inside the swap: an edit that lands first makes the swap retry, and
@@ -473,7 +473,8 @@ macro_rules! keep_local {
 }
 
 /// `incoming`, except the fields in `keep`, which stay as they are locally. The `ip` list is
-/// kept only when an admin replaced it (or the user is new here); otherwise it is the
+/// kept only when an admin replaced it (or the user is new here and cannot exist in the store);
+/// otherwise it is the
 /// incoming list plus the addresses requests added here (`ip_added`) that it lacks, so that an
 /// admin's `ip: []` elsewhere is not undone by the addresses this instance knew before.
 fn merge_profile(
@@ -483,7 +484,8 @@ fn merge_profile(
     ip_added: &[IpAddr],
 ) -> Profile {
     let mut out = incoming.clone();
-    if keep.contains(Fields::IP) && keep.intersects(Fields::IP_REPLACED | Fields::CREATED) {
+    let new_here = keep.contains(Fields::CREATED) && !keep.contains(Fields::UPSERTED);
+    if keep.contains(Fields::IP) && (keep.contains(Fields::IP_REPLACED) || new_here) {
         out.ips = local.ips.clone();
     } else if ip_added.iter().any(|ip| !incoming.has_ip(*ip)) {
         let mut ips = out.ips.into_vec();

@@ -356,6 +356,38 @@ fn clearing_an_ip_list_is_not_undone_by_another_instance() {
     });
 }
 
+/// `PUT /admin/users/<t>` for a token this instance does not have (here: stored without
+/// notifying the stream) updates the stored user; it does not replace it with defaults.
+#[test]
+fn an_upsert_of_a_token_unknown_here_keeps_the_stored_user() {
+    let db = standin();
+    let origin = Origin::start();
+    let tg = start(&origin, &db);
+    db.set_silently(
+        "/users/quiet",
+        older_user(
+            "quiet",
+            json!({"type": "special", "promptCount": 40, "tokenLimits": {"gpt4": 9},
+                   "legacyQuota": {"a": 1}}),
+        ),
+    )
+    .unwrap();
+    let (status, _) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/quiet",
+        Some(json!({"nickname": "n"})),
+    );
+    assert_eq!(status, 200);
+    let user = stored(&db, "/users/quiet");
+    assert_eq!(user["nickname"], "n");
+    assert_eq!(user["type"], "special");
+    assert_eq!(user["promptCount"], 40);
+    assert_eq!(user["createdAt"], 1700000000000u64);
+    assert_eq!(user["tokenLimits"], json!({"gpt4": 9}));
+    assert_eq!(user["legacyQuota"], json!({"a": 1}), "{}", tg.log());
+}
+
 /// Three instances under traffic while the database fails in every way the issue names;
 /// afterwards each user's stored `promptCount` equals the requests answered for it.
 #[test]

@@ -3,6 +3,8 @@
 //! counters, and the instance's batch marker; bisection to isolate a key Firebase refuses;
 //! and the union merge used for the `ip` list.
 
+use std::collections::HashMap;
+
 use serde_json::{json, Map, Value};
 
 use crate::users::{Change, Fields};
@@ -31,10 +33,43 @@ pub fn increment(delta: u64) -> Value {
     json!({".sv": {"increment": delta}})
 }
 
+/// How a user created by an upsert of an unknown token ([`Fields::UPSERTED`]) was written
+/// before the batch's PATCH: by a conditional `PUT` (`if-match: null_etag`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Creation {
+    /// The PUT created it, without the batch's counted requests (the PATCH adds those).
+    Put,
+    /// 412: the token exists in the store; the PATCH writes the upsert's fields as leaves.
+    Existed,
+}
+
+/// A new user that must be created only if absent: see [`Fields::UPSERTED`].
+pub fn needs_conditional_create(change: &Change) -> bool {
+    matches!(change, Change::Upsert(c) if c.fields.contains(Fields::CREATED | Fields::UPSERTED))
+}
+
+/// The conditional PUT's body: the whole user, with `promptCount` before this batch's
+/// requests. The requests go in the PATCH as an increment, which the batch marker makes
+/// exactly-once; in the PUT they would count twice after an ambiguous PUT (its retry gets 412
+/// and the PATCH adds them again).
+pub fn create_body(change: &Change) -> Option<Value> {
+    let Change::Upsert(c) = change else {
+        return None;
+    };
+    let mut user = c.user.clone();
+    user.prompt_count = user.prompt_count.saturating_sub(c.prompt_delta);
+    serde_json::to_value(&user).ok()
+}
+
 /// The `(path, value)` entries one change contributes to a PATCH. New users are written
-/// whole; otherwise only the fields marked changed, as leaves. A merged `ip` (requests added
-/// addresses) is not in the PATCH: see [`needs_ip_merge`].
-pub fn entries(layout: &Layout, change: &Change) -> Vec<(String, Value)> {
+/// whole, unless they came from an upsert (`creation`: see [`Creation`]); otherwise only the
+/// fields marked changed, as leaves. A merged `ip` (requests added addresses) is not in the
+/// PATCH: see [`needs_ip_merge`].
+pub fn entries(
+    layout: &Layout,
+    change: &Change,
+    creation: Option<Creation>,
+) -> Vec<(String, Value)> {
     let c = match change {
         Change::Delete { token } => return vec![(layout.user(token), Value::Null)],
         Change::Upsert(c) => c,
@@ -45,7 +80,18 @@ pub fn entries(layout: &Layout, change: &Change) -> Vec<(String, Value)> {
         _ => Map::new(),
     };
     if c.fields.contains(Fields::CREATED) {
-        return vec![(layout.user(token), Value::Object(user))];
+        match creation {
+            None => return vec![(layout.user(token), Value::Object(user))],
+            Some(Creation::Put) => {
+                return if c.prompt_delta > 0 {
+                    vec![(layout.leaf(token, "promptCount"), increment(c.prompt_delta))]
+                } else {
+                    Vec::new()
+                };
+            }
+            // The fields marked are the upsert's (and later edits'): leaves as for any user.
+            Some(Creation::Existed) => {}
+        }
     }
     let mut out = Vec::new();
     if c.fields.contains(Fields::PROMPT_COUNT) {
@@ -80,11 +126,13 @@ fn stored(value: Value) -> Value {
 }
 
 /// Requests added addresses to the user's `ip` list: merge those (`ip_added`) into the stored
-/// list. An admin's replacement and a new user carry the list in the PATCH instead.
-pub fn needs_ip_merge(change: &Change) -> bool {
+/// list. An admin's replacement and a user created here carry the list in their write instead.
+pub fn needs_ip_merge(change: &Change, creation: Option<Creation>) -> bool {
     match change {
         Change::Upsert(c) => {
-            !c.ip_added.is_empty() && !c.fields.intersects(Fields::IP_REPLACED | Fields::CREATED)
+            !c.ip_added.is_empty()
+                && !c.fields.contains(Fields::IP_REPLACED)
+                && (!c.fields.contains(Fields::CREATED) || creation == Some(Creation::Existed))
         }
         Change::Delete { .. } => false,
     }
@@ -95,12 +143,13 @@ pub fn patch_body(
     layout: &Layout,
     changes: &[Change],
     indices: &[usize],
+    creations: &HashMap<usize, Creation>,
     write_no: u64,
     batch_seq: u64,
 ) -> Map<String, Value> {
     let mut body = Map::new();
     for &i in indices {
-        for (path, value) in entries(layout, &changes[i]) {
+        for (path, value) in entries(layout, &changes[i], creations.get(&i).copied()) {
             body.insert(path, value);
         }
     }
@@ -199,7 +248,7 @@ mod tests {
             serde_json::from_value(json!({"nickname": "n", "maxIps": null})).unwrap();
         cache.upsert("t", &patch, 70);
         let taken = cache.take_changes(10);
-        let body = patch_body(&layout(), &taken.changes, &[0], 7, 3);
+        let body = patch_body(&layout(), &taken.changes, &[0], &HashMap::new(), 7, 3);
         assert_eq!(
             Value::Object(body),
             json!({
@@ -223,7 +272,7 @@ mod tests {
         cache.load([User::new("old".into(), UserType::Normal, 1)]);
         cache.remove("old").unwrap();
         let taken = cache.take_changes(10);
-        let body = patch_body(&layout(), &taken.changes, &[0, 1], 1, 1);
+        let body = patch_body(&layout(), &taken.changes, &[0, 1], &HashMap::new(), 1, 1);
         let whole = &body["users/new"];
         assert_eq!(whole["promptCount"], 1, "created with its count so far");
         assert_eq!(whole["type"], "special");
@@ -244,16 +293,16 @@ mod tests {
             serde_json::from_value(json!({"promptCount": 40})).unwrap();
         cache.upsert("t", &patch, 1);
         let taken = cache.take_changes(10);
-        assert!(needs_ip_merge(&taken.changes[0]));
-        let entries = entries(&layout(), &taken.changes[0]);
+        assert!(needs_ip_merge(&taken.changes[0], None));
+        let entries = entries(&layout(), &taken.changes[0], None);
         assert_eq!(entries, vec![("users/t/promptCount".into(), json!(40))]);
         // An admin's replacement of the list is a plain leaf.
         let patch: crate::users::UserPatch = serde_json::from_value(json!({"ip": []})).unwrap();
         cache.upsert("t", &patch, 1);
         let taken = cache.take_changes(10);
-        assert!(!needs_ip_merge(&taken.changes[0]));
+        assert!(!needs_ip_merge(&taken.changes[0], None));
         assert_eq!(
-            super::entries(&layout(), &taken.changes[0]),
+            super::entries(&layout(), &taken.changes[0], None),
             vec![("users/t/ip".into(), Value::Null)]
         );
     }

@@ -22,7 +22,7 @@ pub mod mirror;
 pub mod sse;
 pub mod stream;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -72,6 +72,8 @@ struct Progress {
     rejected: Vec<(usize, String)>,
     /// Changes whose `ip` merge is done.
     ips_done: HashSet<usize>,
+    /// Users created by an upsert whose conditional PUT is answered ([`batch::Creation`]).
+    created: HashMap<usize, batch::Creation>,
     /// A PATCH that failed ambiguously: `(write_no, changes)`, to be settled by reading the
     /// marker before anything else is sent.
     unresolved: Option<(u64, Vec<usize>)>,
@@ -171,7 +173,14 @@ impl FirebaseStore {
         progress: &mut Progress,
     ) -> Result<Result<(), String>, StoreError> {
         let no = self.write_no.fetch_add(1, Ordering::AcqRel) + 1;
-        let body = batch::patch_body(&self.layout, &batch.changes, group, no, batch.seq);
+        let body = batch::patch_body(
+            &self.layout,
+            &batch.changes,
+            group,
+            &progress.created,
+            no,
+            batch.seq,
+        );
         let bytes = serde_json::to_vec(&Value::Object(body))
             .map_err(|e| StoreError::Fatal(format!("cannot encode a batch: {e}")))?;
         let request = Request::new(Method::PATCH, "")
@@ -205,6 +214,75 @@ impl FirebaseStore {
                 ))),
             },
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Creates the batch's users that came from an upsert of a token unknown here, each by a
+    /// `PUT` with `if-match: null_etag` (create if absent; 412: it exists, and the PATCH then
+    /// writes the upsert's fields as leaves instead of replacing the stored user). Up to
+    /// [`CREATE_CONCURRENCY`] at once, so a large import is not one request after another.
+    /// Answers are kept across retries; a PUT without an answer is sent again (a 412 then
+    /// tells that it applied, and the result is the same).
+    async fn create_upserted(
+        &self,
+        rtdb: &Rtdb,
+        batch: &Batch,
+        progress: &mut Progress,
+    ) -> Result<(), StoreError> {
+        let todo: Vec<usize> = (0..batch.changes.len())
+            .filter(|i| {
+                batch::needs_conditional_create(&batch.changes[*i])
+                    && !progress.created.contains_key(i)
+                    && !progress.done.contains(i)
+                    && !progress.rejected.iter().any(|(j, _)| j == i)
+            })
+            .collect();
+        let mut failure = None;
+        for chunk in todo.chunks(CREATE_CONCURRENCY) {
+            let mut puts = tokio::task::JoinSet::new();
+            for &i in chunk {
+                let change = &batch.changes[i];
+                let Some(body) = batch::create_body(change) else {
+                    continue;
+                };
+                let (rtdb, path) = (rtdb.clone(), self.layout.user(change.token()));
+                puts.spawn(async move {
+                    let mut put =
+                        Request::new(Method::PUT, &path).json(body.to_string().into_bytes());
+                    put.if_match = Some("null_etag".into());
+                    (i, rtdb.call(put).await)
+                });
+            }
+            while let Some(joined) = puts.join_next().await {
+                let Ok((i, outcome)) = joined else { continue };
+                match outcome {
+                    Ok(_) => {
+                        progress.created.insert(i, batch::Creation::Put);
+                    }
+                    Err(RtdbError::Precondition { body, .. }) => {
+                        // The stored user as it is: the cache takes it (keeping the upsert's
+                        // fields), rather than the defaults it was created from here.
+                        if let Change::Upsert(c) = &batch.changes[i] {
+                            let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            if let Ok(stored) = User::from_stored(c.record.token(), value) {
+                                c.record.apply_remote(&stored.user);
+                            }
+                        }
+                        debug!(
+                            "firebase: user {} exists in the database; writing the upsert's \
+                             fields instead of creating it",
+                            token_id(batch.changes[i].token())
+                        );
+                        progress.created.insert(i, batch::Creation::Existed);
+                    }
+                    Err(RtdbError::BadRequest(message)) => progress.rejected.push((i, message)),
+                    Err(e) => failure = Some(e),
+                }
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(e) => Err(StoreError::Unavailable(format!("creating users: {e}"))),
         }
     }
 
@@ -322,12 +400,13 @@ impl StoreBackend for FirebaseStore {
             }
             progress.unresolved = None;
         }
+        self.create_upserted(rtdb, batch, &mut progress).await?;
         let mut to_write = Vec::new();
         for (i, change) in batch.changes.iter().enumerate() {
             if progress.done.contains(&i) || progress.rejected.iter().any(|(j, _)| *j == i) {
                 continue;
             }
-            if batch::entries(&self.layout, change).is_empty() {
+            if batch::entries(&self.layout, change, progress.created.get(&i).copied()).is_empty() {
                 progress.done.insert(i);
             } else {
                 to_write.push(i);
@@ -354,7 +433,7 @@ impl StoreBackend for FirebaseStore {
         for (i, change) in batch.changes.iter().enumerate() {
             if !progress.done.contains(&i)
                 || progress.ips_done.contains(&i)
-                || !batch::needs_ip_merge(change)
+                || !batch::needs_ip_merge(change, progress.created.get(&i).copied())
             {
                 continue;
             }
@@ -439,6 +518,9 @@ impl StoreBackend for FirebaseStore {
 
 /// How long a write the client gave up on is given to land before it counts as lost.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// Conditional creations (`PUT` with `if-match`, one per user) sent at once.
+const CREATE_CONCURRENCY: usize = 16;
 
 /// How often the leader looks for stale markers.
 const HOUSEKEEPING_EVERY_MS: u64 = 3_600_000;

@@ -97,3 +97,92 @@ async fn an_ip_merge_adds_only_the_new_addresses() {
     store.apply(&take(&cache, 1)).await.unwrap();
     assert_eq!(db.get("/users/t/ip").unwrap(), json!(["3.3.3.3"]));
 }
+
+fn patch(value: Value) -> crate::users::UserPatch {
+    serde_json::from_value(value).unwrap()
+}
+
+/// An upsert of a token this instance does not have (not streamed yet, or unreadable here)
+/// updates the stored user instead of replacing it with defaults.
+#[tokio::test]
+async fn an_upsert_of_an_unknown_token_updates_the_stored_user() {
+    let db = standin();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    db.set(
+        "/users/t",
+        stored_user(
+            "t",
+            json!({"type": "temporary", "expiresAt": 1900000000000u64, "promptCount": 10,
+                   "tokenLimits": {"gpt4": 5}, "legacyQuota": {"a": 1}, "ip": ["1.1.1.1"]}),
+        ),
+    )
+    .unwrap();
+    cache.upsert("t", &patch(json!({"nickname": "n"})), 1);
+    let record = cache.get("t").unwrap();
+    cache.count_request(&record, 2);
+    cache.count_request(&record, 3);
+    cache.admit_ip(&record, "2.2.2.2".parse().unwrap(), 0);
+    store.apply(&take(&cache, 1)).await.unwrap();
+    let stored = db.get("/users/t").unwrap();
+    assert_eq!(stored["nickname"], "n");
+    assert_eq!(stored["type"], "temporary");
+    assert_eq!(stored["expiresAt"], 1900000000000u64);
+    assert_eq!(stored["createdAt"], 1700000000000u64);
+    assert_eq!(stored["tokenLimits"], json!({"gpt4": 5}));
+    assert_eq!(stored["legacyQuota"], json!({"a": 1}));
+    assert_eq!(stored["promptCount"], 12, "requests counted once, on top");
+    assert_eq!(stored["lastUsedAt"], 3);
+    assert_eq!(stored["ip"], json!(["1.1.1.1", "2.2.2.2"]));
+}
+
+/// A genuinely new user from an upsert is created whole with its requests counted once, even
+/// when the creating PUT's answer is lost.
+#[tokio::test]
+async fn an_upserted_new_user_is_created_and_counted_exactly_once() {
+    let db = standin();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    cache.upsert("n", &patch(json!({"type": "special", "maxIps": 2})), 1);
+    let record = cache.get("n").unwrap();
+    for now in 2..5 {
+        cache.count_request(&record, now);
+    }
+    let batch = take(&cache, 1);
+    db.add_fault(FaultRule::new("PUT", "/users/n.json", FaultAction::ApplyThenDrop).times(1));
+    assert!(store.apply(&batch).await.is_err(), "no answer: retried");
+    store.apply(&batch).await.unwrap();
+    let stored = db.get("/users/n").unwrap();
+    assert_eq!(stored["type"], "special");
+    assert_eq!(stored["maxIps"], 2);
+    assert_eq!(stored["createdAt"], 1);
+    assert_eq!(stored["promptCount"], 3);
+}
+
+/// Users created by `POST` (fresh UUIDs, which cannot exist) stay in the one PATCH: no
+/// request per user.
+#[tokio::test]
+async fn posted_users_are_written_in_the_batch_patch() {
+    let db = standin();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    for t in ["p1", "p2", "p3"] {
+        cache
+            .create(&crate::users::User::new(
+                t.into(),
+                crate::users::UserType::Normal,
+                1,
+            ))
+            .unwrap();
+    }
+    db.clear_requests();
+    store.apply(&take(&cache, 1)).await.unwrap();
+    let writes: Vec<_> = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(writes, vec!["PATCH"]);
+    assert_eq!(db.get("/users/p2/createdAt").unwrap(), 1);
+}

@@ -283,3 +283,33 @@ fn a_disable_of_a_record_removed_meanwhile_is_not_found() {
     let taken = cache.take_changes(10);
     assert!(matches!(taken.changes[..], [Change::Delete { .. }]));
 }
+
+#[test]
+fn an_upsert_of_an_unknown_token_may_exist_in_the_store_a_recreation_may_not() {
+    let cache = UserCache::default();
+    cache.upsert("new", &patch(r#"{"nickname":"n"}"#), 42);
+    let c = only_upsert(&cache.take_changes(10)).clone();
+    assert_eq!(
+        c.fields,
+        Fields::CREATED | Fields::UPSERTED | Fields::NICKNAME
+    );
+    // The store's copy arrives before the write: it stands, except the upsert's field.
+    let mut remote = user("new");
+    remote.user_type = UserType::Special;
+    remote.nickname = Some("stored".into());
+    cache.apply_remote("new", Some(&remote));
+    let now = cache.user("new").unwrap();
+    assert_eq!(
+        (now.user_type, now.nickname.as_deref()),
+        (UserType::Special, Some("n"))
+    );
+    // Removed here, then upserted again: a replacement, written whole.
+    cache.load([user("old")]);
+    cache.remove("old").unwrap();
+    cache.upsert("old", &patch(r#"{"nickname":"n"}"#), 42);
+    let taken = cache.take_changes(10);
+    let Change::Upsert(c) = &taken.changes[0] else {
+        panic!("{:?}", taken.changes)
+    };
+    assert_eq!(c.fields, Fields::CREATED | Fields::ALL);
+}
