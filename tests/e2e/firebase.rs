@@ -246,9 +246,16 @@ fn admin_edits_on_one_instance_reach_the_other() {
     let a = start(&origin, &db);
     let b = start(&origin, &db);
 
+    // Only temporary users take tokenLimits at creation (as in the older proxy).
+    let expires_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 86_400_000;
     let resp = a
         .admin_request(Method::POST, "/admin/users")
-        .json(&json!({"tokenLimits": {"gpt4": 1000}}))
+        .json(&json!({"type": "temporary", "expiresAt": expires_at,
+                      "tokenLimits": {"gpt4": 1000}}))
         .send()
         .unwrap();
     assert_eq!(resp.status(), 200);
