@@ -5,12 +5,36 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::support::tollgate::Tollgate;
 use crate::support::{client, error_type, Origin, TollgateBuilder};
 
 fn header(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
     resp.headers()
         .get(name)
         .map(|v| v.to_str().unwrap().to_string())
+}
+
+/// Starts a request to `/slow` that the origin holds for 1.5 s (with `token`, if any), and
+/// returns once the origin has it: the request holds a concurrency slot until joined.
+fn hold_a_slot(
+    tg: &Tollgate,
+    origin: &Origin,
+    token: Option<&str>,
+) -> std::thread::JoinHandle<u16> {
+    let seen = origin.count();
+    let (url, token) = (tg.url("/slow"), token.map(str::to_string));
+    let held = std::thread::spawn(move || {
+        let mut request = client().get(url).header("x-origin-delay-ms", "1500");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().unwrap().status().as_u16()
+    });
+    assert!(crate::support::wait_until(
+        Duration::from_secs(5),
+        || origin.count() > seen
+    ));
+    held
 }
 
 #[test]
@@ -100,22 +124,7 @@ fn special_users_are_exempt_from_the_rate_but_not_from_max_inflight() {
         .yaml("rate_limit:\n  requests_per_minute: 1\n  max_inflight: 1")
         .start();
     let special = tg.create_user(json!({"type": "special"}));
-    let url = tg.url("/slow");
-    let token = special.clone();
-    let slow = std::thread::spawn(move || {
-        client()
-            .get(url)
-            .bearer_auth(token)
-            .header("x-origin-delay-ms", "1500")
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
-    assert!(crate::support::wait_until(
-        Duration::from_secs(5),
-        || origin.count() == 1
-    ));
+    let slow = hold_a_slot(&tg, &origin, Some(&special));
     let resp = client()
         .get(tg.url("/a"))
         .bearer_auth(&special)
@@ -175,25 +184,7 @@ fn concurrent_requests_beyond_max_inflight_get_429_and_slots_come_back() {
         .mode("none")
         .yaml("rate_limit:\n  requests_per_minute: 0\n  max_inflight: 2")
         .start();
-    let url = tg.url("/slow");
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            let url = url.clone();
-            std::thread::spawn(move || {
-                client()
-                    .get(url)
-                    .header("x-origin-delay-ms", "1500")
-                    .send()
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    assert!(crate::support::wait_until(
-        Duration::from_secs(5),
-        || origin.count() == 2
-    ));
+    let slow: Vec<_> = (0..2).map(|_| hold_a_slot(&tg, &origin, None)).collect();
     let resp = client().get(tg.url("/a")).send().unwrap();
     assert_eq!(resp.status(), 429);
     assert_eq!(
@@ -219,20 +210,7 @@ fn a_concurrency_refusal_reports_the_rate_budget_and_is_not_counted() {
         .mode("none")
         .yaml("rate_limit:\n  requests_per_minute: 60\n  max_inflight: 1")
         .start();
-    let url = tg.url("/slow");
-    let slow = std::thread::spawn(move || {
-        client()
-            .get(url)
-            .header("x-origin-delay-ms", "1500")
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
-    assert!(crate::support::wait_until(
-        Duration::from_secs(5),
-        || origin.count() == 1
-    ));
+    let slow = hold_a_slot(&tg, &origin, None);
     let resp = client().get(tg.url("/a")).send().unwrap();
     assert_eq!(resp.status(), 429);
     assert_eq!(header(&resp, "retry-after").as_deref(), Some("1"));
