@@ -130,6 +130,19 @@ fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
     None
 }
 
+/// The client as per-IP limits count it: the IPv4 address, or the /64 of an IPv6 address (a
+/// subscriber is usually given a whole /64 and could otherwise use a new address for every
+/// request). An IPv4-mapped IPv6 address is its IPv4 address.
+pub fn subscriber(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 /// Whether two listen addresses would compete for the same socket, so that Pingora's bind of
 /// the second fails (and its thread panics) while the process keeps running. Same port and
 /// either the same address, or a wildcard covering the other: `0.0.0.0` covers every IPv4

@@ -4,7 +4,7 @@
 //! clients count by their /64, and the table of failures is bounded.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -90,21 +90,6 @@ impl FailureTable {
     }
 }
 
-/// What the failure throttle counts by: the address, except that IPv6 clients are keyed by
-/// their /64 (one subscriber usually holds a whole /64 and can rotate through it at will) and
-/// IPv4-mapped IPv6 addresses count as the IPv4 address.
-fn throttle_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(
-                u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
-            )),
-        },
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Failures {
     count: u32,
@@ -167,7 +152,10 @@ impl AdminAuth {
         };
         let presented = authorization.and_then(bearer);
         if presented.is_some_and(|p| key.matches(p)) {
-            self.failures.lock().entries.remove(&throttle_key(ip));
+            self.failures
+                .lock()
+                .entries
+                .remove(&crate::net::subscriber(ip));
             return Ok(());
         }
         self.record_failure(ip, now);
@@ -180,12 +168,15 @@ impl AdminAuth {
 
     fn locked_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let failures = self.failures.lock();
-        let until = failures.entries.get(&throttle_key(ip))?.locked_until?;
+        let until = failures
+            .entries
+            .get(&crate::net::subscriber(ip))?
+            .locked_until?;
         (until > now).then(|| until - now)
     }
 
     fn record_failure(&self, ip: IpAddr, now: Instant) {
-        let key = throttle_key(ip);
+        let key = crate::net::subscriber(ip);
         let mut failures = self.failures.lock();
         failures.expire(now, self.lockout);
         if !failures.entries.contains_key(&key) {
@@ -215,6 +206,7 @@ impl AdminAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
 
     /// `allow` as `ADMIN_WHITELIST`; `""` here means unset (any address).
     fn auth(allow: &str) -> AdminAuth {
@@ -317,7 +309,7 @@ mod tests {
             429
         );
         assert_eq!(
-            throttle_key("2001:db8::1".parse().unwrap()),
+            crate::net::subscriber("2001:db8::1".parse().unwrap()),
             "2001:db8::".parse::<IpAddr>().unwrap()
         );
     }

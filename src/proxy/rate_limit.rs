@@ -23,30 +23,18 @@ pub enum LimitKey<'a> {
     User(&'a str),
 }
 
-impl LimitKey<'_> {
-    /// IPv6 clients are limited per /64: one subscriber is usually given a whole /64 and can
-    /// pick a new address in it for every request, which would otherwise bypass every per-IP
-    /// limit. An IPv4-mapped address is its IPv4 address.
-    #[inline]
-    fn per_subscriber(self) -> Self {
-        match self {
-            LimitKey::Ip(IpAddr::V6(v6)) => LimitKey::Ip(match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-            }),
-            other => other,
-        }
-    }
-}
-
 /// Hashes limiter keys; one instance per process so keys cannot be predicted from outside.
 #[derive(Clone, Default)]
 pub struct KeyHasher(std::collections::hash_map::RandomState);
 
 impl KeyHasher {
+    /// Per-IP keys count the subscriber ([`crate::net::subscriber`]: an IPv6 /64).
     #[inline]
     pub fn hash(&self, key: LimitKey<'_>) -> u64 {
-        self.0.hash_one(key.per_subscriber())
+        match key {
+            LimitKey::Ip(ip) => self.0.hash_one(LimitKey::Ip(crate::net::subscriber(ip))),
+            key => self.0.hash_one(key),
+        }
     }
 }
 
