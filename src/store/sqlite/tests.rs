@@ -153,23 +153,37 @@ async fn a_retried_batch_does_not_count_twice() {
     assert_eq!(users[0].last_used_at, Some(7));
 }
 
+/// A graceful upgrade's two processes on one file holding `tokens`: (old, new), each a store,
+/// its engine and a cache loaded from the file.
+async fn two_processes(
+    path: &Path,
+    tokens: &[&str],
+) -> [(Arc<SqliteStore>, SyncEngine, Arc<UserCache>); 2] {
+    let setup = Arc::new(SqliteStore::open(path).unwrap());
+    let (setup_engine, cache) = engine(&setup);
+    for t in tokens {
+        cache
+            .create(&User::new((*t).into(), UserType::Normal, 1))
+            .unwrap();
+    }
+    setup_engine.flush().await.unwrap();
+    let mut processes = Vec::new();
+    for _ in 0..2 {
+        let store = Arc::new(SqliteStore::open(path).unwrap());
+        let (engine, cache) = engine(&store);
+        cache.load(store.load_all().await.unwrap());
+        processes.push((store, engine, cache));
+    }
+    processes.try_into().ok().unwrap()
+}
+
 #[tokio::test]
 async fn two_processes_on_one_file_add_up_their_counts() {
     // A graceful upgrade: the new process loaded the users, then the old one kept counting
     // until it exited. Neither overwrites the other's requests.
     let (_dir, path) = temp();
-    let setup = Arc::new(SqliteStore::open(&path).unwrap());
-    let (setup_engine, cache) = engine(&setup);
-    cache
-        .create(&User::new("a".into(), UserType::Normal, 1))
-        .unwrap();
-    setup_engine.flush().await.unwrap();
-    let old = Arc::new(SqliteStore::open(&path).unwrap());
-    let new = Arc::new(SqliteStore::open(&path).unwrap());
-    let (old_engine, old_cache) = engine(&old);
-    let (new_engine, new_cache) = engine(&new);
-    old_cache.load(old.load_all().await.unwrap());
-    new_cache.load(new.load_all().await.unwrap());
+    let [(_, old_engine, old_cache), (new, new_engine, new_cache)] =
+        two_processes(&path, &["a"]).await;
     for _ in 0..4 {
         old_cache.count_request(&old_cache.get("a").unwrap(), 10);
     }
@@ -195,20 +209,8 @@ async fn counts_from_the_old_process_do_not_bring_back_a_user_the_new_one_delete
     // A graceful upgrade: an admin hard-deletes a user on the new process while the old one
     // still answers (and counts) a last request of that user.
     let (_dir, path) = temp();
-    let setup = Arc::new(SqliteStore::open(&path).unwrap());
-    let (setup_engine, cache) = engine(&setup);
-    for t in ["gone", "kept"] {
-        cache
-            .create(&User::new(t.into(), UserType::Normal, 1))
-            .unwrap();
-    }
-    setup_engine.flush().await.unwrap();
-    let old = Arc::new(SqliteStore::open(&path).unwrap());
-    let new = Arc::new(SqliteStore::open(&path).unwrap());
-    let (old_engine, old_cache) = engine(&old);
-    let (new_engine, new_cache) = engine(&new);
-    old_cache.load(old.load_all().await.unwrap());
-    new_cache.load(new.load_all().await.unwrap());
+    let [(_, old_engine, old_cache), (new, new_engine, new_cache)] =
+        two_processes(&path, &["gone", "kept"]).await;
     new_cache.remove("gone").unwrap();
     new_engine.flush().await.unwrap();
     for t in ["gone", "kept"] {
