@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+# nginx and wrk: the load benchmark's smoke test (tests/e2e/scripts.rs) runs benches/load/run.sh.
+scripts/setup.sh wrk nginx-light
 # cargo fmt and cargo clippy below; a minimal rustup profile (e.g. rust:*-slim) lacks them.
 if command -v rustup >/dev/null 2>&1; then
   components=()

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # tollgate side by side with what operators would otherwise run, in one run, as ratios.
 #
-#   benches/load/run.sh            (about 5 minutes plus the release build)
+#   benches/load/run.sh            (about 6 minutes, plus about 13 for the build on first use)
+#
+# The tollgate measured is the one operators deploy: scripts/build-release.sh's profile-guided
+# release build (PGO=0: a plain release build; TOLLGATE_BIN: a binary of your own).
 #
 # One nginx origin (1 worker) serves a small body (/small, 18 bytes) and a 64 KiB body (/64k).
 # Each round then drives, in turn, with wrk over loopback:
@@ -16,7 +19,7 @@
 #
 # Tunables (environment): ROUNDS (3), DURATION seconds per run (8), WARMUP seconds (2),
 # CONNECTIONS (32), WRK_THREADS (1), WORKERS proxy workers for both nginx and tollgate (1),
-# USERS (100000), BODIES ("small 64k"), PORT_BASE (19080), TOLLGATE_BIN (skip the build),
+# USERS (100000), BODIES ("small 64k"), PORT_BASE (19080), TOLLGATE_BIN (skip the build), PGO,
 # ORIGIN_TCP_NOPUSH (off; "on" reproduces the origin of the first measurements, whose 64 KiB
 # responses stall, see docs/performance.md), OUT (Markdown table; default
 # <target dir>/bench/load.md).
@@ -45,94 +48,34 @@ OUT=${OUT:-$TARGET_DIR/bench/load.md}
 ADMIN_KEY=bench-admin-key-0123456789
 
 LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
-log() { printf '%s load: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-scripts/setup.sh wrk nginx-light curl
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-[ -x "$NGINX" ] || die "nginx not found after setup"
-
-BIN_NOTE="built from this tree"
-[ -n "${TOLLGATE_BIN:-}" ] && BIN_NOTE="TOLLGATE_BIN=$TOLLGATE_BIN"
-if [ -z "${TOLLGATE_BIN:-}" ]; then
-  log "building tollgate (release)"
-  cargo build --release --locked -p tollgate --bin tollgate >&2
-  TOLLGATE_BIN=$TARGET_DIR/release/tollgate
-fi
-[ -x "$TOLLGATE_BIN" ] || die "no tollgate binary at $TOLLGATE_BIN"
-
 ORIGIN_PORT=$PORT_BASE
 NGINX_PORT=$((PORT_BASE + 1))
 PASS_PORT=$((PORT_BASE + 2))
 PASS_ADMIN=$((PORT_BASE + 3))
 USER_PORT=$((PORT_BASE + 4))
 USER_ADMIN=$((PORT_BASE + 5))
-for port in $ORIGIN_PORT $NGINX_PORT $PASS_PORT $PASS_ADMIN $USER_PORT $USER_ADMIN; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is in use (set PORT_BASE)"
-  fi
-done
-
 WORK=$(mktemp -d /tmp/tollgate-load.XXXXXX)
 chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  # SIGINT is a fast shutdown for both nginx (which then stops its workers) and tollgate.
-  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    alive=0
-    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    [ $alive = 0 ] && break
-    sleep 0.1
-  done
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/load/lib.sh
+. benches/load/lib.sh
+trap load_cleanup EXIT
+
+scripts/setup.sh wrk nginx-light curl
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || die "nginx not found after setup"
+
+BIN_NOTE="TOLLGATE_BIN=${TOLLGATE_BIN:-}"
+if [ -z "${TOLLGATE_BIN:-}" ]; then
+  # The binary operators deploy: the profile-guided release build (PGO=0: a plain one).
+  TOLLGATE_BIN=$(scripts/build-release.sh | tail -1)
+  BIN_NOTE="built from this tree by scripts/build-release.sh (PGO=${PGO:-1})"
+fi
+[ -x "$TOLLGATE_BIN" ] || die "no tollgate binary at $TOLLGATE_BIN"
+port_free_or_die "$ORIGIN_PORT" "$NGINX_PORT" "$PASS_PORT" "$PASS_ADMIN" "$USER_PORT" "$USER_ADMIN"
 
 # ---------------------------------------------------------------- nginx: origin and proxy
 
-mkdir -p "$WORK/www" "$WORK/tmp"
-head -c 65536 /dev/zero | tr '\0' 'x' >"$WORK/www/64k"
-nginx_common() {
-  cat <<EOF
-pid $WORK/$1.pid;
-error_log $WORK/$1.error.log warn;
-events { worker_connections 4096; }
-EOF
-}
-http_common() {
-  cat <<EOF
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  client_body_temp_path $WORK/tmp/body;
-  proxy_temp_path $WORK/tmp/proxy;
-  fastcgi_temp_path $WORK/tmp/fastcgi;
-  uwsgi_temp_path $WORK/tmp/uwsgi;
-  scgi_temp_path $WORK/tmp/scgi;
-EOF
-}
-{
-  echo "worker_processes 1;"
-  nginx_common origin
-  echo "http {"
-  http_common
-  # sendfile, but not tcp_nopush: with TCP_CORK on loopback, about 5 % of the 64 KiB
-  # responses (64 KiB plus headers: one full 65,483-byte segment and a small corked rest) wait
-  # for the receiver's delayed ACK, 15-45 ms, directly and behind either proxy alike; every
-  # case's p99 then depends on whether its run had more or less than 1 % of them.
-  cat <<EOF
-  sendfile on;
-  tcp_nopush $ORIGIN_TCP_NOPUSH;
-  server {
-    listen 127.0.0.1:$ORIGIN_PORT;
-    location = /small { default_type text/plain; return 200 "hello from origin\n"; }
-    location = /64k { default_type application/octet-stream; root $WORK/www; }
-  }
-}
-EOF
-} >"$WORK/origin.conf"
+write_origin_conf "$ORIGIN_TCP_NOPUSH"
 # The proxy gets what an operator would give it: upstream keep-alive (HTTP/1.1, no
 # Connection header), X-Forwarded-For set as tollgate sets it, buffers large enough that a
 # 64 KiB response never goes to a temporary file, and as many workers as tollgate has threads.
@@ -163,62 +106,17 @@ EOF
 EOF
 } >"$WORK/proxy.conf"
 
-start_nginx() {
-  "$NGINX" -t -q -p "$WORK" -c "$WORK/$1.conf" || die "nginx rejected $1.conf"
-  "$NGINX" -p "$WORK" -c "$WORK/$1.conf" -g 'daemon off;' 2>>"$WORK/$1.stderr" &
-  PIDS+=($!)
-  eval "${1^^}_PID=$!"
-}
-
 # ---------------------------------------------------------------- tollgate: two instances
 
-tollgate_conf() { # name port admin_port mode requests_per_minute
-  cat <<EOF
-listen: ["127.0.0.1:$2"]
-pingora:
-  threads: $WORKERS
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 1
-  upgrade_sock: $WORK/$1.sock
-  pid_file: $WORK/$1.pid
-upstream:
-  addrs: ["127.0.0.1:$ORIGIN_PORT"]
-gatekeeper:
-  mode: $4
-rate_limit:
-  requests_per_minute: $5
-admin:
-  listen: "127.0.0.1:$3"
-store:
-  kind: memory
-access_log:
-  enabled: false
-EOF
-}
 tollgate_conf pass "$PASS_PORT" "$PASS_ADMIN" none 0 >"$WORK/pass.yaml"
 # 1e9 per minute: on, and far above what one token can send here.
 tollgate_conf user "$USER_PORT" "$USER_ADMIN" user_token 1000000000 >"$WORK/user.yaml"
 
-start_tollgate() {
-  ADMIN_KEY=$ADMIN_KEY "$TOLLGATE_BIN" -t -c "$WORK/$1.yaml" >/dev/null || die "tollgate rejected $1.yaml"
-  ADMIN_KEY=$ADMIN_KEY RUST_LOG=warn "$TOLLGATE_BIN" -c "$WORK/$1.yaml" 2>>"$WORK/$1.stderr" &
-  PIDS+=($!)
-  eval "${1^^}_PID=$!"
-}
-
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  die "nothing listens on port $1 (logs in $WORK)"
-}
-
 log "starting the origin, nginx proxy ($WORKERS workers) and two tollgates ($WORKERS threads)"
 start_nginx origin
 start_nginx proxy
-start_tollgate pass
-start_tollgate user
+start_tollgate "$TOLLGATE_BIN" pass
+start_tollgate "$TOLLGATE_BIN" user
 for port in $ORIGIN_PORT $NGINX_PORT $PASS_PORT $PASS_ADMIN $USER_PORT $USER_ADMIN; do
   wait_port "$port"
 done
@@ -226,22 +124,7 @@ done
 # ---------------------------------------------------------------- users
 
 log "importing $USERS users into tollgate (user_token) through the admin API"
-awk -v n="$USERS" 'BEGIN {
-  srand(20240601)
-  printf "{\"users\":["
-  for (i = 0; i < n; i++) {
-    printf "%s{\"token\":\"%08x-%04x-4%03x-%04x-%04x%08x\",\"meta\":{}}", (i ? "," : ""),
-      int(rand() * 4294967296), int(rand() * 65536), int(rand() * 4096),
-      32768 + int(rand() * 16384), int(rand() * 65536), int(rand() * 4294967296)
-  }
-  printf "]}"
-}' >"$WORK/users.json"
-code=$(curl -sS -o "$WORK/import.out" -w '%{http_code}' -X PUT \
-  -H "Authorization: Bearer $ADMIN_KEY" -H 'content-type: application/json' \
-  --data-binary "@$WORK/users.json" "http://127.0.0.1:$USER_ADMIN/admin/users")
-case $code in 200 | 202) ;; *) die "bulk import answered $code: $(head -c 300 "$WORK/import.out")" ;; esac
-# The client's token: one from the middle of the import.
-TOKEN=$(grep -o '"token":"[^"]*"' "$WORK/users.json" | sed -n "$((USERS / 2 + 1))p" | cut -d'"' -f4)
+import_users "$USERS" "$USER_ADMIN"
 cached=$(curl -sS -H "Authorization: Bearer $ADMIN_KEY" "http://127.0.0.1:$USER_ADMIN/metrics" |
   awk '/^tollgate_users_cached /{print $2}')
 [ "$cached" = "$USERS" ] || die "tollgate holds $cached users, expected $USERS"

@@ -40,9 +40,9 @@ impl Bin {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
-    /// Stubs for everything setup.sh checks for.
+    /// Stubs for everything setup.sh checks for (`dpkg -s`: extra packages are installed).
     fn with_build_tools(self) -> Self {
-        for tool in ["cmake", "make", "cc", "c++", "curl"] {
+        for tool in ["cmake", "make", "cc", "c++", "curl", "dpkg"] {
             self.stub(tool, "exit 0");
         }
         self
@@ -102,4 +102,58 @@ fn test_script_adds_rustfmt_and_clippy_when_missing() {
     );
     let (_, calls) = bin.run("scripts/test.sh");
     assert_eq!(calls, "", "nothing added when present");
+}
+
+/// `len` consecutive loopback ports that were free a moment ago, below the ephemeral range.
+fn free_port_range(len: u16) -> u16 {
+    let offset = (std::process::id() % 400) as u16;
+    (0..400u16)
+        .map(|i| 20_000 + (offset + i) % 400 * 20)
+        .find(|&base| {
+            (base..base + len).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        })
+        .expect("a free range of ports")
+}
+
+/// The load benchmark end to end, as short as it goes, against the debug binary: this keeps
+/// benches/load/run.sh working, and benches/load/lib.sh, which the profile-guided build
+/// (scripts/build-release.sh) trains with. No figure is checked: every case must answer
+/// cleanly under wrk and the table must be complete.
+#[test]
+fn load_benchmark_runs_every_case_and_prints_the_table() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let table = out_dir.path().join("load.md");
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/run.sh"))
+        .env("TOLLGATE_BIN", crate::support::tollgate::binary())
+        .env("ROUNDS", "1")
+        .env("DURATION", "1")
+        .env("WARMUP", "1")
+        .env("USERS", "1000")
+        .env("CONNECTIONS", "4")
+        .env("PORT_BASE", free_port_range(6).to_string())
+        .env("OUT", &table)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run.sh failed: {stderr}");
+    let md = std::fs::read_to_string(&table).unwrap();
+    for body in ["small", "64k"] {
+        for case in ["direct", "nginx", "tg-pass", "tg-user"] {
+            let row = format!("| {body} | {case} | ");
+            let line = md.lines().find(|l| l.starts_with(&row));
+            let line = line.unwrap_or_else(|| panic!("no row {row}in:\n{md}"));
+            let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
+            assert!(rps > 0.0, "{line}");
+        }
+        assert!(
+            md.lines()
+                .any(|l| l.starts_with(&format!("| {body} | ")) && l.contains("met")),
+            "no ratio row for {body}:\n{md}"
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        md.trim(),
+        "the table printed is the table written"
+    );
 }
