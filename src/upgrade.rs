@@ -160,10 +160,18 @@ mod tests {
         let sock = dir.path().join("upgrade.sock");
         // A stale socket file from an earlier upgrade must not count as bound.
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
-        let mut old = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut old = std::process::Command::new("sleep");
+        old.arg("30");
+        // A test run started in the background by a non-interactive shell inherits SIGQUIT
+        // ignored, and so would `sleep`: give it the default action, as a tollgate has.
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut old, || {
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut old = old.spawn().unwrap();
         let hand_over = HandOver::when_bound(&sock, old.id() as i32).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(old.try_wait().unwrap().is_none(), "not signalled yet");
