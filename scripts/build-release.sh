@@ -41,11 +41,15 @@ GEN_BIN=$GEN_DIR/release/tollgate
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 PROFDATA=$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata
-if [ ! -x "$PROFDATA" ]; then
+if [ ! -x "$PROFDATA" ] && command -v rustup >/dev/null 2>&1; then
   echo "build-release: adding the rustup component llvm-tools (for llvm-profdata)" >&2
-  rustup component add llvm-tools >&2 || rustup component add llvm-tools-preview >&2
+  rustup component add llvm-tools >&2 || rustup component add llvm-tools-preview >&2 || true
 fi
-[ -x "$PROFDATA" ] || { echo "build-release: no llvm-profdata at $PROFDATA" >&2; exit 1; }
+if [ ! -x "$PROFDATA" ]; then
+  echo "build-release: no llvm-profdata at $PROFDATA (it comes with rustup's llvm-tools" \
+    "component, matching the compiler's LLVM); PGO=0 builds without a profile" >&2
+  exit 1
+fi
 
 echo "build-release: building the instrumented binary ($GEN_DIR)" >&2
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$RAW_DIR" CARGO_TARGET_DIR=$GEN_DIR "${CARGO_BUILD[@]}" >&2
