@@ -24,13 +24,10 @@ USERS=${USERS:-10000}
 PORT_BASE=${PORT_BASE:-19180}
 ADMIN_KEY=bench-admin-key-0123456789
 
-log() { printf '%s store_flush: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 scripts/setup.sh wrk nginx-light curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if [ -z "${TOLLGATE_BIN:-}" ]; then
-  log "building tollgate (release)"
+  echo "store_flush: building tollgate (release)" >&2
   cargo build --release --locked -p tollgate --bin tollgate >&2
   TOLLGATE_BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
 fi
@@ -40,36 +37,16 @@ PROXY_PORT=$((PORT_BASE + 1))
 ADMIN_PORT=$((PORT_BASE + 2))
 WORK=$(mktemp -d /tmp/tollgate-store-flush.XXXXXX)
 chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+LOG_TAG=store_flush
+# shellcheck source=benches/load/lib.sh
+. benches/load/lib.sh
+# SIGTERM: tollgate's graceful stop, which writes what the SQLite store has pending.
+trap 'load_stop TERM; rm -rf "$WORK"' EXIT
+port_free_or_die "$ORIGIN_PORT" "$PROXY_PORT" "$ADMIN_PORT"
 
-mkdir -p "$WORK/tmp"
-cat >"$WORK/origin.conf" <<EOF
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/origin.error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/tmp/body;
-  proxy_temp_path $WORK/tmp/proxy;
-  fastcgi_temp_path $WORK/tmp/fastcgi;
-  uwsgi_temp_path $WORK/tmp/uwsgi;
-  scgi_temp_path $WORK/tmp/scgi;
-  server {
-    listen 127.0.0.1:$ORIGIN_PORT;
-    location / { default_type text/plain; return 200 "hello from origin\n"; }
-  }
-}
-EOF
-"$NGINX" -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off;' 2>>"$WORK/origin.stderr" &
-PIDS+=($!)
+write_origin_conf off
+start_nginx origin
+wait_port "$ORIGIN_PORT"
 
 python3 - "$USERS" >"$WORK/users.json" <<'EOF'
 import json, sys
@@ -82,14 +59,6 @@ request = function()
   return wrk.format("GET", "/small", {["Authorization"] = string.format("Bearer bench-%06d", i)})
 end
 EOF
-
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  die "nothing listens on port $1 (logs in $WORK)"
-}
 
 # One run: start tollgate with store $1, import the users, drive it, print
 # "requests/s p50_ms p99_ms" and stop it.
