@@ -17,7 +17,9 @@
 # branches real proxying takes; on this project's 2-core machine it cut the proxy's CPU per
 # request by about a sixth (docs/performance.md). Behaviour is identical; only code layout and
 # inlining differ, and a workload unlike the training one still gets a correct binary.
-# The profile is reused while the instrumented binary is unchanged (no new training).
+# The profile is reused while the instrumented binary is unchanged (no new training); after a
+# source change both builds redo what changed, the training runs again, and the final build is
+# redone in full, since every crate's compilation reads the profile (about 10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
