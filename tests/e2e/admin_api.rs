@@ -368,17 +368,23 @@ fn admin_key_is_required_and_guessing_locks_the_ip_out() {
     );
 }
 
-/// As in the older proxy: `ADMIN_WHITELIST` set but empty allows nobody (unset allows all).
-#[test]
-fn an_explicitly_empty_allow_list_refuses_everyone() {
+/// Starts tollgate with `ADMIN_WHITELIST` set to `allow` and lists the users from loopback.
+fn list_users_with_allow_list(allow: &str) -> (Origin, Tollgate, reqwest::blocking::Response) {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr)
-        .env("ADMIN_WHITELIST", "")
+        .env("ADMIN_WHITELIST", allow)
         .start();
     let resp = tg
         .admin_request(Method::GET, "/admin/users")
         .send()
         .unwrap();
+    (origin, tg, resp)
+}
+
+/// As in the older proxy: `ADMIN_WHITELIST` set but empty allows nobody (unset allows all).
+#[test]
+fn an_explicitly_empty_allow_list_refuses_everyone() {
+    let (_origin, tg, resp) = list_users_with_allow_list("");
     assert_eq!(resp.status(), 403);
     assert!(
         tg.log().contains("no admin requests will be allowed"),
@@ -389,14 +395,7 @@ fn an_explicitly_empty_allow_list_refuses_everyone() {
 
 #[test]
 fn allow_list_refuses_other_addresses() {
-    let origin = Origin::start();
-    let tg = TollgateBuilder::new(origin.addr)
-        .env("ADMIN_WHITELIST", "10.0.0.0/8")
-        .start();
-    let resp = tg
-        .admin_request(Method::GET, "/admin/users")
-        .send()
-        .unwrap();
+    let (_origin, tg, resp) = list_users_with_allow_list("10.0.0.0/8");
     assert_eq!(resp.status(), 403);
     assert_eq!(
         resp.json::<Value>().unwrap()["error"]["message"],
