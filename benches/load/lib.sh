@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # sourced: sets variables its callers read (TOKEN, *_PID)
-# Shared by benches/load/run.sh (the side-by-side benchmark) and scripts/build-release.sh (the
-# profile-guided build, whose training run is a short load run): the nginx origin, tollgate
-# instances and the user import, all on loopback. Source it after setting WORK (a scratch
+# Shared by benches/load/run.sh (the side-by-side benchmark), benches/load/ab.sh (binaries
+# against each other) and scripts/build-release.sh (the profile-guided build, whose training run
+# is a short load run): the nginx origin and reverse proxy, tollgate instances, the user import
+# and CPU accounting, all on loopback. Source it after setting WORK (a scratch
 # directory), ORIGIN_PORT, WORKERS and ADMIN_KEY; set NGINX before starting nginx. Started
 # processes are recorded in PIDS and stopped by load_cleanup.
 
@@ -98,6 +99,38 @@ start_nginx() { # name (of $WORK/<name>.conf); sets <NAME>_PID
   eval "${1^^}_PID=$!"
 }
 
+# The proxy gets what an operator would give it: upstream keep-alive (HTTP/1.1, no
+# Connection header), X-Forwarded-For set as tollgate sets it, buffers large enough that a
+# 64 KiB response never goes to a temporary file, and as many workers as tollgate has threads.
+write_proxy_conf() { # port
+  {
+    echo "worker_processes $WORKERS;"
+    nginx_common proxy
+    echo "http {"
+    http_common
+    cat <<EOF
+  upstream origin {
+    server 127.0.0.1:$ORIGIN_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+  }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffer_size 8k;
+      proxy_buffers 16 8k;
+    }
+  }
+}
+EOF
+  } >"$WORK/proxy.conf"
+}
+
 tollgate_conf() { # name port admin_port mode requests_per_minute
   cat <<EOF
 listen: ["127.0.0.1:$2"]
@@ -149,3 +182,14 @@ import_users() { # count admin_port
   # The client's token: one from the middle of the import.
   TOKEN=$(grep -o '"token":"[^"]*"' "$WORK/users.json" | sed -n "$(($1 / 2 + 1))p" | cut -d'"' -f4)
 }
+
+# CPU ticks (user+system) of a process and its children processes (nginx workers).
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$1" $(cat "/proc/$1/task/"*/children 2>/dev/null); do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))

@@ -76,35 +76,7 @@ port_free_or_die "$ORIGIN_PORT" "$NGINX_PORT" "$PASS_PORT" "$PASS_ADMIN" "$USER_
 # ---------------------------------------------------------------- nginx: origin and proxy
 
 write_origin_conf "$ORIGIN_TCP_NOPUSH"
-# The proxy gets what an operator would give it: upstream keep-alive (HTTP/1.1, no
-# Connection header), X-Forwarded-For set as tollgate sets it, buffers large enough that a
-# 64 KiB response never goes to a temporary file, and as many workers as tollgate has threads.
-{
-  echo "worker_processes $WORKERS;"
-  nginx_common proxy
-  echo "http {"
-  http_common
-  cat <<EOF
-  upstream origin {
-    server 127.0.0.1:$ORIGIN_PORT;
-    keepalive 128;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_buffer_size 8k;
-      proxy_buffers 16 8k;
-    }
-  }
-}
-EOF
-} >"$WORK/proxy.conf"
+write_proxy_conf "$NGINX_PORT"
 
 # ---------------------------------------------------------------- tollgate: two instances
 
@@ -144,16 +116,6 @@ pid_of() { # the process that does the case's proxying (nginx: its master; worke
     tg-pass) echo "$PASS_PID" ;; tg-user) echo "$USER_PID" ;;
   esac
 }
-# CPU ticks (user+system) of a process and its children processes (nginx workers).
-cpu_ticks() {
-  local total=0 pid
-  for pid in "$1" $(cat "/proc/$1/task/"*/children 2>/dev/null); do
-    [ -r "/proc/$pid/stat" ] || continue
-    total=$((total + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat")))
-  done
-  echo "$total"
-}
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 CASES=(direct nginx tg-pass tg-user)
 for body in $BODIES; do

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Two or more tollgate binaries against each other, alternating in the same minutes: how every
+# change in docs/performance.md ("What was changed") was measured.
+#
+#   benches/load/ab.sh before=/path/to/tollgate after=target/pgo/release/tollgate
+#
+# Each NAME=BINARY runs as its own instance (same configuration, WORKERS threads) in front of
+# one nginx origin; with NGINX=1 (default) nginx as a reverse proxy runs alongside as a
+# reference. Each round drives every instance once with wrk for DURATION seconds, the order
+# rotated each round, and records requests/s, p99 and the instance's CPU time per request
+# (user + system, from /proc). The report gives the medians, then each instance's ratios to the
+# first one taken within each round (median, lowest–highest): on a shared machine a difference
+# counts only when the paired ratios stay on one side of 1 across rounds.
+#
+# Tunables (environment): ROUNDS (10), DURATION seconds (4), WARMUP seconds (1), BODY (small;
+# or 64k), MODE (none: pass-through; user_token: USERS users imported, rate limiting on but never
+# triggered), USERS (100000), CONNECTIONS (32), WRK_THREADS (1), WORKERS (1), NGINX (1),
+# PORT_BASE (19280). Loopback only; bounded by ROUNDS x instances x DURATION.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+usage() {
+  echo "usage: $0 NAME=BINARY [NAME=BINARY ...]   (see the header of $0)" >&2
+  exit 2
+}
+[ $# -ge 1 ] || usage
+
+ROUNDS=${ROUNDS:-10}
+DURATION=${DURATION:-4}
+WARMUP=${WARMUP:-1}
+BODY=${BODY:-small}
+MODE=${MODE:-none}
+USERS=${USERS:-100000}
+CONNECTIONS=${CONNECTIONS:-32}
+WRK_THREADS=${WRK_THREADS:-1}
+WORKERS=${WORKERS:-1}
+NGINX_REF=${NGINX:-1}
+PORT_BASE=${PORT_BASE:-19280}
+ADMIN_KEY=bench-admin-key-0123456789
+LOG_TAG=ab
+
+case $BODY in small | 64k) ;; *) echo "BODY must be small or 64k" >&2 && exit 2 ;; esac
+case $MODE in none) RPM=0 ;; user_token) RPM=1000000000 ;; *) echo "MODE must be none or user_token" >&2 && exit 2 ;; esac
+
+ORIGIN_PORT=$PORT_BASE
+NGINX_PORT=$((PORT_BASE + 1))
+WORK=$(mktemp -d /tmp/tollgate-ab.XXXXXX)
+chmod 755 "$WORK"
+# shellcheck source=benches/load/lib.sh
+. benches/load/lib.sh
+trap load_cleanup EXIT
+
+NAMES=()
+declare -A BIN PORT PID
+port=$((PORT_BASE + 2))
+for spec in "$@"; do
+  name=${spec%%=*}
+  bin=${spec#*=}
+  [[ $spec == *=* && $name =~ ^[a-z0-9_]+$ ]] || usage
+  if [ -n "${BIN[$name]:-}" ] || [ "$name" = nginx ]; then
+    die "instance name '$name' used twice or reserved"
+  fi
+  [ -x "$bin" ] || die "no executable at $bin (for $name)"
+  NAMES+=("$name")
+  BIN[$name]=$bin
+  PORT[$name]=$port
+  port=$((port + 2))
+done
+
+scripts/setup.sh wrk nginx-light curl
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || die "nginx not found after setup"
+mapfile -t ports < <(seq "$PORT_BASE" $((port - 1)))
+port_free_or_die "${ports[@]}"
+
+write_origin_conf off
+start_nginx origin
+wait_port "$ORIGIN_PORT"
+if [ "$NGINX_REF" = 1 ]; then
+  write_proxy_conf "$NGINX_PORT"
+  start_nginx proxy
+  wait_port "$NGINX_PORT"
+  PORT[nginx]=$NGINX_PORT
+  PID[nginx]=$PROXY_PID
+fi
+for name in "${NAMES[@]}"; do
+  tollgate_conf "tg_$name" "${PORT[$name]}" $((PORT[$name] + 1)) "$MODE" "$RPM" >"$WORK/tg_$name.yaml"
+  start_tollgate "${BIN[$name]}" "tg_$name"
+  pid_var=TG_${name^^}_PID
+  PID[$name]=${!pid_var}
+  wait_port "${PORT[$name]}"
+  wait_port $((PORT[$name] + 1))
+done
+CASES=("${NAMES[@]}")
+[ "$NGINX_REF" = 1 ] && CASES+=(nginx)
+
+TOKEN=none
+if [ "$MODE" = user_token ]; then
+  log "importing $USERS users into each instance"
+  for name in "${NAMES[@]}"; do import_users "$USERS" $((PORT[$name] + 1)); done
+fi
+for c in "${CASES[@]}"; do
+  out=$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" \
+    "http://127.0.0.1:${PORT[$c]}/$BODY")
+  [ "$out" = 200 ] || die "$c answered $out to /$BODY"
+done
+
+run_wrk() { # case seconds -> "rps p99_us cpu_us_per_request"
+  local before after out
+  before=$(cpu_ticks "${PID[$1]}")
+  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${2}s" --latency \
+    -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:${PORT[$1]}/$BODY")
+  after=$(cpu_ticks "${PID[$1]}")
+  if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
+    grep 'Non-2xx\|Socket errors' <<<"$out" >&2
+    die "$1 is not answering cleanly"
+  fi
+  awk -v cpu=$(((after - before) * TICK_US)) '
+    function us(v) {
+      if (v ~ /us$/) return v + 0
+      if (v ~ /ms$/) return v * 1000
+      if (v ~ /s$/) return v * 1000000
+      return v
+    }
+    /requests in/ { n = $1 }
+    /Requests\/sec:/ { rps = $2 }
+    $1 == "99%" { p99 = us($2) }
+    END { printf "%.0f %.0f %.2f\n", rps, p99, (n ? cpu / n : 0) }' <<<"$out"
+}
+
+log "warm-up (${WARMUP}s each)"
+for c in "${CASES[@]}"; do run_wrk "$c" "$WARMUP" >/dev/null; done
+
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+log "measuring: $ROUNDS rounds x ${#CASES[@]} instances x ${DURATION}s, /$BODY, mode $MODE"
+for round in $(seq "$ROUNDS"); do
+  for i in "${!CASES[@]}"; do
+    c=${CASES[$(((i + round - 1) % ${#CASES[@]}))]}
+    r=$(run_wrk "$c" "$DURATION")
+    printf '%s\t%s\t%s\n' "$c" "$round" "$r" | tr ' ' '\t' >>"$RESULTS"
+    log "round $round $c: $r"
+  done
+done
+
+median() { sort -n | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { awk -F'\t' -v c="$1" -v k="$2" '$1 == c { print $k }' "$RESULTS" | median; }
+paired() { # case base column -> "median (min–max)"
+  awk -F'\t' -v x="$1" -v y="$2" -v k="$3" '
+    $1 == x { a[$2] = $k } $1 == y { b[$2] = $k }
+    END { for (r in a) if (b[r] > 0) printf "%.4f\n", a[r] / b[r] }' "$RESULTS" |
+    sort -n | awk '{v[NR] = $1} END {
+      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+      printf "%.3f (%.2f–%.2f)", m, v[1], v[NR] }'
+}
+
+BASE=${NAMES[0]}
+echo
+echo "A/B, $(date -u +%Y-%m-%dT%H:%MZ): /$BODY, mode $MODE, wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s, $WORKERS worker(s) each; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| instance | req/s | p99 | CPU per request | req/s vs $BASE, paired | CPU per request vs $BASE, paired |"
+echo "|---|---:|---:|---:|---|---|"
+for c in "${CASES[@]}"; do
+  if [ "$c" = "$BASE" ]; then
+    vs="–"
+    cvs="–"
+  else
+    vs=$(paired "$c" "$BASE" 3)
+    cvs=$(paired "$c" "$BASE" 5)
+  fi
+  printf '| %s | %.0f | %.0f µs | %.1f µs | %s | %s |\n' "$c" "$(col "$c" 3)" "$(col "$c" 4)" "$(col "$c" 5)" "$vs" "$cvs"
+done
