@@ -105,27 +105,8 @@ for c in "${CASES[@]}"; do
   [ "$out" = 200 ] || die "$c answered $out to /$BODY"
 done
 
-run_wrk() { # case seconds -> "rps p99_us cpu_us_per_request"
-  local before after out
-  before=$(cpu_ticks "${PID[$1]}")
-  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${2}s" --latency \
-    -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:${PORT[$1]}/$BODY")
-  after=$(cpu_ticks "${PID[$1]}")
-  if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
-    grep 'Non-2xx\|Socket errors' <<<"$out" >&2
-    die "$1 is not answering cleanly"
-  fi
-  awk -v cpu=$(((after - before) * TICK_US)) '
-    function us(v) {
-      if (v ~ /us$/) return v + 0
-      if (v ~ /ms$/) return v * 1000
-      if (v ~ /s$/) return v * 1000000
-      return v
-    }
-    /requests in/ { n = $1 }
-    /Requests\/sec:/ { rps = $2 }
-    $1 == "99%" { p99 = us($2) }
-    END { printf "%.0f %.0f %.2f\n", rps, p99, (n ? cpu / n : 0) }' <<<"$out"
+run_wrk() { # case seconds -> the fields of wrk_case
+  wrk_case "${PID[$1]}" "http://127.0.0.1:${PORT[$1]}/$BODY" "$2" || die "$1 is not answering cleanly"
 }
 
 log "warm-up (${WARMUP}s each)"
@@ -138,21 +119,10 @@ for round in $(seq "$ROUNDS"); do
   for i in "${!CASES[@]}"; do
     c=${CASES[$(((i + round - 1) % ${#CASES[@]}))]}
     r=$(run_wrk "$c" "$DURATION")
-    printf '%s\t%s\t%s\n' "$c" "$round" "$r" | tr ' ' '\t' >>"$RESULTS"
+    record "$BODY" "$c" "$round" "$r"
     log "round $round $c: $r"
   done
 done
-
-median() { sort -n | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-col() { awk -F'\t' -v c="$1" -v k="$2" '$1 == c { print $k }' "$RESULTS" | median; }
-paired() { # case base column -> "median (min–max)"
-  awk -F'\t' -v x="$1" -v y="$2" -v k="$3" '
-    $1 == x { a[$2] = $k } $1 == y { b[$2] = $k }
-    END { for (r in a) if (b[r] > 0) printf "%.4f\n", a[r] / b[r] }' "$RESULTS" |
-    sort -n | awk '{v[NR] = $1} END {
-      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-      printf "%.3f (%.2f–%.2f)", m, v[1], v[NR] }'
-}
 
 BASE=${NAMES[0]}
 echo
@@ -165,8 +135,9 @@ for c in "${CASES[@]}"; do
     vs="–"
     cvs="–"
   else
-    vs=$(paired "$c" "$BASE" 3)
-    cvs=$(paired "$c" "$BASE" 5)
+    vs=$(paired "$BODY" "$c" "$BASE" 4 3)
+    cvs=$(paired "$BODY" "$c" "$BASE" 7 3)
   fi
-  printf '| %s | %.0f | %.0f µs | %.1f µs | %s | %s |\n' "$c" "$(col "$c" 3)" "$(col "$c" 4)" "$(col "$c" 5)" "$vs" "$cvs"
+  printf '| %s | %.0f | %s | %.1f µs | %s | %s |\n' "$c" "$(col "$BODY" "$c" 4)" \
+    "$(fmt_us "$(col "$BODY" "$c" 6)")" "$(col "$BODY" "$c" 7)" "$vs" "$cvs"
 done

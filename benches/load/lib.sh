@@ -6,6 +6,7 @@
 # directory), ORIGIN_PORT, WORKERS and ADMIN_KEY; set NGINX before starting nginx. Started
 # processes are recorded in PIDS and stopped by load_cleanup.
 
+LOAD_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PIDS=()
 log() { printf '%s %s: %s\n' "$(date +%H:%M:%S)" "${LOG_TAG:-load}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -193,3 +194,56 @@ cpu_ticks() {
   echo "$total"
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# One case driven by wrk (WRK_THREADS threads, CONNECTIONS connections, TOKEN as the Bearer
+# token) for the given seconds; prints "rps p50_us p99_us cpu_us_per_request
+# origin_cpu_us_per_request p999_us over_10ms_pct", the CPU times being those of the given
+# process (and its children) and of ORIGIN_PID. Fails, showing wrk's complaint, if any response
+# was not a 2xx or any socket failed.
+wrk_case() { # pid url seconds
+  local out before after obefore oafter
+  before=$(cpu_ticks "$1")
+  obefore=$(cpu_ticks "$ORIGIN_PID")
+  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${3}s" --latency -s "$LOAD_LIB_DIR/tail.lua" \
+    -H "Authorization: Bearer $TOKEN" "$2")
+  after=$(cpu_ticks "$1")
+  oafter=$(cpu_ticks "$ORIGIN_PID")
+  if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
+    log "$2: wrk reported errors:"
+    grep 'Non-2xx\|Socket errors' <<<"$out" >&2
+    return 1
+  fi
+  awk -v cpu=$(((after - before) * TICK_US)) -v ocpu=$(((oafter - obefore) * TICK_US)) '
+    function us(v) {
+      if (v ~ /us$/) return v + 0
+      if (v ~ /ms$/) return v * 1000
+      if (v ~ /s$/) return v * 1000000
+      return v
+    }
+    /requests in/ { n = $1 }
+    /Requests\/sec:/ { rps = $2 }
+    $1 == "50%" { p50 = us($2) }
+    $1 == "99%" { p99 = us($2) }
+    $1 == "TAIL" { p999 = $3; slow = $5 }
+    END { printf "%.0f %.0f %.0f %.2f %.2f %.0f %.3f\n", rps, p50, p99, (n ? cpu / n : 0), (n ? ocpu / n : 0), p999, slow }
+  ' <<<"$out"
+}
+
+# Results: RESULTS is a TSV file of "body case round" and wrk_case's seven fields (columns 4-10).
+record() { # body case round fields
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" | tr ' ' '\t' >>"$RESULTS"
+}
+median() { sort -n | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { awk -F'\t' -v b="$1" -v c="$2" -v k="$3" '$1 == b && $2 == c { print $k }' "$RESULTS" | median; }
+fmt_us() { awk -v v="$1" 'BEGIN { if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+# Ratio a/b within each round (the two cases ran minutes apart at most, so slow drifts of a
+# shared machine cancel), then the median and range over rounds.
+paired() { # body case_a case_b column decimals -> "median (min–max)"
+  awk -F'\t' -v b="$1" -v x="$2" -v y="$3" -v k="$4" '
+    $1 == b && $2 == x { a[$3] = $k } $1 == b && $2 == y { d[$3] = $k }
+    END { for (r in a) if (d[r] > 0) printf "%.4f\n", a[r] / d[r] }' "$RESULTS" |
+    sort -n | awk -v f="%.$5f (%.2f–%.2f)" '{v[NR] = $1} END {
+      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+      printf f, m, v[1], v[NR] }'
+}

@@ -42,7 +42,6 @@ USERS=${USERS:-100000}
 BODIES=${BODIES:-"small 64k"}
 PORT_BASE=${PORT_BASE:-19080}
 ORIGIN_TCP_NOPUSH=${ORIGIN_TCP_NOPUSH:-off}
-TAIL_LUA=$PWD/benches/load/tail.lua
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=${OUT:-$TARGET_DIR/bench/load.md}
 ADMIN_KEY=bench-admin-key-0123456789
@@ -128,34 +127,8 @@ for body in $BODIES; do
   done
 done
 
-run_wrk() { # case body seconds -> "rps p50_us p99_us cpu_us_per_req origin_cpu_us_per_req p999_us over10ms_pct"
-  local c=$1 body=$2 secs=$3 pid out before after obefore oafter
-  pid=$(pid_of "$c")
-  before=$(cpu_ticks "$pid")
-  obefore=$(cpu_ticks "$ORIGIN_PID")
-  out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency -s "$TAIL_LUA" \
-    -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$(port_of "$c")/$body")
-  after=$(cpu_ticks "$pid")
-  oafter=$(cpu_ticks "$ORIGIN_PID")
-  if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
-    log "$c /$body: wrk reported errors:"
-    grep 'Non-2xx\|Socket errors' <<<"$out" >&2
-    die "$c /$body is not answering cleanly"
-  fi
-  awk -v cpu=$(((after - before) * TICK_US)) -v ocpu=$(((oafter - obefore) * TICK_US)) '
-    function us(v) {
-      if (v ~ /us$/) return v + 0
-      if (v ~ /ms$/) return v * 1000
-      if (v ~ /s$/) return v * 1000000
-      return v
-    }
-    /requests in/ { n = $1 }
-    /Requests\/sec:/ { rps = $2 }
-    $1 == "50%" { p50 = us($2) }
-    $1 == "99%" { p99 = us($2) }
-    $1 == "TAIL" { p999 = $3; slow = $5 }
-    END { printf "%.0f %.0f %.0f %.2f %.2f %.0f %.3f\n", rps, p50, p99, (n ? cpu / n : 0), (n ? ocpu / n : 0), p999, slow }
-  ' <<<"$out"
+run_wrk() { # case body seconds -> the fields of wrk_case
+  wrk_case "$(pid_of "$1")" "http://127.0.0.1:$(port_of "$1")/$2" "$3" || die "$1 /$2 is not answering cleanly"
 }
 
 log "warm-up (${WARMUP}s per case)"
@@ -172,7 +145,7 @@ for round in $(seq "$ROUNDS"); do
     for i in "${!CASES[@]}"; do
       c=${CASES[$(((i + round - 1) % ${#CASES[@]}))]}
       r=$(run_wrk "$c" "$body" "$DURATION")
-      printf '%s\t%s\t%s\t%s\n' "$body" "$c" "$round" "$r" | tr ' ' '\t' >>"$RESULTS"
+      record "$body" "$c" "$round" "$r"
       log "round $round /$body $c: $r"
     done
   done
@@ -180,20 +153,6 @@ done
 
 # ---------------------------------------------------------------- report
 
-median() { sort -n | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-col() { awk -F'\t' -v b="$1" -v c="$2" -v k="$3" '$1 == b && $2 == c { print $k }' "$RESULTS" | median; }
-fmt_us() { awk -v v="$1" 'BEGIN { if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
-# Ratio a/b within each round (the two cases ran minutes apart at most, so slow drifts of a
-# shared machine cancel), then the median and range over rounds.
-paired() { # body case_a case_b column -> "median (min-max)"
-  awk -F'\t' -v b="$1" -v x="$2" -v y="$3" -v k="$4" '
-    $1 == b && $2 == x { a[$3] = $k } $1 == b && $2 == y { d[$3] = $k }
-    END { for (r in a) if (d[r] > 0) printf "%.4f\n", a[r] / d[r] }' "$RESULTS" |
-    sort -n | awk '{v[NR] = $1} END {
-      m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-      printf "%.2f (%.2f–%.2f)", m, v[1], v[NR] }'
-}
 verdict() { awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == ">=" ? v >= t : v <= t); print (ok ? "met" : "NOT met") }'; }
 
 mkdir -p "$(dirname "$OUT")"
@@ -230,7 +189,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "| body | tg-user / tg-pass req/s | tg-pass / nginx req/s | tg-pass / nginx p99 |"
   echo "|---|---|---|---|"
   for body in $BODIES; do
-    echo "| $body | $(paired "$body" tg-user tg-pass 4) | $(paired "$body" tg-pass nginx 4) | $(paired "$body" tg-pass nginx 6) |"
+    echo "| $body | $(paired "$body" tg-user tg-pass 4 2) | $(paired "$body" tg-pass nginx 4 2) | $(paired "$body" tg-pass nginx 6 2) |"
   done
 } >"$OUT"
 cp "$RESULTS" "${OUT%.md}.tsv"
