@@ -159,9 +159,19 @@ impl SyncEngine {
         self
     }
 
-    /// Writes everything queued so far. `Err` after the first failed write (its batch is kept).
+    /// Writes what was queued when it was called, in batches; changes queued meanwhile wait
+    /// for the next flush, so steady traffic cannot keep one flush writing back to back.
+    /// `Err` after the first failed write (its batch is kept).
     pub async fn flush(&self) -> Result<(), StoreError> {
+        self.write_queued(false).await
+    }
+
+    /// `until_empty`: also write what is queued while writing (the last flush at shutdown).
+    async fn write_queued(&self, until_empty: bool) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
+        // A batch kept from a failed attempt was taken before this call: whatever was queued
+        // since it was taken is part of this flush's work too.
+        let mut retrying = state.in_flight.is_some();
         loop {
             if state.in_flight.is_none() {
                 let taken = self.cache.take_changes(self.batch_users);
@@ -203,6 +213,11 @@ impl SyncEngine {
                     if let Some(ticket) = batch.covers {
                         self.status.confirm(ticket);
                     }
+                    // `covers` is set when the batch emptied the queue it was taken from.
+                    if batch.covers.is_some() && !retrying && !until_empty {
+                        return Ok(());
+                    }
+                    retrying = false;
                 }
                 Err(e) => {
                     state.failures_in_a_row += 1;
@@ -232,7 +247,7 @@ impl SyncEngine {
             // One attempt may not outlast the deadline (a store request can take 30 s); a
             // write cut off here stays in flight and is resolved by the next attempt.
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = match tokio::time::timeout(left, self.flush()).await {
+            let attempt = match tokio::time::timeout(left, self.write_queued(true)).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::Unavailable(
                     "the shutdown deadline passed during a write".into(),

@@ -128,6 +128,87 @@ async fn large_queues_go_out_in_several_batches() {
     assert_eq!(sizes, vec![10, 10, 5]);
 }
 
+/// A backend whose writes take a while, during which traffic counts a request for user "a"
+/// (for the first `counting` writes).
+struct Busy {
+    cache: Arc<UserCache>,
+    counting: AtomicUsize,
+    deltas: Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl StoreBackend for Busy {
+    fn name(&self) -> &'static str {
+        "busy"
+    }
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if self
+            .counting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.cache.count_request(&self.cache.get("a").unwrap(), 5);
+        }
+        let delta = batch
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert(u) => u.prompt_delta,
+                Change::Delete { .. } => 0,
+            })
+            .sum();
+        self.deltas.lock().push(delta);
+        Ok(ApplyReport::default())
+    }
+}
+
+fn busy_engine(counting: usize) -> (SyncEngine, Arc<Busy>, Arc<UserCache>) {
+    let cache = Arc::new(UserCache::default());
+    cache.load([User::new("a".into(), UserType::Normal, 1)]);
+    let backend = Arc::new(Busy {
+        cache: Arc::clone(&cache),
+        counting: AtomicUsize::new(counting),
+        deltas: Mutex::new(Vec::new()),
+    });
+    let status = StoreStatus::new("busy", Arc::clone(&cache));
+    let engine = SyncEngine::new(
+        Arc::clone(&backend) as Arc<dyn StoreBackend>,
+        status,
+        Duration::from_secs(3600),
+        Duration::from_secs(5),
+    );
+    (engine, backend, cache)
+}
+
+#[tokio::test]
+async fn a_flush_writes_what_was_queued_not_what_traffic_adds_meanwhile() {
+    // Every write sees a new request counted: chasing them, one flush would never end and the
+    // store would be written back to back instead of once per interval.
+    let (engine, backend, cache) = busy_engine(usize::MAX);
+    cache.count_request(&cache.get("a").unwrap(), 1);
+    tokio::time::timeout(Duration::from_secs(5), engine.flush())
+        .await
+        .expect("the flush ends")
+        .unwrap();
+    assert_eq!(*backend.deltas.lock(), vec![1]);
+    assert_eq!(cache.queued_len(), 1, "the request counted meanwhile waits");
+    engine.flush().await.unwrap();
+    assert_eq!(*backend.deltas.lock(), vec![1, 1], "and goes with the next flush");
+}
+
+#[tokio::test]
+async fn the_last_flush_also_writes_what_arrives_while_it_writes() {
+    let (engine, backend, cache) = busy_engine(1);
+    cache.count_request(&cache.get("a").unwrap(), 1);
+    engine.final_flush().await;
+    assert_eq!(*backend.deltas.lock(), vec![1, 1]);
+    assert_eq!(cache.queued_len(), 0);
+}
+
 #[test]
 fn backoff_grows_and_caps() {
     assert_eq!(backoff_for(0), Duration::ZERO);
