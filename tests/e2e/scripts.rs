@@ -180,9 +180,13 @@ fn ab_harness_compares_instances_with_paired_ratios() {
     assert!(out.status.success(), "ab.sh failed: {stderr}");
     let table = String::from_utf8_lossy(&out.stdout);
     let row = |name: &str| -> Vec<String> {
-        let line = table.lines().find(|l| l.starts_with(&format!("| {name} | ")));
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} | ")));
         let line = line.unwrap_or_else(|| panic!("no row for {name} in:\n{table}"));
-        line.split('|').map(|cell| cell.trim().to_string()).collect()
+        line.split('|')
+            .map(|cell| cell.trim().to_string())
+            .collect()
     };
     for name in ["first", "second", "nginx"] {
         let rps: f64 = row(name)[2].parse().unwrap();

@@ -197,7 +197,11 @@ async fn a_flush_writes_what_was_queued_not_what_traffic_adds_meanwhile() {
     assert_eq!(*backend.deltas.lock(), vec![1]);
     assert_eq!(cache.queued_len(), 1, "the request counted meanwhile waits");
     engine.flush().await.unwrap();
-    assert_eq!(*backend.deltas.lock(), vec![1, 1], "and goes with the next flush");
+    assert_eq!(
+        *backend.deltas.lock(),
+        vec![1, 1],
+        "and goes with the next flush"
+    );
 }
 
 #[tokio::test]

@@ -129,7 +129,14 @@ impl Follower {
         };
         if !response.status().is_success() {
             let status = response.status();
-            let body = response.bytes().await.unwrap_or_default();
+            // The body only explains the status: one that stalls (a proxy in between) must not
+            // keep the stream from reconnecting.
+            let body = tokio::select! {
+                b = tokio::time::timeout(self.keepalive, response.bytes()) => {
+                    b.ok().and_then(Result::ok).unwrap_or_default()
+                }
+                _ = shutdown.changed() => return End::Shutdown,
+            };
             return End::Failed(super::client::status_error(status, body, None).to_string());
         }
         let mut parser = SseParser::new();
@@ -289,4 +296,58 @@ fn backoff(failures: u32) -> Duration {
         .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
         .min(BACKOFF_CAP);
     base.mul_f64(0.75 + 0.5 * super::jitter())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use reqwest::Url;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::super::auth::TokenSource;
+    use super::super::client::Target;
+    use super::*;
+
+    /// A server that answers every request with a 502 whose body never comes; counts requests.
+    async fn stalling_server() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 100\r\n\r\n{\"error\":";
+                let _ = socket.write_all(head).await;
+                held.push(socket);
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_whose_body_stalls_does_not_stop_reconnects() {
+        let (port, accepted) = stalling_server().await;
+        let target = Arc::new(Target {
+            base: Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap(),
+            ns: None,
+            local: true,
+        });
+        let cache = Arc::new(UserCache::default());
+        let follower = Follower {
+            rtdb: Rtdb::new(target, Arc::new(TokenSource::Emulator)).unwrap(),
+            users_path: "users".into(),
+            keepalive: Duration::from_millis(300),
+            status: StoreStatus::new("firebase_rtdb", Arc::clone(&cache)),
+            cache,
+        };
+        let (_shutdown, watch) = tokio::sync::watch::channel(false);
+        let _ = tokio::time::timeout(Duration::from_secs(3), follower.run(watch)).await;
+        let attempts = accepted.load(Ordering::SeqCst);
+        assert!(attempts >= 2, "{attempts} stream request(s) in 3 s");
+    }
 }
