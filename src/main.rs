@@ -155,6 +155,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     let purge = TemporaryUserPurge::new(
         Arc::clone(&cache),
         Arc::clone(&backend),
+        Arc::clone(&status),
         config.store.firebase.temporary_user_purge,
         std::time::Duration::from_secs(60),
     );

@@ -96,6 +96,12 @@ impl StoreStatus {
         self.ready.load(Ordering::Acquire) && self.stream_connected.load(Ordering::Acquire)
     }
 
+    /// False while a change stream is down or has not delivered its snapshot since it
+    /// reconnected: changes made elsewhere may be missing from the cache.
+    pub fn cache_is_current(&self) -> bool {
+        self.stream_connected.load(Ordering::Acquire)
+    }
+
     pub fn set_stream_connected(&self, connected: bool) {
         self.stream_connected.store(connected, Ordering::Release);
     }

@@ -11,7 +11,7 @@ use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use super::StoreBackend;
+use super::{StoreBackend, StoreStatus};
 use crate::clock::now_ms;
 use crate::users::{UserCache, UserRecord, UserType};
 
@@ -20,6 +20,7 @@ const JOB: &str = "purge-temporary-users";
 pub struct TemporaryUserPurge {
     cache: Arc<UserCache>,
     backend: Arc<dyn StoreBackend>,
+    status: Arc<StoreStatus>,
     after: Duration,
     every: Duration,
 }
@@ -28,15 +29,47 @@ impl TemporaryUserPurge {
     pub fn new(
         cache: Arc<UserCache>,
         backend: Arc<dyn StoreBackend>,
+        status: Arc<StoreStatus>,
         after: Duration,
         every: Duration,
     ) -> Self {
         Self {
             cache,
             backend,
+            status,
             after,
             every,
         }
+    }
+
+    /// One round; `None` when this instance may not purge now. While a change stream is down
+    /// the cache may be stale (an admin elsewhere may have re-enabled a user or extended its
+    /// expiry), and a delete from a stale view would remove that user from every instance; the
+    /// lease is then left to an instance whose view is current.
+    async fn round(&self) -> Option<usize> {
+        if !self.status.cache_is_current() {
+            return None;
+        }
+        if !self.backend.lead(JOB, self.every * 2).await {
+            return None;
+        }
+        let now = now_ms();
+        let purged = purge_temporary_users(&self.cache, now, self.after);
+        if purged > 0 {
+            info!(
+                "purged {purged} temporary users unusable for over {} h",
+                self.after.as_secs() / 3600
+            );
+        }
+        match self.backend.housekeeping(now).await {
+            Ok(0) => {}
+            Ok(removed) => info!("{}: removed {removed} stale entries", self.backend.name()),
+            Err(e) => warn!(
+                "{}: housekeeping failed, retried later: {e}",
+                self.backend.name()
+            ),
+        }
+        Some(purged)
     }
 }
 
@@ -98,25 +131,7 @@ impl BackgroundService for TemporaryUserPurge {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
-            if !self.backend.lead(JOB, self.every * 2).await {
-                continue;
-            }
-            let now = now_ms();
-            let purged = purge_temporary_users(&self.cache, now, self.after);
-            if purged > 0 {
-                info!(
-                    "purged {purged} temporary users unusable for over {} h",
-                    self.after.as_secs() / 3600
-                );
-            }
-            match self.backend.housekeeping(now).await {
-                Ok(0) => {}
-                Ok(removed) => info!("{}: removed {removed} stale entries", self.backend.name()),
-                Err(e) => warn!(
-                    "{}: housekeeping failed, retried later: {e}",
-                    self.backend.name()
-                ),
-            }
+            self.round().await;
         }
     }
 }
@@ -188,5 +203,27 @@ mod tests {
         assert_eq!(remove_still_purgeable(&cache, &doomed, 50 * hour, after), 1);
         assert!(cache.get("disabled").is_some() && cache.get("expired").is_some());
         assert!(cache.get("untouched").is_none());
+    }
+
+    #[tokio::test]
+    async fn nothing_is_purged_while_the_cache_may_be_stale() {
+        let cache = Arc::new(UserCache::default());
+        let mut expired = User::new("expired".into(), UserType::Temporary, 0);
+        expired.expires_at = Some(0);
+        cache.load([expired]);
+        let status = StoreStatus::new("memory", Arc::clone(&cache));
+        let purge = TemporaryUserPurge::new(
+            Arc::clone(&cache),
+            Arc::new(crate::store::memory::MemoryStore),
+            Arc::clone(&status),
+            Duration::from_secs(3600),
+            Duration::from_secs(60),
+        );
+        status.set_stream_connected(false);
+        assert_eq!(purge.round().await, None);
+        assert!(cache.get("expired").is_some());
+        status.set_stream_connected(true);
+        assert_eq!(purge.round().await, Some(1));
+        assert!(cache.get("expired").is_none());
     }
 }
