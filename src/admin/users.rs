@@ -160,6 +160,8 @@ impl UsersApi {
                 .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
             user.token_limits = limits;
         }
+        user.validate("")
+            .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
         let ticket = self
             .cache
             .create(&user)

@@ -40,6 +40,10 @@ pub struct JsNumber(pub f64);
 /// Integers beyond 2^53 are not exact in JavaScript either.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
+/// `adminNote` and `disabledReason`: far above any note, far below what a store refuses
+/// (Firebase: 10 MB per string), so a write the API accepted is never dropped by the store.
+pub const MAX_NOTE_BYTES: usize = 1 << 20;
+
 impl Serialize for JsNumber {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let v = self.0;
@@ -134,6 +138,34 @@ impl User {
         validate_ips(&self.ip, at)?;
         if let Some(nick) = &self.nickname {
             validate_nickname(nick).map_err(|p| FieldError::new(at, "nickname", p))?;
+        }
+        for (name, value) in [
+            ("promptCount", Some(self.prompt_count)),
+            ("createdAt", Some(self.created_at)),
+            ("lastUsedAt", self.last_used_at),
+            ("disabledAt", self.disabled_at),
+            ("expiresAt", self.expires_at),
+        ] {
+            if value.is_some_and(|v| v > MAX_SAFE_INTEGER as u64) {
+                return Err(FieldError::new(
+                    at,
+                    name,
+                    "is larger than 9007199254740991 (2^53 - 1), the largest integer JavaScript \
+                     and the stores keep exactly",
+                ));
+            }
+        }
+        for (name, text) in [
+            ("adminNote", &self.admin_note),
+            ("disabledReason", &self.disabled_reason),
+        ] {
+            if text.as_ref().is_some_and(|t| t.len() > MAX_NOTE_BYTES) {
+                return Err(FieldError::new(
+                    at,
+                    name,
+                    format!("is longer than {MAX_NOTE_BYTES} bytes"),
+                ));
+            }
         }
         for (name, map) in [
             ("tokenCounts", &self.token_counts),
@@ -423,6 +455,23 @@ mod tests {
         assert_eq!(holes.user.ip, vec!["3.3.3.3"]);
         assert!(User::from_stored("t", serde_json::json!(5)).is_err());
         assert!(User::from_stored("t", serde_json::json!({"promptCount": "x"})).is_err());
+    }
+
+    #[test]
+    fn counts_and_times_stay_within_2_pow_53_and_notes_within_a_mebibyte() {
+        let mut user = User::new("t".into(), UserType::Normal, 1);
+        user.prompt_count = 9_007_199_254_740_991;
+        user.expires_at = Some(9_007_199_254_740_991);
+        user.admin_note = Some("n".repeat(MAX_NOTE_BYTES));
+        assert!(user.validate("").is_ok());
+        user.expires_at = Some(9_007_199_254_740_992);
+        assert_eq!(user.validate("").unwrap_err().field, "expiresAt");
+        user.expires_at = None;
+        user.prompt_count = u64::MAX;
+        assert_eq!(user.validate("u").unwrap_err().field, "u.promptCount");
+        user.prompt_count = 0;
+        user.disabled_reason = Some("r".repeat(MAX_NOTE_BYTES + 1));
+        assert_eq!(user.validate("").unwrap_err().field, "disabledReason");
     }
 
     #[test]

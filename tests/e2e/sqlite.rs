@@ -228,6 +228,45 @@ fn admin_writes_are_durable_when_they_answer() {
     assert_eq!(export(&tg)["users"].as_array().unwrap().len(), 51);
 }
 
+/// What the API accepts, the store can write: a count or time beyond 2^53 - 1 (SQLite keeps
+/// up to 2^63 - 1, JavaScript 2^53 exactly) is refused with a 400 naming the field, where it
+/// used to be answered "persisted" and then dropped by the store, taking later edits of the
+/// user with it.
+#[test]
+fn values_the_store_cannot_keep_are_refused_and_the_largest_kept_one_persists() {
+    let origin = Origin::start();
+    let mut tg = sqlite(&origin, 3600).start();
+    let token = tg.create_user(json!({}));
+    for (field, value) in [
+        ("promptCount", json!(9_223_372_036_854_775_808u64)),
+        ("lastUsedAt", json!(9_007_199_254_740_992u64)),
+        ("expiresAt", json!(u64::MAX)),
+        ("adminNote", json!("x".repeat((1 << 20) + 1))),
+    ] {
+        let resp = tg
+            .admin_request(Method::PUT, &format!("/admin/users/{token}"))
+            .json(&json!({ field: value }))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{field}");
+        assert_eq!(resp.json::<Value>().unwrap()["error"]["field"], field);
+    }
+    let resp = tg
+        .admin_request(Method::PUT, &format!("/admin/users/{token}"))
+        .json(&json!({"promptCount": 9_007_199_254_740_991u64}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-persisted"], "true");
+    assert_eq!(
+        stored_prompt_count(&db_path(&tg), &token),
+        Some(9_007_199_254_740_991)
+    );
+    tg.kill();
+    let tg = tg.restart();
+    assert_eq!(tg.user(&token)["promptCount"], 9_007_199_254_740_991u64);
+}
+
 #[test]
 fn kill_9_under_traffic_loses_at_most_one_flush_interval_and_the_file_opens_clean() {
     const INTERVAL: Duration = Duration::from_secs(1);
