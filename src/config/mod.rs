@@ -19,6 +19,9 @@ use crate::secret::Secret;
 
 pub use env::{EnvSource, ProcessEnv};
 
+/// The longest admin lockout: a year is "until someone looks"; more would overflow the clock.
+const MAX_LOCKOUT_SECONDS: u64 = 365 * 24 * 3600;
+
 /// A configuration problem, always naming where (file or environment), which key and what.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{origin}: {key}: {problem}")]
@@ -547,6 +550,12 @@ impl Builder<'_> {
             return Err(self.err(
                 "admin.lockout_seconds",
                 "must be at least 1 (0 would disable the lockout)",
+            ));
+        }
+        if raw.lockout_seconds > MAX_LOCKOUT_SECONDS {
+            return Err(self.err(
+                "admin.lockout_seconds",
+                format!("must be at most {MAX_LOCKOUT_SECONDS} (a year)"),
             ));
         }
         if raw.persist_timeout_ms == 0 {

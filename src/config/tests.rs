@@ -325,6 +325,25 @@ fn zero_lockout_and_persist_timeout_are_refused() {
 }
 
 #[test]
+fn a_lockout_longer_than_a_year_is_refused() {
+    // u64::MAX passed `-t`, then panicked the admin thread at the fifth failure (no lockout).
+    for value in ["31536001", "18446744073709551615"] {
+        let err = load(
+            &format!("{MINIMAL}admin: {{lockout_seconds: {value}}}\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "admin.lockout_seconds");
+        assert!(err.problem.contains("at most 31536000"), "{err}");
+    }
+    assert!(load(
+        &format!("{MINIMAL}admin: {{lockout_seconds: 31536000}}\n"),
+        &[]
+    )
+    .is_ok());
+}
+
+#[test]
 fn explicitly_empty_admin_allow_list_allows_nobody() {
     let unset = load(MINIMAL, &[]).unwrap();
     assert_eq!(unset.admin.allow, None, "absent: any address");
