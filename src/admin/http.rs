@@ -116,18 +116,30 @@ pub fn bytes_response(
         .expect("static header names and checked values")
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes or a client slower than
-/// `timeout` for the whole body.
+/// Reads the whole request body, refusing more than `limit` bytes or a client that sends
+/// nothing for `idle`. The bound is on silence, not on the whole body: a large import over a
+/// slow link keeps arriving and is read to the end.
 pub async fn read_body(
     session: &mut ServerSession,
     limit: usize,
-    timeout: Duration,
+    idle: Duration,
 ) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(
             413,
             "payload_too_large",
             format!("request body over {limit} bytes"),
+        )
+        .closing()
+    };
+    let stalled = || {
+        ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "no part of the request body arrived for {} ms",
+                idle.as_millis()
+            ),
         )
         .closing()
     };
@@ -140,36 +152,31 @@ pub async fn read_body(
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    let read_all = async {
-        // Only now, with the request authorised and its declared size acceptable, is the
-        // client told to send the body; an earlier refusal is the final status instead.
-        if expects_continue(session) {
-            session.write_continue_response().await.map_err(|e| {
+    // Only now, with the request authorised and its declared size acceptable, is the client
+    // told to send the body; an earlier refusal is the final status instead.
+    if expects_continue(session) {
+        tokio::time::timeout(idle, session.write_continue_response())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| {
                 ApiError::bad_request("", format!("could not answer 100 Continue: {e}")).closing()
             })?;
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    loop {
+        let chunk = tokio::time::timeout(idle, session.read_request_body())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| {
+                ApiError::bad_request("", format!("could not read the request body: {e}")).closing()
+            })?;
+        let Some(chunk) = chunk else {
+            return Ok(body.to_vec());
+        };
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
         }
-        let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
-        while let Some(chunk) = session.read_request_body().await.map_err(|e| {
-            ApiError::bad_request("", format!("could not read the request body: {e}")).closing()
-        })? {
-            if body.len() + chunk.len() > limit {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.to_vec())
-    };
-    match tokio::time::timeout(timeout, read_all).await {
-        Ok(result) => result,
-        Err(_) => Err(ApiError::new(
-            408,
-            "request_timeout",
-            format!(
-                "the request body did not arrive within {} ms",
-                timeout.as_millis()
-            ),
-        )
-        .closing()),
+        body.extend_from_slice(&chunk);
     }
 }
 

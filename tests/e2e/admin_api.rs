@@ -1,6 +1,8 @@
 //! The admin REST API: the older proxy's contract (paths, shapes, 200s), strict validation,
 //! authentication and lockout.
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -332,6 +334,53 @@ fn wrong_methods_paths_and_big_bodies() {
         .unwrap();
     assert_eq!(resp.status(), 413);
     assert_eq!(error_type(&resp.json().unwrap()), "payload_too_large");
+}
+
+/// Sends a `PUT /admin/users` import over a raw socket in `pieces`, pausing `gap` between
+/// them; returns the reply's status line.
+fn trickled_import(tg: &Tollgate, pieces: usize, gap: Duration) -> String {
+    use std::io::{Read, Write};
+    let body = json!({"users": [{"token": "slow-user", "nickname": "n"}]}).to_string();
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", tg.admin_port)).unwrap();
+    let head = format!(
+        "PUT /admin/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
+         Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).unwrap();
+    let step = body.len().div_ceil(pieces);
+    for piece in body.as_bytes().chunks(step) {
+        std::thread::sleep(gap);
+        if socket.write_all(piece).is_err() {
+            break; // answered and closed early
+        }
+    }
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = socket.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `body_read_timeout_ms` bounds silence, not the whole body: an import that keeps arriving
+/// over a slow link is read to the end (it took longer than the timeout here), one that
+/// stops is answered 408.
+#[test]
+fn a_slow_body_is_read_while_it_keeps_coming_and_a_stalled_one_gets_408() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .admin_yaml("body_read_timeout_ms: 600")
+        .start();
+    let status = trickled_import(&tg, 6, Duration::from_millis(200));
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(tg.user("slow-user")["nickname"], "n");
+    let status = trickled_import(&tg, 2, Duration::from_millis(1500));
+    assert!(status.contains(" 408 "), "{status}");
 }
 
 #[test]
