@@ -100,6 +100,10 @@ pub struct UserCache {
     structure: Mutex<()>,
     /// Tokens removed locally whose removal the store has not confirmed yet.
     deleting: Mutex<HashSet<Arc<str>>>,
+    /// Users whose store value must be read again: a store change arrived while their write
+    /// was in flight and was kept out ([`UserCache::take_rereads`]).
+    rereads: Mutex<Vec<Arc<str>>>,
+    reread_wanted: tokio::sync::Notify,
 }
 
 impl Default for UserCache {
@@ -116,6 +120,8 @@ impl UserCache {
             tickets: AtomicU64::new(0),
             structure: Mutex::new(()),
             deleting: Mutex::new(HashSet::new()),
+            rereads: Mutex::new(Vec::new()),
+            reread_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -460,16 +466,38 @@ impl UserCache {
     /// The store confirmed `changes`; `fold_counters` is false for stores that echo totals.
     pub fn acknowledge(&self, changes: &[Change], fold_counters: bool) {
         let mut deleting = self.deleting.lock();
+        let mut rereads = Vec::new();
         for change in changes {
             match change {
-                Change::Upsert(c) => c
-                    .record
-                    .acknowledge(c.fields, c.prompt_delta, fold_counters),
+                Change::Upsert(c) => {
+                    if c.record
+                        .acknowledge(c.fields, c.prompt_delta, fold_counters)
+                    {
+                        rereads.push(Arc::clone(c.record.token()));
+                    }
+                }
                 Change::Delete { token } => {
                     deleting.remove(token);
                 }
             }
         }
+        drop(deleting);
+        if !rereads.is_empty() {
+            self.rereads.lock().extend(rereads);
+            self.reread_wanted.notify_one();
+        }
+    }
+
+    /// The users whose store value must be applied again now that their write is confirmed:
+    /// a store change that arrived during the write kept its local values, and may be newer
+    /// than the write. Only stores that deliver changes (Firebase's stream) produce them.
+    pub fn take_rereads(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.rereads.lock())
+    }
+
+    /// Resolves when [`UserCache::take_rereads`] has something.
+    pub async fn reread_wanted(&self) {
+        self.reread_wanted.notified().await
     }
 
     /// Puts changes back after a write that cannot succeed (e.g. a poisoned Firebase key was

@@ -16,6 +16,10 @@ use super::profile::{IpEntry, Profile};
 const QUEUED: u32 = 1 << 31;
 /// Set in `inflight` once the user was removed from the cache.
 const DELETED: u32 = 1 << 31;
+/// Set in `inflight` when a store change arrived while fields were being written and the
+/// local values were kept: the store may hold a newer value than the write, to be read again
+/// once the write is confirmed.
+const STORE_CHANGE_KEPT_OUT: u32 = 1 << 30;
 
 /// What the gatekeeper reads from a user on every request, in one word beside the token:
 /// whether the user is disabled, special, or a temporary user with an expiry (whose profile
@@ -401,7 +405,8 @@ impl UserRecord {
 
     /// The store confirmed a change: counters move from flight into the base (unless the
     /// store echoes its totals back, as Firebase does), and the fields stop being in flight.
-    pub(super) fn acknowledge(&self, fields: Fields, delta: u64, fold_counters: bool) {
+    /// True when a store change was kept out meanwhile: the store's value must be read again.
+    pub(super) fn acknowledge(&self, fields: Fields, delta: u64, fold_counters: bool) -> bool {
         if fold_counters {
             // Only what is still in flight: an absolute `promptCount` set meanwhile dropped it.
             let in_flight = self.prompt_inflight.load(Ordering::Acquire);
@@ -413,8 +418,10 @@ impl UserRecord {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 Some(v.saturating_sub(delta))
             });
-        self.inflight
-            .fetch_and(!(fields.0 & Fields::TRACKED.0), Ordering::AcqRel);
+        let before = self.inflight.fetch_and(
+            !((fields.0 & Fields::TRACKED.0) | STORE_CHANGE_KEPT_OUT),
+            Ordering::AcqRel,
+        );
         // The change carried every address in flight (one batch at a time).
         let mut slot = self.ip_added.lock();
         if let Some(adds) = slot.as_deref_mut() {
@@ -423,6 +430,7 @@ impl UserRecord {
                 *slot = None;
             }
         }
+        before & STORE_CHANGE_KEPT_OUT != 0
     }
 
     /// Fields with local edits the store has not confirmed yet.
@@ -451,6 +459,12 @@ impl UserRecord {
             ))
         });
         self.publish();
+        // A field being written kept its local value; if this change reached the store after
+        // the write, it is the newer one, and is read again when the write is confirmed.
+        if keep.intersects(Fields(self.inflight.load(Ordering::Acquire))) {
+            self.inflight
+                .fetch_or(STORE_CHANGE_KEPT_OUT, Ordering::AcqRel);
+        }
         if !keep.contains(Fields::PROMPT_COUNT) {
             self.prompt_base
                 .store(remote.prompt_count, Ordering::Release);

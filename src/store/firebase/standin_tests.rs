@@ -186,3 +186,77 @@ async fn posted_users_are_written_in_the_batch_patch() {
     assert_eq!(writes, vec!["PATCH"]);
     assert_eq!(db.get("/users/p2/createdAt").unwrap(), 1);
 }
+
+/// An edit made elsewhere (the console re-enables a user) that reaches an instance while its
+/// own write of the same field is on the wire is kept out then, and applied once the write is
+/// confirmed: the instance ends with the database's value, not its own older one.
+#[tokio::test]
+async fn a_store_edit_arriving_during_a_write_of_the_same_field_wins_after_it() {
+    let db = standin();
+    db.set("/users/x", stored_user("x", json!({}))).unwrap();
+    db.set("/users/y", stored_user("y", json!({}))).unwrap();
+    let store = Arc::new(store(&db));
+    let cache = Arc::new(loaded(&store).await);
+    let status = crate::store::StoreStatus::new("firebase_rtdb", Arc::clone(&cache));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let follower = {
+        let (store, cache, status) = (Arc::clone(&store), Arc::clone(&cache), Arc::clone(&status));
+        tokio::spawn(async move { store.follow(cache, status, shutdown).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !status.cache_is_current() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream connects"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // This instance disables x; the batch also merges an address of y, held up on the wire.
+    cache.disable("x", Some("abuse"), 5).unwrap();
+    let y = cache.get("y").unwrap();
+    cache.admit_ip(&y, "9.9.9.9".parse().unwrap(), 0);
+    let batch = take(&cache, 1);
+    db.add_fault(
+        FaultRule::new("PUT", "/users/y/ip.json", FaultAction::Delay { ms: 1500 }).times(1),
+    );
+    let writer = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { (store.apply(&batch).await.map(|_| ()), batch) })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while db.get("/users/x/disabledAt").unwrap() != json!(5) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the disable is written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Now the console re-enables x, after the disable landed: the database's last word.
+    db.update(
+        "/users/x",
+        json!({"disabledAt": null, "disabledReason": null}),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        cache.user("x").unwrap().disabled_at,
+        Some(5),
+        "kept out while the write is in flight"
+    );
+    let (written, batch) = writer.await.unwrap();
+    written.unwrap();
+    cache.acknowledge(&batch.changes, !store.echoes_counters());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while cache.user("x").unwrap().disabled_at.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the instance still refuses x, which the database re-enabled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(db.get("/users/x/disabledAt").unwrap().is_null());
+    stop.send(true).unwrap();
+    follower.await.unwrap();
+}

@@ -144,6 +144,10 @@ impl Follower {
         loop {
             let chunk = tokio::select! {
                 c = tokio::time::timeout(self.keepalive, response.chunk()) => c,
+                _ = self.cache.reread_wanted(), if *snapshot_seen => {
+                    self.reread(&mirror);
+                    continue;
+                }
                 _ = shutdown.changed() => return End::Shutdown,
             };
             let chunk = match chunk {
@@ -196,6 +200,8 @@ impl Follower {
                     .tokens()
                     .filter_map(|token| Some((token.clone(), mirror.user(token)?)));
                 let (users, _) = read_users(nodes, first);
+                // The whole store is applied: any re-read asked for is in it.
+                drop(self.cache.take_rereads());
                 self.cache.replace_all_remote(&users);
                 if !*snapshot_seen {
                     *snapshot_seen = true;
@@ -208,20 +214,38 @@ impl Follower {
                 }
             }
             Touched::Users(tokens) => {
-                for token in tokens {
-                    let Some(value) = mirror.user(&token) else {
-                        self.cache.apply_remote(&token, None);
-                        continue;
-                    };
-                    match read_node(&token, value, false) {
-                        Node::User(user) => self.cache.apply_remote(&token, Some(&*user)),
-                        Node::Remnant => self.cache.apply_remote(&token, None),
-                        Node::Unreadable => {}
-                    }
-                }
+                self.apply_users(mirror, tokens.iter().map(String::as_str));
             }
         }
         Ok(())
+    }
+
+    /// Applies the mirror's value again to users whose write was just confirmed while a store
+    /// change had been kept out. Only users the mirror holds: one it does not hold yet (its
+    /// creation not streamed back yet) is not taken for deleted; deletions come as events.
+    fn reread(&self, mirror: &Mirror) {
+        for token in self.cache.take_rereads() {
+            if let Some(value) = mirror.user(&token) {
+                if let Node::User(user) = read_node(&token, value, false) {
+                    self.cache.apply_remote(&token, Some(&*user));
+                }
+            }
+        }
+    }
+
+    /// Applies the mirror's value of each user to the cache.
+    fn apply_users<'a>(&self, mirror: &Mirror, tokens: impl Iterator<Item = &'a str>) {
+        for token in tokens {
+            let Some(value) = mirror.user(token) else {
+                self.cache.apply_remote(token, None);
+                continue;
+            };
+            match read_node(token, value, false) {
+                Node::User(user) => self.cache.apply_remote(token, Some(&*user)),
+                Node::Remnant => self.cache.apply_remote(token, None),
+                Node::Unreadable => {}
+            }
+        }
     }
 }
 

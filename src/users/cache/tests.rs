@@ -209,6 +209,41 @@ fn an_absolute_prompt_count_set_while_a_write_is_in_flight_stays_absolute() {
 }
 
 #[test]
+fn a_store_change_kept_out_during_a_write_is_asked_to_be_read_again() {
+    let cache = UserCache::default();
+    cache.load([user("a"), user("b")]);
+    cache.disable("a", Some("abuse"), 5).unwrap();
+    cache.disable("b", Some("abuse"), 5).unwrap();
+    let in_flight = cache.take_changes(10);
+    // While the write is on the wire, the store re-enables "a" (another instance, the console).
+    let mut reenabled = user("a");
+    reenabled.disabled_at = None;
+    cache.apply_remote("a", Some(&reenabled));
+    assert_eq!(
+        cache.user("a").unwrap().disabled_at,
+        Some(5),
+        "kept while in flight"
+    );
+    assert!(
+        cache.take_rereads().is_empty(),
+        "nothing before the write is confirmed"
+    );
+    cache.acknowledge(&in_flight.changes, false);
+    let rereads: Vec<String> = cache.take_rereads().iter().map(|t| t.to_string()).collect();
+    assert_eq!(
+        rereads,
+        vec!["a"],
+        "only the user a store change was kept out of"
+    );
+    assert!(cache.take_rereads().is_empty());
+    // A store change outside any write is applied at once and needs no re-read.
+    cache.apply_remote("a", Some(&reenabled));
+    assert_eq!(cache.user("a").unwrap().disabled_at, None);
+    cache.acknowledge(&cache.take_changes(10).changes, false);
+    assert!(cache.take_rereads().is_empty());
+}
+
+#[test]
 fn an_admin_edit_racing_store_changes_is_never_overwritten() {
     // Another instance's counter echoes arrive all the time for an active user; an admin edit
     // landing between two of them must survive, and stay queued for the store.
