@@ -101,8 +101,9 @@ start_nginx() { # name (of $WORK/<name>.conf); sets <NAME>_PID
 }
 
 # The proxy gets what an operator would give it: upstream keep-alive (HTTP/1.1, no
-# Connection header), X-Forwarded-For set as tollgate sets it, buffers large enough that a
-# 64 KiB response never goes to a temporary file, and as many workers as tollgate has threads.
+# Connection header), X-Forwarded-For set as tollgate sets it, Access-Control-Allow-Origin
+# added as tollgate adds it (cors.enabled, its default), buffers large enough that a 64 KiB
+# response never goes to a temporary file, and as many workers as tollgate has threads.
 write_proxy_conf() { # port
   {
     echo "worker_processes $WORKERS;"
@@ -123,6 +124,7 @@ write_proxy_conf() { # port
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header X-Forwarded-For \$remote_addr;
+      add_header Access-Control-Allow-Origin "*" always;
       proxy_buffer_size 8k;
       proxy_buffers 16 8k;
     }

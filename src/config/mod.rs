@@ -202,6 +202,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub store: StoreConfig,
     pub access_log: bool,
+    /// Answer CORS preflights and allow any origin, as the older proxy's `cors()` did.
+    pub cors: bool,
     pub secrets: Secrets,
     /// Settings that do not stop tollgate but that an operator should hear about (logged at
     /// start and by `-t`), e.g. the older proxy's variables that tollgate does not read.
@@ -304,6 +306,7 @@ impl Builder<'_> {
             admin,
             store,
             access_log: raw.access_log.enabled,
+            cors: raw.cors.enabled,
             secrets,
             warnings,
         })

@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default)]
     pub access_log: RawAccessLog,
+    #[serde(default)]
+    pub cors: RawCors,
 }
 
 fn default_listen() -> Vec<String> {
@@ -279,4 +281,21 @@ impl Default for RawFirebase {
 pub struct RawAccessLog {
     #[serde(default)]
     pub enabled: bool,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for RawCors {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }

@@ -17,16 +17,19 @@ pub enum Outcome {
     RateLimited,
     BadRequest,
     UpstreamError,
+    /// A CORS preflight answered by tollgate itself.
+    Preflight,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] = [
+    const ALL: [Outcome; 7] = [
         Outcome::Proxied,
         Outcome::Unauthorized,
         Outcome::Forbidden,
         Outcome::RateLimited,
         Outcome::BadRequest,
         Outcome::UpstreamError,
+        Outcome::Preflight,
     ];
 
     pub fn label(self) -> &'static str {
@@ -37,6 +40,7 @@ impl Outcome {
             Outcome::RateLimited => "429",
             Outcome::BadRequest => "400",
             Outcome::UpstreamError => "502",
+            Outcome::Preflight => "preflight",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! whether a request passes; it then goes upstream with the client's credential removed and
 //! an `X-Forwarded-For` that tollgate set. No I/O and no locks happen before the upstream.
 
+pub mod cors;
 pub mod credential;
 pub mod gatekeeper;
 pub mod rate_limit;
@@ -47,6 +48,8 @@ pub struct Proxy {
     window_text: String,
     inflight: Option<ConcurrencyLimiter>,
     replies: StockReplies,
+    /// Answer preflights and allow any origin (`cors.enabled`).
+    cors: bool,
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
 }
@@ -100,6 +103,7 @@ impl Proxy {
             inflight: (limits.max_inflight > 0)
                 .then(|| ConcurrencyLimiter::new(limits.max_inflight)),
             replies: StockReplies::default(),
+            cors: config.cors,
             metrics,
             access_log,
         }
@@ -297,12 +301,18 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.cors && cors::is_preflight(session.req_header()) {
+            ctx.outcome = Outcome::Preflight;
+            let reply = cors::preflight_reply(session.req_header())?;
+            session.write_response_header(Box::new(reply), true).await?;
+            return Ok(true);
+        }
         let peer = peer_ip(session);
         match self.decide(session.req_header(), peer, now_ms(), ctx) {
             Ok(()) => Ok(false),
             Err((reply, outcome)) => {
                 ctx.outcome = outcome;
-                reply.send(session).await?;
+                reply.send(session, self.cors).await?;
                 Ok(true)
             }
         }
@@ -373,6 +383,9 @@ impl ProxyHttp for Proxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self.cors {
+            cors::allow_any_origin(response)?;
+        }
         if let Some(RateDecision::Allowed {
             limit,
             remaining,
@@ -466,7 +479,7 @@ impl ProxyHttp for Proxy {
         } else {
             Outcome::BadRequest
         };
-        if let Ok(header) = reply.to_header() {
+        if let Ok(header) = reply.to_header(self.cors) {
             // A failed write is a client that left; nothing more to do.
             let _ = session
                 .write_error_response(header, reply.body.clone())

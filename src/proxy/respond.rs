@@ -50,20 +50,24 @@ impl ErrorReply {
         self
     }
 
-    pub fn to_header(&self) -> Result<ResponseHeader> {
-        let mut header = ResponseHeader::build(self.status, Some(3 + self.headers.len()))?;
+    /// The reply's header; `cors`: allowing any origin, so a browser client can read it.
+    pub fn to_header(&self, cors: bool) -> Result<ResponseHeader> {
+        let mut header = ResponseHeader::build(self.status, Some(4 + self.headers.len()))?;
         header.insert_header("content-type", "application/json")?;
         header.insert_header("content-length", self.body.len().to_string())?;
         for (name, value) in &self.headers {
             header.insert_header(*name, value.as_str())?;
         }
+        if cors {
+            super::cors::allow_any_origin(&mut header)?;
+        }
         Ok(header)
     }
 
     /// Writes the reply on a proxy session, keeping the connection alive.
-    pub async fn send(&self, session: &mut Session) -> Result<()> {
+    pub async fn send(&self, session: &mut Session, cors: bool) -> Result<()> {
         session
-            .write_response_header(Box::new(self.to_header()?), false)
+            .write_response_header(Box::new(self.to_header(cors)?), false)
             .await?;
         session
             .write_response_body(Some(self.body.clone()), true)
@@ -126,7 +130,7 @@ mod tests {
     fn header_has_length_and_type() {
         let reply =
             ErrorReply::new(429, "proxy_rate_limited", "slow").with_header("retry-after", 3);
-        let h = reply.to_header().unwrap();
+        let h = reply.to_header(false).unwrap();
         assert_eq!(h.status.as_u16(), 429);
         assert_eq!(
             h.headers["content-length"],

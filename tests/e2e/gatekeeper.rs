@@ -259,3 +259,68 @@ fn errors_keep_the_connection_usable() {
     assert_eq!(exchange("Authorization: Bearer nope\r\n"), 401);
     assert_eq!(exchange(&format!("Authorization: Bearer {token}\r\n")), 200);
 }
+
+fn preflight(tg: &Tollgate) -> reqwest::blocking::Response {
+    client()
+        .request(reqwest::Method::OPTIONS, tg.url("/v1/chat/completions"))
+        .header("origin", "https://chat.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .unwrap()
+}
+
+/// Browser clients, as the older proxy's `cors()` served them: preflights (which carry no
+/// credential) are answered before the gatekeeper and never count as failed authentications,
+/// and every reply, refusals included, allows any origin unless the upstream set its own.
+#[test]
+fn browser_preflights_are_answered_and_every_reply_allows_any_origin() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("rate_limit:\n  requests_per_minute: 1000\n  auth_failures_per_minute: 3")
+        .start();
+    let token = tg.create_user(json!({}));
+    for _ in 0..5 {
+        let resp = preflight(&tg);
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        let header = |name: &str| resp.headers()[name].to_str().unwrap().to_string();
+        assert_eq!(header("access-control-allow-origin"), "*");
+        assert_eq!(
+            header("access-control-allow-headers"),
+            "authorization,content-type"
+        );
+        assert!(header("access-control-allow-methods").contains("POST"));
+    }
+    let proxied = client()
+        .get(tg.url("/a"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(
+        proxied.status(),
+        StatusCode::OK,
+        "no lockout from preflights"
+    );
+    assert_eq!(proxied.headers()["access-control-allow-origin"], "*");
+    let refused = client()
+        .get(tg.url("/a"))
+        .bearer_auth("nobody")
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.headers()["access-control-allow-origin"], "*");
+}
+
+#[test]
+fn with_cors_off_a_preflight_is_an_ordinary_request() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("cors:\n  enabled: false")
+        .start();
+    let resp = preflight(&tg);
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+}
