@@ -61,6 +61,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Vec<IntCounter>,
     upstream_latency: Histogram,
+    connect_failures: IntCounter,
     users: IntGauge,
     pending: IntGauge,
     last_flush: IntGauge,
@@ -114,6 +115,12 @@ impl Metrics {
             ),
             reconnects: gauge("tollgate_store_stream_reconnects_total", "Times the store's change stream reconnected"),
             ready: gauge("tollgate_ready", "1 once users are loaded and the store is in sync"),
+            connect_failures: IntCounter::new(
+                "tollgate_upstream_connect_failures_total",
+                "Upstream connection attempts that failed (each is retried on the next upstream, \
+                 once per upstream)",
+            )
+            .expect("valid metric"),
             registry,
             requests,
             upstream_latency,
@@ -121,6 +128,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(requests_vec),
             Box::new(metrics.upstream_latency.clone()),
+            Box::new(metrics.connect_failures.clone()),
             Box::new(metrics.users.clone()),
             Box::new(metrics.pending.clone()),
             Box::new(metrics.last_flush.clone()),
@@ -143,6 +151,10 @@ impl Metrics {
         if let Some(latency) = upstream {
             self.upstream_latency.observe(latency.as_secs_f64());
         }
+    }
+
+    pub fn record_connect_failure(&self) {
+        self.connect_failures.inc();
     }
 
     /// The text exposition, with gauges refreshed from `gauges`.

@@ -65,6 +65,9 @@ pub struct RequestCtx {
     /// Holds the concurrency slot until the request ends, however it ends.
     _inflight: Option<Guard>,
     upstream_started: Option<Instant>,
+    /// The request's place in the upstream rotation, and the connection attempts made.
+    upstream_first: usize,
+    upstream_attempts: usize,
     upstream_status: Option<u16>,
     outcome: Outcome,
 }
@@ -295,6 +298,8 @@ impl ProxyHttp for Proxy {
             rate: None,
             _inflight: None,
             upstream_started: None,
+            upstream_first: 0,
+            upstream_attempts: 0,
             upstream_status: None,
             outcome: Outcome::Proxied,
         }
@@ -323,19 +328,27 @@ impl ProxyHttp for Proxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        ctx.upstream_started.get_or_insert_with(Instant::now);
-        Ok(self.upstreams.next())
+        if ctx.upstream_attempts == 0 {
+            ctx.upstream_started = Some(Instant::now());
+            ctx.upstream_first = self.upstreams.first();
+        }
+        let peer = self
+            .upstreams
+            .peer(ctx.upstream_first, ctx.upstream_attempts);
+        ctx.upstream_attempts += 1;
+        Ok(peer)
     }
 
     fn fail_to_connect(
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing was sent yet: another upstream may take it.
-        if self.upstreams.len() > 1 {
+        self.metrics.record_connect_failure();
+        // Nothing was sent yet: the next upstream may take it, each one tried once.
+        if ctx.upstream_attempts < self.upstreams.len() {
             e.set_retry(true);
         }
         e

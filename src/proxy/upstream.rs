@@ -41,18 +41,62 @@ impl Upstreams {
         self.peers.is_empty()
     }
 
-    /// The next peer in this thread's rotation.
+    /// Where a request starts in the rotation: this thread's next index (no shared counter).
     #[inline]
-    pub fn next(&self) -> Box<HttpPeer> {
-        let index = if self.peers.len() == 1 {
-            0
-        } else {
-            NEXT.with(|next| {
-                let i = next.get();
-                next.set(i.wrapping_add(1));
-                i % self.peers.len()
-            })
-        };
+    pub fn first(&self) -> usize {
+        if self.peers.len() == 1 {
+            return 0;
+        }
+        NEXT.with(|next| {
+            let i = next.get();
+            next.set(i.wrapping_add(1));
+            i
+        })
+    }
+
+    /// The peer for a request's `attempt` (0, 1, …) that started at `first`: every attempt of
+    /// one request goes to a different upstream, whatever other requests took meanwhile.
+    #[inline]
+    pub fn peer(&self, first: usize, attempt: usize) -> Box<HttpPeer> {
+        let index = first.wrapping_add(attempt) % self.peers.len();
         Box::new(self.peers[index].clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstreams(n: usize) -> Upstreams {
+        let config = UpstreamConfig {
+            addrs: (0..n)
+                .map(|i| format!("127.0.0.1:{}", 9000 + i).parse().unwrap())
+                .collect(),
+            tls: false,
+            sni: String::new(),
+            verify_cert: false,
+            set_headers: Vec::new(),
+            connect_timeout: std::time::Duration::from_secs(1),
+            read_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+        };
+        Upstreams::new(&config)
+    }
+
+    #[test]
+    fn the_attempts_of_a_request_visit_every_upstream_once() {
+        let upstreams = upstreams(3);
+        let first = upstreams.first();
+        // Other requests taking their turns meanwhile change nothing for this one.
+        let _ = (upstreams.first(), upstreams.first());
+        let ports: Vec<u16> = (0..3)
+            .map(|attempt| {
+                let peer = upstreams.peer(first, attempt);
+                peer._address.as_inet().unwrap().port()
+            })
+            .collect();
+        let mut sorted = ports.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![9000, 9001, 9002], "{ports:?}");
     }
 }

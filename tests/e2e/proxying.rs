@@ -213,6 +213,32 @@ fn a_dead_upstream_is_skipped_when_another_is_up() {
     }
 }
 
+/// With every upstream down, a request tries each one once, then answers 502 (it used to
+/// retry up to Pingora's 16 times, possibly on the same dead upstream).
+#[test]
+fn each_upstream_is_tried_once_before_a_502() {
+    let dead: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let tg = TollgateBuilder::new(dead[0].parse().unwrap())
+        .mode("none")
+        .upstreams(&dead)
+        .start();
+    for _ in 0..3 {
+        assert_eq!(client().get(tg.url("/a")).send().unwrap().status(), 502);
+    }
+    let metrics = client()
+        .get(tg.admin_url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_upstream_connect_failures_total 6"),
+        "two attempts per request:\n{metrics}"
+    );
+}
+
 #[test]
 fn upstream_down_is_a_502_json_error() {
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
