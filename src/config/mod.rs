@@ -107,14 +107,26 @@ impl StoreKind {
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
     /// Every address every `addrs` entry resolved to, in order; requests rotate over them.
-    pub addrs: Vec<SocketAddr>,
+    pub addrs: Vec<UpstreamAddr>,
     pub tls: bool,
-    pub sni: String,
     pub verify_cert: bool,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Send the client's `Host` rather than each upstream's own.
+    pub preserve_host: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+}
+
+/// One resolved upstream address, with the names its `addrs` entry gives it.
+#[derive(Clone, Debug)]
+pub struct UpstreamAddr {
+    pub addr: SocketAddr,
+    /// TLS server name: `upstream.sni`, else the entry's host name (empty without TLS).
+    pub sni: String,
+    /// The `Host` the upstream gets: the entry's `host[:port]`, the port left out when it is
+    /// the scheme's default, as a browser or nginx (`$proxy_host`) would send it.
+    pub host: HeaderValue,
 }
 
 #[derive(Clone, Debug)]
@@ -368,21 +380,41 @@ impl Builder<'_> {
         }
         let mut addrs = Vec::new();
         for (i, entry) in raw.addrs.iter().enumerate() {
-            addrs.extend(self.resolve(&format!("upstream.addrs[{i}]"), entry)?);
+            let key = format!("upstream.addrs[{i}]");
+            let resolved = self.resolve(&key, entry)?;
+            let (host, port) = host_and_port(entry).expect("resolve checked host:port");
+            let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+            let sni = if !raw.tls {
+                String::new()
+            } else if !raw.sni.is_empty() {
+                raw.sni.clone()
+            } else if is_ip {
+                return Err(self.err(
+                    "upstream.sni",
+                    format!("required when tls is true and {key} is an IP address"),
+                ));
+            } else {
+                host.to_string()
+            };
+            let default_port = if raw.tls { 443 } else { 80 };
+            let bracketed = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
+            };
+            let authority = if port == default_port {
+                bracketed
+            } else {
+                format!("{bracketed}:{port}")
+            };
+            let host_header = HeaderValue::from_str(&authority)
+                .map_err(|_| self.err(&key, format!("'{entry}' is not a valid host")))?;
+            addrs.extend(resolved.into_iter().map(|addr| UpstreamAddr {
+                addr,
+                sni: sni.clone(),
+                host: host_header.clone(),
+            }));
         }
-        let sni = if raw.sni.is_empty() && raw.tls {
-            host_part(&raw.addrs[0])
-                .filter(|h| h.parse::<std::net::IpAddr>().is_err())
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    self.err(
-                        "upstream.sni",
-                        "required when tls is true and addrs[0] is an IP address",
-                    )
-                })?
-        } else {
-            raw.sni
-        };
         for (key, value) in [
             ("upstream.connect_timeout_ms", raw.connect_timeout_ms),
             ("upstream.read_timeout_ms", raw.read_timeout_ms),
@@ -395,9 +427,9 @@ impl Builder<'_> {
         Ok(UpstreamConfig {
             addrs,
             tls: raw.tls,
-            sni,
             verify_cert: raw.verify_cert,
             set_headers: self.set_headers(&raw.set_headers)?,
+            preserve_host: raw.preserve_host,
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
             read_timeout: Duration::from_millis(raw.read_timeout_ms),
             idle_timeout: Duration::from_millis(raw.idle_timeout_ms),
@@ -670,10 +702,15 @@ fn check_secrets(
 
 /// `host` of `host:port` / `[v6]:port`, if the entry has that shape.
 fn host_part(entry: &str) -> Option<&str> {
+    host_and_port(entry).map(|(host, _)| host)
+}
+
+/// `host:port` (`[v6]:port` for IPv6) split into the host, without brackets, and the port.
+fn host_and_port(entry: &str) -> Option<(&str, u16)> {
     let (host, port) = entry.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
+    let port = port.parse::<u16>().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then_some(host)
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Every key of the file format with its default, as dotted paths (`upstream.read_timeout_ms`);

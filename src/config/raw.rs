@@ -49,6 +49,9 @@ pub struct RawUpstream {
     pub verify_cert: bool,
     #[serde(default)]
     pub set_headers: BTreeMap<String, String>,
+    /// Forward the client's `Host` instead of the upstream's own `host[:port]`.
+    #[serde(default)]
+    pub preserve_host: bool,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     #[serde(default = "default_read_timeout_ms")]

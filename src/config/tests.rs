@@ -131,7 +131,51 @@ fn tls_upstream_needs_sni_for_ip_addresses() {
         "upstream.sni"
     );
     let c = load("upstream: {addrs: [\"localhost:443\"], tls: true}", &[]).unwrap();
-    assert_eq!(c.upstream.sni, "localhost");
+    assert!(c.upstream.addrs.iter().all(|a| a.sni == "localhost"));
+    let err = load(
+        "upstream: {addrs: [\"localhost:443\", \"127.0.0.1:443\"], tls: true}",
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "upstream.sni");
+    assert!(err.problem.contains("upstream.addrs[1]"), "{err}");
+}
+
+#[test]
+fn each_upstream_gets_its_own_server_name_and_host() {
+    let c = load(
+        "upstream: {addrs: [\"localhost:443\", \"127.0.0.1:8443\"], tls: true, sni: sni.example}",
+        &[],
+    )
+    .unwrap();
+    assert!(
+        c.upstream.addrs.iter().all(|a| a.sni == "sni.example"),
+        "sni wins"
+    );
+    let hosts: Vec<&str> = c
+        .upstream
+        .addrs
+        .iter()
+        .map(|a| a.host.to_str().unwrap())
+        .collect();
+    assert!(
+        hosts.contains(&"localhost"),
+        "default port left out: {hosts:?}"
+    );
+    assert!(hosts.contains(&"127.0.0.1:8443"), "{hosts:?}");
+    let plain = load("upstream: {addrs: [\"localhost:80\", \"[::1]:8080\"]}", &[]).unwrap();
+    let hosts: Vec<&str> = plain
+        .upstream
+        .addrs
+        .iter()
+        .map(|a| a.host.to_str().unwrap())
+        .collect();
+    assert!(
+        hosts.contains(&"localhost") && hosts.contains(&"[::1]:8080"),
+        "{hosts:?}"
+    );
+    assert!(plain.upstream.addrs.iter().all(|a| a.sni.is_empty()));
+    assert!(!plain.upstream.preserve_host);
 }
 
 #[test]

@@ -374,6 +374,12 @@ impl ProxyHttp for Proxy {
         }
         // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
+        // The upstream's own name, as the older proxy (`changeOrigin`) and nginx send it: a
+        // virtual host or a TLS front end answers to its name, not to tollgate's.
+        let attempt = ctx.upstream_attempts.saturating_sub(1);
+        if let Some(host) = self.upstreams.host(ctx.upstream_first, attempt) {
+            upstream.insert_header(http::header::HOST, host.clone())?;
+        }
         for (name, value) in &self.set_headers {
             upstream.insert_header(name.clone(), value.clone())?;
         }

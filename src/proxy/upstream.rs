@@ -3,12 +3,15 @@
 
 use std::cell::Cell;
 
+use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::UpstreamConfig;
 
 pub struct Upstreams {
     peers: Box<[HttpPeer]>,
+    /// Each peer's own `Host`; `None` forwards the client's (`upstream.preserve_host`).
+    hosts: Box<[Option<HeaderValue>]>,
 }
 
 thread_local! {
@@ -20,8 +23,8 @@ impl Upstreams {
         let peers = config
             .addrs
             .iter()
-            .map(|addr| {
-                let mut peer = HttpPeer::new(*addr, config.tls, config.sni.clone());
+            .map(|upstream| {
+                let mut peer = HttpPeer::new(upstream.addr, config.tls, upstream.sni.clone());
                 peer.options.connection_timeout = Some(config.connect_timeout);
                 peer.options.read_timeout = Some(config.read_timeout);
                 peer.options.idle_timeout = Some(config.idle_timeout);
@@ -30,7 +33,12 @@ impl Upstreams {
                 peer
             })
             .collect();
-        Self { peers }
+        let hosts = config
+            .addrs
+            .iter()
+            .map(|upstream| (!config.preserve_host).then(|| upstream.host.clone()))
+            .collect();
+        Self { peers, hosts }
     }
 
     pub fn len(&self) -> usize {
@@ -58,8 +66,17 @@ impl Upstreams {
     /// one request goes to a different upstream, whatever other requests took meanwhile.
     #[inline]
     pub fn peer(&self, first: usize, attempt: usize) -> Box<HttpPeer> {
-        let index = first.wrapping_add(attempt) % self.peers.len();
-        Box::new(self.peers[index].clone())
+        Box::new(self.peers[self.index(first, attempt)].clone())
+    }
+
+    /// The `Host` for that attempt's upstream; `None`: keep the client's.
+    #[inline]
+    pub fn host(&self, first: usize, attempt: usize) -> Option<&HeaderValue> {
+        self.hosts[self.index(first, attempt)].as_ref()
+    }
+
+    fn index(&self, first: usize, attempt: usize) -> usize {
+        first.wrapping_add(attempt) % self.peers.len()
     }
 }
 
@@ -70,12 +87,16 @@ mod tests {
     fn upstreams(n: usize) -> Upstreams {
         let config = UpstreamConfig {
             addrs: (0..n)
-                .map(|i| format!("127.0.0.1:{}", 9000 + i).parse().unwrap())
+                .map(|i| crate::config::UpstreamAddr {
+                    addr: format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                    sni: String::new(),
+                    host: HeaderValue::from_str(&format!("127.0.0.1:{}", 9000 + i)).unwrap(),
+                })
                 .collect(),
             tls: false,
-            sni: String::new(),
             verify_cert: false,
             set_headers: Vec::new(),
+            preserve_host: false,
             connect_timeout: std::time::Duration::from_secs(1),
             read_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(1),
@@ -98,5 +119,9 @@ mod tests {
         let mut sorted = ports.clone();
         sorted.sort();
         assert_eq!(sorted, vec![9000, 9001, 9002], "{ports:?}");
+        for (attempt, port) in ports.iter().enumerate() {
+            let host = upstreams.host(first, attempt).unwrap().to_str().unwrap();
+            assert_eq!(host, format!("127.0.0.1:{port}"), "its own Host");
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::tollgate::{ADMIN_KEY, PROXY_KEY};
+use crate::support::tollgate::{Tollgate, ADMIN_KEY, PROXY_KEY};
 use crate::support::{client, error_type, free_port, wait_until, Origin, TollgateBuilder};
 
 #[test]
@@ -179,6 +179,34 @@ fn set_headers_reach_the_upstream_with_env_values() {
         !tg.log().contains("sk-upstream"),
         "secrets stay out of logs"
     );
+}
+
+/// The upstream gets its own name in `Host` (as from the older proxy's `changeOrigin` and
+/// nginx), so a virtual host or TLS front end answers; `preserve_host` forwards the client's,
+/// and `set_headers` wins over both.
+#[test]
+fn the_upstream_gets_its_own_host_unless_told_otherwise() {
+    let origin = Origin::start();
+    let seen_host = |tg: &Tollgate| {
+        client()
+            .get(tg.url("/a"))
+            .header("host", "proxy.example.org")
+            .send()
+            .unwrap();
+        origin.last().header("host").map(str::to_string)
+    };
+    let own = TollgateBuilder::new(origin.addr).mode("none").start();
+    assert_eq!(seen_host(&own), Some(origin.addr.to_string()));
+    let preserving = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .upstream_yaml("preserve_host: true")
+        .start();
+    assert_eq!(seen_host(&preserving).as_deref(), Some("proxy.example.org"));
+    let set = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .upstream_yaml("set_headers:\n  host: api.example")
+        .start();
+    assert_eq!(seen_host(&set).as_deref(), Some("api.example"));
 }
 
 #[test]
