@@ -1,7 +1,10 @@
-//! The process log: `env_logger` as `RUST_LOG` configures it, minus the few library lines
-//! that would print a credential. Pingora logs whole request headers at `trace` (the proxy's
-//! `Authorization: Bearer <token>`, `?key=<token>`) and the request line when an admin reply
-//! cannot be written (`/admin/users/<token>`); those records are dropped at any level.
+//! The process log: `env_logger` as `RUST_LOG` configures it, minus the library lines that
+//! would print a credential. Pingora logs whole requests at `debug` and `trace`: the proxy's
+//! header to the upstream (`pingora_proxy`: a client's `Authorization` forwarded in `none`
+//! mode, `?key=<token>`), the raw bytes written to the upstream (`pingora_core`'s HTTP
+//! client: the `set_headers` key, which no `Debug` redaction reaches) and the upstream's
+//! response; and the request line when an admin reply cannot be written
+//! (`/admin/users/<token>`). Those targets are dropped at those levels.
 
 use log::{Level, Log, Metadata, Record};
 
@@ -21,8 +24,11 @@ struct Redacting {
 
 /// Whether records of `target` at `level` may carry a credential.
 fn may_carry_credentials(target: &str, level: Level) -> bool {
+    let verbose = level >= Level::Debug;
     target.starts_with("pingora_core::apps::http_app")
-        || (target.starts_with("pingora_proxy") && level == Level::Trace)
+        || (verbose
+            && (target.starts_with("pingora_proxy")
+                || target.starts_with("pingora_core::protocols::http")))
 }
 
 impl Log for Redacting {
@@ -52,7 +58,19 @@ mod tests {
             "pingora_core::apps::http_app",
             Level::Error
         ));
-        assert!(!may_carry_credentials("pingora_proxy", Level::Debug));
+        assert!(may_carry_credentials(
+            "pingora_proxy::proxy_h1",
+            Level::Debug
+        ));
+        assert!(may_carry_credentials(
+            "pingora_core::protocols::http::v1::client",
+            Level::Trace
+        ));
+        assert!(!may_carry_credentials("pingora_proxy", Level::Info));
+        assert!(!may_carry_credentials(
+            "pingora_core::protocols::http::v1::client",
+            Level::Warn
+        ));
         assert!(!may_carry_credentials("pingora_core::server", Level::Trace));
         assert!(!may_carry_credentials("tollgate", Level::Trace));
     }
