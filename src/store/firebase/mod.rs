@@ -255,16 +255,24 @@ impl FirebaseStore {
             }
             while let Some(joined) = puts.join_next().await {
                 let Ok((i, outcome)) = joined else { continue };
+                let outcome = match outcome {
+                    Ok(_) => Ok(None),
+                    Err(RtdbError::Precondition { body, etag }) => {
+                        let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        self.replace_remnant(rtdb, &batch.changes[i], value, etag)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 match outcome {
-                    Ok(_) => {
+                    Ok(None) => {
                         progress.created.insert(i, batch::Creation::Put);
                     }
-                    Err(RtdbError::Precondition { body, .. }) => {
+                    Ok(Some(stored)) => {
                         // The stored user as it is: the cache takes it (keeping the upsert's
                         // fields), rather than the defaults it was created from here.
                         if let Change::Upsert(c) = &batch.changes[i] {
-                            let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            if let Ok(stored) = User::from_stored(c.record.token(), value) {
+                            if let Ok(stored) = User::from_stored(c.record.token(), stored) {
                                 c.record.apply_remote(&stored.user);
                             }
                         }
@@ -284,6 +292,42 @@ impl FirebaseStore {
             None => Ok(()),
             Some(e) => Err(StoreError::Unavailable(format!("creating users: {e}"))),
         }
+    }
+
+    /// A conditional create found `stored` at the user's path. A user there is kept
+    /// (`Some`); a remnant (leaves a deleted user's late writes left, no `createdAt`: no
+    /// instance takes it for a user) is replaced by the whole new user, by compare-and-set on
+    /// its ETag, so the upsert does not end as a user nobody can use (`None`: created).
+    async fn replace_remnant(
+        &self,
+        rtdb: &Rtdb,
+        change: &Change,
+        mut stored: Value,
+        mut etag: Option<String>,
+    ) -> Result<Option<Value>, RtdbError> {
+        let Some(body) = batch::create_body(change) else {
+            return Ok(Some(stored));
+        };
+        let path = self.layout.user(change.token());
+        for _ in 0..5 {
+            if !stream::is_remnant(&stored) {
+                return Ok(Some(stored));
+            }
+            let mut put = Request::new(Method::PUT, &path).json(body.to_string().into_bytes());
+            put.if_match = Some(etag.take().unwrap_or_else(|| "null_etag".into()));
+            match rtdb.call(put).await {
+                Ok(_) => return Ok(None),
+                Err(RtdbError::Precondition { body, etag: tag }) => {
+                    stored = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    etag = tag;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Not permanent: the engine retries the batch later.
+        Err(RtdbError::Contended(
+            "the user's node kept changing (5 attempts)".into(),
+        ))
     }
 
     /// Adds the addresses requests recorded here (`added`, not the whole local list) to the

@@ -260,3 +260,49 @@ async fn a_store_edit_arriving_during_a_write_of_the_same_field_wins_after_it() 
     stop.send(true).unwrap();
     follower.await.unwrap();
 }
+
+/// A deleted user's late counter writes (another instance's batch landing after the delete)
+/// leave a node without `createdAt`, which no instance takes for a user. An upsert of that
+/// token later replaces it with the whole user; it used to write only its leaves into the
+/// remnant, so the admin got a user no instance would admit.
+#[tokio::test]
+async fn an_upsert_over_a_deleted_users_leftovers_creates_the_user() {
+    let db = standin();
+    db.set("/users/x", stored_user("x", json!({"promptCount": 7})))
+        .unwrap();
+    let (a, b, c) = (store(&db), store(&db), store(&db));
+    let (cache_a, cache_b) = (loaded(&a).await, loaded(&b).await);
+    // B counts requests for x and takes them into a batch; A deletes x and lands first.
+    let on_b = cache_b.get("x").unwrap();
+    cache_b.count_request(&on_b, 10);
+    let batch_b = take(&cache_b, 1);
+    cache_a.remove("x").unwrap();
+    a.apply(&take(&cache_a, 1)).await.unwrap();
+    b.apply(&batch_b).await.unwrap();
+    let leftovers = db.get("/users/x").unwrap();
+    assert!(
+        stream::is_remnant(&leftovers),
+        "B's late write left: {leftovers}"
+    );
+
+    let cache_c = loaded(&c).await;
+    assert!(cache_c.get("x").is_none());
+    let patch = serde_json::from_value(json!({"type": "special"})).unwrap();
+    cache_c.upsert("x", &patch, 1);
+    let batch_c = take(&cache_c, 1);
+    c.apply(&batch_c).await.unwrap();
+    cache_c.acknowledge(&batch_c.changes, false);
+
+    let stored = db.get("/users/x").unwrap();
+    assert!(!stream::is_remnant(&stored), "a whole user: {stored}");
+    assert_eq!(stored["type"], "special");
+    assert_eq!(
+        stored["promptCount"], 0,
+        "the deleted user's counts are gone"
+    );
+    let fresh = loaded(&store(&db)).await;
+    assert_eq!(
+        fresh.user("x").unwrap().user_type,
+        crate::users::UserType::Special
+    );
+}

@@ -262,10 +262,15 @@ pub enum Node {
     Unreadable,
 }
 
+/// A node without `createdAt`: what deleted users' late leaf writes leave ([`Node::Remnant`]).
+pub fn is_remnant(value: &serde_json::Value) -> bool {
+    value.is_object() && value.get("createdAt").is_none()
+}
+
 /// Parses one stored user; logs (by token id, never the token) and skips one that cannot be
 /// read. Unknown fields are reported when `verbose` (at load and on the first snapshot).
 pub fn read_node(token: &str, value: serde_json::Value, verbose: bool) -> Node {
-    if value.is_object() && value.get("createdAt").is_none() {
+    if is_remnant(&value) {
         debug!(
             "firebase: /users entry {} has no createdAt: leftovers of a deleted user, ignored",
             token_id(token)
