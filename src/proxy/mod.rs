@@ -512,9 +512,13 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let upstream_latency = ctx.upstream_started.map(|t| t.elapsed());
-        if ctx.upstream_status.is_some() {
-            if let Some(Identity::User(user)) = &ctx.identity {
+        if let Some(Identity::User(user)) = &ctx.identity {
+            // `promptCount` is successful generations, as the older proxy counted them after a
+            // successful upstream response; `lastUsedAt` moves with every authenticated request.
+            if ctx.upstream_status.is_some_and(|s| (200..300).contains(&s)) {
                 self.cache.count_request(user, now_ms());
+            } else {
+                self.cache.touch(user, now_ms());
             }
         }
         self.metrics.record_request(

@@ -204,10 +204,18 @@ impl UserCache {
         self.tickets.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// One request answered by the upstream: `promptCount + 1`, `lastUsedAt = now`.
+    /// One request answered successfully by the upstream: `promptCount + 1`, `lastUsedAt = now`.
     #[inline]
     pub fn count_request(&self, record: &Arc<UserRecord>, now_ms: u64) {
         let fields = record.count_request(now_ms);
+        self.mark(record, fields);
+    }
+
+    /// The user authenticated (its request may still be refused or fail upstream):
+    /// `lastUsedAt = now`, as the older proxy set it on every successful authentication.
+    #[inline]
+    pub fn touch(&self, record: &Arc<UserRecord>, now_ms: u64) {
+        let fields = record.touch(now_ms);
         self.mark(record, fields);
     }
 

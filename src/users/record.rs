@@ -261,10 +261,15 @@ impl UserRecord {
     #[inline]
     pub(super) fn count_request(&self, now_ms: u64) -> Fields {
         self.prompt_pending.fetch_add(1, Ordering::AcqRel);
+        self.touch(now_ms) | Fields::PROMPT_DELTA
+    }
+
+    /// `lastUsedAt = now` (never backwards).
+    pub(super) fn touch(&self, now_ms: u64) -> Fields {
         if self.last_used_at.load(Ordering::Relaxed) < now_ms {
             self.last_used_at.fetch_max(now_ms, Ordering::Relaxed);
         }
-        Fields::PROMPT_DELTA | Fields::LAST_USED_AT
+        Fields::LAST_USED_AT
     }
 
     /// Admits `ip` under `limit` (0 = unlimited), recording it when new.

@@ -304,7 +304,7 @@ fn slow_upstream_is_a_504() {
 }
 
 #[test]
-fn answered_requests_count_for_the_user() {
+fn successful_requests_count_for_the_user_and_every_one_marks_it_used() {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr).start();
     let token = tg.create_user(json!({}));
@@ -312,16 +312,25 @@ fn answered_requests_count_for_the_user() {
     for _ in 0..3 {
         http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
     }
-    // Upstream errors still count: the upstream answered.
+    assert!(wait_until(Duration::from_secs(2), || tg.user(&token)
+        ["promptCount"]
+        == 3));
+    let used = tg.user(&token)["lastUsedAt"].as_u64().unwrap();
+    assert!(used > 0);
+    // An upstream error is no successful generation (the older proxy's promptCount), but
+    // the token was used.
+    std::thread::sleep(Duration::from_millis(5));
     http.get(tg.url("/a"))
         .bearer_auth(&token)
         .header("x-origin-status", "500")
         .send()
         .unwrap();
     assert!(wait_until(Duration::from_secs(2), || tg.user(&token)
-        ["promptCount"]
-        == 4));
-    assert!(tg.user(&token)["lastUsedAt"].as_u64().unwrap() > 0);
+        ["lastUsedAt"]
+        .as_u64()
+        .unwrap()
+        > used));
+    assert_eq!(tg.user(&token)["promptCount"], 3);
 }
 
 #[test]
