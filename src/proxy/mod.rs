@@ -10,6 +10,7 @@ pub mod respond;
 pub mod upstream;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,6 +51,8 @@ pub struct Proxy {
     replies: StockReplies,
     /// Answer preflights and allow any origin (`cors.enabled`).
     cors: bool,
+    /// Set once `X-Forwarded-For` was seen from a peer outside `trusted_proxies` (logged once).
+    untrusted_forwarding_seen: AtomicBool,
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
 }
@@ -107,6 +110,7 @@ impl Proxy {
                 .then(|| ConcurrencyLimiter::new(limits.max_inflight)),
             replies: StockReplies::default(),
             cors: config.cors,
+            untrusted_forwarding_seen: AtomicBool::new(false),
             metrics,
             access_log,
         }
@@ -370,6 +374,9 @@ impl ProxyHttp for Proxy {
             credential::strip_all(upstream);
         }
         if !ctx.peer_trusted {
+            if upstream.headers.contains_key("x-forwarded-for") {
+                self.warn_untrusted_forwarding(ctx.client_ip);
+            }
             remove_forwarding_headers(upstream);
         }
         // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
@@ -546,6 +553,24 @@ impl ProxyHttp for Proxy {
 
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
         redacted_path(session)
+    }
+}
+
+impl Proxy {
+    /// The older proxy trusted one `X-Forwarded-For` hop by default; tollgate trusts none
+    /// until `trusted_proxies` is set. Behind a load balancer every client would then be the
+    /// balancer's address (one rate limit, one lockout, one IP for every user), so the first
+    /// forwarded request from an untrusted peer says so.
+    #[cold]
+    fn warn_untrusted_forwarding(&self, peer: IpAddr) {
+        if !self.untrusted_forwarding_seen.swap(true, Ordering::Relaxed) {
+            warn!(
+                "requests from {peer} carry X-Forwarded-For, but {peer} is not in \
+                 trusted_proxies: their client address is taken to be {peer} and the header is \
+                 replaced. If {peer} is your load balancer or proxy, add it to trusted_proxies \
+                 (logged once)"
+            );
+        }
     }
 }
 

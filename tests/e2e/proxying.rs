@@ -99,6 +99,20 @@ fn forwarded_for_is_set_by_tollgate_not_the_client() {
         seen.headers["x-forwarded-for"],
         vec!["127.0.0.1".to_string()]
     );
+    // Behind a load balancer not listed in trusted_proxies (the older proxy trusted one hop
+    // by default), every client would be the balancer: the operator is told, once.
+    client()
+        .get(tg.url("/a"))
+        .header("x-forwarded-for", "7.7.7.7")
+        .send()
+        .unwrap();
+    let log = tg.log();
+    assert_eq!(
+        log.matches("is not in trusted_proxies").count(),
+        1,
+        "warned once:\n{log}"
+    );
+    assert!(log.contains("requests from 127.0.0.1 carry X-Forwarded-For"));
 }
 
 #[test]
