@@ -25,6 +25,19 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const CANCEL_BACKOFF: Duration = Duration::from_secs(5);
 /// How long to wait for the stream's response headers.
 const CONNECT_BOUND: Duration = Duration::from_secs(30);
+/// A connection that lasted this long after its snapshot was a working one.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+
+/// The failures in a row counted before the next reconnect's backoff. Only a connection that
+/// delivered its snapshot and then lasted starts afresh: one closed right after its snapshot
+/// keeps backing off, instead of downloading the whole users path four times a second.
+fn failures_so_far(failures: u32, snapshot_seen: bool, lived: Duration) -> u32 {
+    if snapshot_seen && lived >= STABLE_CONNECTION {
+        0
+    } else {
+        failures
+    }
+}
 
 pub struct Follower {
     pub rtdb: Rtdb,
@@ -53,14 +66,15 @@ impl Follower {
                 return;
             }
             let mut snapshot_seen = false;
+            let started = tokio::time::Instant::now();
             let end = self
                 .connection(&mut shutdown, &mut snapshot_seen, first)
                 .await;
             self.status.set_stream_connected(false);
             if snapshot_seen {
                 first = false;
-                failures = 0;
             }
+            failures = failures_so_far(failures, snapshot_seen, started.elapsed());
             let wait = match end {
                 End::Shutdown => return,
                 End::Revoked(token) => {
@@ -356,6 +370,31 @@ mod tests {
             }
         });
         (port, accepted)
+    }
+
+    #[test]
+    fn only_a_lasting_connection_resets_the_backoff() {
+        let brief = Duration::from_millis(50);
+        assert_eq!(failures_so_far(3, true, STABLE_CONNECTION), 0);
+        assert_eq!(
+            failures_so_far(3, true, brief),
+            3,
+            "closed right after its snapshot"
+        );
+        assert_eq!(
+            failures_so_far(3, false, STABLE_CONNECTION * 10),
+            3,
+            "no snapshot"
+        );
+        // A stream that keeps closing right after its snapshot backs off like any failure.
+        let mut failures = 0;
+        let waits: Vec<Duration> = (0..4)
+            .map(|_| {
+                failures = failures_so_far(failures, true, brief) + 1;
+                backoff(failures)
+            })
+            .collect();
+        assert!(waits.windows(2).all(|w| w[1] > w[0]), "{waits:?}");
     }
 
     #[tokio::test]
