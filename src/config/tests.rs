@@ -143,36 +143,33 @@ fn tls_upstream_needs_sni_for_ip_addresses() {
 
 #[test]
 fn each_upstream_gets_its_own_server_name_and_host() {
-    let c = load(
+    let hosts = |c: &Config| -> Vec<String> {
+        let addrs = &c.upstream.addrs;
+        addrs
+            .iter()
+            .map(|a| a.host.to_str().unwrap().to_string())
+            .collect()
+    };
+    let tls = load(
         "upstream: {addrs: [\"localhost:443\", \"127.0.0.1:8443\"], tls: true, sni: sni.example}",
         &[],
     )
     .unwrap();
     assert!(
-        c.upstream.addrs.iter().all(|a| a.sni == "sni.example"),
+        tls.upstream.addrs.iter().all(|a| a.sni == "sni.example"),
         "sni wins"
     );
-    let hosts: Vec<&str> = c
-        .upstream
-        .addrs
-        .iter()
-        .map(|a| a.host.to_str().unwrap())
-        .collect();
+    let names = hosts(&tls);
     assert!(
-        hosts.contains(&"localhost"),
-        "default port left out: {hosts:?}"
+        names.contains(&"localhost".into()),
+        "default port left out: {names:?}"
     );
-    assert!(hosts.contains(&"127.0.0.1:8443"), "{hosts:?}");
+    assert!(names.contains(&"127.0.0.1:8443".into()), "{names:?}");
     let plain = load("upstream: {addrs: [\"localhost:80\", \"[::1]:8080\"]}", &[]).unwrap();
-    let hosts: Vec<&str> = plain
-        .upstream
-        .addrs
-        .iter()
-        .map(|a| a.host.to_str().unwrap())
-        .collect();
+    let names = hosts(&plain);
     assert!(
-        hosts.contains(&"localhost") && hosts.contains(&"[::1]:8080"),
-        "{hosts:?}"
+        names.contains(&"localhost".into()) && names.contains(&"[::1]:8080".into()),
+        "{names:?}"
     );
     assert!(plain.upstream.addrs.iter().all(|a| a.sni.is_empty()));
     assert!(!plain.upstream.preserve_host);

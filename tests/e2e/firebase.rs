@@ -674,12 +674,7 @@ fn stream_survives_redirects_revocation_cancel_and_stalls() {
     eventually(PROPAGATION, "deletion made while away applied", &tg, || {
         proxy(&tg, "u") == StatusCode::UNAUTHORIZED
     });
-    let metrics = client()
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = tg.metrics();
     assert!(metrics.contains("reconnect"), "{metrics}");
 }
 

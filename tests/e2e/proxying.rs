@@ -269,12 +269,7 @@ fn each_upstream_is_tried_once_before_a_502() {
     for _ in 0..3 {
         assert_eq!(client().get(tg.url("/a")).send().unwrap().status(), 502);
     }
-    let metrics = client()
-        .get(tg.admin_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = tg.metrics();
     assert!(
         metrics.contains("tollgate_upstream_connect_failures_total 6"),
         "two attempts per request:\n{metrics}"

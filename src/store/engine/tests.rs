@@ -6,6 +6,15 @@ use super::*;
 use crate::store::ApplyReport;
 use crate::users::{Change, User, UserType};
 
+/// The requests a batch carries.
+fn prompt_deltas(batch: &Batch) -> u64 {
+    let delta = |change: &Change| match change {
+        Change::Upsert(u) => u.prompt_delta,
+        Change::Delete { .. } => 0,
+    };
+    batch.changes.iter().map(delta).sum()
+}
+
 /// A backend that fails the first `fail` writes, then records what it was given.
 struct Flaky {
     fail: AtomicUsize,
@@ -37,14 +46,7 @@ impl StoreBackend for Flaky {
         {
             return Err(StoreError::Unavailable("injected".into()));
         }
-        let deltas = batch
-            .changes
-            .iter()
-            .map(|c| match c {
-                Change::Upsert(u) => u.prompt_delta,
-                Change::Delete { .. } => 0,
-            })
-            .sum();
+        let deltas = prompt_deltas(batch);
         self.written
             .lock()
             .push((batch.seq, batch.changes.len(), deltas));
@@ -153,14 +155,7 @@ impl StoreBackend for Busy {
         {
             self.cache.count_request(&self.cache.get("a").unwrap(), 5);
         }
-        let delta = batch
-            .changes
-            .iter()
-            .map(|c| match c {
-                Change::Upsert(u) => u.prompt_delta,
-                Change::Delete { .. } => 0,
-            })
-            .sum();
+        let delta = prompt_deltas(batch);
         self.deltas.lock().push(delta);
         Ok(ApplyReport::default())
     }

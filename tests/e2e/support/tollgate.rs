@@ -283,6 +283,16 @@ impl Tollgate {
         format!("{}{path}", self.admin)
     }
 
+    /// The Prometheus text of `/metrics` (no key needed).
+    pub fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
     /// A request to the admin API with the admin key.
     pub fn admin_request(
         &self,
