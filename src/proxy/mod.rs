@@ -563,7 +563,10 @@ impl Proxy {
     /// forwarded request from an untrusted peer says so.
     #[cold]
     fn warn_untrusted_forwarding(&self, peer: IpAddr) {
-        if !self.untrusted_forwarding_seen.swap(true, Ordering::Relaxed) {
+        // A read first: once set, requests only read the flag (no shared write per request).
+        if !self.untrusted_forwarding_seen.load(Ordering::Relaxed)
+            && !self.untrusted_forwarding_seen.swap(true, Ordering::Relaxed)
+        {
             warn!(
                 "requests from {peer} carry X-Forwarded-For, but {peer} is not in \
                  trusted_proxies: their client address is taken to be {peer} and the header is \
