@@ -191,6 +191,35 @@ pub fn expects_continue(session: &ServerSession) -> bool {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// Whether the body is form-encoded (`type=special&nickname=bob`).
+pub fn is_form(session: &ServerSession) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// A form body as the JSON object of its fields, all strings, as the older proxy's express
+/// `urlencoded` handed them to its validation: a number field given this way is refused like a
+/// JSON string would be. A field given twice is refused rather than one silently winning.
+pub fn form_to_json(body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let mut fields = serde_json::Map::new();
+    for (name, value) in form_urlencoded::parse(body) {
+        let name = name.into_owned();
+        if fields.contains_key(&name) {
+            return Err(ApiError::bad_request(name, "is given more than once"));
+        }
+        fields.insert(name, serde_json::Value::String(value.into_owned()));
+    }
+    Ok(serde_json::to_vec(&fields).expect("strings always serialize"))
+}
+
 /// Deserializes JSON, naming the field at fault (`users[3].maxIps`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);

@@ -21,7 +21,9 @@ use crate::observe::Metrics;
 use crate::store::StoreStatus;
 use crate::users::UserCache;
 use auth::AdminAuth;
-use http::{bytes_response, expects_continue, json_response, read_body, ApiError};
+use http::{
+    bytes_response, expects_continue, form_to_json, is_form, json_response, read_body, ApiError,
+};
 use users::UsersApi;
 
 /// Every route the admin listener serves: `(method, path pattern)`. `docs/openapi.yaml`
@@ -138,7 +140,12 @@ impl AdminService {
             _ => Default::default(),
         };
         let body = if method == Method::POST || method == Method::PUT {
-            read_body(session, self.max_body_bytes, self.body_read_timeout).await?
+            let body = read_body(session, self.max_body_bytes, self.body_read_timeout).await?;
+            if is_form(session) {
+                form_to_json(&body)?
+            } else {
+                body
+            }
         } else {
             Vec::new()
         };

@@ -677,3 +677,45 @@ fn expect_100_continue_is_answered_before_the_body() {
     let (_s, got) = raw_head(&tg, &too_big, Duration::from_secs(5));
     assert!(got.starts_with("HTTP/1.1 413"), "{got:?}");
 }
+
+/// Form bodies, as the older proxy's express `urlencoded` took them (`curl -d type=special`):
+/// fields arrive as strings and are validated as JSON strings would be.
+#[test]
+fn form_encoded_bodies_work_as_in_the_older_proxy() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    let form = |method: Method, path: &str, body: &str| {
+        tg.admin_request(method, path)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    };
+    let created = form(Method::POST, "/admin/users", "type=special");
+    assert_eq!(created.status(), 200);
+    let token = created.json::<Value>().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(tg.user(&token)["type"], "special");
+    let path = format!("/admin/users/{token}");
+    let edited = form(Method::PUT, &path, "nickname=bob+smith&adminNote=a%26b");
+    assert_eq!(edited.status(), 200);
+    let user = tg.user(&token);
+    assert_eq!(
+        (user["nickname"].as_str(), user["adminNote"].as_str()),
+        (Some("bob smith"), Some("a&b"))
+    );
+    for (body, field) in [
+        ("promptCount=5", "promptCount"),
+        ("nickname=a&nickname=b", "nickname"),
+    ] {
+        let refused = form(Method::PUT, &path, body);
+        assert_eq!(refused.status(), 400, "{body}");
+        assert_eq!(
+            refused.json::<Value>().unwrap()["error"]["field"],
+            field,
+            "{body}"
+        );
+    }
+}
