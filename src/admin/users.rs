@@ -2,6 +2,7 @@
 //! 200 on success), with strict validation and writes that report whether they are durable.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,8 +167,12 @@ impl UsersApi {
             .cache
             .create(&user)
             .map_err(|_| ApiError::new(500, "internal_error", "token collision; try again"))?;
-        self.respond_when_durable(ticket, &Created { token: &user.token })
-            .await
+        self.respond_when_durable(
+            ticket,
+            [user.token.as_str()],
+            &Created { token: &user.token },
+        )
+        .await
     }
 
     /// `PUT /admin/users/{token}`: partial upsert; `null` removes an optional field.
@@ -186,7 +191,7 @@ impl UsersApi {
             .validate("")
             .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
         let (user, ticket) = self.cache.upsert(token, &patch, now_ms());
-        self.respond_when_durable(ticket, &user).await
+        self.respond_when_durable(ticket, [token], &user).await
     }
 
     /// `PUT /admin/users`: the import. All entries are validated before any is applied.
@@ -207,6 +212,7 @@ impl UsersApi {
         let (users, ticket) = self.cache.upsert_many(&items, now_ms());
         self.respond_when_durable(
             ticket,
+            items.iter().map(|(token, _)| token.as_str()),
             &Upserted {
                 upserted_users: &users,
                 count: users.len(),
@@ -253,7 +259,7 @@ impl UsersApi {
                 deleted: &'a str,
             }
             return self
-                .respond_when_durable(ticket, &Deleted { deleted: token })
+                .respond_when_durable(ticket, [token], &Deleted { deleted: token })
                 .await;
         }
         let (user, ticket) = self
@@ -264,17 +270,46 @@ impl UsersApi {
                     ApiError::not_found("Not found")
                 }
             })?;
-        self.respond_when_durable(ticket, &user).await
+        self.respond_when_durable(ticket, [token], &user).await
     }
 
     /// 200 once the store confirmed the change; 202 when it could not within the bound (the
-    /// change is applied here and stays queued). `x-tollgate-persisted` says which.
-    async fn respond_when_durable<T: Serialize>(
+    /// change is applied here and stays queued). `x-tollgate-persisted` says which. A 500 when
+    /// the store refused the change of one of `tokens` for good: it is not saved.
+    async fn respond_when_durable<'a, T: Serialize>(
         &self,
         ticket: ChangeTicket,
+        tokens: impl IntoIterator<Item = &'a str>,
         body: &T,
     ) -> Result<Reply, ApiError> {
         let durable = self.status.wait_durable(ticket, self.persist_timeout).await;
+        let refusals = self.status.refusals_since(ticket);
+        if !refusals.is_empty() {
+            let refused: HashMap<&str, &str> = refusals
+                .iter()
+                .map(|(token, reason)| (token.as_ref(), reason.as_str()))
+                .collect();
+            let mut ours = tokens
+                .into_iter()
+                .filter_map(|t| refused.get(t).map(|r| (t, *r)));
+            if let Some((token, reason)) = ours.next() {
+                let others = ours.count();
+                let more = if others > 0 {
+                    format!(" (and {others} more users' changes)")
+                } else {
+                    String::new()
+                };
+                return Err(ApiError::new(
+                    500,
+                    "store_refused",
+                    format!(
+                        "the store refused the change to user {token}{more} and it is not saved: \
+                         {reason}; this instance keeps it in memory until it restarts"
+                    ),
+                )
+                .with_header("x-tollgate-persisted", "false"));
+            }
+        }
         let (status, persisted) = if durable {
             (200, "true")
         } else {

@@ -3,12 +3,14 @@
 //! graceful shutdown. At most one batch is in flight; a failed batch is kept and retried with
 //! exponential backoff, and new changes keep queueing behind it in the cache.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use log::{error, info, warn};
+use parking_lot::Mutex;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::{watch, Notify};
@@ -37,7 +39,19 @@ pub struct StoreStatus {
     stream_connected: AtomicBool,
     stream_reconnects: AtomicU64,
     ready: AtomicBool,
+    /// Changes the store refused for good, newest last (at most [`REFUSALS_KEPT`]), so an
+    /// admin write that waited for the store is not reported persisted when it was dropped.
+    refusals: Mutex<VecDeque<Refusal>>,
 }
+
+/// A change the store refused: its user, the newest ticket it included, and why.
+struct Refusal {
+    token: Arc<str>,
+    taken_at: ChangeTicket,
+    reason: String,
+}
+
+const REFUSALS_KEPT: usize = 1024;
 
 impl StoreStatus {
     pub fn new(store: &'static str, cache: Arc<UserCache>) -> Arc<Self> {
@@ -52,7 +66,31 @@ impl StoreStatus {
             stream_connected: AtomicBool::new(true),
             stream_reconnects: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            refusals: Mutex::new(VecDeque::new()),
         })
+    }
+
+    fn record_refusal(&self, token: Arc<str>, taken_at: ChangeTicket, reason: String) {
+        let mut refusals = self.refusals.lock();
+        if refusals.len() == REFUSALS_KEPT {
+            refusals.pop_front();
+        }
+        refusals.push_back(Refusal {
+            token,
+            taken_at,
+            reason,
+        });
+    }
+
+    /// The users whose changes the store refused, with why, among the changes that included
+    /// the edits up to `ticket` or later ones (checked after [`StoreStatus::wait_durable`]).
+    pub fn refusals_since(&self, ticket: ChangeTicket) -> Vec<(Arc<str>, String)> {
+        let refusals = self.refusals.lock();
+        refusals
+            .iter()
+            .filter(|r| r.taken_at >= ticket)
+            .map(|r| (Arc::clone(&r.token), r.reason.clone()))
+            .collect()
     }
 
     pub fn store(&self) -> &'static str {
@@ -136,8 +174,8 @@ pub struct SyncEngine {
 
 #[derive(Default)]
 struct EngineState {
-    /// The batch being written, kept across failed attempts.
-    in_flight: Option<Batch>,
+    /// The batch being written, kept across failed attempts, and its `taken_at` ticket.
+    in_flight: Option<(Batch, ChangeTicket)>,
     next_seq: u64,
     failures_in_a_row: u32,
 }
@@ -191,22 +229,24 @@ impl SyncEngine {
                 self.status
                     .in_flight_users
                     .store(taken.changes.len() as u64, Ordering::Relaxed);
-                state.in_flight = Some(Batch {
+                let batch = Batch {
                     seq: state.next_seq,
                     changes: taken.changes,
                     covers: taken.covers,
-                });
+                };
+                state.in_flight = Some((batch, taken.taken_at));
             }
-            let batch = state.in_flight.as_ref().expect("set above");
+            let (batch, _) = state.in_flight.as_ref().expect("set above");
             match self.backend.apply(batch).await {
                 Ok(report) => {
-                    let batch = state.in_flight.take().expect("set above");
-                    for (token, reason) in &report.rejected {
+                    let (batch, taken_at) = state.in_flight.take().expect("set above");
+                    for (token, reason) in report.rejected {
                         error!(
                             "{} store refused a change for user {}; it is dropped: {reason}",
                             self.backend.name(),
-                            crate::observe::token_id(token)
+                            crate::observe::token_id(&token)
                         );
+                        self.status.record_refusal(token, taken_at, reason);
                     }
                     self.cache
                         .acknowledge(&batch.changes, !self.backend.echoes_counters());

@@ -77,6 +77,9 @@ pub struct TakenChanges {
     /// Every change with a ticket up to this one is in `changes` (or an earlier write), unless
     /// `None`: the queue held more than was taken.
     pub covers: Option<ChangeTicket>,
+    /// The newest ticket issued when these were taken: a change in `changes` includes every
+    /// edit of its user with a ticket up to this one.
+    pub taken_at: ChangeTicket,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -458,6 +461,7 @@ impl UserCache {
                 return TakenChanges {
                     changes,
                     covers: Some(covers),
+                    taken_at: covers,
                 };
             };
             let change = match item {
@@ -467,8 +471,13 @@ impl UserCache {
             };
             merge_into(&mut changes, &mut index, change);
         }
+        let taken_at = covers;
         let covers = self.queue.is_empty().then_some(covers);
-        TakenChanges { changes, covers }
+        TakenChanges {
+            changes,
+            covers,
+            taken_at,
+        }
     }
 
     /// The store confirmed `changes`; `fold_counters` is false for stores that echo totals.

@@ -718,15 +718,17 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
         );
     }
     assert!(tg.log().contains("splitting it"), "{}", tg.log());
-    // A change refused on its own is dropped and reported; later changes still flow.
+    // A change refused on its own is dropped and reported, to the log and to the admin write
+    // that waited for it (not "persisted"); later changes still flow.
     db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::status(400)).times(1));
-    let (status, _) = admin(
+    let (status, body) = admin(
         &tg,
         Method::PUT,
         "/admin/users/b",
         Some(json!({"nickname": "y"})),
     );
-    assert_eq!(status, 200);
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["type"], "store_refused", "{body}");
     assert!(tg.log().contains("it is dropped"), "{}", tg.log());
     let (status, _) = admin(
         &tg,

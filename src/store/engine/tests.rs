@@ -208,6 +208,54 @@ async fn the_last_flush_also_writes_what_arrives_while_it_writes() {
     assert_eq!(cache.queued_len(), 0);
 }
 
+/// A backend that refuses every change for good (as Firebase does with a 400 it isolated).
+struct Refusing;
+
+#[async_trait]
+impl StoreBackend for Refusing {
+    fn name(&self) -> &'static str {
+        "refusing"
+    }
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        let rejected = batch
+            .changes
+            .iter()
+            .map(|c| (Arc::clone(c.token()), "invalid data".to_string()))
+            .collect();
+        Ok(ApplyReport { rejected })
+    }
+}
+
+#[tokio::test]
+async fn refused_changes_are_known_to_the_writes_they_include() {
+    let cache = Arc::new(UserCache::default());
+    let status = StoreStatus::new("refusing", Arc::clone(&cache));
+    let engine = SyncEngine::new(
+        Arc::new(Refusing),
+        Arc::clone(&status),
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    );
+    let first = cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    engine.flush().await.unwrap();
+    let refused = status.refusals_since(first);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(
+        (refused[0].0.as_ref(), refused[0].1.as_str()),
+        ("a", "invalid data")
+    );
+    // An edit made after that write was taken is not the refused one.
+    let later = cache
+        .create(&User::new("b".into(), UserType::Normal, 1))
+        .unwrap();
+    assert!(status.refusals_since(later).is_empty());
+}
+
 #[test]
 fn backoff_grows_and_caps() {
     assert_eq!(backoff_for(0), Duration::ZERO);
