@@ -374,7 +374,10 @@ impl ProxyHttp for Proxy {
             credential::strip_all(upstream);
         }
         if !ctx.peer_trusted {
-            if upstream.headers.contains_key("x-forwarded-for") {
+            // Only until the warning was given: then no header lookup per request.
+            if !self.untrusted_forwarding_seen.load(Ordering::Relaxed)
+                && upstream.headers.contains_key("x-forwarded-for")
+            {
                 self.warn_untrusted_forwarding(ctx.client_ip);
             }
             remove_forwarding_headers(upstream);
@@ -563,10 +566,7 @@ impl Proxy {
     /// forwarded request from an untrusted peer says so.
     #[cold]
     fn warn_untrusted_forwarding(&self, peer: IpAddr) {
-        // A read first: once set, requests only read the flag (no shared write per request).
-        if !self.untrusted_forwarding_seen.load(Ordering::Relaxed)
-            && !self.untrusted_forwarding_seen.swap(true, Ordering::Relaxed)
-        {
+        if !self.untrusted_forwarding_seen.swap(true, Ordering::Relaxed) {
             warn!(
                 "requests from {peer} carry X-Forwarded-For, but {peer} is not in \
                  trusted_proxies: their client address is taken to be {peer} and the header is \

@@ -9,9 +9,13 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::config::UpstreamConfig;
 
 pub struct Upstreams {
-    peers: Box<[HttpPeer]>,
-    /// Each peer's own `Host`; `None` forwards the client's (`upstream.preserve_host`).
-    hosts: Box<[Option<HeaderValue>]>,
+    upstreams: Box<[Upstream]>,
+}
+
+struct Upstream {
+    peer: HttpPeer,
+    /// Its own `Host`; `None` forwards the client's (`upstream.preserve_host`).
+    host: Option<HeaderValue>,
 }
 
 thread_local! {
@@ -20,7 +24,7 @@ thread_local! {
 
 impl Upstreams {
     pub fn new(config: &UpstreamConfig) -> Self {
-        let peers = config
+        let upstreams = config
             .addrs
             .iter()
             .map(|upstream| {
@@ -30,29 +34,25 @@ impl Upstreams {
                 peer.options.idle_timeout = Some(config.idle_timeout);
                 peer.options.verify_cert = config.verify_cert;
                 peer.options.verify_hostname = config.verify_cert;
-                peer
+                let host = (!config.preserve_host).then(|| upstream.host.clone());
+                Upstream { peer, host }
             })
             .collect();
-        let hosts = config
-            .addrs
-            .iter()
-            .map(|upstream| (!config.preserve_host).then(|| upstream.host.clone()))
-            .collect();
-        Self { peers, hosts }
+        Self { upstreams }
     }
 
     pub fn len(&self) -> usize {
-        self.peers.len()
+        self.upstreams.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
+        self.upstreams.is_empty()
     }
 
     /// Where a request starts in the rotation: this thread's next index (no shared counter).
     #[inline]
     pub fn first(&self) -> usize {
-        if self.peers.len() == 1 {
+        if self.upstreams.len() == 1 {
             return 0;
         }
         NEXT.with(|next| {
@@ -66,17 +66,17 @@ impl Upstreams {
     /// one request goes to a different upstream, whatever other requests took meanwhile.
     #[inline]
     pub fn peer(&self, first: usize, attempt: usize) -> Box<HttpPeer> {
-        Box::new(self.peers[self.index(first, attempt)].clone())
+        Box::new(self.at(first, attempt).peer.clone())
     }
 
     /// The `Host` for that attempt's upstream; `None`: keep the client's.
     #[inline]
     pub fn host(&self, first: usize, attempt: usize) -> Option<&HeaderValue> {
-        self.hosts[self.index(first, attempt)].as_ref()
+        self.at(first, attempt).host.as_ref()
     }
 
-    fn index(&self, first: usize, attempt: usize) -> usize {
-        first.wrapping_add(attempt) % self.peers.len()
+    fn at(&self, first: usize, attempt: usize) -> &Upstream {
+        &self.upstreams[first.wrapping_add(attempt) % self.upstreams.len()]
     }
 }
 
