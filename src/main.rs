@@ -16,7 +16,7 @@ use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, Metrics};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
-use tollgate::upgrade::{DaemonReady, HandOver};
+use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
 use tollgate::users::UserCache;
 
 /// mimalloc instead of glibc's malloc: Pingora allocates and frees many small objects per
@@ -170,6 +170,8 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     let engine = sync.task();
     server.add_service(sync);
     server.add_service(background_service("temporary user purge", purge));
+    let leaving = LeavingWatch::new(server.watch_execution_phase(), Arc::clone(&status));
+    server.add_service(background_service("leaving watch", leaving));
     if let Some(writer) = access_log_writer {
         server.add_service(background_service("access log", writer));
     }
@@ -206,20 +208,33 @@ fn flush_after_shutdown(engine: &SyncEngine) {
 }
 
 /// Fills the cache before any listener opens. This runs on a short-lived runtime that is gone
-/// before Pingora starts (its `-d` fork would lose any threads started here).
+/// before Pingora starts (its `-d` fork would lose any threads started here). Only Firebase's
+/// load, over the network, is bounded by `store.firebase.startup_timeout_seconds`; a local
+/// file's is bounded by the disk.
 fn load_users(config: &Config, backend: &dyn StoreBackend) -> Result<UserCache, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the loader runtime: {e}"))?;
-    let timeout = config.store.firebase.startup_timeout;
-    let users = runtime
-        .block_on(async { tokio::time::timeout(timeout, backend.load_all()).await })
-        .map_err(|_| {
+    let timeout = match config.store.kind {
+        StoreKind::FirebaseRtdb => Some(config.store.firebase.startup_timeout),
+        StoreKind::Memory | StoreKind::Sqlite => None,
+    };
+    let loaded = runtime.block_on(async {
+        match timeout {
+            Some(timeout) => tokio::time::timeout(timeout, backend.load_all()).await.ok(),
+            None => Some(backend.load_all().await),
+        }
+    });
+    // Without waiting for anything the load left behind (a timed-out request).
+    runtime.shutdown_background();
+    let users = loaded
+        .ok_or_else(|| {
             format!(
-                "store {}: loading users took longer than {} s",
+                "store {}: loading users took longer than {} s \
+                 (store.firebase.startup_timeout_seconds)",
                 backend.name(),
-                timeout.as_secs()
+                timeout.unwrap_or_default().as_secs()
             )
         })?
         .map_err(|e| format!("store {}: cannot load users: {e}", backend.name()))?;

@@ -12,8 +12,14 @@
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use pingora::server::ExecutionPhase;
+use tokio::sync::broadcast;
+
+use crate::store::StoreStatus;
 
 /// How long the new process may take from here to binding `upgrade_sock` (Pingora's
 /// bootstrap does it at once).
@@ -85,6 +91,56 @@ fn signal_when_bound(path: &Path, old: i32) -> Result<(), String> {
 
 fn is_socket(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Sets [`StoreStatus::set_leaving`] as soon as Pingora starts handing the listeners to a new
+/// process (SIGQUIT) or stopping (SIGTERM). During an upgrade both processes accept
+/// connections for a few seconds (Pingora's old process keeps its copy of each listening
+/// socket open for 5 s after sending them), so an admin write could otherwise land in the
+/// old process after the new one loaded its users.
+pub struct LeavingWatch {
+    phases: parking_lot::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    status: Arc<StoreStatus>,
+}
+
+impl LeavingWatch {
+    /// `phases`: [`pingora::server::Server::watch_execution_phase`], subscribed before `run`.
+    pub fn new(phases: broadcast::Receiver<ExecutionPhase>, status: Arc<StoreStatus>) -> Self {
+        Self {
+            phases: parking_lot::Mutex::new(Some(phases)),
+            status,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for LeavingWatch {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let Some(mut phases) = self.phases.lock().take() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(phase) if is_leaving(&phase) => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.status.set_leaving();
+    }
+}
+
+fn is_leaving(phase: &ExecutionPhase) -> bool {
+    !matches!(
+        phase,
+        ExecutionPhase::Setup
+            | ExecutionPhase::Bootstrap
+            | ExecutionPhase::BootstrapComplete
+            | ExecutionPhase::Running
+    )
 }
 
 /// With `-d`, Pingora's launching process waits (`daemon_wait_for_ready`) for a SIGUSR1 from

@@ -129,6 +129,9 @@ impl AdminService {
                 self.auth.authorize(ip, authorization, Instant::now())?;
             }
         }
+        if method != Method::GET && self.status.is_leaving() {
+            return Err(leaving());
+        }
         // The token is decoded as a path segment: `+` is a literal plus, not a space.
         let token = match route {
             Route::User(raw) => percent_decode_segment(raw).map_err(|_| {
@@ -171,6 +174,20 @@ impl AdminService {
         });
         json_response(if gauges.ready { 200 } else { 503 }, &body, &[])
     }
+}
+
+/// A write sent to a process that is handing over to a new one (or stopping). The client's
+/// retry on a new connection reaches the new process: Pingora's old process stops accepting
+/// within 5 s of the hand-over.
+fn leaving() -> ApiError {
+    ApiError::new(
+        503,
+        "shutting_down",
+        "this tollgate process is handing over to a new one or stopping and takes no more \
+         changes; retry in a moment (the new process will take it)",
+    )
+    .with_header("retry-after", 1)
+    .closing()
 }
 
 fn route(path: &str) -> Option<Route<'_>> {

@@ -3,7 +3,7 @@
 //! graceful shutdown. At most one batch is in flight; a failed batch is kept and retried with
 //! exponential backoff, and new changes keep queueing behind it in the cache.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +19,12 @@ use tokio::time::Instant;
 use super::{Batch, StoreBackend, StoreError};
 use crate::clock::now_ms;
 use crate::observe::StoreGauges;
-use crate::users::{ChangeTicket, UserCache};
+use crate::users::{ChangeTicket, User, UserCache};
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// How often the engine asks the store whether another process wrote it.
+const READ_BACK_INTERVAL: Duration = Duration::from_secs(1);
 /// Users per batch: one SQLite transaction or one Firebase PATCH.
 pub const DEFAULT_BATCH_USERS: usize = 1_000;
 
@@ -39,6 +41,8 @@ pub struct StoreStatus {
     stream_connected: AtomicBool,
     stream_reconnects: AtomicU64,
     ready: AtomicBool,
+    /// The process is handing over to a new one or stopping ([`StoreStatus::set_leaving`]).
+    leaving: AtomicBool,
     /// Changes the store refused for good, newest last (at most [`REFUSALS_KEPT`]), so an
     /// admin write that waited for the store is not reported persisted when it was dropped.
     refusals: Mutex<VecDeque<Refusal>>,
@@ -66,6 +70,7 @@ impl StoreStatus {
             stream_connected: AtomicBool::new(true),
             stream_reconnects: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             refusals: Mutex::new(VecDeque::new()),
         })
     }
@@ -134,6 +139,17 @@ impl StoreStatus {
         self.ready.load(Ordering::Acquire) && self.stream_connected.load(Ordering::Acquire)
     }
 
+    /// From now on this process takes no admin writes: it is handing its listeners to a new
+    /// process or stopping, and a change made here could land after the new process read the
+    /// store, or be written only at the very end.
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
     /// False while a change stream is down or has not delivered its snapshot since it
     /// reconnected: changes made elsewhere may be missing from the cache.
     pub fn cache_is_current(&self) -> bool {
@@ -178,6 +194,8 @@ struct EngineState {
     in_flight: Option<(Batch, ChangeTicket)>,
     next_seq: u64,
     failures_in_a_row: u32,
+    /// The last check for other writers failed (logged once until it works again).
+    read_back_failing: bool,
 }
 
 impl SyncEngine {
@@ -213,6 +231,9 @@ impl SyncEngine {
     /// `until_empty`: also write what is queued while writing (the last flush at shutdown).
     async fn write_queued(&self, until_empty: bool) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
+        // Users are written whole: read another writer's changes first, so as not to write
+        // back what it replaced.
+        self.read_back_locked(&mut state).await;
         // A batch kept from a failed attempt was taken before this call: whatever was queued
         // since it was taken is part of this flush's work too.
         let mut retrying = state.in_flight.is_some();
@@ -276,6 +297,44 @@ impl SyncEngine {
                         );
                     }
                     return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Reads the store back into the cache if another process wrote it since this one last
+    /// read it (only stores that can tell: SQLite).
+    pub async fn read_back(&self) {
+        let mut state = self.state.lock().await;
+        self.read_back_locked(&mut state).await;
+    }
+
+    /// With the state lock held and no batch in flight, every change of this process is
+    /// either acknowledged (and in the store's values) or still queued here, which the
+    /// cache's merge keeps: the store's values can be taken as they are.
+    async fn read_back_locked(&self, state: &mut EngineState) {
+        if state.in_flight.is_some() {
+            return;
+        }
+        match self.backend.reload_if_changed().await {
+            Ok(None) => state.read_back_failing = false,
+            Ok(Some(users)) => {
+                state.read_back_failing = false;
+                let count = users.len();
+                let users: HashMap<String, User> =
+                    users.into_iter().map(|u| (u.token.clone(), u)).collect();
+                self.cache.replace_all_remote(&users);
+                info!(
+                    "{} store: another process wrote it; read back {count} users",
+                    self.backend.name()
+                );
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut state.read_back_failing, true) {
+                    warn!(
+                        "{} store: cannot check for other writers: {e}",
+                        self.backend.name()
+                    );
                 }
             }
         }
@@ -357,12 +416,18 @@ impl BackgroundService for SyncEngine {
             tokio::spawn(async move { backend.follow(cache, status, shutdown).await })
         };
         let mut next = Instant::now() + self.interval;
+        let mut next_read_back = Instant::now() + READ_BACK_INTERVAL;
         loop {
             let backing_off = self.state.lock().await.failures_in_a_row > 0;
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep_until(next) => {}
                 _ = self.status.wake.notified(), if !backing_off => {}
+                _ = tokio::time::sleep_until(next_read_back) => {
+                    self.read_back().await;
+                    next_read_back = Instant::now() + READ_BACK_INTERVAL;
+                    continue;
+                }
             }
             next = match self.flush().await {
                 Ok(()) => Instant::now() + self.interval,

@@ -96,4 +96,12 @@ pub trait StoreBackend: Send + Sync + 'static {
     async fn housekeeping(&self, _now_ms: u64) -> Result<usize, StoreError> {
         Ok(0)
     }
+
+    /// Every stored user again, if another process wrote the store since this one last read
+    /// it (`None`: nobody did). For stores without [`follow`](Self::follow) that are still
+    /// shared now and then: an SQLite file is written by the old process during a graceful
+    /// upgrade. The sync engine asks between its own writes.
+    async fn reload_if_changed(&self) -> Result<Option<Vec<User>>, StoreError> {
+        Ok(None)
+    }
 }

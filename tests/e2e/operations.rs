@@ -241,6 +241,40 @@ impl Drop for Daemons {
     }
 }
 
+#[test]
+fn a_process_handing_over_refuses_admin_writes_and_still_answers_reads() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).start();
+    // No new process takes the listeners: Pingora keeps trying for a few seconds, then
+    // waits 5 s more with its listeners open, as during a real hand-over.
+    tg.signal(libc::SIGQUIT);
+    let mut answer = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let response = tg
+                .admin_request(reqwest::Method::POST, "/admin/users")
+                .json(&serde_json::json!({}))
+                .send()
+                .unwrap();
+            let refused = response.status() == 503;
+            answer = Some(response);
+            refused
+        }),
+        "{}",
+        tg.log()
+    );
+    let answer = answer.unwrap();
+    assert_eq!(answer.headers()["retry-after"], "1");
+    assert_eq!(answer.headers()["connection"], "close");
+    let body: serde_json::Value = answer.json().unwrap();
+    assert_eq!(body["error"]["type"], "shutting_down", "{body}");
+    let list = tg
+        .admin_request(reqwest::Method::GET, "/admin/users")
+        .send()
+        .unwrap();
+    assert_eq!(list.status(), 200);
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid, 0) == 0 }

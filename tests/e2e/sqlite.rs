@@ -419,6 +419,54 @@ fn a_graceful_upgrade_keeps_the_counts_of_both_processes() {
 }
 
 #[test]
+fn admin_changes_the_old_process_made_during_an_upgrade_reach_the_new_one() {
+    let origin = Origin::start();
+    let mut old = sqlite(&origin, 60).start();
+    let known = old.create_user(json!({}));
+    assert_eq!(proxied(&old, &known), 200);
+    let mut new = old.spawn_upgrade();
+    assert!(
+        wait_until(Duration::from_secs(20), || old
+            .log()
+            .contains("loaded 1 users from the sqlite store")),
+        "{}",
+        old.log()
+    );
+    // After the new process loaded the file: the old one disables a user and creates one.
+    let disabled = old
+        .admin_request(
+            Method::DELETE,
+            &format!("/admin/users/{known}?disabledReason=leaked"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(disabled.status(), 200);
+    let created = old.create_user(json!({"type": "special"}));
+    old.signal(libc::SIGQUIT);
+    new.wait_until_serving();
+    assert!(old.wait_exit(Duration::from_secs(20)).is_some());
+    // The new process reads back what the old one wrote.
+    assert!(
+        wait_until(Duration::from_secs(10), || proxied(&new, &created) == 200),
+        "the user created in the old process: {}",
+        new.log()
+    );
+    assert_eq!(proxied(&new, &known), 403, "disabled in the old process");
+    // An edit in the new process keeps the old process's disable in the file.
+    let edited = new
+        .admin_request(Method::PUT, &format!("/admin/users/{known}"))
+        .json(&json!({"adminNote": "checked"}))
+        .send()
+        .unwrap();
+    assert_eq!(edited.status(), 200);
+    let new = new.restart();
+    let user = new.user(&known);
+    assert_eq!(user["disabledReason"], "leaked", "{user}");
+    assert_eq!(user["adminNote"], "checked", "{user}");
+    assert_eq!(new.user(&created)["type"], "special");
+}
+
+#[test]
 fn a_version_1_database_is_migrated_and_its_users_served() {
     let origin = Origin::start();
     let dir = tempfile::tempdir().unwrap();

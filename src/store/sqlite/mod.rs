@@ -18,6 +18,8 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +48,17 @@ const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// A problem with the database file, always naming it.
 #[derive(Debug, thiserror::Error)]
 pub enum SqliteError {
+    #[error("{path}: cannot create the file: {source}")]
+    CreateFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: the database file was moved, deleted or replaced while tollgate ran; changes \
+         stay queued here until the file is back at this path (or restart tollgate to load \
+         the file now there)"
+    )]
+    Replaced { path: String },
     #[error("{path}: cannot create the directory {dir}: {source}")]
     CreateDir {
         path: String,
@@ -144,7 +157,10 @@ impl SqliteError {
                 code,
                 Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
             ),
-            Self::CreateDir { .. } | Self::ReadOnly { .. } => false,
+            Self::CreateDir { .. }
+            | Self::CreateFile { .. }
+            | Self::Replaced { .. }
+            | Self::ReadOnly { .. } => false,
         }
     }
 }
@@ -194,11 +210,14 @@ fn describe(e: &rusqlite::Error) -> String {
     }
 }
 
-/// Opens the file read-write, checks and migrates its schema, and sets the pragmas.
-fn connect(path: &Path) -> Result<Connection, SqliteError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+/// Opens the file read-write, checks and migrates its schema, and sets the pragmas. Only
+/// [`SqliteStore::open`] may create it: a file that disappears later (moved, deleted, a
+/// restore in progress) must not come back empty and swallow the next writes.
+fn connect(path: &Path, create: bool) -> Result<Connection, SqliteError> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
     let mut conn = Connection::open_with_flags(path, flags)
         .map_err(|e| SqliteError::sqlite(path, "cannot open", e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
@@ -237,128 +256,177 @@ fn connect(path: &Path) -> Result<Connection, SqliteError> {
 
 /// The flush connection: also forgets writers that stopped long ago.
 fn connect_writer(path: &Path) -> Result<Connection, SqliteError> {
-    let conn = connect(path)?;
+    let conn = connect(path, false)?;
     conn.execute(PRUNE, [now_ms() as i64 - FLUSHES_KEPT_MS])
         .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot write", e))?;
     Ok(conn)
 }
 
-/// Below this many rows one thread reads them all.
-const ROWS_PER_LOAD_THREAD: i64 = 100_000;
+/// Below this many rows one thread decodes them all.
+const ROWS_PER_LOAD_THREAD: usize = 100_000;
 /// Decoding users is most of start-up; it is spread over up to this many threads.
 const MAX_LOAD_THREADS: usize = 4;
+/// Rows handed to a decoding thread at a time.
+const LOAD_CHUNK_ROWS: usize = 4_096;
 
-/// Every user in the file. Large files are read in rowid ranges on several threads, each
-/// with its own connection: decoding a million users is CPU work that parallelises well.
-fn load(path: &Path) -> Result<Vec<User>, SqliteError> {
-    load_in_ranges(path, ROWS_PER_LOAD_THREAD)
+/// Other writers' newest batch numbers (the `flushes` table) as of a read of the users: a
+/// writer missing from it, or with a newer batch, has changed the file since.
+type WriterSeqs = HashMap<String, i64>;
+
+fn read_writers(conn: &Connection, own: &str) -> rusqlite::Result<WriterSeqs> {
+    let mut stmt = conn.prepare_cached("SELECT writer, seq FROM flushes WHERE writer <> ?1")?;
+    let rows = stmt.query_map([own], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
-fn load_in_ranges(path: &Path, rows_per_thread: i64) -> Result<Vec<User>, SqliteError> {
-    let conn = connect(path)?;
-    let (first, last): (i64, i64) = conn
-        .query_row(
-            "SELECT coalesce(min(rowid), 0), coalesce(max(rowid), -1) FROM users",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot read users", e))?;
-    let span = last.saturating_sub(first).saturating_add(1).max(0);
+/// Whether `now` shows a batch that `seen` did not (writers that disappeared were pruned).
+fn written_since(seen: &WriterSeqs, now: &WriterSeqs) -> bool {
+    now.iter()
+        .any(|(writer, seq)| seen.get(writer).is_none_or(|s| seq > s))
+}
+
+/// Every user in the file, and the other writers' batches the read includes.
+fn load(path: &Path, own: &str) -> Result<(Vec<User>, WriterSeqs), SqliteError> {
+    load_with(path, own, ROWS_PER_LOAD_THREAD)
+}
+
+/// One read transaction, so the users are one consistent state of the file even while
+/// another process writes it (the old process during a graceful upgrade). Reading the rows
+/// is fast; decoding each user's JSON is the cost, so large files are decoded on several
+/// threads while this one reads.
+fn load_with(
+    path: &Path,
+    own: &str,
+    rows_per_thread: usize,
+) -> Result<(Vec<User>, WriterSeqs), SqliteError> {
+    let mut conn = connect(path, false)?;
+    let read_err =
+        |conn: &Connection, e| SqliteError::sqlite_on(conn, path, "cannot read users", e);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Deferred)
+        .map_err(|e| SqliteError::sqlite(path, "cannot read users", e))?;
+    let count: i64 = tx
+        .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+        .map_err(|e| read_err(&tx, e))?;
+    let writers = read_writers(&tx, own).map_err(|e| read_err(&tx, e))?;
+    let count = usize::try_from(count).unwrap_or(0);
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .min(MAX_LOAD_THREADS)
-        .min(usize::try_from(span / rows_per_thread.max(1)).unwrap_or(1))
+        .min(count / rows_per_thread.max(1))
         .max(1);
+    let mut stmt = tx
+        .prepare("SELECT rowid, token, prompt_count, last_used_at, doc FROM users")
+        .map_err(|e| read_err(&tx, e))?;
+    let mut rows = stmt.query([]).map_err(|e| read_err(&tx, e))?;
+    let mut next_row = || -> Result<Option<RawRow>, SqliteError> {
+        match rows.next() {
+            Ok(Some(row)) => RawRow::read(row, path).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(SqliteError::sqlite(path, "cannot read users", e)),
+        }
+    };
     if threads == 1 {
-        let mut users = Vec::with_capacity(usize::try_from(span).unwrap_or(0));
-        read_range(&conn, path, first, last, &mut users)?;
-        return Ok(users);
+        let mut users = Vec::with_capacity(count);
+        while let Some(raw) = next_row()? {
+            users.push(raw.decode(path)?);
+        }
+        return Ok((users, writers));
     }
-    let step = (span + threads as i64 - 1) / threads as i64;
-    let parts = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads as i64)
-            .map(|i| {
-                let from = first + i * step;
-                let to = (from + step - 1).min(last);
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<RawRow>>(threads * 2);
+    let receive = Mutex::new(receive);
+    let users = std::thread::scope(|scope| {
+        let decoders: Vec<_> = (0..threads)
+            .map(|_| {
+                let receive = &receive;
                 scope.spawn(move || {
-                    let conn = connect_reader(path)?;
-                    let mut users = Vec::with_capacity(usize::try_from(step).unwrap_or(0));
-                    read_range(&conn, path, from, to, &mut users)?;
+                    let mut users = Vec::with_capacity(count / threads + LOAD_CHUNK_ROWS);
+                    // The lock is held only to take a chunk; a closed channel ends the loop.
+                    while let Ok(chunk) = receive.lock().recv() {
+                        for raw in chunk {
+                            users.push(raw.decode(path)?);
+                        }
+                    }
                     Ok::<_, SqliteError>(users)
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("a load thread panicked"))
-            .collect::<Result<Vec<_>, _>>()
+        let mut read = || -> Result<(), SqliteError> {
+            let mut chunk = Vec::with_capacity(LOAD_CHUNK_ROWS);
+            while let Some(raw) = next_row()? {
+                chunk.push(raw);
+                if chunk.len() == LOAD_CHUNK_ROWS {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(LOAD_CHUNK_ROWS));
+                    if send.send(full).is_err() {
+                        return Ok(()); // every decoder stopped at a bad row: its error follows
+                    }
+                }
+            }
+            let _ = send.send(chunk);
+            Ok(())
+        };
+        let read = read();
+        drop(send);
+        let mut parts = Vec::with_capacity(threads);
+        for decoder in decoders {
+            parts.push(decoder.join().expect("a load thread panicked")?);
+        }
+        read?;
+        Ok::<_, SqliteError>(parts)
     })?;
     // Growing the first part reallocates in place (a large allocation is remapped, not
     // copied); only the other parts are moved.
-    let total: usize = parts.iter().map(Vec::len).sum();
-    let mut parts = parts.into_iter();
+    let total: usize = users.iter().map(Vec::len).sum();
+    let mut parts = users.into_iter();
     let mut users = parts.next().unwrap_or_default();
     users.reserve_exact(total - users.len());
     for part in parts {
         users.extend(part);
     }
-    Ok(users)
+    Ok((users, writers))
 }
 
-/// A second connection for reading, on a file `connect` has already checked.
-fn connect_reader(path: &Path) -> Result<Connection, SqliteError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| SqliteError::sqlite(path, "cannot open", e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot configure", e))?;
-    Ok(conn)
+/// A row as stored, read on the loading thread and decoded on another.
+struct RawRow {
+    rowid: i64,
+    token: String,
+    prompt_count: i64,
+    last_used_at: Option<i64>,
+    doc: String,
 }
 
-/// Decodes the users with `from <= rowid <= to` into `users`.
-fn read_range(
-    conn: &Connection,
-    path: &Path,
-    from: i64,
-    to: i64,
-    users: &mut Vec<User>,
-) -> Result<(), SqliteError> {
-    let read_err = |e| SqliteError::sqlite_on(conn, path, "cannot read users", e);
-    let mut stmt = conn
-        .prepare(
-            "SELECT rowid, token, prompt_count, last_used_at, doc FROM users
-             WHERE rowid BETWEEN ?1 AND ?2",
-        )
-        .map_err(read_err)?;
-    let mut rows = stmt.query([from, to]).map_err(read_err)?;
-    while let Some(row) = rows.next().map_err(read_err)? {
-        let rowid: i64 = row.get(0).map_err(read_err)?;
-        let token = row.get_ref(1).and_then(|v| Ok(v.as_str()?));
-        let decoded = token.as_ref().map_err(|e| e.to_string()).and_then(|token| {
-            let doc = row
-                .get_ref(4)
-                .and_then(|v| Ok(v.as_str()?))
-                .map_err(|e| format!("doc: {e}"))?;
-            let prompt_count = row.get(2).map_err(|e| format!("prompt_count: {e}"))?;
-            let last_used_at = row.get(3).map_err(|e| format!("last_used_at: {e}"))?;
-            rows::decode(token, prompt_count, last_used_at, doc)
-        });
-        match decoded {
-            Ok(user) => users.push(user),
-            Err(problem) => {
-                return Err(SqliteError::BadRow {
-                    path: path.display().to_string(),
-                    rowid,
-                    user: token
-                        .as_ref()
-                        .map(|t| token_id(t))
-                        .unwrap_or_else(|_| "?".into()),
-                    problem,
-                })
-            }
-        }
+impl RawRow {
+    fn read(row: &rusqlite::Row<'_>, path: &Path) -> Result<Self, SqliteError> {
+        let rowid: i64 = row
+            .get(0)
+            .map_err(|e| SqliteError::sqlite(path, "cannot read users", e))?;
+        let bad = |token: Option<&str>, problem: String| SqliteError::BadRow {
+            path: path.display().to_string(),
+            rowid,
+            user: token.map_or_else(|| "?".to_string(), token_id),
+            problem,
+        };
+        let token: String = row.get(1).map_err(|e| bad(None, format!("token: {e}")))?;
+        let column = |name: &str, e| bad(Some(&token), format!("{name}: {e}"));
+        Ok(Self {
+            rowid,
+            prompt_count: row.get(2).map_err(|e| column("prompt_count", e))?,
+            last_used_at: row.get(3).map_err(|e| column("last_used_at", e))?,
+            doc: row.get(4).map_err(|e| column("doc", e))?,
+            token,
+        })
     }
-    Ok(())
+
+    fn decode(self, path: &Path) -> Result<User, SqliteError> {
+        rows::decode(&self.token, self.prompt_count, self.last_used_at, &self.doc).map_err(
+            |problem| SqliteError::BadRow {
+                path: path.display().to_string(),
+                rowid: self.rowid,
+                user: token_id(&self.token),
+                problem,
+            },
+        )
+    }
 }
 
 const PUT: &str = "INSERT INTO users (token, doc, prompt_count, last_used_at)
@@ -451,8 +519,12 @@ fn write_ops(conn: &mut Connection, writer: &str, seq: u64, ops: &[Op]) -> rusql
 /// the newest it wrote under its own random writer id.
 pub struct SqliteStore {
     path: PathBuf,
+    /// The file's device and inode when it was opened.
+    identity: (u64, u64),
     writer_id: Arc<str>,
     writer: Arc<Mutex<Option<Connection>>>,
+    /// Other writers' batches included in the cache's last full read (`None`: not read yet).
+    seen: Arc<Mutex<Option<WriterSeqs>>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -473,22 +545,80 @@ impl SqliteStore {
         // changes the working directory when it forks.
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SqliteError::CreateDir {
-                path: path.display().to_string(),
-                dir: dir.display().to_string(),
-                source,
-            })?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| SqliteError::CreateDir {
+                    path: path.display().to_string(),
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
         }
-        drop(connect(path)?);
+        create_private(path)?;
+        drop(connect(path, true)?);
+        let identity = file_identity(path).map_err(|source| SqliteError::CreateFile {
+            path: path.display().to_string(),
+            source,
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
+            identity,
             writer_id: uuid::Uuid::new_v4().to_string().into(),
             writer: Arc::new(Mutex::new(None)),
+            seen: Arc::new(Mutex::new(None)),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The file holds every user's token in clear text, so a new one is readable by its owner
+/// only (SQLite gives its `-wal` and `-shm` files the same mode). An existing file readable
+/// by others is reported, not changed: its mode is the operator's choice.
+fn create_private(path: &Path) -> Result<(), SqliteError> {
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
+            if mode & 0o044 != 0 {
+                log::warn!(
+                    "{}: other users can read this file (mode {:o}), and it holds every user's \
+                     token: `chmod 600` it and its -wal and -shm files",
+                    path.display(),
+                    mode & 0o777
+                );
+            }
+            Ok(())
+        }
+        Err(source) => Err(SqliteError::CreateFile {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Device and inode: which file a path names, to notice it being moved, deleted or replaced.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Writes go to the file opened at start-up or nowhere: a connection to a file that was
+/// deleted or moved away keeps writing into it, and nobody would ever read that.
+fn check_same_file(path: &Path, identity: (u64, u64)) -> Result<(), SqliteError> {
+    match file_identity(path) {
+        Ok(found) if found == identity => Ok(()),
+        _ => Err(SqliteError::Replaced {
+            path: path.display().to_string(),
+        }),
     }
 }
 
@@ -511,8 +641,17 @@ impl StoreBackend for SqliteStore {
     }
 
     async fn load_all(&self) -> Result<Vec<User>, StoreError> {
-        let path = self.path.clone();
-        blocking(move || load(&path)).await
+        let (path, own, seen) = (
+            self.path.clone(),
+            Arc::clone(&self.writer_id),
+            Arc::clone(&self.seen),
+        );
+        blocking(move || {
+            let (users, writers) = load(&path, &own)?;
+            *seen.lock() = Some(writers);
+            Ok(users)
+        })
+        .await
     }
 
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
@@ -527,27 +666,68 @@ impl StoreBackend for SqliteStore {
         if ops.is_empty() {
             return Ok(report);
         }
-        let (path, writer, writer_id, seq) = (
+        let (path, identity, writer, writer_id, seq) = (
             self.path.clone(),
+            self.identity,
             Arc::clone(&self.writer),
             Arc::clone(&self.writer_id),
             batch.seq,
         );
         blocking(move || {
-            let mut slot = writer.lock();
-            let conn = match slot.as_mut() {
-                Some(conn) => conn,
-                None => slot.insert(connect_writer(&path)?),
-            };
-            let result = write(conn, &path, &writer_id, seq, &ops);
-            if result.is_err() {
-                // Reconnect on the next attempt: that re-checks the file from scratch (it may
-                // have been replaced, repaired or made writable again meanwhile).
-                *slot = None;
-            }
-            result
+            with_writer(&mut writer.lock(), &path, identity, |conn| {
+                write(conn, &path, &writer_id, seq, &ops)
+            })
         })
         .await?;
         Ok(report)
     }
+
+    async fn reload_if_changed(&self) -> Result<Option<Vec<User>>, StoreError> {
+        let (path, identity, writer, own, seen) = (
+            self.path.clone(),
+            self.identity,
+            Arc::clone(&self.writer),
+            Arc::clone(&self.writer_id),
+            Arc::clone(&self.seen),
+        );
+        blocking(move || {
+            let Some(before) = seen.lock().clone() else {
+                return Ok(None);
+            };
+            let now = with_writer(&mut writer.lock(), &path, identity, |conn| {
+                read_writers(conn, &own)
+                    .map_err(|e| SqliteError::sqlite_on(conn, &path, "cannot read", e))
+            })?;
+            if !written_since(&before, &now) {
+                return Ok(None);
+            }
+            let (users, writers) = load(&path, &own)?;
+            *seen.lock() = Some(writers);
+            Ok(Some(users))
+        })
+        .await
+    }
+}
+
+/// Runs `work` on the writer connection, connecting first if needed, once the path still
+/// names the file opened at start-up.
+fn with_writer<T>(
+    slot: &mut Option<Connection>,
+    path: &Path,
+    identity: (u64, u64),
+    work: impl FnOnce(&mut Connection) -> Result<T, SqliteError>,
+) -> Result<T, SqliteError> {
+    let result = check_same_file(path, identity).and_then(|()| {
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(connect_writer(path)?),
+        };
+        work(conn)
+    });
+    if result.is_err() {
+        // Reconnect on the next attempt: that re-checks the file from scratch (it may have
+        // been repaired or made writable again meanwhile).
+        *slot = None;
+    }
+    result
 }

@@ -251,16 +251,18 @@ async fn a_large_file_loads_on_several_threads_with_every_user_once() {
     let mut expected: Vec<String> = cache.snapshot().into_iter().map(|u| u.token).collect();
     expected.sort();
     if std::thread::available_parallelism().map_or(1, usize::from) > 1 {
-        let mut loaded: Vec<String> = load_in_ranges(&path, 10)
+        let mut loaded: Vec<String> = load_with(&path, "me", 10)
             .unwrap()
+            .0
             .into_iter()
             .map(|u| u.token)
             .collect();
         loaded.sort();
         assert_eq!(loaded, expected);
     }
-    let mut single: Vec<String> = load_in_ranges(&path, i64::MAX)
+    let mut single: Vec<String> = load_with(&path, "me", usize::MAX)
         .unwrap()
+        .0
         .into_iter()
         .map(|u| u.token)
         .collect();
@@ -540,4 +542,178 @@ fn a_step_another_process_took_meanwhile_is_skipped() {
     let mut conn = raw(&path);
     schema::migrate(&mut conn, &path, 0).unwrap();
     assert_eq!(column::<u32>(&path, "PRAGMA user_version"), SCHEMA_VERSION);
+}
+
+/// One user "a" flushed, then a second row "b" at `rowid`. SQLite rowids are any i64 (a hand
+/// edit, rows copied with their rowids, SQLite's random choice once max(rowid) is i64::MAX),
+/// and a long-lived file's range grows apart as users come and go.
+async fn file_with_rowid(rowid: i64) -> (tempfile::TempDir, PathBuf, Arc<SqliteStore>) {
+    let (dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    engine.flush().await.unwrap();
+    insert_copy_of_a(&path, rowid, "b");
+    (dir, path, store)
+}
+
+fn insert_copy_of_a(path: &Path, rowid: i64, token: &str) {
+    raw(path)
+        .execute(
+            "INSERT INTO users (rowid, token, doc, prompt_count)
+             SELECT ?1, ?2, replace(doc, '\"a\"', '\"' || ?2 || '\"'), 0 FROM users WHERE token = 'a'",
+            (rowid, token),
+        )
+        .unwrap();
+}
+
+#[tokio::test]
+async fn rowids_far_apart_load_without_reserving_their_span() {
+    // The load once sized its buffers by max(rowid) - min(rowid): 2^62 panicked with a
+    // capacity overflow, 2^40 aborted the process on a failed allocation.
+    for rowid in [1 << 40, 1 << 62] {
+        let (_dir, _path, store) = file_with_rowid(rowid).await;
+        let users = store.load_all().await.expect("two valid rows load");
+        assert_eq!(users.len(), 2, "rowid {rowid}");
+    }
+}
+
+#[tokio::test]
+async fn the_extreme_rowids_load_on_several_threads() {
+    // The span of i64::MIN..=i64::MAX overflowed the range arithmetic.
+    let (_dir, path, _store) = file_with_rowid(i64::MIN).await;
+    insert_copy_of_a(&path, i64::MAX, "c");
+    for rows_per_thread in [1, usize::MAX] {
+        let (users, _) = load_with(&path, "me", rows_per_thread).expect("three valid rows");
+        let mut tokens: Vec<_> = users.into_iter().map(|u| u.token).collect();
+        tokens.sort();
+        assert_eq!(tokens, ["a", "b", "c"], "{rows_per_thread} rows per thread");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_row_found_by_a_decoding_thread_names_it() {
+    let (_dir, path, _store) = file_with_rowid(7).await;
+    raw(&path)
+        .execute("UPDATE users SET doc = '{' WHERE token = 'b'", [])
+        .unwrap();
+    let e = load_with(&path, "me", 1).unwrap_err().to_string();
+    assert!(
+        e.contains("row 7") && e.contains("doc is not a valid user"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_new_database_and_its_directory_are_private_to_their_owner() {
+    // The file holds every user's bearer token in clear text.
+    let (dir, _) = temp();
+    let path = dir.path().join("new").join("dir").join("tollgate.db");
+    SqliteStore::open(&path).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    assert_eq!(mode(path.parent().unwrap().parent().unwrap()), 0o700);
+    // While a connection is open (the last one to close removes them).
+    let conn = raw(&path);
+    conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    for file in ["db-wal", "db-shm"] {
+        let mode = mode(&path.with_extension(file));
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{file} follows the database's mode: {mode:o}"
+        );
+    }
+    drop(conn);
+}
+
+#[tokio::test]
+async fn a_file_moved_away_while_running_is_not_recreated_and_nothing_is_lost() {
+    let (dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let (engine, cache) = engine(&store);
+    cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    engine.flush().await.unwrap();
+    let aside = dir.path().join("aside.db");
+    std::fs::rename(&path, &aside).unwrap();
+    cache
+        .create(&User::new("b".into(), UserType::Normal, 2))
+        .unwrap();
+    let e = engine.flush().await.unwrap_err().to_string();
+    assert!(e.contains("moved, deleted or replaced"), "{e}");
+    assert!(!path.exists(), "no empty file in its place");
+    // Put back, the queued change is written to it.
+    std::fs::rename(&aside, &path).unwrap();
+    engine.flush().await.unwrap();
+    let mut tokens: Vec<_> = store
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.token)
+        .collect();
+    tokens.sort();
+    assert_eq!(tokens, ["a", "b"]);
+}
+
+#[tokio::test]
+async fn changes_another_process_writes_are_read_back_and_not_written_over() {
+    // Two instances on one file, as the old and the new process during a graceful upgrade.
+    let (_dir, path) = temp();
+    let new = Arc::new(SqliteStore::open(&path).unwrap());
+    let (new_engine, new_cache) = engine(&new);
+    let old = Arc::new(SqliteStore::open(&path).unwrap());
+    let (old_engine, old_cache) = engine(&old);
+    old_cache
+        .create(&User::new("a".into(), UserType::Normal, 1))
+        .unwrap();
+    old_engine.flush().await.unwrap();
+    new_cache.load(new.load_all().await.unwrap());
+    old_cache.load(old.load_all().await.unwrap());
+    new_engine.read_back().await;
+    assert_eq!(new_cache.len(), 1, "nothing new to read");
+
+    // The old process disables "a" and creates "b" after the new one loaded.
+    old_cache.disable("a", Some("abuse"), 10).unwrap();
+    old_cache
+        .create(&User::new("b".into(), UserType::Normal, 2))
+        .unwrap();
+    let a = old_cache.get("a").unwrap();
+    old_cache.count_request(&a, 20);
+    old_engine.flush().await.unwrap();
+    // Meanwhile the new process counted a request of "a" (not written yet).
+    let a = new_cache.get("a").unwrap();
+    new_cache.count_request(&a, 30);
+
+    new_engine.read_back().await;
+    let a = new_cache.user("a").unwrap();
+    assert_eq!(
+        a.disabled_reason.as_deref(),
+        Some("abuse"),
+        "the old process's edit"
+    );
+    assert_eq!(a.prompt_count, 2, "its count and this one's");
+    assert!(
+        new_cache.user("b").is_some(),
+        "the user the old process created"
+    );
+
+    // The new process edits "a": its write keeps the old process's disable.
+    new_cache.upsert(
+        "a",
+        &serde_json::from_value(json!({"nickname": "x"})).unwrap(),
+        40,
+    );
+    new_engine.flush().await.unwrap();
+    let stored: Vec<User> = new.load_all().await.unwrap();
+    let a = stored.iter().find(|u| u.token == "a").unwrap();
+    assert_eq!(a.disabled_reason.as_deref(), Some("abuse"));
+    assert_eq!(a.nickname.as_deref(), Some("x"));
+    assert_eq!(a.prompt_count, 2);
 }
