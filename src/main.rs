@@ -13,7 +13,7 @@ use pingora::services::listening::Service;
 
 use tollgate::admin::AdminService;
 use tollgate::config::{Config, ProcessEnv, StoreKind};
-use tollgate::observe::{AccessLog, Metrics};
+use tollgate::observe::{AccessLog, AccessLogWriter, Metrics};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
 use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
@@ -65,6 +65,19 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         warn!("{warning}");
     }
+    let daemon = cli.pingora.daemon || config.server.daemon;
+    if daemon
+        && config
+            .access_log
+            .as_ref()
+            .is_some_and(|log| log.path.is_none())
+    {
+        eprintln!(
+            "tollgate: configuration error: {path}: access_log.path: required with -d \
+             (pingora.daemon): a daemon's stdout is /dev/null, so the access log would be lost"
+        );
+        return ExitCode::from(2);
+    }
     if cli.pingora.test {
         println!("tollgate: configuration {path} is valid");
         return ExitCode::SUCCESS;
@@ -96,6 +109,8 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         backend.name(),
     ));
 
+    let (access_log, access_log_writer) = open_access_log(&config)?.unzip();
+
     let shutdown_deadline =
         std::time::Duration::from_secs(config.server.grace_period_seconds.unwrap_or(5).max(1));
     // tollgate read the file itself; Pingora gets the validated ServerConf.
@@ -113,13 +128,6 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         hand_over.finish()?;
     }
 
-    let (access_log, access_log_writer) = match config.access_log {
-        true => {
-            let (log, writer) = AccessLog::new();
-            (Some(log), Some(writer))
-        }
-        false => (None, None),
-    };
     let proxy = Proxy::new(
         &config,
         Arc::clone(&cache),
@@ -172,6 +180,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     server.add_service(background_service("temporary user purge", purge));
     let leaving = LeavingWatch::new(server.watch_execution_phase(), Arc::clone(&status));
     server.add_service(background_service("leaving watch", leaving));
+    let access_log_tail = access_log_writer.clone();
     if let Some(writer) = access_log_writer {
         server.add_service(background_service("access log", writer));
     }
@@ -194,7 +203,25 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     if status.gauges().pending_changes > 0 {
         flush_after_shutdown(&engine);
     }
+    if let Some(writer) = access_log_tail {
+        writer.finish();
+    }
     Ok(())
+}
+
+/// The access log, opened before any listener (a path that cannot be written stops start-up).
+fn open_access_log(config: &Config) -> Result<Option<(AccessLog, AccessLogWriter)>, String> {
+    let Some(settings) = &config.access_log else {
+        return Ok(None);
+    };
+    let opened = AccessLog::new(settings.path.as_deref()).map_err(|e| {
+        let path = settings
+            .path
+            .as_deref()
+            .unwrap_or(std::path::Path::new("-"));
+        format!("access_log.path {}: {e}", path.display())
+    })?;
+    Ok(Some(opened))
 }
 
 fn flush_after_shutdown(engine: &SyncEngine) {

@@ -200,6 +200,13 @@ pub struct Secrets {
     pub admin_key: Option<Secret>,
 }
 
+/// Where access log lines go.
+#[derive(Clone, Debug)]
+pub struct AccessLogConfig {
+    /// Appended to (created if missing, followed across rotation); `None`: stdout.
+    pub path: Option<PathBuf>,
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -213,7 +220,8 @@ pub struct Config {
     pub ip_blocklist: CidrSet,
     pub admin: AdminConfig,
     pub store: StoreConfig,
-    pub access_log: bool,
+    /// `None`: off.
+    pub access_log: Option<AccessLogConfig>,
     /// Answer CORS preflights and allow any origin, as the older proxy's `cors()` did.
     pub cors: bool,
     pub secrets: Secrets,
@@ -317,11 +325,20 @@ impl Builder<'_> {
             ip_blocklist,
             admin,
             store,
-            access_log: raw.access_log.enabled,
+            access_log: self.access_log(&raw.access_log)?,
             cors: raw.cors.enabled,
             secrets,
             warnings,
         })
+    }
+
+    fn access_log(&self, raw: &raw::RawAccessLog) -> Result<Option<AccessLogConfig>, ConfigError> {
+        let path = match raw.path.as_deref() {
+            Some("") => return Err(self.err("access_log.path", "must not be empty")),
+            Some(path) => Some(PathBuf::from(path)),
+            None => None,
+        };
+        Ok(raw.enabled.then_some(AccessLogConfig { path }))
     }
 
     fn listen(&self, entries: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {

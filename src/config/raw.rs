@@ -284,6 +284,8 @@ impl Default for RawFirebase {
 pub struct RawAccessLog {
     #[serde(default)]
     pub enabled: bool,
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -1,12 +1,16 @@
-//! The optional access log: one JSON line per request on stdout. Requests only push a line
-//! into a bounded channel; a background service writes them, so a slow terminal or pipe never
-//! slows the proxy (lines are dropped and counted when the channel is full).
+//! The optional access log: one JSON line per request, on stdout or appended to a file.
+//! Requests only push a line into a bounded channel; a background service writes them, so a
+//! slow terminal, pipe or disk never slows the proxy (lines are dropped and counted when the
+//! channel is full).
 
+use std::fs::File;
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
@@ -19,13 +23,18 @@ use tokio::sync::mpsc;
 use crate::users::UserRecord;
 
 const CHANNEL_LINES: usize = 65_536;
+/// How often a log file's path is checked for rotation.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Serialize)]
 struct Line<'a> {
     time: String,
     client_ip: IpAddr,
+    /// The token's short id: unique per user, and not something an admin can choose.
     #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nickname: Option<&'a str>,
     method: &'a str,
     path: &'a str,
     status: u16,
@@ -40,26 +49,38 @@ pub struct AccessLog {
     dropped: Arc<AtomicU64>,
 }
 
-/// The writer side, run as a Pingora background service.
+/// The writer side: a Pingora background service while the process serves, and
+/// [`AccessLogWriter::finish`] once every service stopped, for the lines of requests that
+/// ended during the shutdown.
+#[derive(Clone)]
 pub struct AccessLogWriter {
-    receiver: parking_lot::Mutex<Option<mpsc::Receiver<String>>>,
+    inner: Arc<WriterInner>,
+}
+
+struct WriterInner {
+    /// Held by the writing task for its whole life; free again once its runtime is gone.
+    receiver: tokio::sync::Mutex<mpsc::Receiver<String>>,
+    sink: parking_lot::Mutex<Sink>,
     dropped: Arc<AtomicU64>,
 }
 
 impl AccessLog {
-    pub fn new() -> (Self, AccessLogWriter) {
+    /// `path`: append to this file (created if missing); `None`: stdout.
+    pub fn new(path: Option<&Path>) -> std::io::Result<(Self, AccessLogWriter)> {
+        let sink = Sink::new(match path {
+            Some(path) => Target::File(LogFile::open(&std::path::absolute(path)?)?),
+            None => Target::Stdout,
+        });
         let (sender, receiver) = mpsc::channel(CHANNEL_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
-        (
-            Self {
-                sender,
+        let writer = AccessLogWriter {
+            inner: Arc::new(WriterInner {
+                receiver: tokio::sync::Mutex::new(receiver),
+                sink: parking_lot::Mutex::new(sink),
                 dropped: Arc::clone(&dropped),
-            },
-            AccessLogWriter {
-                receiver: parking_lot::Mutex::new(Some(receiver)),
-                dropped,
-            },
-        )
+            }),
+        };
+        Ok((Self { sender, dropped }, writer))
     }
 
     pub fn write(
@@ -70,10 +91,12 @@ impl AccessLog {
         status: u16,
         upstream: Option<Duration>,
     ) {
+        let profile = user.map(UserRecord::profile);
         let line = Line {
             time: rfc3339_now(),
             client_ip,
-            user: user.map(user_label),
+            user: user.map(|u| token_id(u.token())),
+            nickname: profile.as_ref().and_then(|p| p.nickname()),
             method: req.method.as_str(),
             // The path only: the query may carry `key=<token>`.
             path: req.uri.path(),
@@ -89,49 +112,148 @@ impl AccessLog {
     }
 }
 
-/// The nickname, or `tok:` and the first 12 hex digits of the token's SHA-256: enough to tell
-/// users apart in a log, useless for getting in.
-pub fn user_label(user: &UserRecord) -> String {
-    if let Some(nick) = user.profile().nickname() {
-        return nick.to_string();
-    }
-    token_id(user.token())
-}
-
+/// `tok:` and the first 12 hex digits of the token's SHA-256: enough to tell users apart in a
+/// log, useless for getting in.
 pub fn token_id(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
     format!("tok:{hex}")
 }
 
+impl AccessLogWriter {
+    /// Writes the lines still queued (the writing task has stopped with its runtime) and
+    /// reports lines dropped along the way. Call once every service has stopped.
+    pub fn finish(&self) {
+        if let Ok(mut receiver) = self.inner.receiver.try_lock() {
+            let mut sink = self.inner.sink.lock();
+            while let Ok(line) = receiver.try_recv() {
+                sink.write_line(&line);
+            }
+            sink.flush();
+        }
+        let dropped = self.inner.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            log::warn!("access log: {dropped} lines dropped because the writer could not keep up");
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for AccessLogWriter {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(mut receiver) = self.receiver.lock().take() else {
+    /// Writes until the runtime stops, shutdown included: requests that end during the grace
+    /// period are logged too. Each batch is flushed before the next wait, so stopping the
+    /// task (only ever at that wait) loses nothing.
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let mut receiver = self.inner.receiver.lock().await;
+        while let Some(line) = receiver.recv().await {
+            let mut sink = self.inner.sink.lock();
+            sink.write_line(&line);
+            while let Ok(line) = receiver.try_recv() {
+                sink.write_line(&line);
+            }
+            sink.flush();
+        }
+    }
+}
+
+/// Lines of one batch, written with one call.
+struct Sink {
+    buffer: Vec<u8>,
+    target: Target,
+}
+
+enum Target {
+    Stdout,
+    File(LogFile),
+}
+
+impl Sink {
+    fn new(target: Target) -> Self {
+        Self {
+            buffer: Vec::with_capacity(64 * 1024),
+            target,
+        }
+    }
+
+    fn write_line(&mut self, line: &str) {
+        self.buffer.extend_from_slice(line.as_bytes());
+        self.buffer.push(b'\n');
+    }
+
+    fn flush(&mut self) {
+        match &mut self.target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&self.buffer).and_then(|()| out.flush());
+            }
+            Target::File(file) => file.append(&self.buffer),
+        }
+        self.buffer.clear();
+    }
+}
+
+/// An append-only log file that follows rotation: when its path names another file (or none)
+/// because logrotate moved it away, the next write goes to a new file at the path.
+struct LogFile {
+    path: PathBuf,
+    file: File,
+    identity: (u64, u64),
+    checked: Instant,
+    /// The last write or reopen failed (reported once until it works again).
+    failing: bool,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)?;
+        let meta = file.metadata()?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            identity: (meta.dev(), meta.ino()),
+            checked: Instant::now(),
+            failing: false,
+        })
+    }
+
+    /// One append per batch: lines of other writers of the file never interleave with ours.
+    fn append(&mut self, lines: &[u8]) {
+        self.follow_rotation();
+        let result = self.file.write_all(lines);
+        self.report(result, "cannot write");
+    }
+
+    fn follow_rotation(&mut self) {
+        if self.checked.elapsed() < ROTATION_CHECK {
             return;
-        };
-        let mut out = std::io::BufWriter::new(std::io::stdout());
-        loop {
-            tokio::select! {
-                line = receiver.recv() => {
-                    let Some(line) = line else { break };
-                    let _ = writeln!(out, "{line}");
-                    while let Ok(line) = receiver.try_recv() {
-                        let _ = writeln!(out, "{line}");
-                    }
-                    let _ = out.flush();
+        }
+        self.checked = Instant::now();
+        let current = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
+        if current.as_ref().is_ok_and(|id| *id == self.identity) {
+            return;
+        }
+        match LogFile::open(&self.path) {
+            Ok(reopened) => {
+                self.file = reopened.file;
+                self.identity = reopened.identity;
+            }
+            Err(e) => self.report(Err(e), "cannot reopen after rotation"),
+        }
+    }
+
+    fn report(&mut self, result: std::io::Result<()>, what: &str) {
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    log::warn!("access log {}: {what}: {e}", self.path.display());
                 }
-                _ = shutdown.changed() => break,
             }
         }
-        while let Ok(line) = receiver.try_recv() {
-            let _ = writeln!(out, "{line}");
-        }
-        let dropped = self.dropped.load(Ordering::Relaxed);
-        if dropped > 0 {
-            log::warn!("access log: {dropped} lines dropped because stdout could not keep up");
-        }
-        let _ = out.flush();
     }
 }
 

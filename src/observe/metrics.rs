@@ -19,10 +19,12 @@ pub enum Outcome {
     UpstreamError,
     /// A CORS preflight answered by tollgate itself.
     Preflight,
+    /// The client went away before its answer was complete.
+    ClientClosed,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 8] = [
         Outcome::Proxied,
         Outcome::Unauthorized,
         Outcome::Forbidden,
@@ -30,6 +32,7 @@ impl Outcome {
         Outcome::BadRequest,
         Outcome::UpstreamError,
         Outcome::Preflight,
+        Outcome::ClientClosed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Outcome {
             Outcome::BadRequest => "400",
             Outcome::UpstreamError => "502",
             Outcome::Preflight => "preflight",
+            Outcome::ClientClosed => "client_closed",
         }
     }
 }

@@ -477,6 +477,7 @@ impl ProxyHttp for Proxy {
                     ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
                 ) {
                     // The client is gone; there is nobody to answer.
+                    ctx.outcome = Outcome::ClientClosed;
                     return FailToProxy {
                         error_code: 0,
                         can_reuse_downstream: false,

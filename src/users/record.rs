@@ -106,7 +106,9 @@ pub struct UserRecord {
     inflight: AtomicU32,
     /// Addresses requests added since the last confirmed write: what gets merged into the
     /// stored list, never the whole local list (which would bring back addresses an admin
-    /// cleared elsewhere). Boxed and `None` when empty, as nearly always.
+    /// cleared elsewhere). Boxed and `None` when empty, as nearly always. Its lock also
+    /// orders the flush cycle's counter moves with an admin's `promptCount` set (never taken
+    /// by counting a request).
     ip_added: Mutex<Option<Box<IpAdditions>>>,
 }
 
@@ -356,6 +358,7 @@ impl UserRecord {
     /// An admin's absolute `promptCount`. Requests counted before it are dropped with it,
     /// including those of a write in flight: its acknowledgement must not add them back.
     pub(super) fn set_prompt_count(&self, value: u64) {
+        let _cycle = self.ip_added.lock();
         self.prompt_pending.store(0, Ordering::Release);
         self.prompt_inflight.store(0, Ordering::Release);
         self.prompt_base.store(value, Ordering::Release);
@@ -397,21 +400,26 @@ impl UserRecord {
         self.inflight
             .fetch_or(seen & Fields::TRACKED.0, Ordering::AcqRel);
         let bits = self.pending.swap(0, Ordering::AcqRel) & !QUEUED;
-        let delta = self.prompt_pending.swap(0, Ordering::AcqRel);
-        self.prompt_inflight.fetch_add(delta, Ordering::AcqRel);
+        let (delta, base) = {
+            // An admin's `promptCount` set between the two steps would have the requests
+            // counted before it come back into flight.
+            let _cycle = self.ip_added.lock();
+            let delta = self.prompt_pending.swap(0, Ordering::AcqRel);
+            self.prompt_inflight.fetch_add(delta, Ordering::AcqRel);
+            (delta, self.prompt_base.load(Ordering::Acquire))
+        };
         self.inflight
             .fetch_or(bits & Fields::TRACKED.0, Ordering::AcqRel);
-        (
-            Fields(bits),
-            delta,
-            self.prompt_base.load(Ordering::Acquire),
-        )
+        (Fields(bits), delta, base)
     }
 
     /// The store confirmed a change: counters move from flight into the base (unless the
     /// store echoes its totals back, as Firebase does), and the fields stop being in flight.
     /// True when a store change was kept out meanwhile: the store's value must be read again.
     pub(super) fn acknowledge(&self, fields: Fields, delta: u64, fold_counters: bool) -> bool {
+        // The counters move under the lock an admin's `promptCount` set takes: a set in
+        // between would otherwise get the acknowledged requests added on top of it.
+        let mut slot = self.ip_added.lock();
         if fold_counters {
             // Only what is still in flight: an absolute `promptCount` set meanwhile dropped it.
             let in_flight = self.prompt_inflight.load(Ordering::Acquire);
@@ -428,7 +436,6 @@ impl UserRecord {
             Ordering::AcqRel,
         );
         // The change carried every address in flight (one batch at a time).
-        let mut slot = self.ip_added.lock();
         if let Some(adds) = slot.as_deref_mut() {
             adds.inflight.clear();
             if adds.pending.is_empty() {
@@ -554,6 +561,37 @@ mod tests {
 
     fn record() -> UserRecord {
         UserRecord::from_user(&User::new("tok".into(), UserType::Normal, 1))
+    }
+
+    #[test]
+    fn an_admin_count_set_during_a_flush_is_the_count() {
+        // A flush takes and acknowledges the requests counted before an admin sets
+        // `promptCount`, on another thread at the same moment: whatever the interleaving,
+        // those requests are gone and the count is what the admin set.
+        let record = std::sync::Arc::new(record());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let done = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let flusher = {
+            let (record, start, done) = (record.clone(), start.clone(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..50_000 {
+                    start.wait();
+                    let (fields, delta, _) = record.take_pending();
+                    record.acknowledge(fields, delta, true);
+                    done.wait();
+                }
+            })
+        };
+        for round in 0..50_000 {
+            for _ in 0..5 {
+                record.count_request(1);
+            }
+            start.wait();
+            record.set_prompt_count(100);
+            done.wait();
+            assert_eq!(record.prompt_count(), 100, "round {round}");
+        }
+        flusher.join().unwrap();
     }
 
     #[test]

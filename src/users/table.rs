@@ -225,11 +225,20 @@ pub(super) struct RecordTable {
 // rules above (readers through guards, writers under the mutex); `UserRecord` is Send + Sync.
 unsafe impl Send for RecordTable {}
 unsafe impl Sync for RecordTable {}
+// Those two hand records to other threads: checked here, as `AtomicPtr<UserRecord>` would
+// be Send and Sync whatever `UserRecord` is.
+const _: fn() = || {
+    fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<UserRecord>();
+};
 
 /// A lookup started: the token is hashed, its bucket is on its way into the cache, and the
 /// guard keeps what it finds alive. [`Lookup::get`] finishes it.
 pub struct Lookup<'a> {
-    table: &'a Table,
+    /// A pointer, not a reference: dropping the guard at the end of [`Lookup::get`] may free
+    /// the table (a writer retired it meanwhile), and a reference field would still have to
+    /// be valid then.
+    table: *const Table,
     guard: LocalGuard<'a>,
     hash: u64,
     token: &'a str,
@@ -245,7 +254,9 @@ impl Lookup<'_> {
     /// The record with this token.
     #[inline]
     pub fn get(self) -> Option<Arc<UserRecord>> {
-        self.table.probe(self.hash, |_, bucket, slot| {
+        // SAFETY: the guard, held until this returns, keeps the table alive.
+        let table = unsafe { &*self.table };
+        table.probe(self.hash, |_, bucket, slot| {
             // SeqCst, as the guard's protected loads: the word points into a record.
             let word = bucket.tokens[slot].load(Ordering::SeqCst);
             let ptr = self.guard.protect(&bucket.records[slot], Ordering::Acquire);
@@ -314,10 +325,12 @@ impl RecordTable {
         let hash = self.hash(token);
         // SAFETY: the table pointer is never null, and the guard, which the `Lookup` holds
         // as long as this reference, keeps the table alive.
-        let table: &'a Table = unsafe { &*guard.protect(&self.table, Ordering::Acquire) };
-        prefetch(table.bucket(hash as usize));
+        let table: *const Table = guard.protect(&self.table, Ordering::Acquire);
+        // SAFETY: as above, for the prefetches' address computations.
+        let table_ref = unsafe { &*table };
+        prefetch(table_ref.bucket(hash as usize));
         // (Both lines of the bucket: the records' line is the second.)
-        prefetch((table.bucket(hash as usize) as *const Bucket).wrapping_byte_add(64));
+        prefetch((table_ref.bucket(hash as usize) as *const Bucket).wrapping_byte_add(64));
         Lookup {
             table,
             guard,
@@ -382,7 +395,14 @@ impl RecordTable {
         }
         if *used + 1 > table.max_used() {
             let buckets = (table.mask + 1).max(buckets_for(2 * (self.len() + 1)));
+            let old = std::ptr::from_ref(table);
             table = self.rebuild(table, buckets);
+            // Retired only now: freeing it while `rebuild` still held it as a reference
+            // argument would be undefined behaviour even if unused (seize frees a retired
+            // batch at once when no reader holds a guard).
+            // SAFETY: unreachable for new readers; the records moved to the new table.
+            unsafe { self.collector.retire(old.cast_mut(), release_table) };
+            self.reclaim_soon();
             *used = self.len();
         }
         let tag = tag_of(hash);
@@ -447,7 +467,8 @@ impl RecordTable {
         })
     }
 
-    /// Copies the live records into a new table of `buckets` buckets and publishes it.
+    /// Copies the live records into a new table of `buckets` buckets and publishes it; the
+    /// caller retires `old`.
     fn rebuild<'t>(&self, old: &Table, buckets: usize) -> &'t Table {
         let new = Table::new(buckets);
         for bucket in old.buckets.iter() {
@@ -481,10 +502,8 @@ impl RecordTable {
         }
         let new = Box::into_raw(Box::new(new));
         // Release: readers that load the new table see its contents.
-        let old = self.table.swap(new, Ordering::AcqRel);
-        // SAFETY: unreachable for new readers; the records moved to the new table.
-        unsafe { self.collector.retire(old, release_table) };
-        self.reclaim_soon();
+        let replaced = self.table.swap(new, Ordering::AcqRel);
+        debug_assert!(std::ptr::eq(replaced, old));
         // SAFETY: just published; only a writer (under the lock) can retire it.
         unsafe { &*new }
     }
@@ -674,5 +693,91 @@ mod tests {
             reader.join().unwrap();
         }
         assert_eq!(table.len(), stable.len());
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use crate::users::model::{User, UserType};
+    use std::sync::atomic::AtomicBool;
+
+    fn record(token: &str) -> Arc<UserRecord> {
+        Arc::new(UserRecord::from_user(&User::new(
+            token.into(),
+            UserType::Normal,
+            1,
+        )))
+    }
+
+    /// Tokens of lengths around the packed word's limits (0, 1, 126, 127, 128, 300).
+    fn token(i: usize) -> String {
+        let len = [1usize, 5, 126, 127, 128, 129, 300, 0][i % 8];
+        let base = format!("t{i}-");
+        if len == 0 {
+            return String::new();
+        }
+        let mut s = base.repeat(len / base.len() + 1);
+        s.truncate(len);
+        s
+    }
+
+    /// Readers look up tokens while one writer inserts, replaces (fresh allocations of the
+    /// same token), removes and grows/rebuilds; every record found must carry the asked token.
+    #[test]
+    fn stress_readers_vs_writer_churn() {
+        let table = Arc::new(RecordTable::with_capacity(0));
+        let tokens: Arc<Vec<String>> = Arc::new((0..64).map(token).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|r| {
+                let (table, tokens, stop) = (table.clone(), tokens.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        for t in tokens.iter().skip(r) {
+                            if let Some(rec) = table.get(t) {
+                                assert_eq!(rec.token().as_ref(), t.as_str());
+                            }
+                        }
+                        table.for_each(|rec| {
+                            let _ = rec.token().len();
+                        });
+                    }
+                })
+            })
+            .collect();
+        let rounds = std::env::var("STRESS_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        for round in 0..rounds {
+            for t in tokens.iter() {
+                table.insert(record(t));
+            }
+            // Replace with fresh allocations (so an old token's bytes are freed on release).
+            for t in tokens.iter() {
+                table.insert(record(t));
+            }
+            for (i, t) in tokens.iter().enumerate() {
+                if (i + round) % 3 != 0 {
+                    drop(table.remove(t));
+                }
+            }
+            // Grow now and then so the table is rebuilt while readers are on the old one.
+            if round % 50 == 0 {
+                for i in 0..500 {
+                    table.insert(record(&format!("grow-{round}-{i}")));
+                }
+                for i in 0..500 {
+                    drop(table.remove(&format!("grow-{round}-{i}")));
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for reader in readers {
+            reader
+                .join()
+                .expect("a reader found a record under another token");
+        }
     }
 }

@@ -501,6 +501,34 @@ fn health_ready_and_metrics() {
 }
 
 #[test]
+fn a_request_the_client_abandons_is_counted_as_client_closed_not_proxied() {
+    let (_o, tg) = start();
+    let token = tg.create_user(json!({}));
+    let abandoned = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap()
+        .get(tg.url("/slow"))
+        .bearer_auth(&token)
+        .header("x-origin-delay-ms", "1500")
+        .send();
+    assert!(abandoned.is_err(), "the client gave up first");
+    let scrape = || {
+        client()
+            .get(tg.admin_url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    let counted = crate::support::wait_until(std::time::Duration::from_secs(5), || {
+        scrape().contains(r#"tollgate_requests_total{mode="user_token",result="client_closed"} 1"#)
+    });
+    assert!(counted, "{}", scrape());
+    assert!(scrape().contains(r#"tollgate_requests_total{mode="user_token",result="proxied"} 0"#));
+}
+
+#[test]
 fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
     let (_o, tg) = start();
     for (body, field) in [

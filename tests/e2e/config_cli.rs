@@ -202,3 +202,20 @@ fn older_variables_tollgate_ignores_are_warned_about() {
     );
     assert!(!output.contains("17"), "values are never logged: {output}");
 }
+
+#[test]
+fn an_access_log_on_stdout_is_refused_for_a_daemon() {
+    // A daemon's stdout is /dev/null: the log would silently go nowhere.
+    let origin = Origin::start();
+    let builder = TollgateBuilder::new(origin.addr).yaml("access_log:\n  enabled: true");
+    let (status, output) = builder.run_to_exit(&["-t", "-d"], Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(
+        output.contains("access_log.path: required with -d"),
+        "{output}"
+    );
+    let builder =
+        TollgateBuilder::new(origin.addr).yaml("access_log:\n  enabled: true\n  path: a.log");
+    let (status, output) = builder.run_to_exit(&["-t", "-d"], Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{output}");
+}

@@ -136,3 +136,44 @@ fn docker_context_leaves_out_build_output_and_databases() {
         assert!(!excluded(path), "{path} is needed by the build");
     }
 }
+
+/// `key: N` in a shipped file (the first occurrence).
+fn seconds_after(file: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .unwrap_or_else(|| panic!("{file}: no {key}"));
+    line.trim_start_matches([':', '=', ' '])
+        .trim_end_matches('s')
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{file}: {key}: {e}"))
+}
+
+#[test]
+fn supervisors_wait_for_the_last_store_write_before_they_kill() {
+    // tollgate waits out the grace period, then up to the runtimes' shutdown timeout, then
+    // writes the store; a supervisor that kills earlier loses the last counts.
+    for (config, supervisor, key) in [
+        (
+            "deploy/tollgate.yaml",
+            "deploy/tollgate.service",
+            "TimeoutStopSec",
+        ),
+        (
+            "deploy/container.yaml",
+            "deploy/compose.yaml",
+            "stop_grace_period",
+        ),
+    ] {
+        let needed = seconds_after(config, "grace_period_seconds")
+            + seconds_after(config, "graceful_shutdown_timeout_seconds")
+            + 5;
+        let allowed = seconds_after(supervisor, key);
+        assert!(
+            allowed >= needed,
+            "{supervisor}: {key} {allowed} s, but {config} needs {needed} s"
+        );
+    }
+}

@@ -397,6 +397,94 @@ fn tokens_never_reach_the_logs() {
 }
 
 #[test]
+fn the_access_log_file_follows_rotation_and_logs_requests_that_end_during_shutdown() {
+    let origin = Origin::start();
+    let mut tg = TollgateBuilder::new(origin.addr)
+        .yaml("access_log:\n  enabled: true\n  path: access.log")
+        .yaml("pingora:\n  threads: 2\n  grace_period_seconds: 3\n  graceful_shutdown_timeout_seconds: 1")
+        .start();
+    let token = tg.create_user(json!({}));
+    // A nickname made to look like another user's id cannot pass for one.
+    let named = tg
+        .admin_request(reqwest::Method::PUT, &format!("/admin/users/{token}"))
+        .json(&json!({"nickname": "tok:000000000000"}))
+        .send()
+        .unwrap();
+    assert_eq!(named.status(), 200);
+    let log_path = tg.dir.path().join("access.log");
+    let lines = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let http = client();
+    http.get(tg.url("/first"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(3), || lines(&log_path)
+        .len()
+        == 1));
+    let first = &lines(&log_path)[0];
+    assert_eq!(first["path"], "/first");
+    assert_eq!(first["nickname"], "tok:000000000000");
+    let id = first["user"].as_str().unwrap();
+    assert!(
+        id.starts_with("tok:") && id != "tok:000000000000",
+        "{first}"
+    );
+
+    // logrotate's default: the file is moved away, the next lines go to a new one.
+    let rotated = tg.dir.path().join("access.log.1");
+    std::fs::rename(&log_path, &rotated).unwrap();
+    let mut sent = 1;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            http.get(tg.url("/second"))
+                .bearer_auth(&token)
+                .send()
+                .unwrap();
+            sent += 1;
+            lines(&log_path).iter().any(|l| l["path"] == "/second")
+        }),
+        "no new file after rotation"
+    );
+    // Until tollgate noticed (within a second), lines still went to the moved file; none lost.
+    let total = || lines(&rotated).len() + lines(&log_path).len();
+    assert!(
+        wait_until(Duration::from_secs(3), || total() == sent),
+        "{} lines for {sent} requests",
+        total()
+    );
+
+    // A request still in flight at SIGTERM is logged when it ends, during the grace period.
+    let url = tg.url("/at-shutdown");
+    let slow_token = token.clone();
+    let slow = std::thread::spawn(move || {
+        client()
+            .get(url)
+            .bearer_auth(slow_token)
+            .header("x-origin-delay-ms", "1500")
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    assert!(wait_until(Duration::from_secs(5), || origin
+        .seen()
+        .iter()
+        .any(|r| r.uri == "/at-shutdown")));
+    tg.signal(libc::SIGTERM);
+    assert_eq!(slow.join().unwrap().expect("answered"), 200);
+    assert!(tg.wait_exit(Duration::from_secs(15)).is_some());
+    assert!(
+        lines(&log_path).iter().any(|l| l["path"] == "/at-shutdown"),
+        "{:?}",
+        lines(&log_path)
+    );
+}
+
+#[test]
 fn tokens_never_reach_the_logs_even_at_trace_level() {
     // Pingora prints whole request headers at trace level, and admin request lines (which
     // hold tokens) when a reply cannot be written.
