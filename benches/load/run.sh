@@ -99,7 +99,10 @@ import_users "$USERS" "$USER_ADMIN"
 cached=$(curl -sS -H "Authorization: Bearer $ADMIN_KEY" "http://127.0.0.1:$USER_ADMIN/metrics" |
   awk '/^tollgate_users_cached /{print $2}')
 [ "$cached" = "$USERS" ] || die "tollgate holds $cached users, expected $USERS"
-USER_RSS_KB=$(awk '/^VmRSS/{print $2}' "/proc/$USER_PID/status")
+# Right after the import, the import's transient memory (the body, the parsed entries, the
+# answer echoing every user) is still resident: the allocator returns it to the system on its
+# next calls after a second; the figure after the warm-up is the steady state.
+IMPORT_RSS_KB=$(awk '/^VmRSS/{print $2}' "/proc/$USER_PID/status")
 
 # ---------------------------------------------------------------- cases
 
@@ -135,6 +138,7 @@ log "warm-up (${WARMUP}s per case)"
 for body in $BODIES; do
   for c in "${CASES[@]}"; do run_wrk "$c" "$body" "$WARMUP" >/dev/null; done
 done
+USER_RSS_KB=$(awk '/^VmRSS/{print $2}' "/proc/$USER_PID/status")
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
@@ -160,7 +164,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "## Load benchmark ($(date -u +%Y-%m-%dT%H:%MZ), tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), tollgate $BIN_NOTE)"
   echo
   echo "Machine: $(nproc) cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); load average $LOADAVG_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
-  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS worker process(es) for nginx, as many threads for tollgate; origin tcp_nopush $ORIGIN_TCP_NOPUSH; tollgate user_token: $USERS users cached (RSS right after the import: $((USER_RSS_KB / 1024)) MiB)."
+  echo "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per case, medians; proxies: $WORKERS worker process(es) for nginx, as many threads for tollgate; origin tcp_nopush $ORIGIN_TCP_NOPUSH; tollgate user_token: $USERS users cached (RSS after the warm-up: $((USER_RSS_KB / 1024)) MiB; right after the import, its transient memory included: $((IMPORT_RSS_KB / 1024)) MiB)."
   echo
   echo "| body | case | req/s | p50 | p99 | p99.9 | responses > 10 ms | proxy CPU per request | origin CPU per request |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
