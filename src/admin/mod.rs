@@ -30,7 +30,9 @@ use users::UsersApi;
 /// documents exactly these; a test keeps the two in step.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
+    ("HEAD", "/health"),
     ("GET", "/ready"),
+    ("HEAD", "/ready"),
     ("GET", "/metrics"),
     ("GET", "/admin/users"),
     ("POST", "/admin/users"),
@@ -129,7 +131,8 @@ impl AdminService {
                 self.auth.authorize(ip, authorization, Instant::now())?;
             }
         }
-        if method != Method::GET && self.status.is_leaving() {
+        let writes = matches!(method, Method::POST | Method::PUT | Method::DELETE);
+        if writes && self.status.is_leaving() {
             return Err(leaving());
         }
         // The token is decoded as a path segment: `+` is a literal plus, not a space.
@@ -205,7 +208,9 @@ fn route(path: &str) -> Option<Route<'_>> {
 
 fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
     match route {
-        Route::Health | Route::Ready | Route::Metrics => &["GET"],
+        // HEAD for load balancers that probe with it; Pingora sends no body for HEAD.
+        Route::Health | Route::Ready => &["GET", "HEAD"],
+        Route::Metrics => &["GET"],
         Route::Users => &["GET", "POST", "PUT"],
         Route::User(_) => &["GET", "PUT", "DELETE"],
     }

@@ -476,6 +476,20 @@ fn health_ready_and_metrics() {
         .json()
         .unwrap();
     assert_eq!(ready["ready"], true);
+    // Load balancers that probe with HEAD get the status, without a body.
+    for path in ["/health", "/ready"] {
+        let head = http.head(tg.admin_url(path)).send().unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        assert_eq!(head.text().unwrap(), "", "HEAD {path}");
+    }
+    assert_eq!(
+        http.head(tg.admin_url("/admin/users"))
+            .bearer_auth(crate::support::tollgate::ADMIN_KEY)
+            .send()
+            .unwrap()
+            .status(),
+        405
+    );
     let token = tg.create_user(json!({}));
     http.get(tg.url("/a")).bearer_auth(&token).send().unwrap();
     http.get(tg.url("/a")).bearer_auth("nope").send().unwrap();
