@@ -105,8 +105,13 @@ fn test_script_adds_rustfmt_and_clippy_when_missing() {
 }
 
 /// `len` consecutive loopback ports that were free a moment ago, below the ephemeral range.
+/// Each call starts its search elsewhere: under plain `cargo test` the tests of this file run
+/// as threads of one process at the same moment, and would otherwise all pick the first range
+/// free for that process id.
 fn free_port_range(len: u16) -> u16 {
-    let offset = (std::process::id() % 400) as u16;
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let offset = ((std::process::id() + call * 97) % 400) as u16;
     (0..400u16)
         .map(|i| 20_000 + (offset + i) % 400 * 20)
         .find(|&base| {
