@@ -95,6 +95,20 @@ fn import(tg: &Tollgate, body: &Value) -> (u16, Option<String>) {
     (resp.status().as_u16(), persisted)
 }
 
+/// A new process started with `-u` beside `old`, once it has loaded the file's one user (it
+/// takes over the listeners when `old` gets SIGQUIT).
+fn upgrade_once_loaded(old: &Tollgate) -> Tollgate {
+    let new = old.spawn_upgrade();
+    assert!(
+        wait_until(Duration::from_secs(20), || old
+            .log()
+            .contains("loaded 1 users from the sqlite store")),
+        "{}",
+        old.log()
+    );
+    new
+}
+
 /// Client threads sending requests as one user, each answer timestamped.
 struct Traffic {
     stop: Arc<AtomicBool>,
@@ -395,14 +409,7 @@ fn a_graceful_upgrade_keeps_the_counts_of_both_processes() {
     for _ in 0..5 {
         assert_eq!(proxied(&old, &token), 200);
     }
-    let mut new = old.spawn_upgrade();
-    assert!(
-        wait_until(Duration::from_secs(20), || old
-            .log()
-            .contains("loaded 1 users from the sqlite store")),
-        "{}",
-        old.log()
-    );
+    let mut new = upgrade_once_loaded(&old);
     for _ in 0..3 {
         assert_eq!(proxied(&old, &token), 200);
     }
@@ -424,14 +431,7 @@ fn admin_changes_the_old_process_made_during_an_upgrade_reach_the_new_one() {
     let mut old = sqlite(&origin, 60).start();
     let known = old.create_user(json!({}));
     assert_eq!(proxied(&old, &known), 200);
-    let mut new = old.spawn_upgrade();
-    assert!(
-        wait_until(Duration::from_secs(20), || old
-            .log()
-            .contains("loaded 1 users from the sqlite store")),
-        "{}",
-        old.log()
-    );
+    let mut new = upgrade_once_loaded(&old);
     // After the new process loaded the file: the old one disables a user and creates one.
     let disabled = old
         .admin_request(

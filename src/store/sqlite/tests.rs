@@ -27,6 +27,34 @@ fn engine(store: &Arc<SqliteStore>) -> (SyncEngine, Arc<UserCache>) {
     (engine, cache)
 }
 
+/// A store at `path` with an engine, and user "a" created and written.
+async fn with_user_a(path: &Path) -> (Arc<SqliteStore>, SyncEngine, Arc<UserCache>) {
+    let store = Arc::new(SqliteStore::open(path).unwrap());
+    let (engine, cache) = engine(&store);
+    create(&cache, "a");
+    engine.flush().await.unwrap();
+    (store, engine, cache)
+}
+
+fn create(cache: &UserCache, token: &str) {
+    cache
+        .create(&User::new(token.into(), UserType::Normal, 1))
+        .unwrap();
+}
+
+/// The stored users' tokens, sorted.
+async fn stored_tokens(store: &SqliteStore) -> Vec<String> {
+    let mut tokens: Vec<_> = store
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.token)
+        .collect();
+    tokens.sort();
+    tokens
+}
+
 /// A user with every field set, as the older proxy exports them.
 fn full_user(token: &str) -> User {
     serde_json::from_value(json!({
@@ -86,12 +114,7 @@ async fn users_round_trip_with_every_field() {
 #[tokio::test]
 async fn counted_requests_update_only_the_counter_columns() {
     let (_dir, path) = temp();
-    let store = Arc::new(SqliteStore::open(&path).unwrap());
-    let (engine, cache) = engine(&store);
-    cache
-        .create(&User::new("a".into(), UserType::Normal, 1))
-        .unwrap();
-    engine.flush().await.unwrap();
+    let (_store, engine, cache) = with_user_a(&path).await;
     // Mark the stored document so a rewrite would show.
     raw(&path)
         .execute(
@@ -276,22 +299,12 @@ async fn removed_users_are_deleted_and_others_kept() {
     let store = Arc::new(SqliteStore::open(&path).unwrap());
     let (engine, cache) = engine(&store);
     for t in ["a", "b", "c"] {
-        cache
-            .create(&User::new(t.into(), UserType::Normal, 1))
-            .unwrap();
+        create(&cache, t);
     }
     engine.flush().await.unwrap();
     cache.remove("b").unwrap();
     engine.flush().await.unwrap();
-    let mut tokens: Vec<String> = store
-        .load_all()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|u| u.token)
-        .collect();
-    tokens.sort();
-    assert_eq!(tokens, vec!["a", "c"]);
+    assert_eq!(stored_tokens(&store).await, ["a", "c"]);
 }
 
 #[tokio::test]
@@ -549,12 +562,7 @@ fn a_step_another_process_took_meanwhile_is_skipped() {
 /// and a long-lived file's range grows apart as users come and go.
 async fn file_with_rowid(rowid: i64) -> (tempfile::TempDir, PathBuf, Arc<SqliteStore>) {
     let (dir, path) = temp();
-    let store = Arc::new(SqliteStore::open(&path).unwrap());
-    let (engine, cache) = engine(&store);
-    cache
-        .create(&User::new("a".into(), UserType::Normal, 1))
-        .unwrap();
-    engine.flush().await.unwrap();
+    let (store, _, _) = with_user_a(&path).await;
     insert_copy_of_a(&path, rowid, "b");
     (dir, path, store)
 }
@@ -634,46 +642,26 @@ fn a_new_database_and_its_directory_are_private_to_their_owner() {
 #[tokio::test]
 async fn a_file_moved_away_while_running_is_not_recreated_and_nothing_is_lost() {
     let (dir, path) = temp();
-    let store = Arc::new(SqliteStore::open(&path).unwrap());
-    let (engine, cache) = engine(&store);
-    cache
-        .create(&User::new("a".into(), UserType::Normal, 1))
-        .unwrap();
-    engine.flush().await.unwrap();
+    let (store, engine, cache) = with_user_a(&path).await;
     let aside = dir.path().join("aside.db");
     std::fs::rename(&path, &aside).unwrap();
-    cache
-        .create(&User::new("b".into(), UserType::Normal, 2))
-        .unwrap();
+    create(&cache, "b");
     let e = engine.flush().await.unwrap_err().to_string();
     assert!(e.contains("moved, deleted or replaced"), "{e}");
     assert!(!path.exists(), "no empty file in its place");
     // Put back, the queued change is written to it.
     std::fs::rename(&aside, &path).unwrap();
     engine.flush().await.unwrap();
-    let mut tokens: Vec<_> = store
-        .load_all()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|u| u.token)
-        .collect();
-    tokens.sort();
-    assert_eq!(tokens, ["a", "b"]);
+    assert_eq!(stored_tokens(&store).await, ["a", "b"]);
 }
 
 #[tokio::test]
 async fn changes_another_process_writes_are_read_back_and_not_written_over() {
     // Two instances on one file, as the old and the new process during a graceful upgrade.
     let (_dir, path) = temp();
+    let (old, old_engine, old_cache) = with_user_a(&path).await;
     let new = Arc::new(SqliteStore::open(&path).unwrap());
     let (new_engine, new_cache) = engine(&new);
-    let old = Arc::new(SqliteStore::open(&path).unwrap());
-    let (old_engine, old_cache) = engine(&old);
-    old_cache
-        .create(&User::new("a".into(), UserType::Normal, 1))
-        .unwrap();
-    old_engine.flush().await.unwrap();
     new_cache.load(new.load_all().await.unwrap());
     old_cache.load(old.load_all().await.unwrap());
     new_engine.read_back().await;
@@ -681,9 +669,7 @@ async fn changes_another_process_writes_are_read_back_and_not_written_over() {
 
     // The old process disables "a" and creates "b" after the new one loaded.
     old_cache.disable("a", Some("abuse"), 10).unwrap();
-    old_cache
-        .create(&User::new("b".into(), UserType::Normal, 2))
-        .unwrap();
+    create(&old_cache, "b");
     let a = old_cache.get("a").unwrap();
     old_cache.count_request(&a, 20);
     old_engine.flush().await.unwrap();
