@@ -125,11 +125,7 @@ impl AccessLogWriter {
     /// reports lines dropped along the way. Call once every service has stopped.
     pub fn finish(&self) {
         if let Ok(mut receiver) = self.inner.receiver.try_lock() {
-            let mut sink = self.inner.sink.lock();
-            while let Ok(line) = receiver.try_recv() {
-                sink.write_line(&line);
-            }
-            sink.flush();
+            self.inner.sink.lock().write_queued(None, &mut receiver);
         }
         let dropped = self.inner.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
@@ -146,12 +142,10 @@ impl BackgroundService for AccessLogWriter {
     async fn start(&self, _shutdown: ShutdownWatch) {
         let mut receiver = self.inner.receiver.lock().await;
         while let Some(line) = receiver.recv().await {
-            let mut sink = self.inner.sink.lock();
-            sink.write_line(&line);
-            while let Ok(line) = receiver.try_recv() {
-                sink.write_line(&line);
-            }
-            sink.flush();
+            self.inner
+                .sink
+                .lock()
+                .write_queued(Some(line), &mut receiver);
         }
     }
 }
@@ -173,6 +167,17 @@ impl Sink {
             buffer: Vec::with_capacity(64 * 1024),
             target,
         }
+    }
+
+    /// `first`, then every line already queued, written with one call.
+    fn write_queued(&mut self, first: Option<String>, receiver: &mut mpsc::Receiver<String>) {
+        for line in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| receiver.try_recv().ok()))
+        {
+            self.write_line(&line);
+        }
+        self.flush();
     }
 
     fn write_line(&mut self, line: &str) {
