@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::recent_clients::RecentClients;
+use crate::clock::now_ms;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -66,6 +68,9 @@ pub struct Metrics {
     requests: Vec<IntCounter>,
     upstream_latency: Histogram,
     connect_failures: IntCounter,
+    /// Clients refused with 429 lately, by their limit key.
+    limited_clients: RecentClients,
+    limited_clients_gauge: IntGauge,
     users: IntGauge,
     pending: IntGauge,
     last_flush: IntGauge,
@@ -125,6 +130,13 @@ impl Metrics {
                  once per upstream)",
             )
             .expect("valid metric"),
+            limited_clients: RecentClients::default(),
+            limited_clients_gauge: IntGauge::new(
+                "tollgate_rate_limited_clients",
+                "Distinct clients (users; client IPs for anonymous requests and failed \
+                 authentications) refused with 429 in the last minute, estimated",
+            )
+            .expect("valid metric"),
             registry,
             requests,
             upstream_latency,
@@ -133,6 +145,7 @@ impl Metrics {
             Box::new(requests_vec),
             Box::new(metrics.upstream_latency.clone()),
             Box::new(metrics.connect_failures.clone()),
+            Box::new(metrics.limited_clients_gauge.clone()),
             Box::new(metrics.users.clone()),
             Box::new(metrics.pending.clone()),
             Box::new(metrics.last_flush.clone()),
@@ -157,6 +170,12 @@ impl Metrics {
         }
     }
 
+    /// A client was refused with 429; `key` is its rate-limit key (a keyed hash).
+    #[inline]
+    pub fn record_rate_limited(&self, key: u64, now_ms: u64) {
+        self.limited_clients.record(key, now_ms);
+    }
+
     pub fn record_connect_failure(&self) {
         self.connect_failures.inc();
     }
@@ -173,6 +192,8 @@ impl Metrics {
             .set(i64::from(gauges.stream_connected));
         self.reconnects.set(as_i64(gauges.stream_reconnects));
         self.ready.set(i64::from(gauges.ready));
+        self.limited_clients_gauge
+            .set(as_i64(self.limited_clients.estimate(now_ms())));
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -190,6 +211,9 @@ mod tests {
         let m = Metrics::new("user_token", "sqlite");
         m.record_request(Outcome::RateLimited, None);
         m.record_request(Outcome::Proxied, Some(Duration::from_millis(3)));
+        for key in [1 << 60, 1 << 60, 3 << 60] {
+            m.record_rate_limited(key, now_ms());
+        }
         let text = String::from_utf8(m.render(StoreGauges {
             users_in_cache: 7,
             ..Default::default()
@@ -202,6 +226,7 @@ mod tests {
         assert!(text.contains(r#"tollgate_requests_total{mode="user_token",result="proxied"} 1"#));
         assert!(text.contains("tollgate_upstream_latency_seconds_count 1"));
         assert!(text.contains("tollgate_users_cached 7"));
+        assert!(text.contains("tollgate_rate_limited_clients 2"), "{text}");
         assert!(text.contains(r#"tollgate_store_pending_changes{store="sqlite"} 0"#));
     }
 }

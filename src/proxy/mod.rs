@@ -160,6 +160,7 @@ impl Proxy {
                 retry_after_secs, ..
             }) = failures.check_rare(&mut ip_key_of, now)
             {
+                self.metrics.record_rate_limited(ip_key_of(), now);
                 let message = format!(
                     "Too many failed authentication attempts from this IP. Please try again in {retry_after_secs} seconds."
                 );
@@ -211,6 +212,7 @@ impl Proxy {
                 reset_at_ms,
             } = decision
             {
+                self.metrics.record_rate_limited(limit_key, now);
                 let reply = rate_limited(limit, &self.window_text, retry_after_secs, reset_at_ms);
                 return Err((reply, Outcome::RateLimited));
             }
@@ -218,6 +220,7 @@ impl Proxy {
         match slot {
             Some(Some(guard)) => ctx._inflight = Some(guard),
             Some(None) => {
+                self.metrics.record_rate_limited(limit_key, now);
                 let max = self.inflight.as_ref().map_or(0, ConcurrencyLimiter::max);
                 let message = format!(
                     "Too many concurrent requests: at most {max} at a time. Wait for one to finish."

@@ -500,13 +500,7 @@ fn health_ready_and_metrics() {
         "tollgate_users_cached 1",
         "tollgate_upstream_latency_seconds_count 1",
     ];
-    let scrape = || {
-        http.get(tg.admin_url("/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap()
-    };
+    let scrape = || tg.metrics();
     let complete = crate::support::wait_until(std::time::Duration::from_secs(5), || {
         let metrics = scrape();
         expected.iter().all(|line| metrics.contains(line))
@@ -527,14 +521,7 @@ fn a_request_the_client_abandons_is_counted_as_client_closed_not_proxied() {
         .header("x-origin-delay-ms", "1500")
         .send();
     assert!(abandoned.is_err(), "the client gave up first");
-    let scrape = || {
-        client()
-            .get(tg.admin_url("/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap()
-    };
+    let scrape = || tg.metrics();
     let counted = crate::support::wait_until(std::time::Duration::from_secs(5), || {
         scrape().contains(r#"tollgate_requests_total{mode="user_token",result="client_closed"} 1"#)
     });

@@ -14,6 +14,17 @@ fn header(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
         .map(|v| v.to_str().unwrap().to_string())
 }
 
+/// The status of `GET /a` with `token` as the Bearer token.
+fn status_with(tg: &Tollgate, token: &str) -> u16 {
+    client()
+        .get(tg.url("/a"))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// Starts a request to `/slow` that the origin holds for 1.5 s (with `token`, if any), and
 /// returns once the origin has it: the request holds a concurrency slot until joined.
 fn hold_a_slot(
@@ -97,15 +108,7 @@ fn users_are_limited_per_token_and_special_users_are_exempt() {
         .start();
     let (a, b) = (tg.create_user(json!({})), tg.create_user(json!({})));
     let special = tg.create_user(json!({"type": "special"}));
-    let http = client();
-    let status = |token: &str| {
-        http.get(tg.url("/a"))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let status = |token: &str| status_with(&tg, token);
     assert_eq!((status(&a), status(&a), status(&a)), (200, 200, 429));
     assert_eq!(
         status(&b),
@@ -199,6 +202,11 @@ fn concurrent_requests_beyond_max_inflight_get_429_and_slots_come_back() {
         200,
         "slots released"
     );
+    let metrics = tg.metrics();
+    assert!(
+        metrics.contains("\ntollgate_rate_limited_clients 1\n"),
+        "the IP refused for concurrency: {metrics}"
+    );
 }
 
 /// A concurrency refusal carries the request-rate headers a success would (the rate did not
@@ -258,4 +266,33 @@ fn a_client_that_disconnects_releases_its_slot() {
     assert!(crate::support::wait_until(Duration::from_secs(5), || {
         client().get(tg.url("/a")).send().unwrap().status() == 200
     }));
+}
+
+#[test]
+fn metrics_count_each_rate_limited_client_once() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("rate_limit:\n  requests_per_minute: 1\n  auth_failures_per_minute: 1")
+        .start();
+    let (a, b, c) = (
+        tg.create_user(json!({})),
+        tg.create_user(json!({})),
+        tg.create_user(json!({})),
+    );
+    let status = |token: &str| status_with(&tg, token);
+    let statuses: Vec<u16> = [&a, &a, &a, &a, &b, &b, &c].map(|t| status(t)).to_vec();
+    assert_eq!(statuses, [200, 429, 429, 429, 200, 429, 200]);
+    let scrape = || tg.metrics();
+    assert!(
+        scrape().contains("\ntollgate_rate_limited_clients 2\n"),
+        "two users refused, one of them three times: {}",
+        scrape()
+    );
+    // A throttled IP (failed authentications) is a client too.
+    assert_eq!((status("guess-1"), status("guess-2")), (401, 429));
+    assert!(
+        scrape().contains("\ntollgate_rate_limited_clients 3\n"),
+        "{}",
+        scrape()
+    );
 }
