@@ -3,10 +3,12 @@
 # change in docs/performance.md ("What was changed") was measured.
 #
 #   benches/load/ab.sh before=/path/to/tollgate after=target/pgo/release/tollgate
+#   NGINX_WORKERS="1 2" benches/load/ab.sh one=BIN two=BIN,threads=2 nosteal=BIN,threads=2,work_stealing=false
 #
-# Each NAME=BINARY runs as its own instance (same configuration, WORKERS threads) in front of
-# one nginx origin; with NGINX=1 (default) nginx as a reverse proxy runs alongside as a
-# reference. Each round drives every instance once with wrk for DURATION seconds, the order
+# Each NAME=BINARY runs as its own instance (same configuration, WORKERS threads unless the
+# spec says `,threads=N` and/or `,work_stealing=true|false`) in front of one nginx origin; with
+# NGINX=1 (default) nginx as a reverse proxy runs alongside as a reference, once per worker
+# count in NGINX_WORKERS (default WORKERS; named nginx, or nginx_wN when there are several). Each round drives every instance once with wrk for DURATION seconds, the order
 # rotated each round, and records requests/s, p99 and the instance's CPU time per request
 # (user + system, from /proc). The report gives the medians, then each instance's ratios to the
 # first one taken within each round (median, lowest–highest): on a shared machine a difference
@@ -15,12 +17,12 @@
 # Tunables (environment): ROUNDS (10), DURATION seconds (4), WARMUP seconds (1), BODY (small;
 # or 64k), MODE (none: pass-through; user_token: USERS users imported, rate limiting on but never
 # triggered), USERS (100000), CONNECTIONS (32), WRK_THREADS (1), WORKERS (1), NGINX (1),
-# PORT_BASE (19280). Loopback only; bounded by ROUNDS x instances x DURATION.
+# PORT_BASE (19280), NGINX_WORKERS. Loopback only; bounded by ROUNDS x instances x DURATION.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 usage() {
-  echo "usage: $0 NAME=BINARY [NAME=BINARY ...]   (see the header of $0)" >&2
+  echo "usage: $0 NAME=BINARY[,threads=N][,work_stealing=BOOL] ...   (see the header of $0)" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
@@ -35,6 +37,7 @@ CONNECTIONS=${CONNECTIONS:-32}
 WRK_THREADS=${WRK_THREADS:-1}
 WORKERS=${WORKERS:-1}
 NGINX_REF=${NGINX:-1}
+read -r -a NGINX_WORKER_COUNTS <<<"${NGINX_WORKERS:-$WORKERS}"
 PORT_BASE=${PORT_BASE:-19280}
 ADMIN_KEY=bench-admin-key-0123456789
 LOG_TAG=ab
@@ -51,16 +54,26 @@ chmod 755 "$WORK"
 trap load_cleanup EXIT
 
 NAMES=()
-declare -A BIN PORT PID
-port=$((PORT_BASE + 2))
+declare -A BIN PORT PID THREADS STEAL
+port=$((PORT_BASE + 1 + ${#NGINX_WORKER_COUNTS[@]}))
 for spec in "$@"; do
   name=${spec%%=*}
-  bin=${spec#*=}
+  IFS=, read -r -a opts <<<"${spec#*=}"
+  bin=${opts[0]}
   [[ $spec == *=* && $name =~ ^[a-z0-9_]+$ ]] || usage
-  if [ -n "${BIN[$name]:-}" ] || [ "$name" = nginx ]; then
+  if [ -n "${BIN[$name]:-}" ] || [[ $name == nginx* ]]; then
     die "instance name '$name' used twice or reserved"
   fi
   [ -x "$bin" ] || die "no executable at $bin (for $name)"
+  THREADS[$name]=$WORKERS
+  STEAL[$name]=
+  for opt in "${opts[@]:1}"; do
+    case $opt in
+      threads=[1-9] | threads=[1-9][0-9]) THREADS[$name]=${opt#threads=} ;;
+      work_stealing=true | work_stealing=false) STEAL[$name]=${opt#work_stealing=} ;;
+      *) die "unknown option '$opt' for $name (threads=N, work_stealing=true|false)" ;;
+    esac
+  done
   NAMES+=("$name")
   BIN[$name]=$bin
   PORT[$name]=$port
@@ -76,15 +89,29 @@ port_free_or_die "${ports[@]}"
 write_origin_conf off
 start_nginx origin
 wait_port "$ORIGIN_PORT"
+NGINX_CASES=()
 if [ "$NGINX_REF" = 1 ]; then
-  write_proxy_conf "$NGINX_PORT"
-  start_nginx proxy
-  wait_port "$NGINX_PORT"
-  PORT[nginx]=$NGINX_PORT
-  PID[nginx]=$PROXY_PID
+  nginx_port=$NGINX_PORT
+  for workers in "${NGINX_WORKER_COUNTS[@]}"; do
+    [[ $workers =~ ^[1-9][0-9]?$ ]] || die "NGINX_WORKERS: '$workers' is not a worker count"
+    case=nginx
+    [ ${#NGINX_WORKER_COUNTS[@]} -gt 1 ] && case=nginx_w$workers
+    [ -z "${PORT[$case]:-}" ] || die "NGINX_WORKERS: $workers given twice"
+    WORKERS=$workers write_proxy_conf "$nginx_port" "proxy_$case"
+    start_nginx "proxy_$case"
+    pid_var=PROXY_${case^^}_PID
+    PID[$case]=${!pid_var}
+    PORT[$case]=$nginx_port
+    wait_port "$nginx_port"
+    NGINX_CASES+=("$case")
+    nginx_port=$((nginx_port + 1))
+  done
 fi
 for name in "${NAMES[@]}"; do
-  tollgate_conf "tg_$name" "${PORT[$name]}" $((PORT[$name] + 1)) "$MODE" "$RPM" >"$WORK/tg_$name.yaml"
+  WORKERS=${THREADS[$name]} tollgate_conf "tg_$name" "${PORT[$name]}" $((PORT[$name] + 1)) "$MODE" "$RPM" >"$WORK/tg_$name.yaml"
+  if [ -n "${STEAL[$name]}" ]; then
+    sed -i "s/^  threads: .*/&\n  work_stealing: ${STEAL[$name]}/" "$WORK/tg_$name.yaml"
+  fi
   start_tollgate "${BIN[$name]}" "tg_$name"
   pid_var=TG_${name^^}_PID
   PID[$name]=${!pid_var}
@@ -92,7 +119,7 @@ for name in "${NAMES[@]}"; do
   wait_port $((PORT[$name] + 1))
 done
 CASES=("${NAMES[@]}")
-[ "$NGINX_REF" = 1 ] && CASES+=(nginx)
+CASES+=("${NGINX_CASES[@]}")
 
 TOKEN=none
 if [ "$MODE" = user_token ]; then
@@ -124,9 +151,22 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+describe_workers() { # the threads of each instance and nginx's workers, for the report
+  local name parts=()
+  for name in "${NAMES[@]}"; do
+    parts+=("$name ${THREADS[$name]} thread(s)${STEAL[$name]:+, work_stealing ${STEAL[$name]}}")
+  done
+  for name in "${NGINX_CASES[@]}"; do
+    parts+=("$name $(awk '/^worker_processes/ { sub(";", "", $2); print $2 }' "$WORK/proxy_$name.conf") worker(s)")
+  done
+  local joined
+  joined=$(printf '%s; ' "${parts[@]}")
+  echo "${joined%; }"
+}
+
 BASE=${NAMES[0]}
 echo
-echo "A/B, $(date -u +%Y-%m-%dT%H:%MZ): /$BODY, mode $MODE, wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s, $WORKERS worker(s) each; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "A/B, $(date -u +%Y-%m-%dT%H:%MZ): /$BODY, mode $MODE, wrk -t$WRK_THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s; $(describe_workers); $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| instance | req/s | p99 | CPU per request | req/s vs $BASE, paired | CPU per request vs $BASE, paired |"
 echo "|---|---:|---:|---:|---|---|"

@@ -104,10 +104,11 @@ start_nginx() { # name (of $WORK/<name>.conf); sets <NAME>_PID
 # Connection header), X-Forwarded-For set as tollgate sets it, Access-Control-Allow-Origin
 # added as tollgate adds it (cors.enabled, its default), buffers large enough that a 64 KiB
 # response never goes to a temporary file, and as many workers as tollgate has threads.
-write_proxy_conf() { # port
+write_proxy_conf() { # port [name, default proxy: writes $WORK/<name>.conf]
+  local name=${2:-proxy}
   {
     echo "worker_processes $WORKERS;"
-    nginx_common proxy
+    nginx_common "$name"
     echo "http {"
     http_common
     cat <<EOF
@@ -131,7 +132,7 @@ write_proxy_conf() { # port
   }
 }
 EOF
-  } >"$WORK/proxy.conf"
+  } >"$WORK/$name.conf"
 }
 
 tollgate_conf() { # name port admin_port mode requests_per_minute

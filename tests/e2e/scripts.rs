@@ -164,25 +164,35 @@ fn load_benchmark_runs_every_case_and_prints_the_table() {
 }
 
 /// The A/B harness (benches/load/ab.sh) end to end, as short as it goes: two instances of the
-/// debug binary in `user_token` mode and nginx beside them. No figure is checked: every
-/// instance must answer cleanly under wrk and get its row, with ratios to the first one.
+/// debug binary in `user_token` mode (the second with two threads, without work stealing) and
+/// nginx beside them with one and with two workers. No figure is checked: every instance must
+/// answer cleanly under wrk and get its row, with ratios to the first one.
 #[test]
 fn ab_harness_compares_instances_with_paired_ratios() {
     let bin = crate::support::tollgate::binary();
     let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/ab.sh"))
         .arg(format!("first={bin}"))
-        .arg(format!("second={bin}"))
+        .arg(format!("second={bin},threads=2,work_stealing=false"))
+        .env("NGINX_WORKERS", "1 2")
         .env("ROUNDS", "2")
         .env("DURATION", "1")
         .env("WARMUP", "1")
         .env("MODE", "user_token")
         .env("USERS", "100")
         .env("CONNECTIONS", "4")
-        .env("PORT_BASE", free_port_range(6).to_string())
+        .env("PORT_BASE", free_port_range(7).to_string())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ab.sh failed: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(
+            "first 1 thread(s); second 2 thread(s), work_stealing false; \
+             nginx_w1 1 worker(s); nginx_w2 2 worker(s);"
+        ),
+        "each instance ran as its spec says: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     let row = |name: &str| -> Vec<String> {
         let line = table
@@ -193,12 +203,12 @@ fn ab_harness_compares_instances_with_paired_ratios() {
             .map(|cell| cell.trim().to_string())
             .collect()
     };
-    for name in ["first", "second", "nginx"] {
+    for name in ["first", "second", "nginx_w1", "nginx_w2"] {
         let rps: f64 = row(name)[2].parse().unwrap();
         assert!(rps > 0.0, "{name}: {table}");
     }
     assert_eq!(row("first")[5], "–", "the first instance is the base");
-    for name in ["second", "nginx"] {
+    for name in ["second", "nginx_w1", "nginx_w2"] {
         let paired = &row(name)[5];
         let median: f64 = paired.split(' ').next().unwrap().parse().unwrap();
         assert!(median > 0.0 && paired.contains('–'), "{name}: {paired}");
