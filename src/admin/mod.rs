@@ -157,9 +157,9 @@ impl AdminService {
         };
         let query = query.as_deref();
         match (method, route) {
-            (Method::GET, Route::Users) => self.users.list(query),
+            (Method::GET, Route::Users) => self.users.list(query).await,
             (Method::POST, Route::Users) => self.users.create(&body).await,
-            (Method::PUT, Route::Users) => self.users.upsert_many(&body).await,
+            (Method::PUT, Route::Users) => self.users.upsert_many(body).await,
             (Method::GET, Route::User(_)) => self.users.get(&token),
             (Method::PUT, Route::User(_)) => self.users.upsert(&token, &body).await,
             (Method::DELETE, Route::User(_)) => self.users.delete(&token, query).await,

@@ -79,7 +79,7 @@ struct BulkRequest {
 
 impl UsersApi {
     /// `GET /admin/users?sort=f1,f2`: every user, sorted descending, missing values last.
-    pub fn list(&self, query: Option<&str>) -> Result<Reply, ApiError> {
+    pub async fn list(&self, query: Option<&str>) -> Result<Reply, ApiError> {
         let mut sort = DEFAULT_SORT.to_string();
         for (key, value) in query_params(query) {
             match key.as_str() {
@@ -92,32 +92,44 @@ impl UsersApi {
                 }
             }
         }
-        let fields = sort_fields(&sort);
-        if let Some(bad) = fields.iter().find(|f| !SORT_FIELDS.contains(f)) {
-            return Err(ApiError::bad_request(
-                "sort",
-                format!(
-                    "cannot sort by '{bad}'; sortable fields: {}",
-                    SORT_FIELDS.join(", ")
-                ),
-            ));
-        }
-        let mut users = self.cache.snapshot();
-        users.sort_by(|a, b| {
-            fields
-                .iter()
-                .map(|f| compare_desc(a, b, f))
-                .find(|o| o.is_ne())
-                .unwrap_or(Ordering::Equal)
-        });
-        Ok(json_response(
-            200,
-            &UserList {
-                users: &users,
-                count: users.len(),
-            },
-            &[],
-        ))
+        let fields = sort_fields(&sort)
+            .into_iter()
+            .map(|field| {
+                SORT_FIELDS
+                    .iter()
+                    .copied()
+                    .find(|known| *known == field)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "sort",
+                            format!(
+                                "cannot sort by '{field}'; sortable fields: {}",
+                                SORT_FIELDS.join(", ")
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<&'static str>, _>>()?;
+        let cache = Arc::clone(&self.cache);
+        off_thread(move || {
+            let mut users = cache.snapshot();
+            users.sort_by(|a, b| {
+                fields
+                    .iter()
+                    .map(|f| compare_desc(a, b, f))
+                    .find(|o| o.is_ne())
+                    .unwrap_or(Ordering::Equal)
+            });
+            json_response(
+                200,
+                &UserList {
+                    users: &users,
+                    count: users.len(),
+                },
+                &[],
+            )
+        })
+        .await
     }
 
     /// `GET /admin/users/{token}`.
@@ -195,29 +207,39 @@ impl UsersApi {
     }
 
     /// `PUT /admin/users`: the import. All entries are validated before any is applied.
-    pub async fn upsert_many(&self, body: &[u8]) -> Result<Reply, ApiError> {
-        let request: BulkRequest = parse_json(body)?;
-        let mut items = Vec::with_capacity(request.users.len());
-        for (i, mut patch) in request.users.into_iter().enumerate() {
-            let at = format!("users[{i}]");
-            let Patch::Set(token) = std::mem::take(&mut patch.token) else {
-                return Err(ApiError::bad_request(format!("{at}.token"), "is required"));
-            };
-            validate_token(&token).map_err(|p| ApiError::bad_request(format!("{at}.token"), p))?;
-            patch
-                .validate(&at)
-                .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
-            items.push((token, patch));
-        }
-        let (users, ticket) = self.cache.upsert_many(&items, now_ms());
-        self.respond_when_durable(
-            ticket,
-            items.iter().map(|(token, _)| token.as_str()),
-            &Upserted {
-                upserted_users: &users,
-                count: users.len(),
-            },
-        )
+    pub async fn upsert_many(&self, body: Vec<u8>) -> Result<Reply, ApiError> {
+        let cache = Arc::clone(&self.cache);
+        let (users, ticket) = off_thread(move || {
+            let request: BulkRequest = parse_json(&body)?;
+            let mut items = Vec::with_capacity(request.users.len());
+            for (i, mut patch) in request.users.into_iter().enumerate() {
+                let at = format!("users[{i}]");
+                let Patch::Set(token) = std::mem::take(&mut patch.token) else {
+                    return Err(ApiError::bad_request(format!("{at}.token"), "is required"));
+                };
+                validate_token(&token)
+                    .map_err(|p| ApiError::bad_request(format!("{at}.token"), p))?;
+                patch
+                    .validate(&at)
+                    .map_err(|e| ApiError::bad_request(e.field, e.problem))?;
+                items.push((token, patch));
+            }
+            Ok(cache.upsert_many(&items, now_ms()))
+        })
+        .await??;
+        let (status, persisted) = self
+            .durability(ticket, users.iter().map(|u| u.token.as_str()))
+            .await?;
+        off_thread(move || {
+            json_response(
+                status,
+                &Upserted {
+                    upserted_users: &users,
+                    count: users.len(),
+                },
+                &[("x-tollgate-persisted", persisted)],
+            )
+        })
         .await
     }
 
@@ -273,15 +295,29 @@ impl UsersApi {
         self.respond_when_durable(ticket, [token], &user).await
     }
 
-    /// 200 once the store confirmed the change; 202 when it could not within the bound (the
-    /// change is applied here and stays queued). `x-tollgate-persisted` says which. A 500 when
-    /// the store refused the change of one of `tokens` for good: it is not saved.
+    /// `body` as 200 once the store confirmed the change; as 202 when it could not within the
+    /// bound (the change is applied here and stays queued). `x-tollgate-persisted` says which.
+    /// A 500 when the store refused the change of one of `tokens` for good: it is not saved.
     async fn respond_when_durable<'a, T: Serialize>(
         &self,
         ticket: ChangeTicket,
         tokens: impl IntoIterator<Item = &'a str>,
         body: &T,
     ) -> Result<Reply, ApiError> {
+        let (status, persisted) = self.durability(ticket, tokens).await?;
+        Ok(json_response(
+            status,
+            body,
+            &[("x-tollgate-persisted", persisted)],
+        ))
+    }
+
+    /// The status and `x-tollgate-persisted` value of `respond_when_durable`, or its 500.
+    async fn durability<'a>(
+        &self,
+        ticket: ChangeTicket,
+        tokens: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(u16, &'static str), ApiError> {
         let durable = self.status.wait_durable(ticket, self.persist_timeout).await;
         let refusals = self.status.refusals_since(ticket);
         if !refusals.is_empty() {
@@ -310,17 +346,27 @@ impl UsersApi {
                 .with_header("x-tollgate-persisted", "false"));
             }
         }
-        let (status, persisted) = if durable {
+        Ok(if durable {
             (200, "true")
         } else {
             (202, "false")
-        };
-        Ok(json_response(
-            status,
-            body,
-            &[("x-tollgate-persisted", persisted)],
-        ))
+        })
     }
+}
+
+/// Runs `work` on tokio's blocking pool. Listing or importing a million users is seconds of
+/// CPU, and the admin listener's single thread must keep answering `/health`, `/ready` (probes
+/// that time out get the process restarted), `/metrics` and other admin requests meanwhile.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|_| {
+        ApiError::new(
+            500,
+            "internal_error",
+            "the request failed while being processed; see the log",
+        )
+    })
 }
 
 /// The fields of a `sort=` value; an empty value (`sort=`, `sort=,`) means the default sort,

@@ -748,3 +748,98 @@ fn form_encoded_bodies_work_as_in_the_older_proxy() {
         );
     }
 }
+
+/// Importing many users is seconds of work; the admin listener keeps answering meanwhile.
+/// Before, its one thread parsed and applied the import: `/health`, `/ready` and `/metrics`
+/// waited (6.8 s for a million users, long enough for a liveness probe to fail).
+#[test]
+fn the_admin_listener_answers_while_a_large_import_is_being_processed() {
+    use std::io::{Read, Write};
+    let (_o, tg) = start();
+    let users: Vec<Value> = (0..300_000)
+        .map(|i| json!({ "token": format!("import-{i:08}"), "meta": {} }))
+        .collect();
+    let body = serde_json::to_vec(&json!({ "users": users })).unwrap();
+    let admin = tg.admin_url("").trim_start_matches("http://").to_string();
+    let mut import = std::net::TcpStream::connect(&admin).unwrap();
+    write!(
+        import,
+        "PUT /admin/users HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    import.write_all(&body).unwrap();
+    // Once tollgate has read the whole body (no byte queued on either side of the connection),
+    // it parses and validates 300,000 users before applying any: seconds of work.
+    assert!(all_read(&import), "tollgate did not read the import's body");
+    assert!(
+        tg.metrics().contains("\ntollgate_users_cached 0\n"),
+        "/metrics was answered only once the import was applied"
+    );
+    let mut reply = Vec::new();
+    import.read_to_end(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{}",
+        &reply[..reply.len().min(300)]
+    );
+    assert!(
+        reply.ends_with(",\"count\":300000}"),
+        "the whole import was applied"
+    );
+    assert!(tg.metrics().contains("\ntollgate_users_cached 300000\n"));
+
+    // Listing them takes a while too.
+    let mut list = std::net::TcpStream::connect(&admin).unwrap();
+    write!(
+        list,
+        "GET /admin/users HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    assert!(all_read(&list), "tollgate did not read the list request");
+    assert!(tg.metrics().contains("\ntollgate_users_cached 300000\n"));
+    list.set_nonblocking(true).unwrap();
+    assert!(
+        matches!(list.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "/metrics was answered only once the list was"
+    );
+    list.set_nonblocking(false).unwrap();
+    let mut reply = Vec::new();
+    list.read_to_end(&mut reply).unwrap();
+    assert!(String::from_utf8_lossy(&reply).ends_with(",\"count\":300000}"));
+}
+
+/// Waits until tollgate has read everything sent on `stream` (nothing left in our send queue
+/// or in its receive queue).
+fn all_read(stream: &std::net::TcpStream) -> bool {
+    let ours = stream.local_addr().unwrap().port();
+    let theirs = stream.peer_addr().unwrap().port();
+    crate::support::wait_until(Duration::from_secs(60), || {
+        tcp_queues(ours, theirs).is_some_and(|(unsent, _)| unsent == 0)
+            && tcp_queues(theirs, ours).is_some_and(|(_, unread)| unread == 0)
+    })
+}
+
+/// The send and receive queues (bytes not yet acknowledged / not yet read by the process) of
+/// the loopback TCP socket from `local` to `remote` port, from `/proc/net/tcp`.
+fn tcp_queues(local: u16, remote: u16) -> Option<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (local, remote) = (
+        format!("0100007F:{local:04X}"),
+        format!("0100007F:{remote:04X}"),
+    );
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (tx, rx) = fields.get(4)?.split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
