@@ -236,18 +236,15 @@ fn bulk_import(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let cache = Arc::new(UserCache::default());
-                let api = UsersApi {
-                    status: StoreStatus::new("memory", Arc::clone(&cache)),
-                    cache,
-                    // Nothing confirms writes here: answer 202 at once instead of waiting.
-                    persist_timeout: Duration::ZERO,
-                };
+                let status = StoreStatus::new("memory", Arc::clone(&cache));
+                // Nothing confirms writes here: answer 202 at once instead of waiting.
+                let api = UsersApi::new(cache, status, Duration::ZERO);
                 // The request body is the handler's to keep (it is parsed on another thread).
                 (api, body.clone())
             },
             |(api, body)| {
                 let reply = runtime.block_on(api.upsert_many(body)).expect("import");
-                assert_eq!(api.cache.len(), n);
+                assert_eq!(api.cache().len(), n);
                 black_box(reply);
                 api
             },

@@ -75,11 +75,7 @@ impl AdminService {
                 admin.lockout_after_failures,
                 admin.lockout,
             ),
-            users: UsersApi {
-                cache,
-                status: Arc::clone(&status),
-                persist_timeout: admin.persist_timeout,
-            },
+            users: UsersApi::new(cache, Arc::clone(&status), admin.persist_timeout),
             status,
             metrics,
             trusted_proxies: config.trusted_proxies.clone(),

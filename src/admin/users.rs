@@ -34,9 +34,13 @@ const SORT_FIELDS: &[&str] = &[
 const DEFAULT_SORT: &str = "promptCount,lastUsedAt";
 
 pub struct UsersApi {
-    pub cache: Arc<UserCache>,
-    pub status: Arc<StoreStatus>,
-    pub persist_timeout: Duration,
+    cache: Arc<UserCache>,
+    status: Arc<StoreStatus>,
+    persist_timeout: Duration,
+    /// Held by an import or a full list from start to reply: one at a time, as when they ran on
+    /// the admin thread itself, so that concurrent ones neither interleave their users nor hold
+    /// several copies of every user in memory.
+    bulk: tokio::sync::Mutex<()>,
 }
 
 #[derive(Serialize)]
@@ -78,6 +82,20 @@ struct BulkRequest {
 }
 
 impl UsersApi {
+    pub fn new(cache: Arc<UserCache>, status: Arc<StoreStatus>, persist_timeout: Duration) -> Self {
+        Self {
+            cache,
+            status,
+            persist_timeout,
+            bulk: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The cache this API edits.
+    pub fn cache(&self) -> &UserCache {
+        &self.cache
+    }
+
     /// `GET /admin/users?sort=f1,f2`: every user, sorted descending, missing values last.
     pub async fn list(&self, query: Option<&str>) -> Result<Reply, ApiError> {
         let mut sort = DEFAULT_SORT.to_string();
@@ -110,6 +128,7 @@ impl UsersApi {
                     })
             })
             .collect::<Result<Vec<&'static str>, _>>()?;
+        let _bulk = self.bulk.lock().await;
         let cache = Arc::clone(&self.cache);
         off_thread(move || {
             let mut users = cache.snapshot();
@@ -208,6 +227,7 @@ impl UsersApi {
 
     /// `PUT /admin/users`: the import. All entries are validated before any is applied.
     pub async fn upsert_many(&self, body: Vec<u8>) -> Result<Reply, ApiError> {
+        let _bulk = self.bulk.lock().await;
         let cache = Arc::clone(&self.cache);
         let (users, ticket) = off_thread(move || {
             let request: BulkRequest = parse_json(&body)?;

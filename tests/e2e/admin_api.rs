@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::support::sockets::tcp_queues;
 use crate::support::tollgate::{Tollgate, ADMIN_KEY};
 use crate::support::{client, error_type, Origin, TollgateBuilder};
 
@@ -751,25 +752,17 @@ fn form_encoded_bodies_work_as_in_the_older_proxy() {
 
 /// Importing many users is seconds of work; the admin listener keeps answering meanwhile.
 /// Before, its one thread parsed and applied the import: `/health`, `/ready` and `/metrics`
-/// waited (6.8 s for a million users, long enough for a liveness probe to fail).
+/// waited (6.8 s for a million users, long enough for a liveness probe to fail). Imports and
+/// full lists still run one at a time.
 #[test]
 fn the_admin_listener_answers_while_a_large_import_is_being_processed() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let (_o, tg) = start();
     let users: Vec<Value> = (0..300_000)
         .map(|i| json!({ "token": format!("import-{i:08}"), "meta": {} }))
         .collect();
     let body = serde_json::to_vec(&json!({ "users": users })).unwrap();
-    let admin = tg.admin_url("").trim_start_matches("http://").to_string();
-    let mut import = std::net::TcpStream::connect(&admin).unwrap();
-    write!(
-        import,
-        "PUT /admin/users HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    import.write_all(&body).unwrap();
+    let mut import = raw_admin_request(&tg, "PUT", Some(&body));
     // Once tollgate has read the whole body (no byte queued on either side of the connection),
     // it parses and validates 300,000 users before applying any: seconds of work.
     assert!(all_read(&import), "tollgate did not read the import's body");
@@ -777,11 +770,24 @@ fn the_admin_listener_answers_while_a_large_import_is_being_processed() {
         tg.metrics().contains("\ntollgate_users_cached 0\n"),
         "/metrics was answered only once the import was applied"
     );
+    // A second import meanwhile waits for the first to be answered.
+    let second = json!({ "users": [{ "token": "second-import", "meta": {} }] });
+    let mut second = raw_admin_request(&tg, "PUT", Some(&serde_json::to_vec(&second).unwrap()));
+    let mut reply = Vec::new();
+    second.read_to_end(&mut reply).unwrap();
+    assert!(String::from_utf8_lossy(&reply).ends_with(",\"count\":1}"));
+    import.set_nonblocking(true).unwrap();
+    assert!(
+        matches!(import.read(&mut [0u8; 1]), Ok(1)),
+        "the second import was answered before the first"
+    );
+    import.set_nonblocking(false).unwrap();
     let mut reply = Vec::new();
     import.read_to_end(&mut reply).unwrap();
     let reply = String::from_utf8_lossy(&reply);
+    // Its first byte, the "H" of "HTTP/1.1", was read above.
     assert!(
-        reply.starts_with("HTTP/1.1 200"),
+        reply.starts_with("TTP/1.1 200"),
         "{}",
         &reply[..reply.len().min(300)]
     );
@@ -789,18 +795,12 @@ fn the_admin_listener_answers_while_a_large_import_is_being_processed() {
         reply.ends_with(",\"count\":300000}"),
         "the whole import was applied"
     );
-    assert!(tg.metrics().contains("\ntollgate_users_cached 300000\n"));
+    assert!(tg.metrics().contains("\ntollgate_users_cached 300001\n"));
 
     // Listing them takes a while too.
-    let mut list = std::net::TcpStream::connect(&admin).unwrap();
-    write!(
-        list,
-        "GET /admin/users HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
-         Connection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut list = raw_admin_request(&tg, "GET", None);
     assert!(all_read(&list), "tollgate did not read the list request");
-    assert!(tg.metrics().contains("\ntollgate_users_cached 300000\n"));
+    assert!(tg.metrics().contains("\ntollgate_users_cached 300001\n"));
     list.set_nonblocking(true).unwrap();
     assert!(
         matches!(list.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
@@ -809,7 +809,29 @@ fn the_admin_listener_answers_while_a_large_import_is_being_processed() {
     list.set_nonblocking(false).unwrap();
     let mut reply = Vec::new();
     list.read_to_end(&mut reply).unwrap();
-    assert!(String::from_utf8_lossy(&reply).ends_with(",\"count\":300000}"));
+    assert!(String::from_utf8_lossy(&reply).ends_with(",\"count\":300001}"));
+}
+
+/// Sends `method /admin/users` with the admin key (and `body` as JSON) on a connection of its
+/// own, and returns it unread.
+fn raw_admin_request(tg: &Tollgate, method: &str, body: Option<&[u8]>) -> std::net::TcpStream {
+    use std::io::Write;
+    let admin = tg.admin_url("").trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+    let length = body.map_or(String::new(), |b| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )
+    });
+    write!(
+        stream,
+        "{method} /admin/users HTTP/1.1\r\nHost: {admin}\r\n\
+         Authorization: Bearer {ADMIN_KEY}\r\n{length}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    stream.write_all(body.unwrap_or_default()).unwrap();
+    stream
 }
 
 /// Waits until tollgate has read everything sent on `stream` (nothing left in our send queue
@@ -820,26 +842,5 @@ fn all_read(stream: &std::net::TcpStream) -> bool {
     crate::support::wait_until(Duration::from_secs(60), || {
         tcp_queues(ours, theirs).is_some_and(|(unsent, _)| unsent == 0)
             && tcp_queues(theirs, ours).is_some_and(|(_, unread)| unread == 0)
-    })
-}
-
-/// The send and receive queues (bytes not yet acknowledged / not yet read by the process) of
-/// the loopback TCP socket from `local` to `remote` port, from `/proc/net/tcp`.
-fn tcp_queues(local: u16, remote: u16) -> Option<(u64, u64)> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let (local, remote) = (
-        format!("0100007F:{local:04X}"),
-        format!("0100007F:{remote:04X}"),
-    );
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
-            return None;
-        }
-        let (tx, rx) = fields.get(4)?.split_once(':')?;
-        Some((
-            u64::from_str_radix(tx, 16).ok()?,
-            u64::from_str_radix(rx, 16).ok()?,
-        ))
     })
 }
