@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::sockets::holds_listener;
 use super::{client, free_port, wait_until};
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
@@ -27,6 +28,8 @@ pub struct TollgateBuilder {
     dir: Option<tempfile::TempDir>,
     proxy_port: u16,
     admin_port: u16,
+    /// Whether the ports came from `free_port` (and may be chosen again after a collision).
+    ports_chosen_here: bool,
 }
 
 impl TollgateBuilder {
@@ -44,6 +47,7 @@ impl TollgateBuilder {
             dir: None,
             proxy_port: free_port(),
             admin_port: free_port(),
+            ports_chosen_here: true,
         }
     }
 
@@ -95,6 +99,7 @@ impl TollgateBuilder {
     pub fn ports(mut self, proxy: u16, admin: u16) -> Self {
         self.proxy_port = proxy;
         self.admin_port = admin;
+        self.ports_chosen_here = false;
         self
     }
 
@@ -196,25 +201,47 @@ impl TollgateBuilder {
 
     /// Starts tollgate and waits until both listeners answer.
     pub fn start(mut self) -> Tollgate {
-        self.write_config();
-        self.start_with_existing_config()
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            self.write_config();
+            match self.launch() {
+                Ok(tollgate) => return tollgate,
+                // Another test's process took a port between `free_port` and tollgate's bind:
+                // choose again.
+                Err(log)
+                    if attempt < ATTEMPTS && self.ports_chosen_here && port_was_taken(&log) =>
+                {
+                    self.proxy_port = free_port();
+                    self.admin_port = free_port();
+                }
+                Err(log) => panic!("tollgate did not come up:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Starts with the file `write_config` produced (and the test may have edited).
     pub fn start_with_existing_config(mut self) -> Tollgate {
-        let config = self
-            .dir
-            .as_ref()
-            .expect("write_config first")
-            .path()
-            .join("tollgate.yaml");
-        let dir = self.dir.take().unwrap();
-        let log_path = dir.path().join("tollgate.log");
+        self.launch()
+            .unwrap_or_else(|log| panic!("tollgate did not come up:\n{log}"))
+    }
+
+    /// Spawns tollgate on the written config and waits until it serves; its log otherwise.
+    fn launch(&mut self) -> Result<Tollgate, String> {
+        let dir = self.dir.as_ref().expect("write_config first").path();
+        let config = dir.join("tollgate.yaml");
+        let log_path = dir.join("tollgate.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = self.command(&config, dir.path(), &[]);
+        let mut cmd = self.command(&config, dir, &[]);
         cmd.stdout(log.try_clone().unwrap()).stderr(log);
-        let child = cmd.spawn().expect("spawn tollgate");
-        let mut tollgate = Tollgate {
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        let ports = (self.proxy_port, self.admin_port);
+        if let Err(log) = wait_serving(&mut child, ports, &log_path, true) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(log);
+        }
+        Ok(Tollgate {
             child: Some(child),
             proxy: format!("http://127.0.0.1:{}", self.proxy_port),
             admin: format!("http://127.0.0.1:{}", self.admin_port),
@@ -222,11 +249,52 @@ impl TollgateBuilder {
             admin_port: self.admin_port,
             config,
             log_path,
-            dir: std::sync::Arc::new(dir),
+            dir: std::sync::Arc::new(self.dir.take().expect("the directory")),
             env: self.env.clone(),
-        };
-        tollgate.wait_ready();
-        tollgate
+        })
+    }
+}
+
+/// Whether a start-up failed because a port was in use (tollgate's own check, or Pingora's
+/// retries while binding).
+fn port_was_taken(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("is in use, will try again")
+}
+
+/// Waits until `child` itself listens on both ports and answers on them: a check of `/health`
+/// alone can reach another test's tollgate that took the port first. `Err` is the log. With
+/// `fresh_log` (the log is this child's alone), a port found in use ends the wait at once.
+fn wait_serving(
+    child: &mut Child,
+    (proxy_port, admin_port): (u16, u16),
+    log_path: &Path,
+    fresh_log: bool,
+) -> Result<(), String> {
+    let http = client();
+    let health = format!("http://127.0.0.1:{admin_port}/health");
+    let log = || std::fs::read_to_string(log_path).unwrap_or_default();
+    let mut exited = None;
+    let up = wait_until(Duration::from_secs(20), || {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            exited = Some(status);
+            return true;
+        }
+        if fresh_log && port_was_taken(&log()) {
+            return true;
+        }
+        let pid = child.id();
+        holds_listener(pid, proxy_port)
+            && holds_listener(pid, admin_port)
+            && http
+                .get(&health)
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+    });
+    match exited {
+        Some(status) => Err(format!("exited during start-up ({status}):\n{}", log())),
+        None if up && !(fresh_log && port_was_taken(&log())) => Ok(()),
+        None if up => Err(log()),
+        None => Err(format!("not serving after 20 s:\n{}", log())),
     }
 }
 
@@ -245,26 +313,11 @@ pub struct Tollgate {
 
 impl Tollgate {
     fn wait_ready(&mut self) {
-        let http = client();
-        let health = format!("{}/health", self.admin);
-        let proxy = format!("127.0.0.1:{}", self.proxy_port);
-        let up = wait_until(Duration::from_secs(20), || {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "tollgate exited during start-up ({status}):\n{}",
-                    self.log()
-                );
-            }
-            http.get(&health)
-                .send()
-                .is_ok_and(|r| r.status().is_success())
-                && std::net::TcpStream::connect(&proxy).is_ok()
-        });
-        assert!(up, "tollgate did not come up:\n{}", self.log());
+        let child = self.child.as_mut().expect("running");
+        let ports = (self.proxy_port, self.admin_port);
+        if let Err(log) = wait_serving(child, ports, &self.log_path, false) {
+            panic!("tollgate did not come up:\n{log}");
+        }
     }
 
     pub fn pid(&self) -> i32 {
