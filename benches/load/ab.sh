@@ -38,6 +38,10 @@ WRK_THREADS=${WRK_THREADS:-1}
 WORKERS=${WORKERS:-1}
 NGINX_REF=${NGINX:-1}
 read -r -a NGINX_WORKER_COUNTS <<<"${NGINX_WORKERS:-$WORKERS}"
+if [ "$NGINX_REF" = 1 ] && [ ${#NGINX_WORKER_COUNTS[@]} -eq 0 ]; then
+  echo "NGINX_WORKERS is empty: give worker counts, or NGINX=0 for no nginx reference" >&2
+  exit 2
+fi
 PORT_BASE=${PORT_BASE:-19280}
 ADMIN_KEY=bench-admin-key-0123456789
 LOG_TAG=ab
@@ -59,7 +63,7 @@ port=$((PORT_BASE + 1 + ${#NGINX_WORKER_COUNTS[@]}))
 for spec in "$@"; do
   name=${spec%%=*}
   IFS=, read -r -a opts <<<"${spec#*=}"
-  bin=${opts[0]}
+  bin=${opts[0]:-}
   [[ $spec == *=* && $name =~ ^[a-z0-9_]+$ ]] || usage
   if [ -n "${BIN[$name]:-}" ] || [[ $name == nginx* ]]; then
     die "instance name '$name' used twice or reserved"
