@@ -273,14 +273,19 @@ fn wait_serving(
     let http = client();
     let health = format!("http://127.0.0.1:{admin_port}/health");
     let log = || std::fs::read_to_string(log_path).unwrap_or_default();
-    let mut exited = None;
+    // Why the wait ended without tollgate serving, once known.
+    let mut failure = None;
     let up = wait_until(Duration::from_secs(20), || {
         if let Some(status) = child.try_wait().ok().flatten() {
-            exited = Some(status);
+            failure = Some(format!("exited during start-up ({status}):\n{}", log()));
             return true;
         }
-        if fresh_log && port_was_taken(&log()) {
-            return true;
+        if fresh_log {
+            let log = log();
+            if port_was_taken(&log) {
+                failure = Some(log);
+                return true;
+            }
         }
         let pid = child.id();
         holds_listener(pid, proxy_port)
@@ -290,10 +295,9 @@ fn wait_serving(
                 .send()
                 .is_ok_and(|r| r.status().is_success())
     });
-    match exited {
-        Some(status) => Err(format!("exited during start-up ({status}):\n{}", log())),
-        None if up && !(fresh_log && port_was_taken(&log())) => Ok(()),
-        None if up => Err(log()),
+    match failure {
+        Some(failure) => Err(failure),
+        None if up => Ok(()),
         None => Err(format!("not serving after 20 s:\n{}", log())),
     }
 }
