@@ -21,7 +21,6 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora_limits::inflight::Guard;
 
 use crate::clock::now_ms;
 use crate::config::{Config, GatekeeperMode};
@@ -30,7 +29,9 @@ use crate::observe::{AccessLog, Metrics, Outcome};
 use crate::users::UserCache;
 use credential::CredentialSource;
 use gatekeeper::{Gatekeeper, Identity, Refusal};
-use rate_limit::{ConcurrencyLimiter, KeyHasher, LimitKey, RateDecision, SlidingWindowLimiter};
+use rate_limit::{
+    ConcurrencyLimiter, ConcurrencySlot, KeyHasher, LimitKey, RateDecision, SlidingWindowLimiter,
+};
 use respond::{ErrorReply, StockReplies};
 use upstream::Upstreams;
 
@@ -66,7 +67,7 @@ pub struct RequestCtx {
     credential: Option<CredentialSource>,
     rate: Option<RateDecision>,
     /// Holds the concurrency slot until the request ends, however it ends.
-    _inflight: Option<Guard>,
+    _inflight: Option<ConcurrencySlot>,
     upstream_started: Option<Instant>,
     /// The request's place in the upstream rotation, and the connection attempts made.
     upstream_first: usize,
@@ -107,7 +108,7 @@ impl Proxy {
                 n => format!("per {n} seconds"),
             },
             inflight: (limits.max_inflight > 0)
-                .then(|| ConcurrencyLimiter::new(limits.max_inflight)),
+                .then(|| ConcurrencyLimiter::new(limits.max_inflight, limits.estimator_slots)),
             replies: StockReplies::default(),
             cors: config.cors,
             untrusted_forwarding_seen: AtomicBool::new(false),

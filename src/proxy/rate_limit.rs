@@ -12,9 +12,10 @@
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pingora_limits::inflight::{Guard, Inflight};
+use pingora_limits::estimator::Estimator;
 
 /// What a limiter is keyed by. Users are limited per token across IPs; everyone else per IP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -431,15 +432,24 @@ fn decide(window: Window, limit: u32, now_ms: u64, counted: bool) -> RateDecisio
 
 /// Caps concurrent requests per key; the slot is released when the guard drops, however the
 /// request ends (answered, refused, client gone, upstream error).
+///
+/// The counts are a count-min sketch (pingora-limits' [`Estimator`]) as wide as the rate
+/// limiter's (`estimator_slots` per row), so it tells apart as many concurrent clients.
+/// pingora-limits' own `Inflight` is fixed at 8,192 counters per row: with 10,000 clients
+/// holding one request each, a quarter of them would find all four of their counters shared
+/// and be refused under `max_inflight: 1`.
 pub struct ConcurrencyLimiter {
-    inflight: Inflight,
+    counts: Arc<Estimator>,
     max: u32,
 }
 
+/// Rows of the concurrency sketch: a false refusal needs collisions in all of them.
+const CONCURRENCY_HASHES: usize = 4;
+
 impl ConcurrencyLimiter {
-    pub fn new(max: u32) -> Self {
+    pub fn new(max: u32, slots: usize) -> Self {
         Self {
-            inflight: Inflight::new(),
+            counts: Arc::new(Estimator::new(CONCURRENCY_HASHES, slots.max(1))),
             max,
         }
     }
@@ -450,9 +460,25 @@ impl ConcurrencyLimiter {
 
     /// A guard holding the slot, or `None` when `key` already has `max` requests running.
     #[inline]
-    pub fn acquire(&self, key: u64) -> Option<Guard> {
-        let (guard, count) = self.inflight.incr(key, 1);
-        (count <= self.max as isize).then_some(guard)
+    pub fn acquire(&self, key: u64) -> Option<ConcurrencySlot> {
+        let slot = ConcurrencySlot {
+            counts: Arc::clone(&self.counts),
+            key,
+        };
+        // A refused slot is released by its drop, like an admitted one.
+        (self.counts.incr(key, 1) <= self.max as isize).then_some(slot)
+    }
+}
+
+/// One request's place in the concurrency count, given back when dropped.
+pub struct ConcurrencySlot {
+    counts: Arc<Estimator>,
+    key: u64,
+}
+
+impl Drop for ConcurrencySlot {
+    fn drop(&mut self) {
+        self.counts.decr(self.key, 1);
     }
 }
 
@@ -749,11 +775,41 @@ mod tests {
 
     #[test]
     fn concurrency_slots_are_released_on_drop() {
-        let limiter = ConcurrencyLimiter::new(2);
+        let limiter = ConcurrencyLimiter::new(2, 1024);
         let a = limiter.acquire(1).unwrap();
         let _b = limiter.acquire(1).unwrap();
         assert!(limiter.acquire(1).is_none());
+        assert!(
+            limiter.acquire(1).is_none(),
+            "a refusal gives its slot back"
+        );
         drop(a);
         assert!(limiter.acquire(1).is_some());
+    }
+
+    /// With 8,000 clients holding one request each under `max_inflight: 1`, at the default
+    /// width, the held clients and 1,000 more are each admitted. (pingora-limits' `Inflight`,
+    /// 8,192 counters per row, refused about 150 of the 1,000: all four of their counters
+    /// shared with held clients.)
+    #[test]
+    fn many_concurrent_clients_are_told_apart() {
+        let limiter = ConcurrencyLimiter::new(1, 131_072);
+        let hasher = KeyHasher::default();
+        let key = |client: u32| hasher.hash(LimitKey::Ip(IpAddr::from(client.to_be_bytes())));
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for client in 0..8_000 {
+            match limiter.acquire(key(client)) {
+                Some(slot) => held.push(slot),
+                None => refused += 1,
+            }
+        }
+        for client in 8_000..9_000 {
+            if limiter.acquire(key(client)).is_none() {
+                refused += 1;
+            }
+        }
+        // Two refusals are allowed for the sketch's odds (about 1 in 50 runs would see one).
+        assert!(refused <= 2, "{refused} of 9,000 clients refused");
     }
 }
