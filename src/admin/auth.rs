@@ -159,11 +159,14 @@ impl AdminAuth {
             return Ok(());
         }
         self.record_failure(ip, now);
-        Err(ApiError::new(
-            401,
-            "unauthorized",
-            "send the admin key as 'Authorization: Bearer <ADMIN_KEY>'",
-        ))
+        // Which of the two went wrong tells nothing about the key, and saves an operator
+        // with a stale key from checking their header's syntax.
+        let message = if presented.is_some() {
+            "the admin key is not valid"
+        } else {
+            "send the admin key as 'Authorization: Bearer <ADMIN_KEY>'"
+        };
+        Err(ApiError::new(401, "unauthorized", message))
     }
 
     fn locked_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
@@ -197,6 +200,17 @@ impl AdminAuth {
         entry.count += 1;
         entry.last = now;
         if entry.count >= self.max_failures {
+            if entry.locked_until.is_none() {
+                let who = match key {
+                    IpAddr::V6(_) => format!("{key}/64"),
+                    IpAddr::V4(_) => key.to_string(),
+                };
+                log::warn!(
+                    "admin API: {who} locked out for {} s after {} failed authentications",
+                    self.lockout.as_secs(),
+                    entry.count
+                );
+            }
             entry.locked_until = Some(now + self.lockout);
         }
         failures.touch(key, now);
@@ -222,6 +236,24 @@ mod tests {
 
     fn ip() -> IpAddr {
         IP.parse().unwrap()
+    }
+
+    #[test]
+    fn a_wrong_key_is_told_apart_from_a_missing_one() {
+        let a = auth("");
+        let now = Instant::now();
+        let wrong = a.authorize(ip(), Some(b"Bearer stale"), now).unwrap_err();
+        assert_eq!(
+            (wrong.status, wrong.message.as_str()),
+            (401, "the admin key is not valid")
+        );
+        for header in [None, Some(&b"sekrit"[..]), Some(&b"Basic c2Vrcml0"[..])] {
+            let missing = a.authorize(ip(), header, now).unwrap_err();
+            assert!(
+                missing.message.starts_with("send the admin key as"),
+                "{header:?}"
+            );
+        }
     }
 
     #[test]

@@ -205,6 +205,14 @@ pub fn is_form(session: &ServerSession) -> bool {
         })
 }
 
+/// Whether a body starts like a JSON object or array (after any white space).
+pub fn looks_like_json(body: &[u8]) -> bool {
+    matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
+}
+
 /// A form body as the JSON object of its fields, all strings, as the older proxy's express
 /// `urlencoded` handed them to its validation: a number field given this way is refused like a
 /// JSON string would be. A field given twice is refused rather than one silently winning.
@@ -220,13 +228,43 @@ pub fn form_to_json(body: &[u8]) -> Result<Vec<u8>, ApiError> {
     Ok(serde_json::to_vec(&fields).expect("strings always serialize"))
 }
 
-/// Deserializes JSON, naming the field at fault (`users[3].maxIps`).
+/// A JSON object read into `T`. serde's derived structs also accept an array of their fields
+/// in order (`["special"]` would create a special user), which no client means to send.
+#[derive(Debug)]
+pub struct JsonObject<T>(pub T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for JsonObject<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(JsonObject)
+    }
+}
+
+/// Deserializes a JSON object, naming the field at fault (`users[3].maxIps`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+    let JsonObject(value) = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if path == "." { String::new() } else { path };
+        let mut field = if path == "." { String::new() } else { path };
+        // Reported before the field's value is read, so not in the path yet.
+        if let Some(name) = duplicate_field(&inner.to_string()) {
+            field = if field.is_empty() {
+                name.to_string()
+            } else {
+                format!("{field}.{name}")
+            };
+        }
         // serde_json reports some type errors (a number where an enum belongs) as syntax
         // errors; only a document that does not parse at all is malformed.
         let malformed = (inner.is_syntax() || inner.is_eof())
@@ -238,6 +276,12 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         }
     })?;
     Ok(value)
+}
+
+/// The name in serde's "duplicate field `name`" error.
+fn duplicate_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("duplicate field `")?;
+    rest.split_once('`').map(|(name, _)| name)
 }
 
 /// Query parameters, percent-decoded (`+` is a space).
@@ -272,6 +316,41 @@ mod tests {
         let e = parse_json::<T>(br#"{"a":"#).unwrap_err();
         assert!(e.message.starts_with("malformed JSON"), "{e:?}");
         assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn parse_json_takes_objects_only() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct T {
+            a: u32,
+        }
+        assert_eq!(parse_json::<T>(br#" {"a":1} "#).unwrap(), T { a: 1 });
+        for body in [&b"[1]"[..], b"null", b"5", br#""a""#] {
+            let e = parse_json::<T>(body).unwrap_err();
+            assert!(e.message.contains("expected a JSON object"), "{e:?}");
+            assert_eq!(e.field, None);
+        }
+    }
+
+    #[test]
+    fn a_duplicate_field_is_named() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Inner {
+            b: u32,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct T {
+            a: Option<u32>,
+            inner: Option<JsonObject<Inner>>,
+        }
+        let e = parse_json::<T>(br#"{"a":1,"a":2}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("a"), "{e:?}");
+        let e = parse_json::<T>(br#"{"inner":{"b":1,"b":2}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("inner.b"), "{e:?}");
+        let e = parse_json::<T>(br#"{"inner":[1]}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("inner"), "{e:?}");
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::store::StoreStatus;
 use crate::users::UserCache;
 use auth::AdminAuth;
 use http::{
-    bytes_response, expects_continue, form_to_json, is_form, json_response, read_body, ApiError,
+    bytes_response, expects_continue, form_to_json, is_form, json_response, looks_like_json,
+    read_body, ApiError,
 };
 use users::UsersApi;
 
@@ -143,7 +144,8 @@ impl AdminService {
         };
         let body = if method == Method::POST || method == Method::PUT {
             let body = read_body(session, self.max_body_bytes, self.body_read_timeout).await?;
-            if is_form(session) {
+            // `curl -d '{...}'` labels JSON as a form; no form this API takes starts so.
+            if is_form(session) && !looks_like_json(&body) {
                 form_to_json(&body)?
             } else {
                 body

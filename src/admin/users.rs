@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{json_response, parse_json, query_params, ApiError};
+use super::http::{json_response, parse_json, query_params, ApiError, JsonObject};
 use crate::clock::now_ms;
 use crate::store::StoreStatus;
 use crate::users::cache::CacheError;
@@ -74,7 +74,7 @@ struct CreateRequest {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BulkRequest {
-    users: Vec<UserPatch>,
+    users: Vec<JsonObject<UserPatch>>,
     /// Present in `GET /admin/users` exports; accepted so an export imports as it is.
     #[serde(default)]
     #[allow(dead_code)]
@@ -232,7 +232,7 @@ impl UsersApi {
         let (users, ticket) = off_thread(move || {
             let request: BulkRequest = parse_json(&body)?;
             let mut items = Vec::with_capacity(request.users.len());
-            for (i, mut patch) in request.users.into_iter().enumerate() {
+            for (i, JsonObject(mut patch)) in request.users.into_iter().enumerate() {
                 let at = format!("users[{i}]");
                 let Patch::Set(token) = std::mem::take(&mut patch.token) else {
                     return Err(ApiError::bad_request(format!("{at}.token"), "is required"));

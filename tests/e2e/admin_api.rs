@@ -191,6 +191,16 @@ fn bad_input_gets_a_precise_400() {
         ),
         ("/admin/users", r#"{"users": {}}"#, Some("users")),
         ("/admin/users", r#"[]"#, None),
+        // serde's structs also take their fields in order from an array; bodies are objects.
+        ("/admin/users/t1", r#"[]"#, None),
+        ("/admin/users/t1", r#"["t1", ["192.0.2.9"], "nick"]"#, None),
+        ("/admin/users", r#"[[{"token": "t2"}], 1]"#, None),
+        ("/admin/users", r#"{"users": [["t2"]]}"#, Some("users[0]")),
+        (
+            "/admin/users/t1",
+            r#"{"nickname": "a", "nickname": "b"}"#,
+            Some("nickname"),
+        ),
     ];
     for (path, body, field) in cases {
         let (status, reply) = put(path, body);
@@ -215,6 +225,15 @@ fn bad_input_gets_a_precise_400() {
         .contains("maxIPs"));
     let long = "x".repeat(769);
     assert_eq!(put(&format!("/admin/users/{long}"), "{}").0, 400);
+    let (status, reply) = send(&tg, Method::POST, "/admin/users", Some(json!(["special"])));
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected a JSON object"),
+        "{reply}"
+    );
     assert_eq!(
         send(&tg, Method::GET, "/admin/users", None).1["count"],
         0,
@@ -392,12 +411,18 @@ fn admin_key_is_required_and_guessing_locks_the_ip_out() {
         .start();
     let http = client();
     let url = tg.admin_url("/admin/users");
-    assert_eq!(http.get(&url).send().unwrap().status(), 401);
+    let message = |resp: reqwest::blocking::Response| {
+        assert_eq!(resp.status(), 401);
+        resp.json::<Value>().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let missing = message(http.get(&url).send().unwrap());
+    assert!(missing.starts_with("send the admin key as"), "{missing}");
     for _ in 0..4 {
-        assert_eq!(
-            http.get(&url).bearer_auth("guess").send().unwrap().status(),
-            401
-        );
+        let wrong = message(http.get(&url).bearer_auth("guess").send().unwrap());
+        assert_eq!(wrong, "the admin key is not valid");
     }
     let locked = http.get(&url).bearer_auth(ADMIN_KEY).send().unwrap();
     assert_eq!(
@@ -709,7 +734,8 @@ fn expect_100_continue_is_answered_before_the_body() {
 }
 
 /// Form bodies, as the older proxy's express `urlencoded` took them (`curl -d type=special`):
-/// fields arrive as strings and are validated as JSON strings would be.
+/// fields arrive as strings and are validated as JSON strings would be. A JSON body labelled
+/// as a form is read as JSON.
 #[test]
 fn form_encoded_bodies_work_as_in_the_older_proxy() {
     let origin = Origin::start();
@@ -735,6 +761,14 @@ fn form_encoded_bodies_work_as_in_the_older_proxy() {
     assert_eq!(
         (user["nickname"].as_str(), user["adminNote"].as_str()),
         (Some("bob smith"), Some("a&b"))
+    );
+    // `curl -d '{...}'` without a content type sends JSON labelled as a form.
+    let edited = form(Method::PUT, &path, r#" {"maxIps": 2, "nickname": "bob"}"#);
+    assert_eq!(edited.status(), 200);
+    let user = tg.user(&token);
+    assert_eq!(
+        (user["maxIps"].as_u64(), user["nickname"].as_str()),
+        (Some(2), Some("bob"))
     );
     for (body, field) in [
         ("promptCount=5", "promptCount"),
