@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     match run(cli.pingora, config, cli.upgrade_from) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            error!("{message}");
+            // Once, like a configuration error: the logger writes to stderr as well.
             eprintln!("tollgate: {message}");
             ExitCode::from(1)
         }
