@@ -24,7 +24,8 @@ use tollgate::users::UserCache;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Pingora's flags (`-c`, `-d`, `-t`, `-u`) are tollgate's flags.
+/// Pingora's flags (`-c`, `-d`, `-t`, `-u`), described for tollgate (Pingora's own help text
+/// for `-u` and `-t` describes something else).
 #[derive(Parser, Debug)]
 #[command(
     name = "tollgate",
@@ -32,8 +33,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Edge HTTP proxy with token gatekeeper and rate limiting"
 )]
 struct Cli {
-    #[command(flatten)]
-    pingora: Opt,
+    /// The configuration file (YAML; see conf/tollgate.yaml)
+    #[arg(short, long, value_name = "FILE")]
+    conf: Option<String>,
+
+    /// Check the configuration and environment, then exit (0 when valid)
+    #[arg(short, long)]
+    test: bool,
+
+    /// Run in the background (an access log then needs access_log.path: stdout is /dev/null)
+    #[arg(short, long)]
+    daemon: bool,
+
+    /// Take over the listening sockets of the running tollgate (graceful upgrade)
+    #[arg(short, long)]
+    upgrade: bool,
 
     /// With -u: once this process is ready, ask process PID (the running tollgate) to hand
     /// over its listeners (SIGQUIT). Without it, send that SIGQUIT yourself after starting
@@ -51,7 +65,7 @@ fn main() -> ExitCode {
     }
     tollgate::observe::logging::init();
     let cli = Cli::parse();
-    let Some(path) = cli.pingora.conf.clone() else {
+    let Some(path) = cli.conf.clone() else {
         eprintln!("tollgate: no configuration file; pass -c FILE (see conf/tollgate.yaml)");
         return ExitCode::from(2);
     };
@@ -65,7 +79,7 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let daemon = cli.pingora.daemon || config.server.daemon;
+    let daemon = cli.daemon || config.server.daemon;
     if daemon
         && config
             .access_log
@@ -78,11 +92,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if cli.pingora.test {
+    if cli.test {
         println!("tollgate: configuration {path} is valid");
         return ExitCode::SUCCESS;
     }
-    match run(cli.pingora, config, cli.upgrade_from) {
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        test: cli.test,
+        conf: cli.conf,
+        ..Opt::default()
+    };
+    match run(opt, config, cli.upgrade_from) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             // Once, like a configuration error: the logger writes to stderr as well.

@@ -222,3 +222,26 @@ fn an_access_log_on_stdout_is_refused_for_a_daemon() {
     let (status, output) = builder.run_to_exit(&["-t", "-d"], Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{output}");
 }
+
+/// `--help` describes tollgate's flags, not Pingora's own text (which called `-u` "the base
+/// set of command line arguments for a pingora-based service").
+#[test]
+fn help_describes_each_flag() {
+    let output = std::process::Command::new(crate::support::tollgate::binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for line in [
+        "-c, --conf <FILE>",
+        "-t, --test  ",
+        "-d, --daemon  ",
+        "-u, --upgrade  ",
+        "--upgrade-from <PID>",
+    ] {
+        assert!(help.contains(line), "{line}: {help}");
+    }
+    assert!(help.contains("graceful upgrade"), "{help}");
+    assert!(!help.to_lowercase().contains("pingora"), "{help}");
+}
