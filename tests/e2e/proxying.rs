@@ -561,3 +561,95 @@ fn tls_upstream_with_sni_and_certificate_verification() {
         502
     );
 }
+
+/// An origin that speaks HTTP/1.0 and closes each connection after one answer: `/framed`
+/// with a Content-Length, anything else ended by the close.
+fn http_10_origin() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                line.clear();
+            }
+            let answer = if request_line.contains(" /framed ") {
+                "HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nframed"
+            } else {
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nended by the close"
+            };
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    addr
+}
+
+/// Behind an HTTP/1.0 origin, HTTP/1.1 clients are answered in HTTP/1.1 (Pingora passed the
+/// origin's version on), a body ended by the origin's close is sent chunked, and the client's
+/// connection is kept for its next request.
+#[test]
+fn an_http_10_origin_is_answered_to_http_11_clients_in_http_11() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let tg = TollgateBuilder::new(http_10_origin()).mode("none").start();
+    let mut conn = std::net::TcpStream::connect(
+        tg.url("/")
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    for (path, body) in [
+        ("/framed", "framed"),
+        ("/close", "ended by the close"),
+        ("/framed", "framed"),
+    ] {
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push(line.trim_end().to_ascii_lowercase());
+        }
+        assert_eq!(
+            head.first().map(String::as_str),
+            Some("http/1.1 200 ok"),
+            "{path}: {head:?}"
+        );
+        let received = if head.iter().any(|h| h == "transfer-encoding: chunked") {
+            let mut received = String::new();
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size).unwrap();
+                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                let mut chunk = vec![0; size + 2];
+                reader.read_exact(&mut chunk).unwrap();
+                if size == 0 {
+                    break;
+                }
+                received.push_str(std::str::from_utf8(&chunk[..size]).unwrap());
+            }
+            received
+        } else {
+            let length: usize = head
+                .iter()
+                .find_map(|h| h.strip_prefix("content-length: "))
+                .unwrap_or_else(|| panic!("{path}: neither chunked nor a length: {head:?}"))
+                .parse()
+                .unwrap();
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            String::from_utf8(body).unwrap()
+        };
+        assert_eq!(received, body, "{path}");
+    }
+}
