@@ -583,6 +583,9 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    /// What Pingora's own log lines (a retried upstream failure, a downstream error) name the
+    /// request by: its default is the raw path, query string and all, where `key=<token>`
+    /// may be.
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
         redacted_path(session)
     }

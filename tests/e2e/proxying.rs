@@ -255,6 +255,30 @@ fn a_dead_upstream_is_skipped_when_another_is_up() {
     }
 }
 
+/// Pingora logs a connection attempt that fails and is retried; it names the request without
+/// its query string, where the client's key may be (it printed the raw path).
+#[test]
+fn a_retried_upstream_failure_is_logged_without_the_query_string() {
+    let live = Origin::start();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let tg = TollgateBuilder::new(live.addr)
+        .mode("proxy_key")
+        .env("PROXY_KEY", PROXY_KEY)
+        .upstreams(&[dead, live.addr.to_string()])
+        .start();
+    for _ in 0..2 {
+        let resp = client()
+            .get(tg.url(&format!("/retried?key={PROXY_KEY}")))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let log = tg.log();
+    assert!(log.contains("Fail to proxy"), "no retry was logged:\n{log}");
+    assert!(log.contains("GET /retried"), "{log}");
+    assert!(!log.contains(PROXY_KEY), "the key leaked into:\n{log}");
+}
+
 /// With every upstream down, a request tries each one once, then answers 502 (it used to
 /// retry up to Pingora's 16 times, possibly on the same dead upstream).
 #[test]
