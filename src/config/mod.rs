@@ -256,9 +256,19 @@ fn parse_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, Config
     };
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let problem = e.into_inner().to_string();
+        let problem = without_type_names(e.into_inner().to_string());
         ConfigError::new(origin, error_key(&path, &problem), problem)
     })
+}
+
+/// serde names the Rust type a section is read into ("expected struct RawRateLimit"), which
+/// means nothing to an operator: it is a mapping of keys.
+pub(crate) fn without_type_names(problem: String) -> String {
+    let Some((before, rest)) = problem.split_once("expected struct ") else {
+        return problem;
+    };
+    let after = rest.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
+    format!("{before}expected a mapping (`key: value` lines){after}")
 }
 
 /// The key an error is about. serde reports a missing field at its parent, so the field's

@@ -59,7 +59,7 @@ pub(super) fn build(
             ConfigError::new(
                 origin,
                 format!("pingora.{}", e.path()),
-                e.into_inner().to_string(),
+                super::without_type_names(e.into_inner().to_string()),
             )
         })?;
     if !set_grace {

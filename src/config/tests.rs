@@ -557,3 +557,15 @@ fn a_rate_too_small_for_its_window_is_refused_not_rounded_up() {
         load(&format!("{MINIMAL}rate_limit:\n  {ok}\n"), &[]).unwrap();
     }
 }
+
+#[test]
+fn a_section_of_the_wrong_shape_is_called_a_mapping_not_a_rust_type() {
+    for section in ["5", "[1, 2]"] {
+        let e = load(&format!("{MINIMAL}rate_limit: {section}\n"), &[]).unwrap_err();
+        assert_eq!(e.key, "rate_limit");
+        assert!(e.problem.contains("expected a mapping"), "{}", e.problem);
+        assert!(!e.problem.contains("Raw"), "{}", e.problem);
+    }
+    let e = load(&format!("{MINIMAL}pingora: 5\n"), &[]).unwrap_err();
+    assert!(!e.problem.contains("struct"), "{}", e.problem);
+}
