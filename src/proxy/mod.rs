@@ -58,25 +58,37 @@ pub struct Proxy {
     access_log: Option<AccessLog>,
 }
 
-/// An HTTP/1.1 client is answered in HTTP/1.1 behind an HTTP/1.0 origin, as nginx does
-/// (Pingora passes the origin's version on). A body the origin ends by closing the connection
-/// is sent chunked, so the client's connection stays open for its next request.
-fn answer_in_http_11(request: &RequestHeader, response: &mut ResponseHeader) -> Result<()> {
-    if request.version != http::Version::HTTP_11 {
-        return Ok(());
+/// The response's version and framing as the client's HTTP version needs them; Pingora
+/// passes the origin's on. Before `response_filter`, Pingora turns a body the origin ends by
+/// closing the connection into a chunked one, whatever the client's version.
+/// - An HTTP/1.1 client behind an HTTP/1.0 origin is answered in HTTP/1.1, as nginx does.
+/// - An HTTP/1.0 client cannot read chunked framing: its body is sent as it came, ended by
+///   closing the connection.
+/// - An origin's `Keep-Alive` header describes its own connection, not the client's.
+fn frame_for_the_client(session: &mut Session, response: &mut ResponseHeader) {
+    let client = session.req_header().version;
+    if client == http::Version::HTTP_11 {
+        if response.version == http::Version::HTTP_10 {
+            response.set_version(http::Version::HTTP_11);
+        }
+    } else if client < http::Version::HTTP_11 && is_chunked(response) {
+        response.remove_header(&http::header::TRANSFER_ENCODING);
+        // Pingora writes `Connection` before it sees that the body ends with the connection.
+        session.set_keepalive(None);
     }
-    response.set_version(http::Version::HTTP_11);
-    let no_body = request.method == http::Method::HEAD
-        || response.status.is_informational()
-        || matches!(response.status.as_u16(), 204 | 304);
-    let framed = response.headers.contains_key(http::header::CONTENT_LENGTH)
-        || response
-            .headers
-            .contains_key(http::header::TRANSFER_ENCODING);
-    if !no_body && !framed {
-        response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    if response.headers.contains_key("keep-alive") {
+        response.remove_header("keep-alive");
     }
-    Ok(())
+}
+
+fn is_chunked(response: &ResponseHeader) -> bool {
+    response
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
 }
 
 /// Per-request state.
@@ -437,9 +449,7 @@ impl ProxyHttp for Proxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if response.version == http::Version::HTTP_10 {
-            answer_in_http_11(session.req_header(), response)?;
-        }
+        frame_for_the_client(session, response);
         if self.cors {
             cors::allow_any_origin(response)?;
         }
@@ -641,43 +651,6 @@ fn redacted_path(session: &Session) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_http_10_answer_goes_out_as_http_11_with_framing() {
-        fn answer(
-            method: &str,
-            version: http::Version,
-            status: u16,
-            headers: &[(&'static str, &'static str)],
-        ) -> (http::Version, Option<String>) {
-            let mut req = RequestHeader::build(method, b"/", None).unwrap();
-            req.set_version(version);
-            let mut resp = ResponseHeader::build(status, None).unwrap();
-            resp.set_version(http::Version::HTTP_10);
-            for (name, value) in headers {
-                resp.insert_header(*name, *value).unwrap();
-            }
-            answer_in_http_11(&req, &mut resp).unwrap();
-            let te = resp
-                .headers
-                .get("transfer-encoding")
-                .map(|v| v.to_str().unwrap().to_owned());
-            (resp.version, te)
-        }
-        const HTTP_10: http::Version = http::Version::HTTP_10;
-        const HTTP_11: http::Version = http::Version::HTTP_11;
-        let chunked = Some("chunked".to_owned());
-        assert_eq!(answer("GET", HTTP_11, 200, &[]), (HTTP_11, chunked));
-        assert_eq!(
-            answer("GET", HTTP_11, 200, &[("content-length", "2")]),
-            (HTTP_11, None)
-        );
-        assert_eq!(answer("HEAD", HTTP_11, 200, &[]), (HTTP_11, None));
-        assert_eq!(answer("GET", HTTP_11, 304, &[]), (HTTP_11, None));
-        assert_eq!(answer("GET", HTTP_11, 204, &[]), (HTTP_11, None));
-        // An HTTP/1.0 client gets the origin's answer as it was.
-        assert_eq!(answer("GET", HTTP_10, 200, &[]), (HTTP_10, None));
-    }
 
     #[test]
     fn forwarding_headers_are_removed_and_others_kept() {

@@ -603,7 +603,7 @@ fn http_10_origin() -> std::net::SocketAddr {
                 line.clear();
             }
             let answer = if request_line.contains(" /framed ") {
-                "HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nframed"
+                "HTTP/1.0 200 OK\r\nContent-Length: 6\r\nKeep-Alive: timeout=5\r\n\r\nframed"
             } else {
                 "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nended by the close"
             };
@@ -614,8 +614,9 @@ fn http_10_origin() -> std::net::SocketAddr {
 }
 
 /// Behind an HTTP/1.0 origin, HTTP/1.1 clients are answered in HTTP/1.1 (Pingora passed the
-/// origin's version on), a body ended by the origin's close is sent chunked, and the client's
-/// connection is kept for its next request.
+/// origin's version on), a body ended by the origin's close is sent chunked (Pingora does
+/// that), and the client's connection is kept for its next request; the origin's
+/// `Keep-Alive` header is not passed on.
 #[test]
 fn an_http_10_origin_is_answered_to_http_11_clients_in_http_11() {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -675,5 +676,29 @@ fn an_http_10_origin_is_answered_to_http_11_clients_in_http_11() {
             String::from_utf8(body).unwrap()
         };
         assert_eq!(received, body, "{path}");
+    }
+}
+
+/// An HTTP/1.0 client cannot read chunked framing: a body that ends with the connection is
+/// sent as it came and the connection closed (Pingora sent it chunked, whatever the client).
+#[test]
+fn an_http_10_client_gets_a_body_ended_by_the_close_not_chunked() {
+    use std::io::{Read, Write};
+    let tg = TollgateBuilder::new(http_10_origin()).mode("none").start();
+    let address = tg.url("/");
+    let address = address.trim_start_matches("http://").trim_end_matches('/');
+    for (path, body) in [("/close", "ended by the close"), ("/framed", "framed")] {
+        let mut conn = std::net::TcpStream::connect(address).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(conn, "GET {path} HTTP/1.0\r\nHost: tollgate\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        let (head, received) = answer.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("http/1."), "{path}: {head}");
+        assert!(!head.contains("transfer-encoding"), "{path}: {head}");
+        assert!(!head.contains("keep-alive: timeout"), "{path}: {head}");
+        assert_eq!(received, body, "{path}: {head}");
     }
 }
