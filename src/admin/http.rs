@@ -252,8 +252,8 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for JsonObject<T> 
 
 /// Deserializes a JSON object, naming the field at fault (`users[3].maxIps`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let JsonObject(value) = serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let JsonObject(value) = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let mut field = if path == "." { String::new() } else { path };
@@ -275,6 +275,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             ApiError::bad_request(field, inner)
         }
     })?;
+    // Only white space may follow the object (`{...} ["special"]` is not one object).
+    de.end()
+        .map_err(|e| ApiError::bad_request("", format!("malformed JSON: {e}")))?;
     Ok(value)
 }
 
@@ -329,6 +332,10 @@ mod tests {
             let e = parse_json::<T>(body).unwrap_err();
             assert!(e.message.contains("expected a JSON object"), "{e:?}");
             assert_eq!(e.field, None);
+        }
+        for body in [&br#"{"a":1}{"a":2}"#[..], br#"{"a":1} [1]"#, br#"{"a":1}]"#] {
+            let e = parse_json::<T>(body).unwrap_err();
+            assert!(e.message.starts_with("malformed JSON: trailing"), "{e:?}");
         }
     }
 
