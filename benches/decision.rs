@@ -12,6 +12,9 @@
 //!   another thread keeps bulk-importing users; the time is wall time per decision.
 //! - `admin/bulk_import/100000`: `PUT /admin/users` with 100,000 new users: JSON parsing,
 //!   validation, cache inserts and the JSON reply.
+//! - `rate_limit/window_start/SLOTS`: the check of the first request of a new window, which
+//!   clears the half of the sketch that becomes the current window (`estimator_slots` = 131,072,
+//!   the default, and 1,048,576); the request that does it waits that long.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -254,5 +257,28 @@ fn bulk_import(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, decision_under_import, bulk_import);
+fn window_start(c: &mut Criterion) {
+    use tollgate::proxy::rate_limit::SlidingWindowLimiter;
+    let mut group = c.benchmark_group("rate_limit/window_start");
+    for slots in [131_072, 1_048_576] {
+        let limiter = SlidingWindowLimiter::new(1_000, Duration::from_secs(60), slots);
+        let mut now = now_ms();
+        group.bench_function(BenchmarkId::from_parameter(slots), |b| {
+            b.iter(|| {
+                // Every check is a window later than the one before: each starts a window.
+                now += 60_000;
+                black_box(limiter.check_and_count(black_box(42), now))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decision,
+    decision_under_import,
+    bulk_import,
+    window_start
+);
 criterion_main!(benches);
