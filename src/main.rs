@@ -93,6 +93,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if cli.test {
+        if let Err(e) = store::check(&config.store) {
+            eprintln!("tollgate: configuration error: environment: {e}");
+            return ExitCode::from(2);
+        }
         println!("tollgate: configuration {path} is valid");
         return ExitCode::SUCCESS;
     }

@@ -29,6 +29,15 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn StoreBackend>, StoreError> {
     }
 }
 
+/// What `tollgate -t` can check of the store without touching it: Firebase's URL and key are
+/// decoded (nothing is sent); a SQLite file is only opened, and created, at start.
+pub fn check(config: &StoreConfig) -> Result<(), StoreError> {
+    match config.kind {
+        StoreKind::FirebaseRtdb => firebase::FirebaseStore::open(&config.firebase).map(drop),
+        StoreKind::Memory | StoreKind::Sqlite => Ok(()),
+    }
+}
+
 /// One write: the changes of some users, in order, numbered per process.
 #[derive(Debug)]
 pub struct Batch {

@@ -144,6 +144,17 @@ fn older_layout_loads_and_every_user_works() {
         !log.contains("\"broken\"") && !log.contains(" broken "),
         "no tokens in logs"
     );
+    // Reported at load, not again when the stream's snapshot brings the same values.
+    eventually(Duration::from_secs(5), "stream connected", &tg, || {
+        tg.log().contains("firebase stream connected")
+    });
+    let log = tg.log();
+    assert_eq!(
+        log.matches("cannot be read and is skipped").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("legacyQuota").count(), 1, "{log}");
 
     let full = tg.user("full");
     assert_eq!(full["nickname"], "bob");
@@ -852,7 +863,12 @@ fn bad_key_unreachable_database_and_denied_access_fail_start_up_fast() {
     check(
         "unreachable",
         builder(&origin, &db).env("FIREBASE_RTDB_URL", &closed),
-        "cannot read",
+        "in the 5 s of store.firebase.startup_timeout_seconds",
+    );
+    check(
+        "unreachable",
+        builder(&origin, &db).env("FIREBASE_RTDB_URL", &closed),
+        "(check FIREBASE_RTDB_URL)",
     );
     // The account may not read the users.
     db.add_fault(FaultRule::new(
@@ -899,4 +915,60 @@ fn access_tokens_are_refreshed_before_they_expire() {
         .filter(|r| r.method != "GET" && r.status == Some(401))
         .collect();
     assert!(refused.is_empty(), "writes never used an expired token");
+}
+
+/// `tollgate -t` decodes the database URL and the key (nothing is sent): a malformed one is a
+/// configuration error naming the variable, not a start-up failure later.
+#[test]
+fn dash_t_checks_the_database_url_and_the_key() {
+    let db = standin();
+    let origin = Origin::start();
+    for (name, value, expect) in [
+        (
+            "FIREBASE_RTDB_URL",
+            "not-a-url",
+            "FIREBASE_RTDB_URL is not a URL",
+        ),
+        (
+            "FIREBASE_RTDB_URL",
+            "ftp://x.firebaseio.com",
+            "FIREBASE_RTDB_URL: unsupported scheme",
+        ),
+        ("FIREBASE_KEY", "%%%notbase64", "FIREBASE_KEY is not base64"),
+    ] {
+        let (status, output) = builder(&origin, &db)
+            .env(name, value)
+            .run_to_exit(&["-t"], Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{name}={value}: {output}");
+        assert!(output.contains(expect), "{name}={value}: {output}");
+    }
+    let (status, output) = builder(&origin, &db).run_to_exit(&["-t"], Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(db.requests().is_empty(), "-t sent nothing to the database");
+}
+
+/// A database whose users all disappear at once (emptied, restored from nothing) empties the
+/// cache as it should, and says so at warn: every client is refused from then on.
+#[test]
+fn a_database_emptied_at_once_is_warned_about() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently(
+        "/users",
+        json!({"a": older_user("a", json!({})), "b": older_user("b", json!({}))}),
+    )
+    .unwrap();
+    let tg = start(&origin, &db);
+    assert_eq!(proxy(&tg, "a"), StatusCode::OK);
+    db.delete("/users").unwrap();
+    eventually(
+        PROPAGATION,
+        "the emptied database warned about",
+        &tg,
+        || {
+            tg.log()
+                .contains("/users holds no users now; the 2 cached users are removed")
+        },
+    );
+    assert_eq!(proxy(&tg, "a"), StatusCode::UNAUTHORIZED);
 }

@@ -410,13 +410,14 @@ impl StoreBackend for FirebaseStore {
                 Ok(Err(e)) if e.is_permanent() => {
                     return Err(StoreError::Fatal(startup_problem(&e, &where_)));
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no answer".to_string(),
+                Ok(Err(e)) => format!("{e}{}", setting_to_check(&e)),
+                Err(_) => "no answer (check FIREBASE_RTDB_URL)".to_string(),
             };
             if Instant::now() + wait >= deadline {
                 return Err(StoreError::Unavailable(format!(
-                    "cannot read {where_} within {} s: {last}",
-                    bound.as_secs_f32().round()
+                    "cannot read {where_} in the {} s of store.firebase.startup_timeout_seconds: \
+                     {last}",
+                    self.startup_timeout.as_secs()
                 )));
             }
             debug!("firebase: start-up read failed ({last}); retrying");
@@ -578,12 +579,15 @@ impl FirebaseStore {
                     self.layout.users
                 );
             } else {
-                info!("firebase: no users in /{}", self.layout.users);
+                warn!(
+                    "firebase: no users in /{} (FIREBASE_USERS_REF_NAME); starting with none",
+                    self.layout.users
+                );
             }
             return Vec::new();
         };
         let total = users.len();
-        let (loaded, remnants) = stream::read_users(users, true);
+        let (loaded, remnants) = stream::read_users(users, stream::Report::Everything);
         if remnants > 0 {
             info!(
                 "firebase: {remnants} entries under /{} are leftovers of deleted users (no \
@@ -598,6 +602,16 @@ impl FirebaseStore {
             );
         }
         loaded.into_values().collect()
+    }
+}
+
+/// Which setting a start-up failure points at: the database's address, or the key's
+/// `token_uri` (the access token is fetched there before the database is asked).
+fn setting_to_check(e: &RtdbError) -> &'static str {
+    match e {
+        RtdbError::Auth(_) => " (check the token_uri in FIREBASE_KEY, and that it can be reached)",
+        RtdbError::Connect(_) | RtdbError::Ambiguous(_) => " (check FIREBASE_RTDB_URL)",
+        _ => "",
     }
 }
 

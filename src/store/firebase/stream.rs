@@ -60,20 +60,14 @@ impl Follower {
     pub async fn run(self, mut shutdown: ShutdownWatch) {
         self.status.set_stream_connected(false);
         let mut failures: u32 = 0;
-        let mut first = true;
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let mut snapshot_seen = false;
             let started = tokio::time::Instant::now();
-            let end = self
-                .connection(&mut shutdown, &mut snapshot_seen, first)
-                .await;
+            let end = self.connection(&mut shutdown, &mut snapshot_seen).await;
             self.status.set_stream_connected(false);
-            if snapshot_seen {
-                first = false;
-            }
             failures = failures_so_far(failures, snapshot_seen, started.elapsed());
             let wait = match end {
                 End::Shutdown => return,
@@ -117,12 +111,7 @@ impl Follower {
         }
     }
 
-    async fn connection(
-        &self,
-        shutdown: &mut ShutdownWatch,
-        snapshot_seen: &mut bool,
-        first: bool,
-    ) -> End {
+    async fn connection(&self, shutdown: &mut ShutdownWatch, snapshot_seen: &mut bool) -> End {
         let mut req = Request::new(Method::GET, &self.users_path);
         req.stream = true;
         req.timeout = None;
@@ -176,7 +165,7 @@ impl Follower {
                 Ok(Ok(Some(bytes))) => bytes,
             };
             for event in parser.feed(&chunk) {
-                match self.handle(event, &mut mirror, snapshot_seen, first) {
+                match self.handle(event, &mut mirror, snapshot_seen) {
                     Ok(()) => {}
                     Err(end) => {
                         if let End::Revoked(_) = end {
@@ -194,7 +183,6 @@ impl Follower {
         event: SseEvent,
         mirror: &mut Mirror,
         snapshot_seen: &mut bool,
-        first: bool,
     ) -> Result<(), End> {
         let touched = match event.event.as_str() {
             "put" => mirror.put(&event.data),
@@ -213,7 +201,16 @@ impl Follower {
                 let nodes = mirror
                     .tokens()
                     .filter_map(|token| Some((token.clone(), mirror.user(token)?)));
-                let (users, _) = read_users(nodes, first);
+                // Problems with stored users were reported at load, or when they were written.
+                let (users, _) = read_users(nodes, Report::Nothing);
+                let cached = self.cache.len();
+                if users.is_empty() && cached > 0 {
+                    warn!(
+                        "firebase stream: /{} holds no users now; the {cached} cached users are \
+                         removed (was the database emptied or replaced?)",
+                        self.users_path
+                    );
+                }
                 // The whole store is applied: any re-read asked for is in it.
                 drop(self.cache.take_rereads());
                 self.cache.replace_all_remote(&users);
@@ -240,7 +237,7 @@ impl Follower {
     fn reread(&self, mirror: &Mirror) {
         for token in self.cache.take_rereads() {
             if let Some(value) = mirror.user(&token) {
-                if let Node::User(user) = read_node(&token, value, false) {
+                if let Node::User(user) = read_node(&token, value, Report::Unreadable) {
                     self.cache.apply_remote(&token, Some(&*user));
                 }
             }
@@ -254,7 +251,7 @@ impl Follower {
                 self.cache.apply_remote(token, None);
                 continue;
             };
-            match read_node(token, value, false) {
+            match read_node(token, value, Report::Unreadable) {
                 Node::User(user) => self.cache.apply_remote(token, Some(&*user)),
                 Node::Remnant => self.cache.apply_remote(token, None),
                 Node::Unreadable => {}
@@ -281,9 +278,19 @@ pub fn is_remnant(value: &serde_json::Value) -> bool {
     value.is_object() && value.get("createdAt").is_none()
 }
 
-/// Parses one stored user; logs (by token id, never the token) and skips one that cannot be
-/// read. Unknown fields are reported when `verbose` (at load and on the first snapshot).
-pub fn read_node(token: &str, value: serde_json::Value, verbose: bool) -> Node {
+/// Which problems with stored users [`read_node`] logs: everything at load; a user that cannot
+/// be read when its value arrives; nothing for the stream's snapshots, which hold the values
+/// already reported (at every connection).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Everything,
+    Unreadable,
+    Nothing,
+}
+
+/// Parses one stored user; logs (by token id, never the token) as `report` says, and skips one
+/// that cannot be read.
+pub fn read_node(token: &str, value: serde_json::Value, report: Report) -> Node {
     if is_remnant(&value) {
         debug!(
             "firebase: /users entry {} has no createdAt: leftovers of a deleted user, ignored",
@@ -293,7 +300,7 @@ pub fn read_node(token: &str, value: serde_json::Value, verbose: bool) -> Node {
     }
     match User::from_stored(token, value) {
         Ok(stored) => {
-            if verbose && !stored.unknown_fields.is_empty() {
+            if report == Report::Everything && !stored.unknown_fields.is_empty() {
                 warn!(
                     "firebase: user {} has fields tollgate does not know ({}); they stay in the \
                      database but are not used",
@@ -304,10 +311,12 @@ pub fn read_node(token: &str, value: serde_json::Value, verbose: bool) -> Node {
             Node::User(Box::new(stored.user))
         }
         Err(problem) => {
-            warn!(
-                "firebase: user {} cannot be read and is skipped: {problem}",
-                token_id(token)
-            );
+            if report != Report::Nothing {
+                warn!(
+                    "firebase: user {} cannot be read and is skipped: {problem}",
+                    token_id(token)
+                );
+            }
             Node::Unreadable
         }
     }
@@ -315,14 +324,14 @@ pub fn read_node(token: &str, value: serde_json::Value, verbose: bool) -> Node {
 
 /// The users of a snapshot (`(token, value)` pairs); remnants and unreadable users are left
 /// out, remnants counted in the second value.
-pub fn read_users<I>(nodes: I, verbose: bool) -> (HashMap<String, User>, usize)
+pub fn read_users<I>(nodes: I, report: Report) -> (HashMap<String, User>, usize)
 where
     I: IntoIterator<Item = (String, serde_json::Value)>,
 {
     let mut users = HashMap::new();
     let mut remnants = 0;
     for (token, value) in nodes {
-        match read_node(&token, value, verbose) {
+        match read_node(&token, value, report) {
             Node::User(user) => {
                 users.insert(token, *user);
             }
