@@ -199,23 +199,6 @@ struct EngineState {
 }
 
 impl SyncEngine {
-    /// Puts each user whose change the store refused back to the store's value: the change
-    /// is dropped here too, so this instance does not serve what no other instance, and no
-    /// restart, will.
-    async fn drop_refused(&self, tokens: &[Arc<str>]) {
-        for token in tokens {
-            match self.backend.read_user(token).await {
-                Ok(stored) => self.cache.apply_remote(token, stored.as_ref()),
-                Err(e) => warn!(
-                    "{} store: user {} cannot be read back after its refused change, which \
-                     this instance keeps until the store sends the user again: {e}",
-                    self.backend.name(),
-                    crate::observe::token_id(token)
-                ),
-            }
-        }
-    }
-
     pub fn new(
         backend: Arc<dyn StoreBackend>,
         status: Arc<StoreStatus>,
@@ -278,21 +261,16 @@ impl SyncEngine {
             match self.backend.apply(batch).await {
                 Ok(report) => {
                     let (batch, taken_at) = state.in_flight.take().expect("set above");
-                    let mut refused = Vec::with_capacity(report.rejected.len());
                     for (token, reason) in report.rejected {
                         error!(
                             "{} store refused a change for user {}; it is dropped: {reason}",
                             self.backend.name(),
                             crate::observe::token_id(&token)
                         );
-                        refused.push(Arc::clone(&token));
                         self.status.record_refusal(token, taken_at, reason);
                     }
                     self.cache
                         .acknowledge(&batch.changes, !self.backend.echoes_counters());
-                    // Before the writes waiting on this batch are answered: an admin told
-                    // "not saved" then reads the user as the store has it.
-                    self.drop_refused(&refused).await;
                     self.status.in_flight_users.store(0, Ordering::Relaxed);
                     self.status.last_flush_ms.store(now_ms(), Ordering::Relaxed);
                     if state.failures_in_a_row > 0 {

@@ -78,16 +78,6 @@ pub trait StoreBackend: Send + Sync + 'static {
     /// Writes a batch. `Ok` means durable; `Err` leaves the batch to be retried unchanged.
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError>;
 
-    /// The stored value of one user (`None`: not stored), read after the store refused a
-    /// change to it, so that the cache drops the change as the store did. Only stores that
-    /// refuse changes ([`ApplyReport::rejected`]) need it.
-    async fn read_user(&self, _token: &str) -> Result<Option<User>, StoreError> {
-        Err(StoreError::Fatal(format!(
-            "the {} store does not read single users",
-            self.name()
-        )))
-    }
-
     /// True when the store sends confirmed counter totals back (Firebase's stream), so the
     /// cache must not add acknowledged increments to its base itself.
     fn echoes_counters(&self) -> bool {

@@ -426,28 +426,6 @@ impl StoreBackend for FirebaseStore {
         }
     }
 
-    async fn read_user(&self, token: &str) -> Result<Option<User>, StoreError> {
-        let rtdb = self.client(&self.engine_client)?;
-        let path = format!("{}/{token}", self.layout.users);
-        let reply = rtdb
-            .call(Request::new(Method::GET, &path))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let value = reply
-            .json()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        if value.is_null() {
-            return Ok(None);
-        }
-        match stream::read_node(token, value, stream::Report::Unreadable) {
-            stream::Node::User(user) => Ok(Some(*user)),
-            stream::Node::Remnant => Ok(None),
-            stream::Node::Unreadable => Err(StoreError::Fatal(
-                "its stored value cannot be read (logged above)".into(),
-            )),
-        }
-    }
-
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
         let rtdb = self.client(&self.engine_client)?;
         let mut progress = self.progress.lock().await;

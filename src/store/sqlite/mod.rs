@@ -654,24 +654,6 @@ impl StoreBackend for SqliteStore {
         .await
     }
 
-    async fn read_user(&self, token: &str) -> Result<Option<User>, StoreError> {
-        let (path, token) = (self.path.clone(), token.to_string());
-        blocking(move || {
-            let conn = connect(&path, false)?;
-            let row = conn
-                .query_row(
-                    "SELECT rowid, token, prompt_count, last_used_at, doc FROM users \
-                     WHERE token = ?1",
-                    [&token],
-                    |row| Ok(RawRow::read(row, &path)),
-                )
-                .optional()
-                .map_err(|e| SqliteError::sqlite_on(&conn, &path, "cannot read a user", e))?;
-            row.transpose()?.map(|raw| raw.decode(&path)).transpose()
-        })
-        .await
-    }
-
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
         let mut report = ApplyReport::default();
         let mut ops = Vec::with_capacity(batch.changes.len());

@@ -111,19 +111,6 @@ async fn users_round_trip_with_every_field() {
     assert_eq!(column::<i64>(&path, "SELECT prompt_count FROM users"), 12);
 }
 
-/// What the engine reads back after the store refused a change to one user.
-#[tokio::test]
-async fn one_user_reads_back_as_stored() {
-    let (_dir, path) = temp();
-    let store = Arc::new(SqliteStore::open(&path).unwrap());
-    let (engine, cache) = engine(&store);
-    let user = full_user("tok-1");
-    cache.create(&user).unwrap();
-    engine.flush().await.unwrap();
-    assert_eq!(store.read_user("tok-1").await.unwrap(), Some(user));
-    assert_eq!(store.read_user("tok-2").await.unwrap(), None);
-}
-
 #[tokio::test]
 async fn counted_requests_update_only_the_counter_columns() {
     let (_dir, path) = temp();
