@@ -26,7 +26,14 @@ pub enum EventError {
     Shape,
     #[error("a patch event whose data is not an object")]
     PatchNotObject,
+    #[error("a path of more than {MAX_PATH_SEGMENTS} segments (Firebase nests 32 levels at most)")]
+    TooDeep,
 }
+
+/// Firebase keeps data at most 32 levels deep, so no event it sends names a longer path. A
+/// longer one (a hostile or broken server) is refused: the mirror nests one level per segment
+/// and every walk of it recurses, so a path of thousands of segments would overflow the stack.
+const MAX_PATH_SEGMENTS: usize = 32;
 
 /// The payload of `put` and `patch` events.
 #[derive(serde::Deserialize)]
@@ -52,7 +59,7 @@ impl Mirror {
     /// Applies a `put` event's data (JSON text).
     pub fn put(&mut self, payload: &str) -> Result<Touched, EventError> {
         let p: Payload = serde_json::from_str(payload).map_err(|_| EventError::Shape)?;
-        let path = segments(&p.path);
+        let path = segments(&p.path)?;
         if path.is_empty() {
             self.users = match normalize(p.data) {
                 Some(Value::Object(users)) => users,
@@ -71,11 +78,14 @@ impl Mirror {
         let Value::Object(children) = p.data else {
             return Err(EventError::PatchNotObject);
         };
-        let base = segments(&p.path);
+        let base = segments(&p.path)?;
         let mut touched: Vec<String> = Vec::new();
         for (key, value) in children {
             let mut path = base.clone();
-            path.extend(segments(&key));
+            path.extend(segments(&key)?);
+            if path.len() > MAX_PATH_SEGMENTS {
+                return Err(EventError::TooDeep);
+            }
             if path.is_empty() {
                 continue;
             }
@@ -97,8 +107,12 @@ impl Mirror {
     }
 }
 
-fn segments(path: &str) -> Vec<&str> {
-    path.split('/').filter(|s| !s.is_empty()).collect()
+fn segments(path: &str) -> Result<Vec<&str>, EventError> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if segments.len() > MAX_PATH_SEGMENTS {
+        return Err(EventError::TooDeep);
+    }
+    Ok(segments)
 }
 
 /// Sets (or with `None` removes) the value at `path`, creating parents and pruning the ones
@@ -205,6 +219,26 @@ mod tests {
     fn patch(m: &mut Mirror, path: &str, data: Value) -> Touched {
         m.patch(&json!({"path": path, "data": data}).to_string())
             .unwrap()
+    }
+
+    /// A hostile or broken server's event nesting thousands of levels overflowed the stack
+    /// (the process died) when the mirror applied, rendered or dropped it.
+    #[test]
+    fn paths_deeper_than_firebase_allows_are_refused() {
+        let deep = "/a".repeat(20_000);
+        let mut m = Mirror::new();
+        let event = json!({"path": deep, "data": 1}).to_string();
+        assert_eq!(m.put(&event), Err(EventError::TooDeep));
+        let key = vec!["a"; 20_000].join("/");
+        let event = json!({"path": "/", "data": {key: 1}}).to_string();
+        assert_eq!(m.patch(&event), Err(EventError::TooDeep));
+        // Base and key are counted together.
+        let event = json!({"path": "/a".repeat(20), "data": {"b/".repeat(13): 1}}).to_string();
+        assert_eq!(m.patch(&event), Err(EventError::TooDeep));
+        assert!(m.is_empty());
+        // Firebase's own limit passes.
+        put(&mut m, &"/a".repeat(32), json!(1));
+        assert_eq!(m.len(), 1);
     }
 
     #[test]
