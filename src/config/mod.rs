@@ -19,8 +19,22 @@ use crate::secret::Secret;
 
 pub use env::{EnvSource, ProcessEnv};
 
-/// The longest admin lockout: a year is "until someone looks"; more would overflow the clock.
-const MAX_LOCKOUT_SECONDS: u64 = 365 * 24 * 3600;
+/// The longest duration a `*_seconds` key takes. A year is "until someone looks" for a
+/// lockout and far beyond any sensible interval or timeout; values near `u64::MAX` overflowed
+/// the clock where they were added to it (the store's flush loop died, so nothing was saved).
+pub(crate) const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
+/// Refuses a `*_seconds` value over [`MAX_SECONDS`].
+pub(crate) fn at_most_a_year(origin: &str, key: &str, seconds: u64) -> Result<(), ConfigError> {
+    if seconds > MAX_SECONDS {
+        return Err(ConfigError::new(
+            origin,
+            key,
+            format!("must be at most {MAX_SECONDS} (a year)"),
+        ));
+    }
+    Ok(())
+}
 
 /// A configuration problem, always naming where (file or environment), which key and what.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -614,12 +628,7 @@ impl Builder<'_> {
                 "must be at least 1 (0 would disable the lockout)",
             ));
         }
-        if raw.lockout_seconds > MAX_LOCKOUT_SECONDS {
-            return Err(self.err(
-                "admin.lockout_seconds",
-                format!("must be at most {MAX_LOCKOUT_SECONDS} (a year)"),
-            ));
-        }
+        at_most_a_year(self.origin, "admin.lockout_seconds", raw.lockout_seconds)?;
         if raw.persist_timeout_ms == 0 {
             return Err(self.err(
                 "admin.persist_timeout_ms",
@@ -655,6 +664,11 @@ impl Builder<'_> {
         if raw.flush_interval_seconds == 0 {
             return Err(self.err("store.flush_interval_seconds", "must be at least 1"));
         }
+        at_most_a_year(
+            self.origin,
+            "store.flush_interval_seconds",
+            raw.flush_interval_seconds,
+        )?;
         if raw.sqlite.path.trim().is_empty() {
             return Err(self.err("store.sqlite.path", "must not be empty"));
         }
@@ -670,6 +684,18 @@ impl Builder<'_> {
                 "store.firebase.keepalive_timeout_seconds",
                 "must be at least 1",
             ));
+        }
+        for (key, seconds) in [
+            (
+                "store.firebase.startup_timeout_seconds",
+                fb.startup_timeout_seconds,
+            ),
+            (
+                "store.firebase.keepalive_timeout_seconds",
+                fb.keepalive_timeout_seconds,
+            ),
+        ] {
+            at_most_a_year(self.origin, key, seconds)?;
         }
         let purge_hours = env::parsed(self.env, "POW_TOKEN_PURGE_HOURS", "a non-negative integer")?
             .unwrap_or(fb.temporary_user_purge_hours);

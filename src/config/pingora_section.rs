@@ -79,6 +79,15 @@ pub(super) fn build(
         // without the multi-threaded scheduler's atomics and wake-ups (docs/performance.md).
         conf.work_stealing = false;
     }
+    for (key, seconds) in [
+        ("pingora.grace_period_seconds", conf.grace_period_seconds),
+        (
+            "pingora.graceful_shutdown_timeout_seconds",
+            conf.graceful_shutdown_timeout_seconds,
+        ),
+    ] {
+        super::at_most_a_year(origin, key, seconds.unwrap_or(0))?;
+    }
     if conf.threads == 0 {
         return Err(ConfigError::new(
             origin,

@@ -366,22 +366,30 @@ fn zero_lockout_and_persist_timeout_are_refused() {
 }
 
 #[test]
-fn a_lockout_longer_than_a_year_is_refused() {
-    // u64::MAX passed `-t`, then panicked the admin thread at the fifth failure (no lockout).
-    for value in ["31536001", "18446744073709551615"] {
-        let err = load(
-            &format!("{MINIMAL}admin: {{lockout_seconds: {value}}}\n"),
-            &[],
-        )
-        .unwrap_err();
-        assert_eq!(err.key, "admin.lockout_seconds");
-        assert!(err.problem.contains("at most 31536000"), "{err}");
+fn durations_longer_than_a_year_are_refused() {
+    // Near u64::MAX they passed `-t`, then overflowed the clock where they were added to it:
+    // the admin thread panicked at the fifth failure (no lockout), the store's flush loop died
+    // at start (nothing saved), the shutdown's final flush panicked (its changes lost).
+    for (section, key) in [
+        ("admin", "lockout_seconds"),
+        ("store", "flush_interval_seconds"),
+        ("pingora", "grace_period_seconds"),
+        ("pingora", "graceful_shutdown_timeout_seconds"),
+    ] {
+        for value in ["31536001", "18446744073709551615"] {
+            let err = load(&format!("{MINIMAL}{section}: {{{key}: {value}}}\n"), &[]).unwrap_err();
+            assert_eq!(err.key, format!("{section}.{key}"));
+            assert!(err.problem.contains("at most 31536000"), "{err}");
+        }
+        assert!(load(&format!("{MINIMAL}{section}: {{{key}: 31536000}}\n"), &[]).is_ok());
     }
-    assert!(load(
-        &format!("{MINIMAL}admin: {{lockout_seconds: 31536000}}\n"),
-        &[]
-    )
-    .is_ok());
+    for key in ["startup_timeout_seconds", "keepalive_timeout_seconds"] {
+        let yaml = |value| format!("{MINIMAL}store: {{firebase: {{{key}: {value}}}}}\n");
+        let err = load(&yaml("18446744073709551615"), &[]).unwrap_err();
+        assert_eq!(err.key, format!("store.firebase.{key}"));
+        assert!(err.problem.contains("at most 31536000"), "{err}");
+        assert!(load(&yaml("31536000"), &[]).is_ok());
+    }
 }
 
 #[test]
