@@ -40,8 +40,9 @@ pub struct JsNumber(pub f64);
 /// Integers beyond 2^53 are not exact in JavaScript either.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
-/// `adminNote` and `disabledReason`: far above any note, far below what a store refuses
-/// (Firebase: 10 MB per string), so a write the API accepted is never dropped by the store.
+/// The longest string a user holds (`adminNote`, `disabledReason`, any string inside `meta` or
+/// `tokenCount`): far above any note, far below what a store refuses (Firebase: 10 MB per
+/// string), so a write the API accepted is never dropped by the store.
 pub const MAX_NOTE_BYTES: usize = 1 << 20;
 
 impl Serialize for JsNumber {
@@ -177,10 +178,8 @@ impl User {
         if let Some(meta) = &self.meta {
             validate_tree_keys(meta, at, "meta", 1)?;
         }
-        if let Some(Value::Object(count)) = &self.token_count {
-            validate_tree_keys(count, at, "tokenCount", 1)?;
-        } else if let Some(Value::Array(items)) = &self.token_count {
-            validate_tree_items(items, at, "tokenCount", 1)?;
+        if let Some(count) = &self.token_count {
+            validate_tree_value(count, at, "tokenCount", 1)?;
         }
         Ok(())
     }
@@ -408,6 +407,11 @@ fn validate_tree_value(
     match value {
         Value::Object(map) => validate_tree_keys(map, at, path, depth),
         Value::Array(items) => validate_tree_items(items, at, path, depth),
+        Value::String(text) if text.len() > MAX_NOTE_BYTES => Err(FieldError::new(
+            at,
+            path,
+            format!("is longer than {MAX_NOTE_BYTES} bytes"),
+        )),
         _ => Ok(()),
     }
 }
@@ -472,6 +476,20 @@ mod tests {
         user.prompt_count = 0;
         user.disabled_reason = Some("r".repeat(MAX_NOTE_BYTES + 1));
         assert_eq!(user.validate("").unwrap_err().field, "disabledReason");
+        user.disabled_reason = None;
+        // Strings anywhere in the free-form fields too: Firebase refused an 11 MB one after the
+        // API had accepted it.
+        let long = Value::String("m".repeat(MAX_NOTE_BYTES + 1));
+        user.meta = Some(Map::from_iter([(
+            "a".into(),
+            serde_json::json!([{ "b": long }]),
+        )]));
+        assert_eq!(user.validate("").unwrap_err().field, "meta.a[0].b");
+        user.meta = None;
+        user.token_count = Some(long);
+        assert_eq!(user.validate("").unwrap_err().field, "tokenCount");
+        user.token_count = Some(Value::String("m".repeat(MAX_NOTE_BYTES)));
+        assert!(user.validate("").is_ok());
     }
 
     #[test]
