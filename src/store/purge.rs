@@ -117,7 +117,8 @@ fn is_purgeable(record: &UserRecord, now_ms: u64, after: Duration) -> bool {
         (Some(e), Some(d)) => Some(e.min(d)),
         (e, d) => e.or(d),
     };
-    let after_ms = after.as_millis() as u64;
+    // Saturating: `POW_TOKEN_PURGE_HOURS` set very high means "never", not a wrapped-around age.
+    let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
     unusable_since.is_some_and(|since| since.saturating_add(after_ms) < now_ms)
 }
 
@@ -175,6 +176,19 @@ mod tests {
             2,
             "removals reach the store"
         );
+    }
+
+    #[test]
+    fn a_very_long_purge_age_means_never() {
+        // This many hours is 34 minutes once its milliseconds were cast to u64: it purged.
+        let cache = UserCache::default();
+        let mut expired = User::new("expired".into(), UserType::Temporary, 0);
+        expired.expires_at = Some(0);
+        cache.load([expired]);
+        let hours: u64 = 5_124_095_576_031;
+        let after = Duration::from_secs(hours.saturating_mul(3600));
+        assert_eq!(purge_temporary_users(&cache, 10 * 3_600_000, after), 0);
+        assert!(cache.get("expired").is_some());
     }
 
     #[test]
