@@ -22,10 +22,10 @@ pub use env::{EnvSource, ProcessEnv};
 /// The longest duration a `*_seconds` key takes. A year is "until someone looks" for a
 /// lockout and far beyond any sensible interval or timeout; values near `u64::MAX` overflowed
 /// the clock where they were added to it (the store's flush loop died, so nothing was saved).
-pub(crate) const MAX_SECONDS: u64 = 365 * 24 * 3600;
+const MAX_SECONDS: u64 = 365 * 24 * 3600;
 
 /// Refuses a `*_seconds` value over [`MAX_SECONDS`].
-pub(crate) fn at_most_a_year(origin: &str, key: &str, seconds: u64) -> Result<(), ConfigError> {
+fn at_most_a_year(origin: &str, key: &str, seconds: u64) -> Result<(), ConfigError> {
     if seconds > MAX_SECONDS {
         return Err(ConfigError::new(
             origin,
