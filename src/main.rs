@@ -161,8 +161,9 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     );
     let mut proxy_service =
         http_proxy_service_with_name(&server.configuration, proxy, "tollgate proxy");
+    let socket_options = tollgate::net::client_socket_options(&config.clients);
     for addr in &config.listen {
-        proxy_service.add_tcp(&addr.to_string());
+        proxy_service.add_tcp_with_settings(&addr.to_string(), socket_options.clone());
     }
 
     let admin = AdminService::new(
@@ -172,7 +173,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         Arc::clone(&metrics),
     );
     let mut admin_service = Service::new("tollgate admin".to_string(), admin);
-    admin_service.add_tcp(&config.admin.listen.to_string());
+    admin_service.add_tcp_with_settings(&config.admin.listen.to_string(), socket_options);
     admin_service.threads = Some(1);
 
     let engine = SyncEngine::new(

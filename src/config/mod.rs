@@ -36,6 +36,18 @@ fn at_most_a_year(origin: &str, key: &str, seconds: u64) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// Client connections. Pingora keeps an idle HTTP/1.1 client connection open forever once it
+/// has served a request, so clients that vanish (a NAT timeout, a crashed client) or that open
+/// connections and wait would hold memory and a file descriptor each until a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientsConfig {
+    /// Longest wait for a kept-alive client's next request (and between its header's reads);
+    /// 0 = no limit (Pingora's behaviour).
+    pub keepalive_timeout_seconds: u64,
+    /// TCP keep-alive probes on client sockets, so dead peers are found while a request waits.
+    pub tcp_keepalive: bool,
+}
+
 /// A configuration problem, always naming where (file or environment), which key and what.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{origin}: {key}: {problem}")]
@@ -238,6 +250,7 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     /// Answer CORS preflights and allow any origin, as the older proxy's `cors()` did.
     pub cors: bool,
+    pub clients: ClientsConfig,
     pub secrets: Secrets,
     /// Settings that do not stop tollgate but that an operator should hear about (logged at
     /// start and by `-t`), e.g. the older proxy's variables that tollgate does not read.
@@ -351,8 +364,18 @@ impl Builder<'_> {
             store,
             access_log: self.access_log(&raw.access_log)?,
             cors: raw.cors.enabled,
+            clients: self.clients(&raw.clients)?,
             secrets,
             warnings,
+        })
+    }
+
+    fn clients(&self, raw: &raw::RawClients) -> Result<ClientsConfig, ConfigError> {
+        let seconds = raw.keepalive_timeout_seconds;
+        at_most_a_year(self.origin, "clients.keepalive_timeout_seconds", seconds)?;
+        Ok(ClientsConfig {
+            keepalive_timeout_seconds: seconds,
+            tcp_keepalive: raw.tcp_keepalive,
         })
     }
 

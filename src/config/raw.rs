@@ -30,6 +30,8 @@ pub struct RawConfig {
     pub access_log: RawAccessLog,
     #[serde(default)]
     pub cors: RawCors,
+    #[serde(default)]
+    pub clients: RawClients,
 }
 
 fn default_listen() -> Vec<String> {
@@ -303,4 +305,26 @@ impl Default for RawCors {
 
 fn default_true() -> bool {
     true
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClients {
+    #[serde(default = "default_client_keepalive")]
+    pub keepalive_timeout_seconds: u64,
+    #[serde(default = "default_true")]
+    pub tcp_keepalive: bool,
+}
+
+fn default_client_keepalive() -> u64 {
+    60
+}
+
+impl Default for RawClients {
+    fn default() -> Self {
+        Self {
+            keepalive_timeout_seconds: default_client_keepalive(),
+            tcp_keepalive: true,
+        }
+    }
 }

@@ -577,3 +577,27 @@ fn a_section_of_the_wrong_shape_is_called_a_mapping_not_a_rust_type() {
     let e = load(&format!("{MINIMAL}pingora: 5\n"), &[]).unwrap_err();
     assert!(!e.problem.contains("struct"), "{}", e.problem);
 }
+
+#[test]
+fn client_connection_settings_have_defaults_and_bounds() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.clients.keepalive_timeout_seconds, 60);
+    assert!(c.clients.tcp_keepalive);
+    let c = load(
+        &format!("{MINIMAL}clients: {{keepalive_timeout_seconds: 0, tcp_keepalive: false}}\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.clients.keepalive_timeout_seconds, 0);
+    assert!(!c.clients.tcp_keepalive);
+    let err = load(
+        &format!("{MINIMAL}clients: {{keepalive_timeout_seconds: 31536001}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "clients.keepalive_timeout_seconds");
+    assert_eq!(
+        key_of(&format!("{MINIMAL}clients: {{idle: 5}}\n")),
+        "clients.idle"
+    );
+}

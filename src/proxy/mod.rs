@@ -52,10 +52,24 @@ pub struct Proxy {
     replies: StockReplies,
     /// Answer preflights and allow any origin (`cors.enabled`).
     cors: bool,
+    /// Longest wait for a kept-alive client's next request (`None`: no limit).
+    client_keepalive: Option<u64>,
     /// Set once `X-Forwarded-For` was seen from a peer outside `trusted_proxies` (logged once).
     untrusted_forwarding_seen: AtomicBool,
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
+}
+
+/// Once it has read a request, Pingora waits for the client's next one without limit (or as
+/// long as the client's `Keep-Alive: timeout` asks), and without limit between the reads of
+/// its header: a client that goes silent, or sends a byte now and then, kept its connection
+/// (memory and a file descriptor) for good. The wait is bounded by `clients.keepalive_timeout_seconds`.
+fn bound_keepalive(session: &mut Session, limit: u64) {
+    if let Some(current) = session.get_keepalive() {
+        if current == 0 || current > limit {
+            session.set_keepalive(Some(limit));
+        }
+    }
 }
 
 /// The response's version and framing as the client's HTTP version needs them; Pingora
@@ -144,6 +158,7 @@ impl Proxy {
                 .then(|| ConcurrencyLimiter::new(limits.max_inflight, limits.estimator_slots)),
             replies: StockReplies::default(),
             cors: config.cors,
+            client_keepalive: Some(config.clients.keepalive_timeout_seconds).filter(|&s| s > 0),
             untrusted_forwarding_seen: AtomicBool::new(false),
             metrics,
             access_log,
@@ -347,6 +362,9 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(limit) = self.client_keepalive {
+            bound_keepalive(session, limit);
+        }
         if self.cors && cors::is_preflight(session.req_header()) {
             ctx.outcome = Outcome::Preflight;
             let reply = cors::preflight_reply(session.req_header())?;

@@ -702,3 +702,77 @@ fn an_http_10_client_gets_a_body_ended_by_the_close_not_chunked() {
         assert_eq!(received, body, "{path}: {head}");
     }
 }
+
+/// Sends one HTTP/1.1 request on `conn` and reads its answer (a `Content-Length` body).
+fn one_exchange(conn: &mut std::net::TcpStream) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(conn, "GET /a HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut length = 0;
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    status
+}
+
+/// Whether the server closed `conn` (a read ends) within `wait`.
+fn closed_within(conn: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    conn.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    match conn.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("unexpected bytes from the server"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(_) => false, // timed out: still open
+    }
+}
+
+/// Pingora kept an idle HTTP/1.1 client connection open forever once it had served a request
+/// (and as long as a client's `Keep-Alive: timeout` asked): silent clients held memory and a
+/// file descriptor each. `clients.keepalive_timeout_seconds` bounds the wait; 0 is no limit.
+#[test]
+fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  keepalive_timeout_seconds: 1\n")
+        .start();
+    let address = tg.url("/");
+    let address = address.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(address).unwrap();
+    assert!(one_exchange(&mut conn).starts_with("HTTP/1.1 200"));
+    assert!(
+        one_exchange(&mut conn).starts_with("HTTP/1.1 200"),
+        "kept alive"
+    );
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(5)),
+        "idle connection closed"
+    );
+
+    let unbounded = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  keepalive_timeout_seconds: 0\n")
+        .start();
+    let address = unbounded.url("/");
+    let address = address.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(address).unwrap();
+    assert!(one_exchange(&mut conn).starts_with("HTTP/1.1 200"));
+    assert!(
+        !closed_within(&mut conn, Duration::from_secs(3)),
+        "0: no limit"
+    );
+    assert!(one_exchange(&mut conn).starts_with("HTTP/1.1 200"));
+}
