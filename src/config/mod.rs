@@ -161,6 +161,8 @@ pub struct GatekeeperConfig {
     /// 0 = unlimited.
     pub max_ips_per_user: u32,
     pub max_ips_auto_ban: bool,
+    /// Addresses recorded per user without an IP limit; 0 = all.
+    pub max_recorded_ips: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -555,6 +557,7 @@ impl Builder<'_> {
                 .unwrap_or(raw.max_ips_per_user),
             max_ips_auto_ban: env::boolean(self.env, "MAX_IPS_AUTO_BAN")?
                 .unwrap_or(raw.max_ips_auto_ban),
+            max_recorded_ips: raw.max_recorded_ips,
         })
     }
 

@@ -85,6 +85,12 @@ pub struct RawGatekeeper {
     pub max_ips_per_user: u32,
     #[serde(default)]
     pub max_ips_auto_ban: bool,
+    #[serde(default = "default_max_recorded_ips")]
+    pub max_recorded_ips: u32,
+}
+
+fn default_max_recorded_ips() -> u32 {
+    1000
 }
 
 fn default_mode() -> String {
@@ -97,6 +103,7 @@ impl Default for RawGatekeeper {
             mode: default_mode(),
             max_ips_per_user: 0,
             max_ips_auto_ban: false,
+            max_recorded_ips: default_max_recorded_ips(),
         }
     }
 }

@@ -41,6 +41,7 @@ pub struct Gatekeeper {
     admin_key: Option<Secret>,
     proxy_key: Option<Secret>,
     max_ips_per_user: u32,
+    max_recorded_ips: u32,
     auto_ban: bool,
     cache: Arc<UserCache>,
 }
@@ -52,6 +53,7 @@ impl Gatekeeper {
             admin_key: secrets.admin_key.clone(),
             proxy_key: secrets.proxy_key.clone(),
             max_ips_per_user: config.max_ips_per_user,
+            max_recorded_ips: config.max_recorded_ips,
             auto_ban: config.max_ips_auto_ban,
             cache,
         }
@@ -143,8 +145,13 @@ impl Gatekeeper {
         if known {
             return Ok(Identity::User(record));
         }
-        match self.cache.admit_ip(&record, ip, limit) {
-            IpAdmission::Known | IpAdmission::Added => Ok(Identity::User(record)),
+        match self
+            .cache
+            .admit_ip(&record, ip, limit, self.max_recorded_ips)
+        {
+            IpAdmission::Known | IpAdmission::Added | IpAdmission::Unrecorded => {
+                Ok(Identity::User(record))
+            }
             IpAdmission::OverLimit if self.auto_ban => {
                 self.cache.ban_for_ips(&record, ip, AUTO_BAN_REASON, now_ms);
                 Err(Refusal::IpLimitBanned)
@@ -164,11 +171,21 @@ mod tests {
     }
 
     fn gate(mode: GatekeeperMode, max_ips: u32, auto_ban: bool) -> (Gatekeeper, Arc<UserCache>) {
+        gate_recording(mode, max_ips, auto_ban, 1000)
+    }
+
+    fn gate_recording(
+        mode: GatekeeperMode,
+        max_ips: u32,
+        auto_ban: bool,
+        max_recorded_ips: u32,
+    ) -> (Gatekeeper, Arc<UserCache>) {
         let cache = Arc::new(UserCache::default());
         let config = GatekeeperConfig {
             mode,
             max_ips_per_user: max_ips,
             max_ips_auto_ban: auto_ban,
+            max_recorded_ips,
         };
         let secrets = Secrets {
             proxy_key: Secret::new("pk"),
@@ -302,6 +319,35 @@ mod tests {
         for n in 1..10 {
             assert!(g.admit(Some("unlimited"), ip(n), 0).is_ok());
         }
+    }
+
+    /// A token used from thousands of addresses grew its list without bound, and every new
+    /// address copied the whole list: requests slowed down for everyone on the worker thread.
+    #[test]
+    fn without_a_limit_only_so_many_addresses_are_recorded() {
+        let (g, cache) = gate_recording(GatekeeperMode::UserToken, 0, false, 3);
+        add(&cache, "shared", |_| {});
+        add(&cache, "s", |u| u.user_type = UserType::Special);
+        add(&cache, "five", |u| u.max_ips = Some(5));
+        for n in 1..=10 {
+            assert!(g.admit(Some("shared"), ip(n), 0).is_ok(), "admitted");
+            assert!(g.admit(Some("s"), ip(n), 0).is_ok(), "admitted");
+        }
+        assert_eq!(cache.user("shared").unwrap().ip.len(), 3);
+        assert_eq!(cache.user("s").unwrap().ip.len(), 3);
+        // A limit above the cap is the user's own bound: every address it allows is recorded.
+        for n in 1..=5 {
+            assert!(g.admit(Some("five"), ip(n), 0).is_ok());
+        }
+        assert_eq!(refusal(g.admit(Some("five"), ip(6), 0)), Refusal::IpLimit);
+        assert_eq!(cache.user("five").unwrap().ip.len(), 5);
+        // 0: every address.
+        let (g, cache) = gate_recording(GatekeeperMode::UserToken, 0, false, 0);
+        add(&cache, "all", |_| {});
+        for n in 1..=10 {
+            assert!(g.admit(Some("all"), ip(n), 0).is_ok());
+        }
+        assert_eq!(cache.user("all").unwrap().ip.len(), 10);
     }
 
     #[test]

@@ -224,8 +224,14 @@ impl UserCache {
 
     /// Checks and records the request's IP; see [`IpAdmission`].
     #[inline]
-    pub fn admit_ip(&self, record: &Arc<UserRecord>, ip: IpAddr, limit: u32) -> IpAdmission {
-        let outcome = record.admit_ip(ip, limit);
+    pub fn admit_ip(
+        &self,
+        record: &Arc<UserRecord>,
+        ip: IpAddr,
+        limit: u32,
+        record_at_most: u32,
+    ) -> IpAdmission {
+        let outcome = record.admit_ip(ip, limit, record_at_most);
         if outcome == IpAdmission::Added {
             self.mark(record, Fields::IP);
         }
@@ -242,7 +248,7 @@ impl UserCache {
     ) -> ChangeTicket {
         let fields = Fields::IP | Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META;
         record.protect(fields);
-        record.admit_ip(ip, 0);
+        record.admit_ip(ip, 0, 0);
         self.edit_marked(record, fields, |p| disable_profile(p, Some(reason), now_ms));
         self.ticket()
     }

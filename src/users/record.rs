@@ -130,6 +130,9 @@ pub enum IpAdmission {
     Added,
     /// New, over the limit; not recorded.
     OverLimit,
+    /// New, admitted (no limit), not recorded: the list already holds as many addresses as
+    /// are recorded.
+    Unrecorded,
 }
 
 impl UserRecord {
@@ -274,8 +277,11 @@ impl UserRecord {
         Fields::LAST_USED_AT
     }
 
-    /// Admits `ip` under `limit` (0 = unlimited), recording it when new.
-    pub(super) fn admit_ip(&self, ip: IpAddr, limit: u32) -> IpAdmission {
+    /// Admits `ip` under `limit` (0 = unlimited), recording it when new. With no limit, at
+    /// most `record_at_most` addresses are recorded (0 = all): every new address copies the
+    /// list, so a token shared by thousands of addresses made each new one cost more, for
+    /// every request of the worker thread.
+    pub(super) fn admit_ip(&self, ip: IpAddr, limit: u32, record_at_most: u32) -> IpAdmission {
         if self.profile().has_ip(ip) {
             return IpAdmission::Known;
         }
@@ -287,6 +293,10 @@ impl UserRecord {
             }
             if limit != 0 && current.ips.len() >= limit as usize {
                 outcome = IpAdmission::OverLimit;
+                return Arc::clone(current);
+            }
+            if limit == 0 && record_at_most != 0 && current.ips.len() >= record_at_most as usize {
+                outcome = IpAdmission::Unrecorded;
                 return Arc::clone(current);
             }
             outcome = IpAdmission::Added;
@@ -599,11 +609,11 @@ mod tests {
         let r = record();
         let a: IpAddr = "1.1.1.1".parse().unwrap();
         let b: IpAddr = "2.2.2.2".parse().unwrap();
-        assert_eq!(r.admit_ip(a, 1), IpAdmission::Added);
-        assert_eq!(r.admit_ip(a, 1), IpAdmission::Known);
-        assert_eq!(r.admit_ip(b, 1), IpAdmission::OverLimit);
+        assert_eq!(r.admit_ip(a, 1, 0), IpAdmission::Added);
+        assert_eq!(r.admit_ip(a, 1, 0), IpAdmission::Known);
+        assert_eq!(r.admit_ip(b, 1, 0), IpAdmission::OverLimit);
         assert_eq!(r.to_user().ip, vec!["1.1.1.1"]);
-        assert_eq!(r.admit_ip(b, 0), IpAdmission::Added);
+        assert_eq!(r.admit_ip(b, 0, 0), IpAdmission::Added);
     }
 
     #[test]
@@ -706,12 +716,12 @@ mod tests {
             "a temporary user without expiry never expires"
         );
         let v = r.admission().version();
-        assert_eq!(r.admit_ip(ip("1.1.1.1"), 0), IpAdmission::Added);
+        assert_eq!(r.admit_ip(ip("1.1.1.1"), 0, 0), IpAdmission::Added);
         assert_in_step(&r);
         assert_ne!(r.admission().version(), v, "a new IP is a new profile");
         let v = r.admission().version();
-        assert_eq!(r.admit_ip(ip("1.1.1.1"), 0), IpAdmission::Known);
-        assert_eq!(r.admit_ip(ip("2.2.2.2"), 1), IpAdmission::OverLimit);
+        assert_eq!(r.admit_ip(ip("1.1.1.1"), 0, 0), IpAdmission::Known);
+        assert_eq!(r.admit_ip(ip("2.2.2.2"), 1, 0), IpAdmission::OverLimit);
         assert_eq!(r.admission().version(), v, "no change, no new version");
     }
 
@@ -720,7 +730,7 @@ mod tests {
         let r = record();
         let a = ip("1.1.1.1");
         assert!(!r.knows_ip(a, r.admission()), "nothing remembered yet");
-        r.admit_ip(a, 0);
+        r.admit_ip(a, 0, 0);
         assert!(
             !r.knows_ip(a, r.admission()),
             "only found addresses are remembered"
@@ -758,7 +768,7 @@ mod tests {
     fn ipv6_addresses_are_always_checked_in_the_profile() {
         let r = record();
         let v6 = ip("2001:db8::1");
-        r.admit_ip(v6, 0);
+        r.admit_ip(v6, 0, 0);
         assert!(r.profile_with_ip(v6).2);
         assert!(!r.knows_ip(v6, r.admission()));
     }
@@ -786,7 +796,7 @@ mod tests {
                                 r.apply_remote(&remote);
                             }
                             2 => {
-                                r.admit_ip(IpAddr::from([10, t, (i >> 8) as u8, i as u8]), 0);
+                                r.admit_ip(IpAddr::from([10, t, (i >> 8) as u8, i as u8]), 0, 0);
                             }
                             _ => {
                                 r.profile_with_ip(IpAddr::from([10, t, 0, 1]));
@@ -838,7 +848,7 @@ mod ip_tests {
     #[test]
     fn a_remote_list_replaces_the_local_one_plus_pending_additions() {
         let r = with_ips(&["1.1.1.1", "2.2.2.2"]);
-        assert_eq!(r.admit_ip(ip("3.3.3.3"), 0), IpAdmission::Added);
+        assert_eq!(r.admit_ip(ip("3.3.3.3"), 0, 0), IpAdmission::Added);
         r.mark(Fields::IP);
         let mut remote = r.to_user();
         remote.ip = vec![];
@@ -860,12 +870,12 @@ mod ip_tests {
     #[test]
     fn only_additions_are_taken_and_an_admin_list_is_kept_whole() {
         let r = with_ips(&["1.1.1.1"]);
-        r.admit_ip(ip("::ffff:2.2.2.2"), 0);
-        r.admit_ip(ip("3.3.3.3"), 0);
+        r.admit_ip(ip("::ffff:2.2.2.2"), 0, 0);
+        r.admit_ip(ip("3.3.3.3"), 0, 0);
         assert_eq!(r.take_ip_additions(), vec!["2.2.2.2", "3.3.3.3"]);
         r.acknowledge(Fields::IP, 0, true);
         // An admin replaces the list: an address added before it is not merged back.
-        r.admit_ip(ip("4.4.4.4"), 0);
+        r.admit_ip(ip("4.4.4.4"), 0, 0);
         r.protect(Fields::IP | Fields::IP_REPLACED);
         r.edit(|p| p.ips = Box::new([IpEntry::Addr(ip("9.9.9.9"))]));
         r.mark(Fields::IP | Fields::IP_REPLACED);

@@ -288,7 +288,7 @@ mod tests {
     fn admin_count_is_absolute_and_ip_merge_is_separate() {
         let cache = cache_with("t");
         let r = cache.get("t").unwrap();
-        cache.admit_ip(&r, "1.2.3.4".parse().unwrap(), 0);
+        cache.admit_ip(&r, "1.2.3.4".parse().unwrap(), 0, 0);
         let patch: crate::users::UserPatch =
             serde_json::from_value(json!({"promptCount": 40})).unwrap();
         cache.upsert("t", &patch, 1);

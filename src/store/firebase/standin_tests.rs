@@ -65,7 +65,7 @@ async fn an_ip_list_that_keeps_changing_is_retried_not_dropped() {
     let store = store(&db);
     let cache = loaded(&store).await;
     let record = cache.get("t").unwrap();
-    cache.admit_ip(&record, "2.2.2.2".parse().unwrap(), 0);
+    cache.admit_ip(&record, "2.2.2.2".parse().unwrap(), 0, 0);
     let batch = take(&cache, 1);
     db.add_fault(FaultRule::new("PUT", "/users/t/ip.json", FaultAction::status(412)).times(25));
     match store.apply(&batch).await {
@@ -93,7 +93,7 @@ async fn an_ip_merge_adds_only_the_new_addresses() {
     let cache = loaded(&store).await;
     db.set("/users/t/ip", Value::Null).unwrap();
     let record = cache.get("t").unwrap();
-    cache.admit_ip(&record, "3.3.3.3".parse().unwrap(), 0);
+    cache.admit_ip(&record, "3.3.3.3".parse().unwrap(), 0, 0);
     store.apply(&take(&cache, 1)).await.unwrap();
     assert_eq!(db.get("/users/t/ip").unwrap(), json!(["3.3.3.3"]));
 }
@@ -122,7 +122,7 @@ async fn an_upsert_of_an_unknown_token_updates_the_stored_user() {
     let record = cache.get("t").unwrap();
     cache.count_request(&record, 2);
     cache.count_request(&record, 3);
-    cache.admit_ip(&record, "2.2.2.2".parse().unwrap(), 0);
+    cache.admit_ip(&record, "2.2.2.2".parse().unwrap(), 0, 0);
     store.apply(&take(&cache, 1)).await.unwrap();
     let stored = db.get("/users/t").unwrap();
     assert_eq!(stored["nickname"], "n");
@@ -215,7 +215,7 @@ async fn a_store_edit_arriving_during_a_write_of_the_same_field_wins_after_it() 
     // This instance disables x; the batch also merges an address of y, held up on the wire.
     cache.disable("x", Some("abuse"), 5).unwrap();
     let y = cache.get("y").unwrap();
-    cache.admit_ip(&y, "9.9.9.9".parse().unwrap(), 0);
+    cache.admit_ip(&y, "9.9.9.9".parse().unwrap(), 0, 0);
     let batch = take(&cache, 1);
     db.add_fault(
         FaultRule::new("PUT", "/users/y/ip.json", FaultAction::Delay { ms: 1500 }).times(1),
