@@ -53,15 +53,32 @@ impl IpEntry {
 pub struct FamilyMap(Box<[(Arc<str>, f64)]>);
 
 /// Family names repeat across millions of users; share one allocation per name.
-static FAMILY_NAMES: Lazy<Mutex<std::collections::HashSet<Arc<str>>>> = Lazy::new(Default::default);
+static FAMILY_NAMES: Lazy<Mutex<FamilyNames>> = Lazy::new(Default::default);
+
+/// The interned names, and the count at which names no user holds any more are dropped: every
+/// name ever seen was kept, so imports of users with ever new family keys, deleted again,
+/// grew the process by about 160 bytes a name.
+#[derive(Default)]
+struct FamilyNames {
+    names: std::collections::HashSet<Arc<str>>,
+    prune_at: usize,
+}
+
+/// Fewest names before the first prune.
+const FAMILY_NAMES_PRUNE_MIN: usize = 1024;
 
 fn intern(name: &str) -> Arc<str> {
-    let mut names = FAMILY_NAMES.lock();
-    if let Some(existing) = names.get(name) {
+    let mut table = FAMILY_NAMES.lock();
+    if let Some(existing) = table.names.get(name) {
         return existing.clone();
     }
+    if table.names.len() >= table.prune_at.max(FAMILY_NAMES_PRUNE_MIN) {
+        // Only this set holds a name whose count is 1, and it hands out clones under the lock.
+        table.names.retain(|n| Arc::strong_count(n) > 1);
+        table.prune_at = table.names.len() * 2;
+    }
     let interned: Arc<str> = Arc::from(name);
-    names.insert(interned.clone());
+    table.names.insert(interned.clone());
     interned
 }
 
@@ -205,6 +222,18 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn family_names_no_user_holds_are_dropped() {
+        let held = intern("family-held-by-a-user");
+        for i in 0..20_000 {
+            drop(intern(&format!("family-{i}")));
+        }
+        // Other tests of this process intern a few names of their own meanwhile.
+        let len = FAMILY_NAMES.lock().names.len();
+        assert!(len <= 4 * FAMILY_NAMES_PRUNE_MIN, "{len} names kept");
+        assert!(Arc::ptr_eq(&held, &intern("family-held-by-a-user")));
+    }
 
     #[test]
     fn ip_entries_keep_their_text() {
