@@ -8,6 +8,8 @@
 //!   lookup, IP check, auth-failure and rate-limit checks), for a uniformly random user among
 //!   N cached ones (1,000, 100,000, 1,000,000) whose IP is already recorded and who has made
 //!   a request from it before (steady state: every user is admitted once before measuring).
+//! - `decision/user_token_1000_active/1000000`: the same 1,000,000 cached users, requests from
+//!   1,000 of them: the cost of the cache's size apart from that of the working set's.
 //! - `decision/8_threads_during_import/100000`: the same with 8 threads deciding at once while
 //!   another thread keeps bulk-importing users; the time is wall time per decision.
 //! - `admin/bulk_import/100000`: `PUT /admin/users` with 100,000 new users: JSON parsing,
@@ -125,6 +127,7 @@ fn decision(c: &mut Criterion) {
         &[1_000]
     };
     let mut group = c.benchmark_group("decision/user_token");
+    let mut largest = None;
     for &n in sizes {
         let tokens = tokens(n);
         let cache = Arc::new(UserCache::default());
@@ -139,7 +142,34 @@ fn decision(c: &mut Criterion) {
                 BatchSize::SmallInput,
             )
         });
+        largest = Some((proxy, tokens));
     }
+    group.finish();
+    if let Some((proxy, tokens)) = largest {
+        active_users(c, &proxy, &tokens);
+    }
+}
+
+/// The largest cache again, with requests from only [`ACTIVE`] of its users (uniformly random
+/// among them): what the decision costs when the users sending traffic fit in the CPU caches,
+/// however many are cached. Against `decision/user_token/1000` it tells the cost of the cache's
+/// size from the cost of the working set's.
+fn active_users(c: &mut Criterion, proxy: &Proxy, tokens: &[String]) {
+    const ACTIVE: usize = 1_000;
+    let active = &tokens[..ACTIVE.min(tokens.len())];
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    let mut group = c.benchmark_group("decision/user_token_1000_active");
+    group.bench_with_input(
+        BenchmarkId::from_parameter(tokens.len()),
+        &active,
+        |b, active| {
+            b.iter_batched_ref(
+                || request(&active[rng.below(active.len())]),
+                |req| decide(proxy, req),
+                BatchSize::SmallInput,
+            )
+        },
+    );
     group.finish();
 }
 
