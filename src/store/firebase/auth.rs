@@ -17,6 +17,9 @@ pub const SCOPES: &str =
     "https://www.googleapis.com/auth/userinfo.email https://www.googleapis.com/auth/firebase.database";
 /// Assertions are valid for just under Google's 1 h maximum.
 const ASSERTION_LIFETIME_S: u64 = 3_540;
+/// The longest access-token lifetime believed.
+const MAX_TOKEN_LIFETIME_SECONDS: u64 = 24 * 3600;
+
 /// Refresh this long before expiry (or after 80 % of a short lifetime).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,7 +189,14 @@ async fn fetch(
         let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
             AuthError::Unavailable("the token endpoint answered 200 without a token".into())
         })?;
-        let lifetime = Duration::from_secs(reply.expires_in.unwrap_or(3600).max(1));
+        // Google's tokens last an hour; a day bounds what a broken endpoint may claim (a
+        // lifetime near u64::MAX overflowed the clock and killed the task asking).
+        let lifetime = Duration::from_secs(
+            reply
+                .expires_in
+                .unwrap_or(3600)
+                .clamp(1, MAX_TOKEN_LIFETIME_SECONDS),
+        );
         return Ok((reply.access_token, lifetime));
     }
     let message = match serde_json::from_slice::<TokenErrorReply>(&body) {
@@ -256,5 +266,31 @@ mod tests {
         db.clear_faults();
         let fresh = source.token_at(&http, expired).await.unwrap();
         assert_ne!(fresh, first);
+    }
+
+    /// A token endpoint claiming a lifetime near u64::MAX overflowed the clock (a panic in
+    /// whichever store task asked for the token); the claim is cut to a day.
+    #[tokio::test]
+    async fn an_absurd_token_lifetime_is_cut_to_a_day() {
+        let db = StandIn::start(Options::default());
+        let account = super::super::key::decode(&db.firebase_key_b64()).unwrap();
+        let source = TokenSource::service_account(account);
+        let http = super::super::client::http_client().unwrap();
+        db.add_fault(FaultRule::new(
+            "POST",
+            "/token",
+            FaultAction::Status {
+                status: 200,
+                retry_after: None,
+                body: Some(r#"{"access_token":"x","expires_in":18446744073709551615}"#.into()),
+            },
+        ));
+        let t0 = Instant::now();
+        assert_eq!(&*source.token_at(&http, t0).await.unwrap(), "x");
+        db.clear_faults();
+        // Still cached well within the day, fetched anew after it.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(&*source.token_at(&http, t0 + hour).await.unwrap(), "x");
+        assert_ne!(&*source.token_at(&http, t0 + 24 * hour).await.unwrap(), "x");
     }
 }
