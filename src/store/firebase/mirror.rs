@@ -5,6 +5,8 @@
 //! Values are kept as the database stores them: no `null`, no empty objects, arrays as
 //! index-keyed objects. [`render`] turns index-keyed objects back into arrays, as a read would.
 
+use std::collections::HashSet;
+
 use serde_json::{Map, Value};
 
 /// Users an event touched.
@@ -79,7 +81,10 @@ impl Mirror {
             return Err(EventError::PatchNotObject);
         };
         let base = segments(&p.path)?;
+        // In the order first touched; the set keeps a patch of many users linear (a search of
+        // the list made 40,000 users take 12 s, with the store's runtime stalled).
         let mut touched: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
         for (key, value) in children {
             let mut path = base.clone();
             path.extend(segments(&key)?);
@@ -89,7 +94,8 @@ impl Mirror {
             if path.is_empty() {
                 continue;
             }
-            if !touched.iter().any(|t| t == path[0]) {
+            if !seen.contains(path[0]) {
+                seen.insert(path[0].to_string());
                 touched.push(path[0].to_string());
             }
             set(&mut self.users, &path, normalize(value));
