@@ -282,21 +282,15 @@ impl UserRecord {
     /// list, so a token shared by thousands of addresses made each new one cost more, for
     /// every request of the worker thread.
     pub(super) fn admit_ip(&self, ip: IpAddr, limit: u32, record_at_most: u32) -> IpAdmission {
-        if self.profile().has_ip(ip) {
-            return IpAdmission::Known;
+        // A full list answers from the profile already loaded: the swap below (a write to a
+        // shared cache line) is only for an address really added.
+        if let Some(outcome) = Self::unchanged_by(&self.profile(), ip, limit, record_at_most) {
+            return outcome;
         }
         let mut outcome = IpAdmission::Added;
         self.profile.rcu(|current| {
-            if current.has_ip(ip) {
-                outcome = IpAdmission::Known;
-                return Arc::clone(current);
-            }
-            if limit != 0 && current.ips.len() >= limit as usize {
-                outcome = IpAdmission::OverLimit;
-                return Arc::clone(current);
-            }
-            if limit == 0 && record_at_most != 0 && current.ips.len() >= record_at_most as usize {
-                outcome = IpAdmission::Unrecorded;
+            if let Some(unchanged) = Self::unchanged_by(current, ip, limit, record_at_most) {
+                outcome = unchanged;
                 return Arc::clone(current);
             }
             outcome = IpAdmission::Added;
@@ -316,6 +310,26 @@ impl UserRecord {
                 .push(ip.to_canonical());
         }
         outcome
+    }
+
+    /// The outcome when `ip` does not change the list: known, over the limit, or not recorded
+    /// because the list is full; `None` when it is to be added.
+    fn unchanged_by(
+        profile: &Profile,
+        ip: IpAddr,
+        limit: u32,
+        record_at_most: u32,
+    ) -> Option<IpAdmission> {
+        if profile.has_ip(ip) {
+            Some(IpAdmission::Known)
+        } else if limit != 0 && profile.ips.len() >= limit as usize {
+            Some(IpAdmission::OverLimit)
+        } else if limit == 0 && record_at_most != 0 && profile.ips.len() >= record_at_most as usize
+        {
+            Some(IpAdmission::Unrecorded)
+        } else {
+            None
+        }
     }
 
     /// Every address added by requests and not confirmed written yet.
