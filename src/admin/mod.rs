@@ -51,6 +51,8 @@ pub struct AdminService {
     trusted_proxies: CidrSet,
     max_body_bytes: usize,
     body_read_timeout: Duration,
+    /// `clients.keepalive_timeout_seconds` (0: no limit); Pingora's own is 60 s.
+    keepalive_timeout_seconds: u64,
 }
 
 enum Route<'a> {
@@ -82,6 +84,7 @@ impl AdminService {
             trusted_proxies: config.trusted_proxies.clone(),
             max_body_bytes: admin.max_body_bytes,
             body_read_timeout: admin.body_read_timeout,
+            keepalive_timeout_seconds: config.clients.keepalive_timeout_seconds,
         }
     }
 
@@ -217,6 +220,10 @@ fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
 #[async_trait]
 impl ServeHttp for AdminService {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Pingora turns keep-alive off while shutting down (left so) and sets 60 s otherwise.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.keepalive_timeout_seconds));
+        }
         match self.handle(session).await {
             Ok(response) => response,
             Err(error) => {

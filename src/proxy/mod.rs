@@ -60,10 +60,10 @@ pub struct Proxy {
     access_log: Option<AccessLog>,
 }
 
-/// Once it has read a request, Pingora waits for the client's next one without limit (or as
-/// long as the client's `Keep-Alive: timeout` asks), and without limit between the reads of
-/// its header: a client that goes silent, or sends a byte now and then, kept its connection
-/// (memory and a file descriptor) for good. The wait is bounded by `clients.keepalive_timeout_seconds`.
+/// Once it has read a request, Pingora waits for the client's next one without limit, and
+/// without limit between the reads of its header: a client that goes silent, or sends a byte
+/// now and then, kept its connection (memory and a file descriptor) for good. The wait is
+/// bounded by `clients.keepalive_timeout_seconds` (a shorter one Pingora set is kept).
 fn bound_keepalive(session: &mut Session, limit: u64) {
     if let Some(current) = session.get_keepalive() {
         if current == 0 || current > limit {

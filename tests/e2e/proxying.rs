@@ -703,10 +703,10 @@ fn an_http_10_client_gets_a_body_ended_by_the_close_not_chunked() {
     }
 }
 
-/// Sends one HTTP/1.1 request on `conn` and reads its answer (a `Content-Length` body).
-fn one_exchange(conn: &mut std::net::TcpStream) -> String {
+/// Sends one HTTP/1.1 GET of `path` on `conn` and reads its answer (a `Content-Length` body).
+fn one_exchange(conn: &mut std::net::TcpStream, path: &str) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
-    write!(conn, "GET /a HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut length = 0;
     let mut status = String::new();
@@ -739,9 +739,9 @@ fn closed_within(conn: &mut std::net::TcpStream, wait: Duration) -> bool {
     }
 }
 
-/// Pingora kept an idle HTTP/1.1 client connection open forever once it had served a request
-/// (and as long as a client's `Keep-Alive: timeout` asked): silent clients held memory and a
-/// file descriptor each. `clients.keepalive_timeout_seconds` bounds the wait; 0 is no limit.
+/// Pingora kept an idle HTTP/1.1 client connection open forever once it had served a request:
+/// silent clients held memory and a file descriptor each. `clients.keepalive_timeout_seconds`
+/// bounds the wait, on the admin listener too; 0 is no limit.
 #[test]
 fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     let origin = Origin::start();
@@ -752,14 +752,23 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     let address = tg.url("/");
     let address = address.trim_start_matches("http://").trim_end_matches('/');
     let mut conn = std::net::TcpStream::connect(address).unwrap();
-    assert!(one_exchange(&mut conn).starts_with("HTTP/1.1 200"));
+    assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
     assert!(
-        one_exchange(&mut conn).starts_with("HTTP/1.1 200"),
+        one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"),
         "kept alive"
     );
     assert!(
         closed_within(&mut conn, Duration::from_secs(5)),
         "idle connection closed"
+    );
+    // The admin listener too (Pingora's own is 60 s).
+    let admin = tg.admin_url("/");
+    let admin = admin.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(admin).unwrap();
+    assert!(one_exchange(&mut conn, "/health").starts_with("HTTP/1.1 200"));
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(5)),
+        "admin connection closed"
     );
 
     let unbounded = TollgateBuilder::new(origin.addr)
@@ -769,10 +778,10 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     let address = unbounded.url("/");
     let address = address.trim_start_matches("http://").trim_end_matches('/');
     let mut conn = std::net::TcpStream::connect(address).unwrap();
-    assert!(one_exchange(&mut conn).starts_with("HTTP/1.1 200"));
+    assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
     assert!(
         !closed_within(&mut conn, Duration::from_secs(3)),
         "0: no limit"
     );
-    assert!(one_exchange(&mut conn).starts_with("HTTP/1.1 200"));
+    assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
 }
