@@ -4,9 +4,11 @@
 #
 #   benches/load/ab.sh before=/path/to/tollgate after=target/pgo/release/tollgate
 #   NGINX_WORKERS="1 2" benches/load/ab.sh one=BIN two=BIN,threads=2 nosteal=BIN,threads=2,work_stealing=false
+#   benches/load/ab.sh idle60=BIN unbounded=BIN,keepalive=0
 #
 # Each NAME=BINARY runs as its own instance (same configuration, WORKERS threads unless the
-# spec says `,threads=N` and/or `,work_stealing=true|false`) in front of one nginx origin; with
+# spec says `,threads=N` and/or `,work_stealing=true|false`; `,keepalive=N` sets its
+# `clients.keepalive_timeout_seconds`) in front of one nginx origin; with
 # NGINX=1 (default) nginx as a reverse proxy runs alongside as a reference, once per worker
 # count in NGINX_WORKERS (default WORKERS; named nginx, or nginx_wN when there are several). Each round drives every instance once with wrk for DURATION seconds, the order
 # rotated each round, and records requests/s, p99 and the instance's CPU time per request
@@ -22,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 usage() {
-  echo "usage: $0 NAME=BINARY[,threads=N][,work_stealing=BOOL] ...   (see the header of $0)" >&2
+  echo "usage: $0 NAME=BINARY[,threads=N][,work_stealing=BOOL][,keepalive=N] ...   (see the header of $0)" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
@@ -58,7 +60,7 @@ chmod 755 "$WORK"
 trap load_cleanup EXIT
 
 NAMES=()
-declare -A BIN PORT PID THREADS STEAL
+declare -A BIN PORT PID THREADS STEAL KEEPALIVE
 port=$((PORT_BASE + 1 + ${#NGINX_WORKER_COUNTS[@]}))
 for spec in "$@"; do
   name=${spec%%=*}
@@ -71,11 +73,13 @@ for spec in "$@"; do
   [ -x "$bin" ] || die "no executable at $bin (for $name)"
   THREADS[$name]=$WORKERS
   STEAL[$name]=
+  KEEPALIVE[$name]=
   for opt in "${opts[@]:1}"; do
     case $opt in
       threads=[1-9] | threads=[1-9][0-9]) THREADS[$name]=${opt#threads=} ;;
       work_stealing=true | work_stealing=false) STEAL[$name]=${opt#work_stealing=} ;;
-      *) die "unknown option '$opt' for $name (threads=N, work_stealing=true|false)" ;;
+      keepalive=[0-9] | keepalive=[0-9][0-9]*) KEEPALIVE[$name]=${opt#keepalive=} ;;
+      *) die "unknown option '$opt' for $name (threads=N, work_stealing=true|false, keepalive=N)" ;;
     esac
   done
   NAMES+=("$name")
@@ -115,6 +119,9 @@ for name in "${NAMES[@]}"; do
   WORKERS=${THREADS[$name]} tollgate_conf "tg_$name" "${PORT[$name]}" $((PORT[$name] + 1)) "$MODE" "$RPM" >"$WORK/tg_$name.yaml"
   if [ -n "${STEAL[$name]}" ]; then
     sed -i "s/^  threads: .*/&\n  work_stealing: ${STEAL[$name]}/" "$WORK/tg_$name.yaml"
+  fi
+  if [ -n "${KEEPALIVE[$name]}" ]; then
+    printf 'clients:\n  keepalive_timeout_seconds: %s\n' "${KEEPALIVE[$name]}" >>"$WORK/tg_$name.yaml"
   fi
   start_tollgate "${BIN[$name]}" "tg_$name"
   pid_var=TG_${name^^}_PID
