@@ -5,31 +5,9 @@
 //! - a patch that validates yields a user that validates and round-trips through JSON;
 //! - form_to_json's output is a JSON object of strings.
 use libfuzzer_sys::fuzz_target;
-use serde::Deserialize;
 use tollgate::admin::http::{form_to_json, looks_like_json, parse_json, query_params, JsonObject};
-use tollgate::users::model::FamilyValues;
+use tollgate::admin::users::{BulkRequest, CreateRequest};
 use tollgate::users::{Patch, User, UserPatch, UserType};
-
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[allow(dead_code)]
-struct CreateRequest {
-    #[serde(rename = "type", default)]
-    user_type: UserType,
-    #[serde(default)]
-    expires_at: Option<u64>,
-    #[serde(default)]
-    token_limits: Option<FamilyValues>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct BulkRequest {
-    users: Vec<JsonObject<UserPatch>>,
-    #[serde(default)]
-    count: Option<u64>,
-}
 
 fn is_one_object(body: &[u8]) -> bool {
     matches!(

@@ -60,9 +60,10 @@ struct Created<'a> {
     token: &'a str,
 }
 
+/// The body of `POST /admin/users` (public for the fuzz targets, which parse it as the API does).
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateRequest {
+pub struct CreateRequest {
     #[serde(rename = "type", default)]
     user_type: UserType,
     #[serde(default)]
@@ -71,10 +72,11 @@ struct CreateRequest {
     token_limits: Option<FamilyValues>,
 }
 
+/// The body of `PUT /admin/users` (public for the fuzz targets).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BulkRequest {
-    users: Vec<JsonObject<UserPatch>>,
+pub struct BulkRequest {
+    pub users: Vec<JsonObject<UserPatch>>,
     /// Present in `GET /admin/users` exports; accepted so an export imports as it is.
     #[serde(default)]
     #[allow(dead_code)]
