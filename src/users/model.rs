@@ -461,6 +461,25 @@ mod tests {
         assert!(User::from_stored("t", serde_json::json!({"promptCount": "x"})).is_err());
     }
 
+    /// serde_json's default float parsing is not always correctly rounded: a count with 17
+    /// significant digits came back one unit in the last place off after a trip through JSON
+    /// (the SQLite store keeps users as JSON text; found by fuzzing). `float_roundtrip` is on.
+    #[test]
+    fn counts_survive_a_trip_through_json_unchanged() {
+        let mut user = User::new("t".into(), UserType::Normal, 1);
+        for text in [
+            "1.3333333333333333e32",
+            "0.30000000000000004",
+            "123456.78901234567",
+        ] {
+            let value: f64 = text.parse().unwrap();
+            user.token_counts.insert("gpt4".into(), JsNumber(value));
+            let json = serde_json::to_string(&user).unwrap();
+            let back: User = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, user, "{json}");
+        }
+    }
+
     #[test]
     fn counts_and_times_stay_within_2_pow_53_and_notes_within_a_mebibyte() {
         let mut user = User::new("t".into(), UserType::Normal, 1);
