@@ -26,11 +26,6 @@ ADMIN_KEY=bench-admin-key-0123456789
 
 scripts/setup.sh wrk nginx-light curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-if [ -z "${TOLLGATE_BIN:-}" ]; then
-  echo "store_flush: building tollgate (release)" >&2
-  cargo build --release --locked -p tollgate --bin tollgate >&2
-  TOLLGATE_BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
-fi
 
 ORIGIN_PORT=$PORT_BASE
 PROXY_PORT=$((PORT_BASE + 1))
@@ -42,6 +37,7 @@ LOG_TAG=store_flush
 . benches/load/lib.sh
 # SIGTERM: tollgate's graceful stop, which writes what the SQLite store has pending.
 trap 'load_stop TERM; rm -rf "$WORK"' EXIT
+plain_release_bin
 port_free_or_die "$ORIGIN_PORT" "$PROXY_PORT" "$ADMIN_PORT"
 
 write_origin_conf off

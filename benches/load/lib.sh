@@ -30,6 +30,15 @@ load_cleanup() {
   rm -rf "$WORK"
 }
 
+# The binary to measure: TOLLGATE_BIN if set, else a plain release build of this tree.
+plain_release_bin() {
+  if [ -z "${TOLLGATE_BIN:-}" ]; then
+    log "building tollgate (release)"
+    cargo build --release --locked -p tollgate --bin tollgate >&2
+    TOLLGATE_BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
+  fi
+}
+
 port_free_or_die() {
   local port
   for port in "$@"; do
