@@ -362,7 +362,7 @@ impl UsersApi {
                     "store_refused",
                     format!(
                         "the store refused the change to user {token}{more} and it is not saved: \
-                         {reason}; this instance keeps it in memory until it restarts"
+                         {reason}; this instance goes back to the stored value too"
                     ),
                 )
                 .with_header("x-tollgate-persisted", "false"));

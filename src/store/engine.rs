@@ -3,7 +3,7 @@
 //! graceful shutdown. At most one batch is in flight; a failed batch is kept and retried with
 //! exponential backoff, and new changes keep queueing behind it in the cache.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::{Batch, StoreBackend, StoreError};
 use crate::clock::now_ms;
 use crate::observe::StoreGauges;
-use crate::users::{ChangeTicket, User, UserCache};
+use crate::users::{Change, ChangeTicket, User, UserCache};
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
@@ -261,16 +261,22 @@ impl SyncEngine {
             match self.backend.apply(batch).await {
                 Ok(report) => {
                     let (batch, taken_at) = state.in_flight.take().expect("set above");
+                    let mut refused = HashSet::with_capacity(report.rejected.len());
                     for (token, reason) in report.rejected {
                         error!(
-                            "{} store refused a change for user {}; it is dropped: {reason}",
+                            "{} store refused a change for user {}; it is dropped and the user \
+                             goes back to its stored value: {reason}",
                             self.backend.name(),
                             crate::observe::token_id(&token)
                         );
+                        refused.insert(Arc::clone(&token));
                         self.status.record_refusal(token, taken_at, reason);
                     }
                     self.cache
                         .acknowledge(&batch.changes, !self.backend.echoes_counters());
+                    if !refused.is_empty() {
+                        self.restore(&batch, &refused).await;
+                    }
                     self.status.in_flight_users.store(0, Ordering::Relaxed);
                     self.status.last_flush_ms.store(now_ms(), Ordering::Relaxed);
                     if state.failures_in_a_row > 0 {
@@ -299,6 +305,25 @@ impl SyncEngine {
                     return Err(e);
                 }
             }
+        }
+    }
+
+    /// The store's values of users whose change it refused, back into the cache. A store that
+    /// cannot be read now leaves them as they are here (logged); its next change, or a
+    /// restart, brings them in line.
+    async fn restore(&self, batch: &Batch, refused: &HashSet<Arc<str>>) {
+        let changes: Vec<&Change> = batch
+            .changes
+            .iter()
+            .filter(|c| refused.contains(c.token()))
+            .collect();
+        if let Err(e) = self.backend.restore(&self.cache, &changes).await {
+            warn!(
+                "{} store: cannot read back the {} users whose change it refused; this \
+                 instance keeps their refused values for now: {e}",
+                self.backend.name(),
+                changes.len()
+            );
         }
     }
 

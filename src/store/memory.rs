@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::{ApplyReport, Batch, StoreBackend, StoreError};
-use crate::users::User;
+use crate::users::{Change, User, UserCache};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore;
@@ -21,5 +21,10 @@ impl StoreBackend for MemoryStore {
 
     async fn apply(&self, _batch: &Batch) -> Result<ApplyReport, StoreError> {
         Ok(ApplyReport::default())
+    }
+
+    /// Nothing to restore: this store refuses nothing.
+    async fn restore(&self, _cache: &UserCache, _refused: &[&Change]) -> Result<(), StoreError> {
+        Ok(())
     }
 }

@@ -78,6 +78,11 @@ pub trait StoreBackend: Send + Sync + 'static {
     /// Writes a batch. `Ok` means durable; `Err` leaves the batch to be retried unchanged.
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError>;
 
+    /// Puts the store's own value of users whose change it refused for good (reported by
+    /// [`apply`](Self::apply), already acknowledged in `cache`) back into the cache, so that
+    /// this instance does not go on serving a value no other instance, and no restart, sees.
+    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError>;
+
     /// True when the store sends confirmed counter totals back (Firebase's stream), so the
     /// cache must not add acknowledged increments to its base itself.
     fn echoes_counters(&self) -> bool {

@@ -93,6 +93,16 @@ pub enum CacheError {
     Changed,
 }
 
+/// A user whose store value the change stream is to apply again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reread {
+    pub token: Arc<str>,
+    /// The store refused to create this user: when the store does not hold it, it is removed
+    /// here. Otherwise a user the store does not show yet is kept (its creation may not have
+    /// come back on the stream yet).
+    pub creation_refused: bool,
+}
+
 pub struct UserCache {
     /// Records found by token (`table.rs`): lock-free reads, one pointer per user.
     map: RecordTable,
@@ -103,9 +113,8 @@ pub struct UserCache {
     structure: Mutex<()>,
     /// Tokens removed locally whose removal the store has not confirmed yet.
     deleting: Mutex<HashSet<Arc<str>>>,
-    /// Users whose store value must be read again: a store change arrived while their write
-    /// was in flight and was kept out ([`UserCache::take_rereads`]).
-    rereads: Mutex<Vec<Arc<str>>>,
+    /// Users whose store value must be applied again ([`UserCache::take_rereads`]).
+    rereads: Mutex<Vec<Reread>>,
     reread_wanted: tokio::sync::Notify,
 }
 
@@ -496,7 +505,10 @@ impl UserCache {
                     if c.record
                         .acknowledge(c.fields, c.prompt_delta, fold_counters)
                     {
-                        rereads.push(Arc::clone(c.record.token()));
+                        rereads.push(Reread {
+                            token: Arc::clone(c.record.token()),
+                            creation_refused: false,
+                        });
                     }
                 }
                 Change::Delete { token } => {
@@ -505,16 +517,24 @@ impl UserCache {
             }
         }
         drop(deleting);
-        if !rereads.is_empty() {
-            self.rereads.lock().extend(rereads);
+        self.reread(rereads);
+    }
+
+    /// Asks the change stream to apply the store's value of these users again.
+    pub fn reread(&self, users: impl IntoIterator<Item = Reread>) {
+        let mut rereads = self.rereads.lock();
+        let before = rereads.len();
+        rereads.extend(users);
+        if rereads.len() > before {
             self.reread_wanted.notify_one();
         }
     }
 
-    /// The users whose store value must be applied again now that their write is confirmed:
-    /// a store change that arrived during the write kept its local values, and may be newer
-    /// than the write. Only stores that deliver changes (Firebase's stream) produce them.
-    pub fn take_rereads(&self) -> Vec<Arc<str>> {
+    /// The users whose store value must be applied again: a store change that arrived while
+    /// their write was in flight kept its local values and may be newer than the write, or the
+    /// store refused their change ([`UserCache::reread`]). Only stores that deliver changes
+    /// (Firebase's stream) produce them.
+    pub fn take_rereads(&self) -> Vec<Reread> {
         std::mem::take(&mut *self.rereads.lock())
     }
 

@@ -741,6 +741,31 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"]["type"], "store_refused", "{body}");
     assert!(tg.log().contains("it is dropped"), "{}", tg.log());
+    // ... and undone here: the instance serves what the database holds, as the others do.
+    eventually(Duration::from_secs(5), "refused edit undone", &tg, || {
+        tg.user("b")["nickname"].is_null()
+    });
+    db.add_fault(
+        FaultRule::new(
+            "PUT",
+            "/users/refused-creation.json",
+            FaultAction::status(400),
+        )
+        .times(1),
+    );
+    let (status, body) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/refused-creation",
+        Some(json!({"nickname": "new"})),
+    );
+    assert_eq!(status, 500, "{body}");
+    eventually(
+        Duration::from_secs(5),
+        "refused creation undone",
+        &tg,
+        || proxy(&tg, "refused-creation") == StatusCode::UNAUTHORIZED,
+    );
     let (status, _) = admin(
         &tg,
         Method::PUT,

@@ -4,7 +4,7 @@ use parking_lot::Mutex;
 
 use super::*;
 use crate::store::ApplyReport;
-use crate::users::{Change, User, UserType};
+use crate::users::{Change, User, UserPatch, UserType};
 
 /// The requests a batch carries.
 fn prompt_deltas(batch: &Batch) -> u64 {
@@ -51,6 +51,9 @@ impl StoreBackend for Flaky {
             .lock()
             .push((batch.seq, batch.changes.len(), deltas));
         Ok(ApplyReport::default())
+    }
+    async fn restore(&self, _: &UserCache, _: &[&Change]) -> Result<(), StoreError> {
+        unreachable!("this store refuses nothing")
     }
 }
 
@@ -159,6 +162,9 @@ impl StoreBackend for Busy {
         self.deltas.lock().push(delta);
         Ok(ApplyReport::default())
     }
+    async fn restore(&self, _: &UserCache, _: &[&Change]) -> Result<(), StoreError> {
+        unreachable!("this store refuses nothing")
+    }
 }
 
 fn busy_engine(counting: usize) -> (SyncEngine, Arc<Busy>, Arc<UserCache>) {
@@ -208,8 +214,12 @@ async fn the_last_flush_also_writes_what_arrives_while_it_writes() {
     assert_eq!(cache.queued_len(), 0);
 }
 
-/// A backend that refuses every change for good (as Firebase does with a 400 it isolated).
-struct Refusing;
+/// A backend that refuses every change for good (as Firebase does with a 400 it isolated), and
+/// holds `stored` as its users.
+#[derive(Default)]
+struct Refusing {
+    stored: HashMap<String, User>,
+}
 
 #[async_trait]
 impl StoreBackend for Refusing {
@@ -217,7 +227,7 @@ impl StoreBackend for Refusing {
         "refusing"
     }
     async fn load_all(&self) -> Result<Vec<User>, StoreError> {
-        Ok(Vec::new())
+        Ok(self.stored.values().cloned().collect())
     }
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
         let rejected = batch
@@ -227,6 +237,13 @@ impl StoreBackend for Refusing {
             .collect();
         Ok(ApplyReport { rejected })
     }
+    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
+        for change in refused {
+            let token = change.token();
+            cache.apply_remote(token, self.stored.get(token.as_ref()));
+        }
+        Ok(())
+    }
 }
 
 #[tokio::test]
@@ -234,7 +251,7 @@ async fn refused_changes_are_known_to_the_writes_they_include() {
     let cache = Arc::new(UserCache::default());
     let status = StoreStatus::new("refusing", Arc::clone(&cache));
     let engine = SyncEngine::new(
-        Arc::new(Refusing),
+        Arc::new(Refusing::default()),
         Arc::clone(&status),
         Duration::from_secs(3600),
         Duration::from_secs(1),
@@ -254,6 +271,47 @@ async fn refused_changes_are_known_to_the_writes_they_include() {
         .create(&User::new("b".into(), UserType::Normal, 1))
         .unwrap();
     assert!(status.refusals_since(later).is_empty());
+}
+
+#[tokio::test]
+async fn refused_changes_are_undone_in_the_cache() {
+    let mut stored = User::new("edited".into(), UserType::Normal, 1);
+    stored.nickname = Some("stored".into());
+    let removed = User::new("removed".into(), UserType::Normal, 1);
+    let backend = Refusing {
+        stored: HashMap::from([
+            ("edited".to_string(), stored.clone()),
+            ("removed".to_string(), removed.clone()),
+        ]),
+    };
+    let cache = Arc::new(UserCache::default());
+    cache.load([stored, removed]);
+    let status = StoreStatus::new("refusing", Arc::clone(&cache));
+    let engine = SyncEngine::new(
+        Arc::new(backend),
+        status,
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    );
+    let edit: UserPatch = serde_json::from_str(r#"{"nickname":"refused"}"#).unwrap();
+    cache.upsert("edited", &edit, 2);
+    cache
+        .create(&User::new("new".into(), UserType::Normal, 2))
+        .unwrap();
+    cache.remove("removed").unwrap();
+    engine.flush().await.unwrap();
+    let edited = cache.user("edited").unwrap();
+    assert_eq!(
+        edited.nickname.as_deref(),
+        Some("stored"),
+        "a refused edit is undone"
+    );
+    assert!(cache.user("new").is_none(), "a refused creation is undone");
+    assert!(
+        cache.user("removed").is_some(),
+        "a refused removal is undone"
+    );
+    assert_eq!(cache.queued_len(), 0);
 }
 
 #[test]

@@ -40,7 +40,7 @@ use self::client::{Request, Rtdb, RtdbError, Target, REQUEST_TIMEOUT};
 use super::{ApplyReport, Batch, StoreBackend, StoreError, StoreStatus};
 use crate::config::FirebaseConfig;
 use crate::observe::token_id;
-use crate::users::{Change, User, UserCache};
+use crate::users::{Change, Fields, Reread, User, UserCache};
 
 pub struct FirebaseStore {
     target: Arc<Target>,
@@ -377,6 +377,16 @@ impl FirebaseStore {
 impl StoreBackend for FirebaseStore {
     fn name(&self) -> &'static str {
         "firebase_rtdb"
+    }
+
+    /// Through the stream's follower, which applies its mirror of the database: a value read
+    /// here could be older than a change the stream applies meanwhile.
+    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
+        cache.reread(refused.iter().map(|change| Reread {
+            token: Arc::clone(change.token()),
+            creation_refused: matches!(change, Change::Upsert(c) if c.fields.contains(Fields::CREATED)),
+        }));
+        Ok(())
     }
 
     /// One GET of the users path. Transient failures are retried until a bound (a little

@@ -17,7 +17,7 @@ use super::mirror::{Mirror, Touched};
 use super::sse::{SseEvent, SseParser};
 use crate::observe::token_id;
 use crate::store::StoreStatus;
-use crate::users::{User, UserCache};
+use crate::users::{Reread, User, UserCache};
 
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -232,14 +232,23 @@ impl Follower {
     }
 
     /// Applies the mirror's value again to users whose write was just confirmed while a store
-    /// change had been kept out. Only users the mirror holds: one it does not hold yet (its
-    /// creation not streamed back yet) is not taken for deleted; deletions come as events.
+    /// change had been kept out, or whose change the database refused. A user the mirror does
+    /// not hold is removed only when its creation was refused: otherwise its creation may not
+    /// have come back on the stream yet, and deletions come as events.
     fn reread(&self, mirror: &Mirror) {
-        for token in self.cache.take_rereads() {
-            if let Some(value) = mirror.user(&token) {
-                if let Node::User(user) = read_node(&token, value, Report::Unreadable) {
-                    self.cache.apply_remote(&token, Some(&*user));
+        for Reread {
+            token,
+            creation_refused,
+        } in self.cache.take_rereads()
+        {
+            match mirror.user(&token) {
+                Some(value) => {
+                    if let Node::User(user) = read_node(&token, value, Report::Unreadable) {
+                        self.cache.apply_remote(&token, Some(&*user));
+                    }
                 }
+                None if creation_refused => self.cache.apply_remote(&token, None),
+                None => {}
             }
         }
     }

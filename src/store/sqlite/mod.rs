@@ -33,7 +33,7 @@ pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 use super::{ApplyReport, Batch, StoreBackend, StoreError};
 use crate::clock::now_ms;
 use crate::observe::token_id;
-use crate::users::User;
+use crate::users::{Change, User, UserCache};
 use rows::Op;
 
 /// How long a statement waits for a lock held by someone else (a backup, an operator's
@@ -386,6 +386,30 @@ fn load_with(
     Ok((users, writers))
 }
 
+/// The stored value of each of `tokens`, in order (`None`: no row).
+fn read_users(
+    conn: &Connection,
+    path: &Path,
+    tokens: &[Arc<str>],
+) -> Result<Vec<Option<User>>, SqliteError> {
+    let read_err = |e| SqliteError::sqlite_on(conn, path, "cannot read users", e);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT rowid, token, prompt_count, last_used_at, doc FROM users WHERE token = ?1",
+        )
+        .map_err(read_err)?;
+    let mut users = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        let mut rows = stmt.query([token.as_ref()]).map_err(read_err)?;
+        let user = match rows.next().map_err(read_err)? {
+            Some(row) => Some(RawRow::read(row, path)?.decode(path)?),
+            None => None,
+        };
+        users.push(user);
+    }
+    Ok(users)
+}
+
 /// A row as stored, read on the loading thread and decoded on another.
 struct RawRow {
     rowid: i64,
@@ -680,6 +704,23 @@ impl StoreBackend for SqliteStore {
         })
         .await?;
         Ok(report)
+    }
+
+    /// The refused users' rows, read on the writer connection (the file holds them as the last
+    /// accepted write left them).
+    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
+        let tokens: Vec<Arc<str>> = refused.iter().map(|c| Arc::clone(c.token())).collect();
+        let (path, identity, writer) = (self.path.clone(), self.identity, Arc::clone(&self.writer));
+        let stored = blocking(move || {
+            with_writer(&mut writer.lock(), &path, identity, |conn| {
+                read_users(conn, &path, &tokens)
+            })
+        })
+        .await?;
+        for (change, user) in refused.iter().zip(stored) {
+            cache.apply_remote(change.token(), user.as_ref());
+        }
+        Ok(())
     }
 
     async fn reload_if_changed(&self) -> Result<Option<Vec<User>>, StoreError> {

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::*;
 use crate::store::{StoreStatus, SyncEngine};
-use crate::users::{UserCache, UserType};
+use crate::users::{UserCache, UserPatch, UserType};
 
 fn temp() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -545,6 +545,27 @@ fn oversized_counters_are_rejected_not_retried_forever() {
         panic!("encoded")
     };
     assert!(reason.contains("promptCount"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_refused_change_is_undone_from_the_file() {
+    let (_dir, path) = temp();
+    let (store, engine, cache) = with_user_a(&path).await;
+    let edit: UserPatch =
+        serde_json::from_value(json!({"nickname": "n", "promptCount": u64::MAX})).unwrap();
+    cache.upsert("a", &edit, 2);
+    let mut big = User::new("big".into(), UserType::Normal, 1);
+    big.prompt_count = u64::MAX;
+    cache.create(&big).unwrap();
+    engine.flush().await.unwrap();
+    let a = cache.user("a").unwrap();
+    assert_eq!(
+        (a.nickname, a.prompt_count),
+        (None, 0),
+        "back to the stored row"
+    );
+    assert!(cache.user("big").is_none(), "never stored, so gone");
+    assert_eq!(stored_tokens(&store).await, ["a"]);
 }
 
 #[test]

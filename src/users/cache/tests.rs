@@ -229,7 +229,11 @@ fn a_store_change_kept_out_during_a_write_is_asked_to_be_read_again() {
         "nothing before the write is confirmed"
     );
     cache.acknowledge(&in_flight.changes, false);
-    let rereads: Vec<String> = cache.take_rereads().iter().map(|t| t.to_string()).collect();
+    let rereads: Vec<String> = cache
+        .take_rereads()
+        .iter()
+        .map(|r| r.token.to_string())
+        .collect();
     assert_eq!(
         rereads,
         vec!["a"],
