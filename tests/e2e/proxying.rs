@@ -785,3 +785,129 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     );
     assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
 }
+
+/// An origin on a raw socket for the streaming tests: it reads one request head, hands the
+/// connection to `serve`, and ends.
+fn raw_origin(
+    serve: impl FnOnce(std::net::TcpStream, std::io::BufReader<std::net::TcpStream>) + Send + 'static,
+) -> std::net::SocketAddr {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 2 {
+            line.clear();
+        }
+        serve(stream, reader);
+    });
+    addr
+}
+
+/// Reads from `reader` until `needle` has arrived (a 10 s read timeout fails the test instead
+/// of hanging it); returns what was read.
+fn read_until(reader: &mut impl std::io::Read, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let n = reader
+            .read(&mut byte)
+            .unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}; got {seen:?}"));
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(byte[0]);
+    }
+    String::from_utf8(seen).unwrap()
+}
+
+/// A streamed response (server-sent events, as completion APIs send) reaches the client event
+/// by event: the origin sends its second event only once the client has received the first
+/// through tollgate, so a proxy that buffered the response would never finish.
+#[test]
+fn a_streamed_response_reaches_the_client_as_it_is_sent() {
+    use std::io::Write;
+    let (seen_first, first_seen) = std::sync::mpsc::channel::<()>();
+    let origin = raw_origin(move |mut stream, _| {
+        stream
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                  Transfer-Encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n",
+            )
+            .unwrap();
+        first_seen
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the client never saw the first event");
+        stream
+            .write_all(b"b\r\ndata: two\n\n\r\n0\r\n\r\n")
+            .unwrap();
+    });
+    let tg = TollgateBuilder::new(origin).start();
+    let token = tg.create_user(json!({}));
+    let address = tg.url("/");
+    let mut conn =
+        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
+            .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let head = read_until(&mut conn, "data: one");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("text/event-stream"),
+        "{head}"
+    );
+    seen_first.send(()).unwrap();
+    read_until(&mut conn, "data: two");
+    read_until(&mut conn, "0\r\n\r\n");
+}
+
+/// A request body reaches the origin as the client sends it (a large upload is not held in
+/// tollgate's memory first): the client sends its second chunk only once the origin has
+/// received the first.
+#[test]
+fn a_streamed_request_body_reaches_the_origin_as_it_is_sent() {
+    use std::io::Write;
+    let (origin_saw_first, first_arrived) = std::sync::mpsc::channel::<()>();
+    let origin = raw_origin(move |mut stream, mut reader| {
+        read_until(&mut reader, "first");
+        origin_saw_first.send(()).unwrap();
+        read_until(&mut reader, "second");
+        read_until(&mut reader, "0\r\n\r\n");
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nreceived")
+            .unwrap();
+    });
+    let tg = TollgateBuilder::new(origin).start();
+    let token = tg.create_user(json!({}));
+    let address = tg.url("/");
+    let mut conn =
+        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
+            .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /upload HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+    )
+    .unwrap();
+    first_arrived
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the origin never got the first chunk");
+    write!(conn, "6\r\nsecond\r\n0\r\n\r\n").unwrap();
+    let answer = read_until(&mut conn, "received");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
