@@ -809,6 +809,20 @@ fn raw_origin(
     addr
 }
 
+/// tollgate in `user_token` mode in front of `origin`, a user's token, and a client connection
+/// (10 s read timeout).
+fn user_and_connection(origin: std::net::SocketAddr) -> (Tollgate, String, std::net::TcpStream) {
+    let tg = TollgateBuilder::new(origin).start();
+    let token = tg.create_user(json!({}));
+    let address = tg.url("/");
+    let conn =
+        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
+            .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (tg, token, conn)
+}
+
 /// Reads from `reader` until `needle` has arrived (a 10 s read timeout fails the test instead
 /// of hanging it); returns what was read.
 fn read_until(reader: &mut impl std::io::Read, needle: &str) -> String {
@@ -849,14 +863,7 @@ fn a_streamed_response_reaches_the_client_as_it_is_sent() {
             .write_all(b"b\r\ndata: two\n\n\r\n0\r\n\r\n")
             .unwrap();
     });
-    let tg = TollgateBuilder::new(origin).start();
-    let token = tg.create_user(json!({}));
-    let address = tg.url("/");
-    let mut conn =
-        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
-            .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (_tg, token, mut conn) = user_and_connection(origin);
     write!(
         conn,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
@@ -890,14 +897,7 @@ fn a_streamed_request_body_reaches_the_origin_as_it_is_sent() {
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nreceived")
             .unwrap();
     });
-    let tg = TollgateBuilder::new(origin).start();
-    let token = tg.create_user(json!({}));
-    let address = tg.url("/");
-    let mut conn =
-        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
-            .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (_tg, token, mut conn) = user_and_connection(origin);
     write!(
         conn,
         "POST /upload HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
