@@ -80,17 +80,11 @@ fn main() -> ExitCode {
         warn!("{warning}");
     }
     let daemon = cli.daemon || config.server.daemon;
-    if daemon
-        && config
-            .access_log
-            .as_ref()
-            .is_some_and(|log| log.path.is_none())
-    {
-        eprintln!(
-            "tollgate: configuration error: {path}: access_log.path: required with -d \
-             (pingora.daemon): a daemon's stdout is /dev/null, so the access log would be lost"
-        );
-        return ExitCode::from(2);
+    if daemon {
+        if let Err(e) = config.check_daemon() {
+            eprintln!("tollgate: configuration error: {e}");
+            return ExitCode::from(2);
+        }
     }
     if cli.test {
         if let Err(e) = store::check(&config.store) {
@@ -102,7 +96,7 @@ fn main() -> ExitCode {
     }
     let opt = Opt {
         upgrade: cli.upgrade,
-        daemon: cli.daemon,
+        daemon,
         test: cli.test,
         conf: cli.conf,
         ..Opt::default()

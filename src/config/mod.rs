@@ -268,6 +268,25 @@ impl Config {
         Self::from_yaml(&text, &origin, env)
     }
 
+    /// What running as a daemon (`-d`, `pingora.daemon`) needs beyond a valid file: an access
+    /// log file (a daemon's stdout is /dev/null) and an error log and pid file it can write.
+    pub fn check_daemon(&self) -> Result<(), ConfigError> {
+        let origin = self.source.display().to_string();
+        if self
+            .access_log
+            .as_ref()
+            .is_some_and(|log| log.path.is_none())
+        {
+            return Err(ConfigError::new(
+                &origin,
+                "access_log.path",
+                "required with -d (pingora.daemon): a daemon's stdout is /dev/null, so the \
+                 access log would be lost",
+            ));
+        }
+        pingora_section::check_daemon_files(&self.server, &origin)
+    }
+
     /// Validates YAML text; `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
         let raw: raw::RawConfig = parse_yaml(text, origin)?;

@@ -1,6 +1,9 @@
 //! The `pingora:` section. Pingora's own parser ignores unknown keys, so a typo like `thread: 8`
 //! would silently run with defaults; here every key is checked against `ServerConf`'s fields.
 
+use std::ffi::CString;
+use std::path::Path;
+
 use once_cell::sync::Lazy;
 use pingora::server::configuration::ServerConf;
 
@@ -97,4 +100,52 @@ pub(super) fn build(
     }
     conf.validate()
         .map_err(|e| ConfigError::new(origin, "pingora", format!("rejected by Pingora: {e}")))
+}
+
+/// The files a daemon writes: Pingora opens them only after the process forked (and, in a
+/// graceful upgrade, after the running tollgate was asked for its sockets), where a failure is
+/// a panic and nobody is left serving. So they are checked first, and by `-t -d`.
+pub fn check_daemon_files(conf: &ServerConf, origin: &str) -> Result<(), ConfigError> {
+    let files = [
+        ("pingora.error_log", conf.error_log.as_deref()),
+        ("pingora.pid_file", Some(conf.pid_file.as_str())),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path {
+            writable(Path::new(path))
+                .map_err(|problem| ConfigError::new(origin, key, format!("{path}: {problem}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process could create or write `path` (a read-only mount counts).
+fn writable(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err("is a directory".into());
+    }
+    if path.exists() {
+        return access(path, libc::W_OK).map_err(|e| format!("cannot be written ({e})"));
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("its directory {} does not exist", dir.display()));
+    }
+    access(dir, libc::W_OK | libc::X_OK)
+        .map_err(|e| format!("cannot be created in {} ({e})", dir.display()))
+}
+
+fn access(path: &Path, mode: libc::c_int) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid NUL-terminated path; access(2) only reads it.
+    if unsafe { libc::access(c_path.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

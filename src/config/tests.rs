@@ -601,3 +601,34 @@ fn client_connection_settings_have_defaults_and_bounds() {
         "clients.idle"
     );
 }
+
+#[test]
+fn a_daemon_needs_files_it_can_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = |pingora: &str| {
+        load(&format!("{MINIMAL}pingora:\n{pingora}"), &[])
+            .unwrap()
+            .check_daemon()
+    };
+    let pid = dir.path().join("tollgate.pid");
+    let log = dir.path().join("error.log");
+    assert_eq!(
+        daemon(&format!(
+            "  pid_file: {}\n  error_log: {}\n",
+            pid.display(),
+            log.display()
+        )),
+        Ok(())
+    );
+    let error = daemon(&format!("  pid_file: {}\n", dir.path().display())).unwrap_err();
+    assert_eq!(error.key, "pingora.pid_file");
+    assert!(error.problem.ends_with("is a directory"), "{error}");
+    let error = daemon("  error_log: /nonexistent-dir/error.log\n").unwrap_err();
+    assert_eq!(error.key, "pingora.error_log");
+    assert!(
+        error
+            .problem
+            .contains("its directory /nonexistent-dir does not exist"),
+        "{error}"
+    );
+}

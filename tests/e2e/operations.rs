@@ -327,6 +327,31 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
     assert!(alive(first));
     assert!(serves(), "serving as soon as `tollgate -d` returns");
 
+    // A reload onto an error log the daemon cannot open is refused before the running process
+    // is asked for its sockets (Pingora would panic after the fork, leaving nobody serving),
+    // and `-t -d` (the unit's check) says so first.
+    let unwritable = pingora.replace(
+        &dir.path().join("error.log").display().to_string(),
+        "/nonexistent-dir/error.log",
+    );
+    for args in [
+        &["-t", "-d"][..],
+        &["-u", "-d", "--upgrade-from", &first.to_string()],
+    ] {
+        let (status, output) = TollgateBuilder::new(origin.addr)
+            .mode("none")
+            .ports(proxy_port, admin_port)
+            .yaml(&unwritable)
+            .run_to_exit(args, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{args:?}: {output}");
+        assert!(
+            output.contains("pingora.error_log: /nonexistent-dir/error.log: its directory"),
+            "{args:?}: {output}"
+        );
+    }
+    assert!(alive(first), "the running daemon was not asked to leave");
+    assert!(serves());
+
     let second = run(&["-u", "-d", "--upgrade-from", &first.to_string()]);
     daemons.0.push(second);
     assert_ne!(second, first, "the pid file names the successor");
