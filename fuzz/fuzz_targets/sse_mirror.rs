@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Touched::All) => {
                 let nodes: Vec<_> = mirror
                     .tokens()
-                    .filter_map(|t| Some((t.clone(), mirror.user(t)?)))
+                    .filter_map(|t| Some((t.to_string(), mirror.user(t)?)))
                     .collect();
                 let _ = read_users(nodes, Report::Nothing);
             }

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use log::{debug, info, warn};
 use pingora::server::ShutdownWatch;
 use reqwest::{Method, Url};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -411,11 +412,9 @@ impl StoreBackend for FirebaseStore {
             );
             let last = match tokio::time::timeout(remaining, rtdb.call(request)).await {
                 Ok(Ok(reply)) => {
-                    return Ok(self.parse_all(
-                        reply
-                            .json()
-                            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                    ))
+                    return self
+                        .parse_all(&reply.body)
+                        .map_err(|e| StoreError::Unavailable(e.to_string()));
                 }
                 Ok(Err(e)) if e.is_permanent() => {
                     return Err(StoreError::Fatal(startup_problem(&e, &where_)));
@@ -581,9 +580,21 @@ const CREATE_CONCURRENCY: usize = 16;
 const HOUSEKEEPING_EVERY_MS: u64 = 3_600_000;
 
 impl FirebaseStore {
-    fn parse_all(&self, value: Value) -> Vec<User> {
-        let Value::Object(users) = value else {
-            if !value.is_null() {
+    /// The users of the users path's JSON. Each user is parsed on its own: the whole path as
+    /// one tree would take about ten times the text's size at the peak of start-up.
+    fn parse_all(&self, body: &[u8]) -> Result<Vec<User>, RtdbError> {
+        let invalid = |e: serde_json::Error| {
+            RtdbError::Ambiguous(format!("the database sent invalid JSON: {e}"))
+        };
+        let raw: Option<&RawValue> = if body.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(body).map_err(invalid)?
+        };
+        let users =
+            raw.and_then(|raw| serde_json::from_str::<HashMap<String, &RawValue>>(raw.get()).ok());
+        let Some(users) = users else {
+            if raw.is_some() {
                 warn!(
                     "firebase: /{} is not an object; starting with no users",
                     self.layout.users
@@ -594,9 +605,21 @@ impl FirebaseStore {
                     self.layout.users
                 );
             }
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let total = users.len();
+        let users = users.into_iter().filter_map(|(token, raw)| {
+            match serde_json::from_str::<Value>(raw.get()) {
+                Ok(value) => Some((token, value)),
+                Err(e) => {
+                    warn!(
+                        "firebase: user {} cannot be read and is skipped: {e}",
+                        token_id(&token)
+                    );
+                    None
+                }
+            }
+        });
         let (loaded, remnants) = stream::read_users(users, stream::Report::Everything);
         if remnants > 0 {
             info!(
@@ -611,7 +634,7 @@ impl FirebaseStore {
                 total - loaded.len() - remnants
             );
         }
-        loaded.into_values().collect()
+        Ok(loaded.into_values().collect())
     }
 }
 

@@ -200,7 +200,7 @@ impl Follower {
             Touched::All => {
                 let nodes = mirror
                     .tokens()
-                    .filter_map(|token| Some((token.clone(), mirror.user(token)?)));
+                    .filter_map(|token| Some((token.to_string(), mirror.user(token)?)));
                 // Problems with stored users were reported at load, or when they were written.
                 let (users, _) = read_users(nodes, Report::Nothing);
                 let cached = self.cache.len();
