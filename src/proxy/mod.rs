@@ -165,6 +165,23 @@ impl Proxy {
         }
     }
 
+    /// The client's IP (through trusted proxies) into `ctx`, and the block list's answer: the
+    /// first step of every request, CORS preflights included.
+    #[inline]
+    fn screen_client(
+        &self,
+        req: &RequestHeader,
+        peer: IpAddr,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), (ErrorReply, Outcome)> {
+        ctx.client_ip = request_client_ip(peer, req, &self.trusted_proxies);
+        ctx.peer_trusted = self.trusted_proxies.contains(peer);
+        if !self.blocklist.is_empty() && self.blocklist.contains(ctx.client_ip) {
+            return Err((self.replies.blocked.clone(), Outcome::Forbidden));
+        }
+        Ok(())
+    }
+
     /// The whole admission decision of `request_filter`, without I/O: the client IP (`peer`
     /// is the TCP peer), block list, credential, gatekeeper, rate and concurrency limits.
     /// Fills `ctx` for the later phases; `Err` is the reply to send instead of proxying.
@@ -193,11 +210,7 @@ impl Proxy {
             _ => None,
         };
         let user_key = lookup.as_ref().map(|l| l.hash());
-        ctx.client_ip = request_client_ip(peer, req, &self.trusted_proxies);
-        ctx.peer_trusted = self.trusted_proxies.contains(peer);
-        if !self.blocklist.is_empty() && self.blocklist.contains(ctx.client_ip) {
-            return Err((self.replies.blocked.clone(), Outcome::Forbidden));
-        }
+        self.screen_client(req, peer, ctx)?;
         // The client IP's key, hashed only when needed.
         let mut ip_key = None;
         let hasher = &self.hasher;
@@ -365,13 +378,18 @@ impl ProxyHttp for Proxy {
         if let Some(limit) = self.client_keepalive {
             bound_keepalive(session, limit);
         }
+        let peer = peer_ip(session);
         if self.cors && cors::is_preflight(session.req_header()) {
+            if let Err((reply, outcome)) = self.screen_client(session.req_header(), peer, ctx) {
+                ctx.outcome = outcome;
+                reply.send(session, self.cors).await?;
+                return Ok(true);
+            }
             ctx.outcome = Outcome::Preflight;
             let reply = cors::preflight_reply(session.req_header())?;
             session.write_response_header(Box::new(reply), true).await?;
             return Ok(true);
         }
-        let peer = peer_ip(session);
         match self.decide(session.req_header(), peer, now_ms(), ctx) {
             Ok(()) => Ok(false),
             Err((reply, outcome)) => {

@@ -225,6 +225,10 @@ fn blocklisted_ip_gets_403() {
         (status, error_type(&body)),
         (StatusCode::FORBIDDEN, "forbidden")
     );
+    // A browser's preflight from a blocked address is refused too, not answered.
+    let resp = preflight(&tg);
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
     assert_eq!(origin.count(), 0);
 }
 
