@@ -81,7 +81,7 @@ impl AdminService {
             users: UsersApi::new(cache, Arc::clone(&status), admin.persist_timeout),
             status,
             metrics,
-            trusted_proxies: config.trusted_proxies.clone(),
+            trusted_proxies: admin.trusted_proxies.clone(),
             max_body_bytes: admin.max_body_bytes,
             body_read_timeout: admin.body_read_timeout,
             keepalive_timeout_seconds: config.clients.keepalive_timeout_seconds,

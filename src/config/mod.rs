@@ -196,6 +196,11 @@ pub struct AdminConfig {
     /// `None` (no `admin.allow`, no `ADMIN_WHITELIST`) = every address may try (the key is
     /// still required); an explicitly empty list = nobody, as in the older proxy.
     pub allow: Option<CidrSet>,
+    /// Whose `X-Forwarded-For` the admin listener believes for `allow` and the lockout: its
+    /// own list, so that trusting a proxy in front of the proxy listener does not let every
+    /// process behind that address (say, a local nginx's host) pick the address it is locked
+    /// out and allowed by.
+    pub trusted_proxies: CidrSet,
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
     pub persist_timeout: Duration,
@@ -680,9 +685,11 @@ impl Builder<'_> {
                 "must be at least 1 (0 would answer every write before the store confirms it)",
             ));
         }
+        let trusted_proxies = self.cidrs("admin.trusted_proxies", &raw.trusted_proxies)?;
         Ok(AdminConfig {
             listen,
             allow,
+            trusted_proxies,
             max_body_bytes: raw.max_body_bytes,
             body_read_timeout: Duration::from_millis(raw.body_read_timeout_ms),
             persist_timeout: Duration::from_millis(raw.persist_timeout_ms),

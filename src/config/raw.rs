@@ -158,6 +158,10 @@ pub struct RawAdmin {
     /// Absent = any address; an explicit empty list = nobody (as `ADMIN_WHITELIST=""`).
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    /// Proxies in front of the admin listener whose `X-Forwarded-For` is believed; apart from
+    /// the proxy listener's `trusted_proxies`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     #[serde(default = "default_body_timeout")]
@@ -197,6 +201,7 @@ impl Default for RawAdmin {
         Self {
             listen: default_admin_listen(),
             allow: None,
+            trusted_proxies: Vec::new(),
             max_body_bytes: default_max_body(),
             body_read_timeout_ms: default_body_timeout(),
             persist_timeout_ms: default_persist_timeout(),

@@ -487,6 +487,33 @@ fn allow_list_refuses_other_addresses() {
     );
 }
 
+/// The admin listener believes `X-Forwarded-For` only from its own `admin.trusted_proxies`:
+/// trusting a proxy in front of the proxy listener must not let any process at that address
+/// pick the address the allow list and the lockout see.
+#[test]
+fn only_the_admin_listeners_own_trusted_proxies_name_the_client() {
+    let origin = Origin::start();
+    let as_from = |tg: &Tollgate, forwarded: &str| {
+        tg.admin_request(Method::GET, "/admin/users")
+            .header("x-forwarded-for", forwarded)
+            .send()
+            .unwrap()
+            .status()
+    };
+    let proxy_trust = TollgateBuilder::new(origin.addr)
+        .env("ADMIN_WHITELIST", "10.0.0.0/8")
+        .yaml("trusted_proxies: [\"127.0.0.1\"]")
+        .start();
+    assert_eq!(as_from(&proxy_trust, "10.1.1.1"), 403);
+    drop(proxy_trust);
+    let admin_trust = TollgateBuilder::new(origin.addr)
+        .env("ADMIN_WHITELIST", "10.0.0.0/8")
+        .admin_yaml("trusted_proxies: [\"127.0.0.1\"]")
+        .start();
+    assert_eq!(as_from(&admin_trust, "10.1.1.1"), 200);
+    assert_eq!(as_from(&admin_trust, "192.0.2.1"), 403);
+}
+
 #[test]
 fn health_ready_and_metrics() {
     let (_o, tg) = start();
