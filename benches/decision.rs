@@ -86,7 +86,8 @@ fn proxy(cache: Arc<UserCache>) -> Proxy {
         .collect();
     let config = Config::from_yaml(yaml, "bench", &env).expect("valid configuration");
     let metrics = Arc::new(Metrics::new("user_token", "memory"));
-    Proxy::new(&config, cache, metrics, None)
+    let status = StoreStatus::new("memory", Arc::clone(&cache));
+    Proxy::new(&config, cache, status, metrics, None)
 }
 
 fn request(token: &str) -> RequestHeader {

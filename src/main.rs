@@ -150,6 +150,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     let proxy = Proxy::new(
         &config,
         Arc::clone(&cache),
+        Arc::clone(&status),
         Arc::clone(&metrics),
         access_log,
     );

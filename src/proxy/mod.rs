@@ -26,6 +26,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, GatekeeperMode};
 use crate::net::{peer_ip, request_client_ip, CidrSet};
 use crate::observe::{AccessLog, Metrics, Outcome};
+use crate::store::StoreStatus;
 use crate::users::UserCache;
 use credential::CredentialSource;
 use gatekeeper::{Gatekeeper, Identity, Refusal};
@@ -56,6 +57,8 @@ pub struct Proxy {
     client_keepalive: Option<u64>,
     /// Set once `X-Forwarded-For` was seen from a peer outside `trusted_proxies` (logged once).
     untrusted_forwarding_seen: AtomicBool,
+    /// Says when this process hands its listeners over or stops ([`StoreStatus::is_leaving`]).
+    status: Arc<StoreStatus>,
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
 }
@@ -127,6 +130,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         cache: Arc<UserCache>,
+        status: Arc<StoreStatus>,
         metrics: Arc<Metrics>,
         access_log: Option<AccessLog>,
     ) -> Self {
@@ -160,6 +164,7 @@ impl Proxy {
             cors: config.cors,
             client_keepalive: Some(config.clients.keepalive_timeout_seconds).filter(|&s| s > 0),
             untrusted_forwarding_seen: AtomicBool::new(false),
+            status,
             metrics,
             access_log,
         }
@@ -375,7 +380,12 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if let Some(limit) = self.client_keepalive {
+        if self.status.is_leaving() {
+            // Handing over to a new process or stopping: each connection closes after its
+            // answer (`Connection: close`), instead of idling until this process closes it under
+            // a client that may be sending its next request on it right then.
+            session.set_keepalive(None);
+        } else if let Some(limit) = self.client_keepalive {
             bound_keepalive(session, limit);
         }
         let peer = peer_ip(session);

@@ -244,7 +244,36 @@ impl Drop for Daemons {
 #[test]
 fn a_process_handing_over_refuses_admin_writes_and_still_answers_reads() {
     let origin = Origin::start();
-    let tg = TollgateBuilder::new(origin.addr).start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    // A client's keep-alive connection, opened before the hand-over.
+    let address = tg.url("/");
+    let mut conn =
+        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
+            .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut exchange = || {
+        use std::io::{Read, Write};
+        conn.write_all(b"GET /a HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(conn.read(&mut byte).unwrap(), 1, "closed before an answer");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .expect("a length")
+            .trim()
+            .parse()
+            .unwrap();
+        conn.read_exact(&mut vec![0; length]).unwrap();
+        head
+    };
+    assert!(exchange().contains("connection: keep-alive"));
     // No new process takes the listeners: Pingora keeps trying for a few seconds, then
     // waits 5 s more with its listeners open, as during a real hand-over.
     tg.signal(libc::SIGQUIT);
@@ -273,6 +302,11 @@ fn a_process_handing_over_refuses_admin_writes_and_still_answers_reads() {
         .send()
         .unwrap();
     assert_eq!(list.status(), 200);
+    // Proxying goes on, and the client is told to take its next request elsewhere rather
+    // than find its connection closed under it when the hand-over ends.
+    let head = exchange();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
 }
 
 fn alive(pid: i32) -> bool {
