@@ -45,4 +45,4 @@ cat <<INFO
 INFO
 
 # Ctrl-C stops it; pending user changes are written to data/tollgate.db before it exits.
-./target/release/tollgate -c conf/tollgate.yaml
+"${CARGO_TARGET_DIR:-target}/release/tollgate" -c conf/tollgate.yaml
