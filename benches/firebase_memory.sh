@@ -31,16 +31,21 @@ plain_release_bin
 log "building the Firebase stand-in (release)"
 cargo build --release --locked -p rtdb-standin >&2
 STANDIN_BIN=${CARGO_TARGET_DIR:-target}/release/rtdb-standin
-port_free_or_die "$STANDIN_PORT" "$PROXY_PORT" "$ADMIN_PORT"
+port_free_or_die "$PROXY_PORT" "$ADMIN_PORT"
 
-# The stand-in lives for one measurement: a fresh one per USERS value.
-start_standin() {
-  "$STANDIN_BIN" --port "$STANDIN_PORT" --keepalive-ms 5000 >"$WORK/standin.out" 2>&1 &
+# The stand-in lives for one measurement: a fresh one per USERS value, on a port of its own
+# (the previous one may still be closing its sockets).
+start_standin() { # port
+  "$STANDIN_BIN" --port "$1" --keepalive-ms 5000 >"$WORK/standin.out" 2>&1 &
   PIDS+=($!)
-  wait_port "$STANDIN_PORT"
-  FIREBASE_RTDB_URL=http://127.0.0.1:$STANDIN_PORT
-  FIREBASE_KEY=$(sed -n 's/^export FIREBASE_KEY=//p' "$WORK/standin.out")
-  [ -n "$FIREBASE_KEY" ] || die "the stand-in printed no FIREBASE_KEY (see $WORK/standin.out)"
+  wait_port "$1"
+  FIREBASE_RTDB_URL=http://127.0.0.1:$1
+  for _ in $(seq 50); do
+    FIREBASE_KEY=$(sed -n 's/^export FIREBASE_KEY=//p' "$WORK/standin.out")
+    [ -n "$FIREBASE_KEY" ] && break
+    sleep 0.1
+  done
+  [ -n "$FIREBASE_KEY" ] || die "the stand-in printed no FIREBASE_KEY: $(head -c 300 "$WORK/standin.out")"
   export FIREBASE_RTDB_URL FIREBASE_KEY
 }
 
@@ -103,9 +108,11 @@ EOF
 
 echo "| users | VmRSS | VmHWM (peak) |"
 echo "|---|---|---|"
+round=0
 for users in $USERS; do
-  start_standin
+  start_standin $((STANDIN_PORT + 10 + round))
   populate "$users"
   measure "$users"
-  load_stop INT
+  load_stop KILL
+  round=$((round + 1))
 done
