@@ -327,11 +327,11 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
         dir.path().join("upgrade.sock").display(),
     );
     // What systemd runs: `ExecStart` (-d), then `ExecReload` (-u -d --upgrade-from $MAINPID).
-    let run = |args: &[&str]| {
+    let run_with = |yaml: &str, args: &[&str]| {
         let (status, output) = TollgateBuilder::new(origin.addr)
             .mode("none")
             .ports(proxy_port, admin_port)
-            .yaml(&pingora)
+            .yaml(yaml)
             .run_to_exit(args, Duration::from_secs(30));
         assert!(status.success(), "{args:?}: the launcher exits 0: {output}");
         // It waited for its daemon's word, rather than racing it.
@@ -346,6 +346,7 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
             .unwrap();
         pid
     };
+    let run = |args: &[&str]| run_with(&pingora, args);
     let serves = || {
         let http = client();
         let health = http
@@ -407,4 +408,9 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
         wait_until(Duration::from_secs(10), || !alive(second)),
         "daemon stops on SIGTERM"
     );
+
+    // `pingora.daemon: true` without `-d` is the same: the launcher waits for readiness.
+    let third = run_with(&format!("{pingora}\n  daemon: true"), &[]);
+    daemons.0.push(third);
+    assert!(serves(), "serving as soon as the launcher returns");
 }
