@@ -362,7 +362,8 @@ impl UsersApi {
                     "store_refused",
                     format!(
                         "the store refused the change to user {token}{more} and it is not saved: \
-                         {reason}; this instance goes back to the stored value too"
+                         {reason}; this instance goes back to the stored value of the user as soon \
+                         as it can read it"
                     ),
                 )
                 .with_header("x-tollgate-persisted", "false"));

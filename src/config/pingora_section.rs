@@ -106,17 +106,31 @@ pub(super) fn build(
 /// graceful upgrade, after the running tollgate was asked for its sockets), where a failure is
 /// a panic and nobody is left serving. So they are checked first, and by `-t -d`.
 pub fn check_daemon_files(conf: &ServerConf, origin: &str) -> Result<(), ConfigError> {
-    let files = [
-        ("pingora.error_log", conf.error_log.as_deref()),
-        ("pingora.pid_file", Some(conf.pid_file.as_str())),
-    ];
-    for (key, path) in files {
-        if let Some(path) = path {
-            writable(Path::new(path))
-                .map_err(|problem| ConfigError::new(origin, key, format!("{path}: {problem}")))?;
-        }
+    if let Some(path) = conf.error_log.as_deref() {
+        // Opened before the fork: relative to the directory tollgate starts in.
+        writable(Path::new(path)).map_err(|problem| {
+            ConfigError::new(origin, "pingora.error_log", format!("{path}: {problem}"))
+        })?;
     }
-    Ok(())
+    // Created after the daemon changed to `working_directory` (by default `/`).
+    let pid_file = Path::new(&conf.pid_file);
+    let resolved = match &conf.working_directory {
+        _ if pid_file.is_absolute() => pid_file.to_path_buf(),
+        Some(dir) => dir.join(pid_file),
+        None => Path::new("/").join(pid_file),
+    };
+    writable(&resolved).map_err(|problem| {
+        let at = if resolved.as_path() == pid_file {
+            String::new()
+        } else {
+            format!(" (the daemon writes it at {})", resolved.display())
+        };
+        ConfigError::new(
+            origin,
+            "pingora.pid_file",
+            format!("{}{at}: {problem}", conf.pid_file),
+        )
+    })
 }
 
 /// Whether this process could create or write `path` (a read-only mount counts).

@@ -632,3 +632,26 @@ fn a_daemon_needs_files_it_can_write() {
         "{error}"
     );
 }
+
+#[test]
+fn a_relative_pid_file_is_checked_in_the_daemons_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = |pingora: String| {
+        load(&format!("{MINIMAL}pingora:\n{pingora}"), &[])
+            .unwrap()
+            .check_daemon()
+    };
+    let in_dir = format!(
+        "  pid_file: tollgate.pid\n  working_directory: {}\n",
+        dir.path().display()
+    );
+    assert_eq!(daemon(in_dir), Ok(()));
+    let error = daemon("  pid_file: no-such-dir/tollgate.pid\n".into()).unwrap_err();
+    assert_eq!(error.key, "pingora.pid_file");
+    assert!(
+        error
+            .problem
+            .contains("(the daemon writes it at /no-such-dir/tollgate.pid)"),
+        "{error}"
+    );
+}

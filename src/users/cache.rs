@@ -446,6 +446,22 @@ impl UserCache {
         }
     }
 
+    /// The store refused to create this user and does not hold it. A user edited again since
+    /// that write was taken is kept and written whole, as a new user, by the next flush (the
+    /// newer edit was confirmed to the admin who made it); one without newer edits is removed.
+    pub fn undo_refused_creation(&self, token: &str) {
+        let _guard = self.structure.lock();
+        let Some(record) = self.map.get(token) else {
+            return;
+        };
+        if record.unconfirmed_fields().is_empty() {
+            self.map.remove(token);
+            record.mark_deleted();
+        } else {
+            self.mark(&record, Fields::CREATED);
+        }
+    }
+
     /// A full snapshot from the store (e.g. after a reconnect): users missing from it are
     /// removed here too, unless they were created here and are not written yet.
     pub fn replace_all_remote(&self, users: &HashMap<String, User>) {

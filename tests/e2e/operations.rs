@@ -414,3 +414,30 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
     daemons.0.push(third);
     assert!(serves(), "serving as soon as the launcher returns");
 }
+
+/// A relative `pingora.pid_file` is checked where the daemon creates it: after changing to
+/// `pingora.working_directory` (by default `/`), not in the directory tollgate starts in.
+/// Here `piddir/` exists where tollgate starts and not under `/`.
+#[test]
+fn a_relative_pid_file_is_checked_where_the_daemon_writes_it() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let sub = "tollgate-e2e-piddir";
+    assert!(!std::path::Path::new("/").join(sub).exists());
+    std::fs::create_dir(dir.path().join(sub)).unwrap();
+    let pingora = format!(
+        "pingora:\n  threads: 1\n  pid_file: {sub}/tollgate.pid\n  error_log: {}\n  upgrade_sock: {}\n  daemon_ready_timeout_seconds: 5",
+        dir.path().join("error.log").display(),
+        dir.path().join("upgrade.sock").display(),
+    );
+    let (status, output) = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .dir(dir)
+        .yaml(&pingora)
+        .run_to_exit(&["-t", "-d"], Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(
+        output.contains(&format!("(the daemon writes it at /{sub}/tollgate.pid)")),
+        "{output}"
+    );
+}

@@ -79,9 +79,8 @@ impl Mirror {
             None => None,
         };
         let mut edit = Edit::default();
-        edit.set(self, &path, value);
-        let touched = edit.save(self);
-        Ok(Touched::Users(touched))
+        edit.set(self, &path, value)?;
+        Ok(Touched::Users(edit.save(self)))
     }
 
     /// Applies a `patch` event's data: each key (a relative path) is replaced.
@@ -102,7 +101,7 @@ impl Mirror {
             if path.is_empty() {
                 continue;
             }
-            edit.set(self, &path, parse(raw)?);
+            edit.set(self, &path, parse(raw)?)?;
         }
         Ok(Touched::Users(edit.save(self)))
     }
@@ -133,7 +132,17 @@ struct Edit {
 
 impl Edit {
     /// Sets (or with `None` removes) the value at `path`, whose first segment is the token.
-    fn set(&mut self, mirror: &Mirror, path: &[&str], value: Option<Value>) {
+    /// Data nested deeper than Firebase keeps it is refused: the user's text could not be read
+    /// back (serde_json parses 128 levels at most).
+    fn set(
+        &mut self,
+        mirror: &Mirror,
+        path: &[&str],
+        value: Option<Value>,
+    ) -> Result<(), EventError> {
+        if path.len() + value.as_ref().map_or(0, depth) > MAX_PATH_SEGMENTS {
+            return Err(EventError::TooDeep);
+        }
         let token = path[0];
         if !self.seen.contains(token) {
             self.seen.insert(token.to_string());
@@ -143,6 +152,7 @@ impl Edit {
             }
         }
         set(&mut self.users, path, value);
+        Ok(())
     }
 
     /// Writes the changed users back; returns their tokens.
@@ -165,20 +175,47 @@ impl Edit {
 
 /// A whole snapshot of the users path, split by user without parsing it as one tree.
 fn stored_users(data: Option<&RawValue>) -> Result<HashMap<Box<str>, Box<str>>, EventError> {
-    let Some(raw) = data else {
-        return Ok(HashMap::new());
-    };
-    // Anything but an object (null, a primitive) holds no users.
-    let Ok(users) = serde_json::from_str::<HashMap<String, &RawValue>>(raw.get()) else {
+    // Anything but an object or array (null, a primitive) holds no users.
+    let Some(users) = data.and_then(children) else {
         return Ok(HashMap::new());
     };
     let mut stored = HashMap::with_capacity(users.len());
     for (token, raw) in users {
         if let Some(value) = parse(raw)? {
+            if 1 + depth(&value) > MAX_PATH_SEGMENTS {
+                return Err(EventError::TooDeep);
+            }
             stored.insert(token.into_boxed_str(), value.to_string().into_boxed_str());
         }
     }
     Ok(stored)
+}
+
+/// The children of a JSON object, or of an array, which is how Firebase renders an object
+/// whose keys are all small integers (numeric tokens): its positions are the keys, `null`
+/// holes skipped. `None` for anything else.
+pub fn children(raw: &RawValue) -> Option<Vec<(String, &RawValue)>> {
+    if let Ok(map) = serde_json::from_str::<IndexMap<String, &RawValue>>(raw.get()) {
+        return Some(map.into_iter().collect());
+    }
+    let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+    Some(
+        items
+            .into_iter()
+            .enumerate()
+            .filter(|(_, item)| item.get() != "null")
+            .map(|(i, item)| (i.to_string(), item))
+            .collect(),
+    )
+}
+
+/// Levels of nesting below `value` (0 for a primitive).
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// One value of an event, in the stored form (`None`: nothing, e.g. `null`).
@@ -370,6 +407,43 @@ mod tests {
         // A full replace drops everything else.
         put(&mut m, "/", Value::Null);
         assert!(m.is_empty());
+    }
+
+    /// Firebase renders an object whose keys are all small integers (numeric tokens) as an
+    /// array: its users are kept, not dropped.
+    #[test]
+    fn a_snapshot_rendered_as_an_array_keeps_its_users() {
+        let mut m = Mirror::new();
+        put(
+            &mut m,
+            "/",
+            json!([null, {"promptCount": 1}, {"promptCount": 2}]),
+        );
+        assert_eq!(m.user("1"), Some(json!({"promptCount": 1})));
+        assert_eq!(m.len(), 2);
+    }
+
+    /// Data nested deeper than Firebase keeps it is refused (a stored user's text could not be
+    /// read back past serde_json's 128 levels), not kept as a user that reads as absent.
+    #[test]
+    fn data_deeper_than_firebase_allows_is_refused() {
+        let mut deep = json!(1);
+        for _ in 0..100 {
+            deep = json!({ "k": deep });
+        }
+        let mut m = Mirror::new();
+        let event = json!({"path": "/t".to_string() + &"/a".repeat(31), "data": deep}).to_string();
+        assert_eq!(m.put(&event), Err(EventError::TooDeep));
+        let event = json!({"path": "/", "data": {"t": deep}}).to_string();
+        assert_eq!(m.put(&event), Err(EventError::TooDeep));
+        assert!(m.is_empty());
+        // 32 levels in all pass.
+        let mut ok = json!(1);
+        for _ in 0..31 {
+            ok = json!({ "k": ok });
+        }
+        put(&mut m, "/t", ok);
+        assert!(m.user("t").is_some());
     }
 
     #[test]

@@ -591,12 +591,12 @@ impl FirebaseStore {
         } else {
             serde_json::from_slice(body).map_err(invalid)?
         };
-        let users =
-            raw.and_then(|raw| serde_json::from_str::<HashMap<String, &RawValue>>(raw.get()).ok());
+        // An array is how Firebase renders users whose tokens are all small integers.
+        let users = raw.and_then(mirror::children);
         let Some(users) = users else {
             if raw.is_some() {
                 warn!(
-                    "firebase: /{} is not an object; starting with no users",
+                    "firebase: /{} is not an object or array; starting with no users",
                     self.layout.users
                 );
             } else {

@@ -111,8 +111,8 @@ impl SseParser {
         if line.is_empty() {
             let event = std::mem::take(&mut self.event);
             let data = std::mem::take(&mut self.data);
-            let has_data = std::mem::replace(&mut self.has_data, false);
-            if !has_data && event.is_empty() {
+            // An event without data is not dispatched (WHATWG's event stream parsing).
+            if !std::mem::replace(&mut self.has_data, false) {
                 return None;
             }
             return Some(SseEvent {
@@ -213,6 +213,14 @@ mod tests {
         let got: Vec<_> = wire.iter().flat_map(|b| p.feed(&[*b])).collect();
         assert_eq!(got, expected);
         assert!(p.is_idle());
+    }
+
+    /// WHATWG: an event without a data line is not dispatched, and its type is forgotten.
+    #[test]
+    fn an_event_without_data_is_not_dispatched() {
+        let mut p = SseParser::new();
+        assert_eq!(p.feed(b"event: put\n\n"), vec![]);
+        assert_eq!(p.feed(b"data: x\n\n"), vec![ev("message", "x")]);
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl Follower {
                         self.cache.apply_remote(&token, Some(&*user));
                     }
                 }
-                None if creation_refused => self.cache.apply_remote(&token, None),
+                None if creation_refused => self.cache.undo_refused_creation(&token),
                 None => {}
             }
         }

@@ -724,3 +724,70 @@ async fn changes_another_process_writes_are_read_back_and_not_written_over() {
     assert_eq!(a.nickname.as_deref(), Some("x"));
     assert_eq!(a.prompt_count, 2);
 }
+/// A SQLite store that runs `during` while its write is in flight (after the rows are
+/// written, before the engine hears back): an admin's edit arriving meanwhile.
+struct EditDuringWrite {
+    inner: Arc<SqliteStore>,
+    during: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+#[async_trait::async_trait]
+impl StoreBackend for EditDuringWrite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        let report = self.inner.apply(batch).await;
+        if let Some(edit) = self.during.lock().take() {
+            edit();
+        }
+        report
+    }
+    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
+        self.inner.restore(cache, refused).await
+    }
+}
+
+/// An admin creates a user with a promptCount SQLite cannot store (refused), and corrects it
+/// (a PUT with a new nickname and promptCount) while that write is in flight: the correction,
+/// confirmed to the admin, is kept and written whole, not removed with the refused creation.
+#[tokio::test]
+async fn an_edit_queued_behind_a_refused_creation_is_kept_and_written() {
+    let (_dir, path) = temp();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let cache = Arc::new(UserCache::default());
+    let status = StoreStatus::new("sqlite", Arc::clone(&cache));
+    let edit_cache = Arc::clone(&cache);
+    let backend = Arc::new(EditDuringWrite {
+        inner: Arc::clone(&store),
+        during: parking_lot::Mutex::new(Some(Box::new(move || {
+            let fix: UserPatch =
+                serde_json::from_value(json!({"nickname": "fixed", "promptCount": 5})).unwrap();
+            let (user, _ticket) = edit_cache.upsert("big", &fix, 3);
+            assert_eq!(
+                user.prompt_count, 5,
+                "the admin is answered with the fixed user"
+            );
+        }))),
+    });
+    let engine = SyncEngine::new(
+        backend,
+        Arc::clone(&status),
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    );
+    let mut big = User::new("big".into(), UserType::Normal, 1);
+    big.prompt_count = u64::MAX;
+    cache.create(&big).unwrap();
+    engine.flush().await.unwrap(); // refused; the correction arrives meanwhile
+    engine.flush().await.unwrap(); // writes the correction
+    assert_eq!(
+        cache.user("big").map(|u| (u.nickname, u.prompt_count)),
+        Some((Some("fixed".to_string()), 5)),
+        "the correction made during the refused write is kept in the cache"
+    );
+    assert_eq!(stored_tokens(&store).await, ["big"], "and written");
+}
