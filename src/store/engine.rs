@@ -272,9 +272,18 @@ impl SyncEngine {
                         refused.insert(Arc::clone(&token));
                         self.status.record_refusal(token, taken_at, reason);
                     }
-                    self.cache
-                        .acknowledge(&batch.changes, !self.backend.echoes_counters());
-                    if !refused.is_empty() {
+                    let fold = !self.backend.echoes_counters();
+                    if refused.is_empty() {
+                        self.cache.acknowledge(&batch.changes, fold);
+                    } else {
+                        // A refused change's requests were not stored: not added to the count.
+                        let (dropped, written): (Vec<Change>, Vec<Change>) = batch
+                            .changes
+                            .iter()
+                            .cloned()
+                            .partition(|c| refused.contains(c.token()));
+                        self.cache.acknowledge(&written, fold);
+                        self.cache.acknowledge(&dropped, false);
                         self.restore(&batch, &refused).await;
                     }
                     self.status.in_flight_users.store(0, Ordering::Relaxed);

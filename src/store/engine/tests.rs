@@ -219,6 +219,8 @@ async fn the_last_flush_also_writes_what_arrives_while_it_writes() {
 #[derive(Default)]
 struct Refusing {
     stored: HashMap<String, User>,
+    /// The store cannot be read when the engine restores the refused users.
+    unreadable: bool,
 }
 
 #[async_trait]
@@ -238,6 +240,9 @@ impl StoreBackend for Refusing {
         Ok(ApplyReport { rejected })
     }
     async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
+        if self.unreadable {
+            return Err(StoreError::Unavailable("down".into()));
+        }
         for change in refused {
             let token = change.token();
             cache.apply_remote(token, self.stored.get(token.as_ref()));
@@ -283,6 +288,7 @@ async fn refused_changes_are_undone_in_the_cache() {
             ("edited".to_string(), stored.clone()),
             ("removed".to_string(), removed.clone()),
         ]),
+        unreadable: false,
     };
     let cache = Arc::new(UserCache::default());
     cache.load([stored, removed]);
@@ -312,6 +318,28 @@ async fn refused_changes_are_undone_in_the_cache() {
         "a refused removal is undone"
     );
     assert_eq!(cache.queued_len(), 0);
+}
+
+/// Requests counted in a refused change were not stored: they are not added to the cached
+/// count, even when the store cannot be read back to restore the user.
+#[tokio::test]
+async fn a_refused_changes_requests_are_not_counted_as_stored() {
+    let cache = Arc::new(UserCache::default());
+    cache.load([User::new("a".into(), UserType::Normal, 1)]);
+    let engine = SyncEngine::new(
+        Arc::new(Refusing {
+            unreadable: true,
+            ..Refusing::default()
+        }),
+        StoreStatus::new("refusing", Arc::clone(&cache)),
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    );
+    let record = cache.get("a").unwrap();
+    cache.count_request(&record, 2);
+    cache.count_request(&record, 3);
+    engine.flush().await.unwrap();
+    assert_eq!(cache.user("a").unwrap().prompt_count, 0);
 }
 
 #[test]
