@@ -43,6 +43,11 @@ impl Change {
             Change::Delete { token } => token,
         }
     }
+
+    /// The change creates its user (writes it whole).
+    pub fn is_creation(&self) -> bool {
+        matches!(self, Change::Upsert(c) if c.fields.contains(Fields::CREATED))
+    }
 }
 
 #[derive(Clone)]

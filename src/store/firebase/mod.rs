@@ -41,7 +41,7 @@ use self::client::{Request, Rtdb, RtdbError, Target, REQUEST_TIMEOUT};
 use super::{ApplyReport, Batch, StoreBackend, StoreError, StoreStatus};
 use crate::config::FirebaseConfig;
 use crate::observe::token_id;
-use crate::users::{Change, Fields, Reread, User, UserCache};
+use crate::users::{Change, Reread, User, UserCache};
 
 pub struct FirebaseStore {
     target: Arc<Target>,
@@ -385,7 +385,7 @@ impl StoreBackend for FirebaseStore {
     async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
         cache.reread(refused.iter().map(|change| Reread {
             token: Arc::clone(change.token()),
-            creation_refused: matches!(change, Change::Upsert(c) if c.fields.contains(Fields::CREATED)),
+            creation_refused: change.is_creation(),
         }));
         Ok(())
     }

@@ -33,7 +33,7 @@ pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 use super::{ApplyReport, Batch, StoreBackend, StoreError};
 use crate::clock::now_ms;
 use crate::observe::token_id;
-use crate::users::{Change, Fields, User, UserCache};
+use crate::users::{Change, User, UserCache};
 use rows::Op;
 
 /// How long a statement waits for a lock held by someone else (a backup, an operator's
@@ -718,9 +718,8 @@ impl StoreBackend for SqliteStore {
         })
         .await?;
         for (change, user) in refused.iter().zip(stored) {
-            let created = matches!(change, Change::Upsert(c) if c.fields.contains(Fields::CREATED));
             match user {
-                None if created => cache.undo_refused_creation(change.token()),
+                None if change.is_creation() => cache.undo_refused_creation(change.token()),
                 user => cache.apply_remote(change.token(), user.as_ref()),
             }
         }
