@@ -24,14 +24,9 @@ ADMIN_KEY=bench-admin-key-0123456789
 scripts/setup.sh wrk nginx-light curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-ORIGIN_PORT=$PORT_BASE
-PROXY_PORT=$((PORT_BASE + 1))
-ADMIN_PORT=$((PORT_BASE + 2))
-WORK=$(mktemp -d /tmp/tollgate-shared-token.XXXXXX)
-chmod 755 "$WORK"
-LOG_TAG=shared_token
 # shellcheck source=benches/load/lib.sh
 . benches/load/lib.sh
+bench_workspace shared_token
 trap load_cleanup EXIT
 plain_release_bin
 port_free_or_die "$ORIGIN_PORT" "$PROXY_PORT" "$ADMIN_PORT"

@@ -27,14 +27,9 @@ ADMIN_KEY=bench-admin-key-0123456789
 scripts/setup.sh wrk nginx-light curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-ORIGIN_PORT=$PORT_BASE
-PROXY_PORT=$((PORT_BASE + 1))
-ADMIN_PORT=$((PORT_BASE + 2))
-WORK=$(mktemp -d /tmp/tollgate-store-flush.XXXXXX)
-chmod 755 "$WORK"
-LOG_TAG=store_flush
 # shellcheck source=benches/load/lib.sh
 . benches/load/lib.sh
+bench_workspace store_flush
 # SIGTERM: tollgate's graceful stop, which writes what the SQLite store has pending.
 trap 'load_stop TERM; rm -rf "$WORK"' EXIT
 plain_release_bin

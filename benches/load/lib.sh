@@ -30,6 +30,17 @@ load_cleanup() {
   rm -rf "$WORK"
 }
 
+# The workspace of a bench with one origin and one tollgate (store_flush.sh, shared_token.sh):
+# its ports from PORT_BASE, a scratch WORK directory, its log tag.
+bench_workspace() { # name
+  ORIGIN_PORT=$PORT_BASE
+  PROXY_PORT=$((PORT_BASE + 1))
+  ADMIN_PORT=$((PORT_BASE + 2))
+  WORK=$(mktemp -d "/tmp/tollgate-${1//_/-}.XXXXXX")
+  chmod 755 "$WORK"
+  LOG_TAG=$1
+}
+
 # The binary to measure: TOLLGATE_BIN if set, else a plain release build of this tree.
 plain_release_bin() {
   if [ -z "${TOLLGATE_BIN:-}" ]; then
