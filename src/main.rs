@@ -7,13 +7,14 @@ use std::sync::Arc;
 use clap::Parser;
 use log::{error, info, warn};
 use pingora::prelude::*;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::http_proxy;
 use pingora::server::RunArgs;
 use pingora::services::listening::Service;
 
 use tollgate::admin::AdminService;
 use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, AccessLogWriter, Metrics};
+use tollgate::proxy::connection::{ConnectionGuard, ConnectionLimits};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
 use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
@@ -154,8 +155,12 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         Arc::clone(&metrics),
         access_log,
     );
-    let mut proxy_service =
-        http_proxy_service_with_name(&server.configuration, proxy, "tollgate proxy");
+    let guarded = ConnectionGuard::new(
+        http_proxy(&server.configuration, proxy),
+        limits_for(&config),
+        Arc::clone(&metrics),
+    );
+    let mut proxy_service = Service::new("tollgate proxy".to_string(), guarded);
     let socket_options = tollgate::net::client_socket_options(&config.clients);
     for addr in &config.listen {
         proxy_service.add_tcp_with_settings(&addr.to_string(), socket_options.clone());
@@ -167,6 +172,11 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         Arc::clone(&status),
         Arc::clone(&metrics),
     );
+    let admin_limits = ConnectionLimits {
+        max_per_ip: 0,
+        ..limits_for(&config)
+    };
+    let admin = ConnectionGuard::new(admin, admin_limits, Arc::clone(&metrics));
     let mut admin_service = Service::new("tollgate admin".to_string(), admin);
     admin_service.add_tcp_with_settings(&config.admin.listen.to_string(), socket_options);
     admin_service.threads = Some(1);
@@ -228,6 +238,17 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         writer.finish();
     }
     Ok(())
+}
+
+/// The proxy listener's connection guards (the admin listener takes its header deadline).
+fn limits_for(config: &Config) -> ConnectionLimits {
+    ConnectionLimits {
+        header_timeout: config.clients.header_timeout,
+        max_per_ip: config.clients.max_connections_per_ip,
+        trusted_proxies: config.trusted_proxies.clone(),
+        slots: config.rate_limit.estimator_slots,
+        cors: config.cors,
+    }
 }
 
 /// The access log, opened before any listener (a path that cannot be written stops start-up).

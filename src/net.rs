@@ -208,6 +208,8 @@ mod tests {
         let mut clients = crate::config::ClientsConfig {
             keepalive_timeout_seconds: 60,
             tcp_keepalive: true,
+            header_timeout: None,
+            max_connections_per_ip: 0,
         };
         let keepalive = client_socket_options(&clients).tcp_keepalive.unwrap();
         assert_eq!(

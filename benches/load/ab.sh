@@ -5,11 +5,12 @@
 #   benches/load/ab.sh before=/path/to/tollgate after=target/pgo/release/tollgate
 #   NGINX_WORKERS="1 2" benches/load/ab.sh one=BIN two=BIN,threads=2 nosteal=BIN,threads=2,work_stealing=false
 #   benches/load/ab.sh idle60=BIN unbounded=BIN,keepalive=0
+#   benches/load/ab.sh guarded=BIN unguarded=BIN,header_timeout=0
 #
 # Each NAME=BINARY runs as its own instance (same configuration, WORKERS threads unless the
 # spec says `,threads=N` and/or `,work_stealing=true|false`; `,keepalive=N` sets its
-# `clients.keepalive_timeout_seconds`) in front of one nginx origin; with
-# NGINX=1 (default) nginx as a reverse proxy runs alongside as a reference, once per worker
+# `clients.keepalive_timeout_seconds`, `,header_timeout=N` its `clients.header_timeout_seconds`)
+# in front of one nginx origin; with NGINX=1 (default) nginx as a reverse proxy runs alongside as a reference, once per worker
 # count in NGINX_WORKERS (default WORKERS; named nginx, or nginx_wN when there are several). Each round drives every instance once with wrk for DURATION seconds, the order
 # rotated each round, and records requests/s, p99 and the instance's CPU time per request
 # (user + system, from /proc). The report gives the medians, then each instance's ratios to the
@@ -24,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 usage() {
-  echo "usage: $0 NAME=BINARY[,threads=N][,work_stealing=BOOL][,keepalive=N] ...   (see the header of $0)" >&2
+  echo "usage: $0 NAME=BINARY[,threads=N][,work_stealing=BOOL][,keepalive=N][,header_timeout=N] ...   (see the header of $0)" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
@@ -60,7 +61,7 @@ chmod 755 "$WORK"
 trap load_cleanup EXIT
 
 NAMES=()
-declare -A BIN PORT PID THREADS STEAL KEEPALIVE
+declare -A BIN PORT PID THREADS STEAL KEEPALIVE HEADER_TIMEOUT
 port=$((PORT_BASE + 1 + ${#NGINX_WORKER_COUNTS[@]}))
 for spec in "$@"; do
   name=${spec%%=*}
@@ -74,12 +75,14 @@ for spec in "$@"; do
   THREADS[$name]=$WORKERS
   STEAL[$name]=
   KEEPALIVE[$name]=
+  HEADER_TIMEOUT[$name]=
   for opt in "${opts[@]:1}"; do
     case $opt in
       threads=[1-9] | threads=[1-9][0-9]) THREADS[$name]=${opt#threads=} ;;
       work_stealing=true | work_stealing=false) STEAL[$name]=${opt#work_stealing=} ;;
       keepalive=[0-9] | keepalive=[0-9][0-9]*) KEEPALIVE[$name]=${opt#keepalive=} ;;
-      *) die "unknown option '$opt' for $name (threads=N, work_stealing=true|false, keepalive=N)" ;;
+      header_timeout=[0-9] | header_timeout=[0-9][0-9]*) HEADER_TIMEOUT[$name]=${opt#header_timeout=} ;;
+      *) die "unknown option '$opt' for $name (threads=N, work_stealing=true|false, keepalive=N, header_timeout=N)" ;;
     esac
   done
   NAMES+=("$name")
@@ -120,8 +123,12 @@ for name in "${NAMES[@]}"; do
   if [ -n "${STEAL[$name]}" ]; then
     sed -i "s/^  threads: .*/&\n  work_stealing: ${STEAL[$name]}/" "$WORK/tg_$name.yaml"
   fi
-  if [ -n "${KEEPALIVE[$name]}" ]; then
-    printf 'clients:\n  keepalive_timeout_seconds: %s\n' "${KEEPALIVE[$name]}" >>"$WORK/tg_$name.yaml"
+  if [ -n "${KEEPALIVE[$name]}${HEADER_TIMEOUT[$name]}" ]; then
+    {
+      echo "clients:"
+      [ -z "${KEEPALIVE[$name]}" ] || echo "  keepalive_timeout_seconds: ${KEEPALIVE[$name]}"
+      [ -z "${HEADER_TIMEOUT[$name]}" ] || echo "  header_timeout_seconds: ${HEADER_TIMEOUT[$name]}"
+    } >>"$WORK/tg_$name.yaml"
   fi
   start_tollgate "${BIN[$name]}" "tg_$name"
   pid_var=TG_${name^^}_PID

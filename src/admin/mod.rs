@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::encoding::percent_decode_segment;
 use crate::net::{peer_ip, request_client_ip, CidrSet};
 use crate::observe::Metrics;
+use crate::proxy::connection;
 use crate::store::StoreStatus;
 use crate::users::UserCache;
 use auth::AdminAuth;
@@ -224,7 +225,12 @@ impl ServeHttp for AdminService {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.keepalive_timeout_seconds));
         }
-        match self.handle(session).await {
+        connection::header_received(session);
+        let response = self.handle(session).await;
+        // Reads from here on are the next request's header, or a body left unread that Pingora
+        // drains before it reuses the connection: both under the header deadline.
+        connection::request_finished(session);
+        match response {
             Ok(response) => response,
             Err(error) => {
                 // A client still holding back its body after `Expect: 100-continue` may send

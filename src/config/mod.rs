@@ -46,6 +46,11 @@ pub struct ClientsConfig {
     pub keepalive_timeout_seconds: u64,
     /// TCP keep-alive probes on client sockets, so dead peers are found while a request waits.
     pub tcp_keepalive: bool,
+    /// Longest time from the first bytes of a request header to its end (`None`: no limit
+    /// beyond Pingora's per read), as nginx's `client_header_timeout`.
+    pub header_timeout: Option<Duration>,
+    /// Open proxy connections one address (an IPv6 /64) may hold; 0: no cap.
+    pub max_connections_per_ip: u32,
 }
 
 /// A configuration problem, always naming where (file or environment), which key and what.
@@ -399,9 +404,13 @@ impl Builder<'_> {
     fn clients(&self, raw: &raw::RawClients) -> Result<ClientsConfig, ConfigError> {
         let seconds = raw.keepalive_timeout_seconds;
         at_most_a_year(self.origin, "clients.keepalive_timeout_seconds", seconds)?;
+        let header = raw.header_timeout_seconds;
+        at_most_a_year(self.origin, "clients.header_timeout_seconds", header)?;
         Ok(ClientsConfig {
             keepalive_timeout_seconds: seconds,
             tcp_keepalive: raw.tcp_keepalive,
+            header_timeout: (header > 0).then(|| Duration::from_secs(header)),
+            max_connections_per_ip: raw.max_connections_per_ip,
         })
     }
 

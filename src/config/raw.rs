@@ -326,6 +326,14 @@ pub struct RawClients {
     pub keepalive_timeout_seconds: u64,
     #[serde(default = "default_true")]
     pub tcp_keepalive: bool,
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_seconds: u64,
+    #[serde(default)]
+    pub max_connections_per_ip: u32,
+}
+
+fn default_header_timeout() -> u64 {
+    60
 }
 
 fn default_client_keepalive() -> u64 {
@@ -337,6 +345,8 @@ impl Default for RawClients {
         Self {
             keepalive_timeout_seconds: default_client_keepalive(),
             tcp_keepalive: true,
+            header_timeout_seconds: default_header_timeout(),
+            max_connections_per_ip: 0,
         }
     }
 }

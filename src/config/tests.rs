@@ -583,6 +583,27 @@ fn client_connection_settings_have_defaults_and_bounds() {
     let c = load(MINIMAL, &[]).unwrap();
     assert_eq!(c.clients.keepalive_timeout_seconds, 60);
     assert!(c.clients.tcp_keepalive);
+    assert_eq!(c.clients.header_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(c.clients.max_connections_per_ip, 0);
+    let c = load(
+        &format!("{MINIMAL}clients: {{header_timeout_seconds: 0, max_connections_per_ip: 64}}\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.clients.header_timeout, None);
+    assert_eq!(c.clients.max_connections_per_ip, 64);
+    let err = load(
+        &format!("{MINIMAL}clients: {{header_timeout_seconds: 31536001}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "clients.header_timeout_seconds");
+    let err = load(
+        &format!("{MINIMAL}clients: {{max_connections_per_ip: -1}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "clients.max_connections_per_ip");
     let c = load(
         &format!("{MINIMAL}clients: {{keepalive_timeout_seconds: 0, tcp_keepalive: false}}\n"),
         &[],

@@ -68,6 +68,8 @@ pub struct Metrics {
     requests: Vec<IntCounter>,
     upstream_latency: Histogram,
     connect_failures: IntCounter,
+    connections_refused: IntCounter,
+    header_timeouts: IntCounter,
     /// Clients refused with 429 lately, by their limit key.
     limited_clients: RecentClients,
     limited_clients_gauge: IntGauge,
@@ -130,6 +132,18 @@ impl Metrics {
                  once per upstream)",
             )
             .expect("valid metric"),
+            connections_refused: IntCounter::new(
+                "tollgate_client_connections_refused_total",
+                "Client connections answered 429 and closed: their address had \
+                 clients.max_connections_per_ip open",
+            )
+            .expect("valid metric"),
+            header_timeouts: IntCounter::new(
+                "tollgate_client_header_timeouts_total",
+                "Client connections closed because a request header did not arrive within \
+                 clients.header_timeout_seconds",
+            )
+            .expect("valid metric"),
             limited_clients: RecentClients::default(),
             limited_clients_gauge: IntGauge::new(
                 "tollgate_rate_limited_clients",
@@ -145,6 +159,8 @@ impl Metrics {
             Box::new(requests_vec),
             Box::new(metrics.upstream_latency.clone()),
             Box::new(metrics.connect_failures.clone()),
+            Box::new(metrics.connections_refused.clone()),
+            Box::new(metrics.header_timeouts.clone()),
             Box::new(metrics.limited_clients_gauge.clone()),
             Box::new(metrics.users.clone()),
             Box::new(metrics.pending.clone()),
@@ -178,6 +194,14 @@ impl Metrics {
 
     pub fn record_connect_failure(&self) {
         self.connect_failures.inc();
+    }
+
+    pub fn record_connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    pub fn record_header_timeout(&self) {
+        self.header_timeouts.inc();
     }
 
     /// The text exposition, with gauges refreshed from `gauges`.

@@ -2,6 +2,7 @@
 //! whether a request passes; it then goes upstream with the client's credential removed and
 //! an `X-Forwarded-For` that tollgate set. No I/O and no locks happen before the upstream.
 
+pub mod connection;
 pub mod cors;
 pub mod credential;
 pub mod gatekeeper;
@@ -379,6 +380,15 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        connection::header_received(session);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if self.status.is_leaving() {
             // Handing over to a new process or stopping: each connection closes after its
@@ -606,6 +616,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        connection::request_finished(session);
         let upstream_latency = ctx.upstream_started.map(|t| t.elapsed());
         if let Some(Identity::User(user)) = &ctx.identity {
             // `promptCount` is successful generations, as the older proxy counted them after a

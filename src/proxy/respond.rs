@@ -64,6 +64,30 @@ impl ErrorReply {
         Ok(header)
     }
 
+    /// The reply as HTTP/1.1 bytes that close the connection, for a connection refused before
+    /// Pingora reads a request from it.
+    pub fn to_http1_close(&self, cors: bool) -> Vec<u8> {
+        let reason = http::StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut head = format!(
+            "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+            self.status,
+            self.body.len()
+        );
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if cors {
+            head.push_str("access-control-allow-origin: *\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+
     /// Writes the reply on a proxy session, keeping the connection alive.
     pub async fn send(&self, session: &mut Session, cors: bool) -> Result<()> {
         session
@@ -138,5 +162,28 @@ mod tests {
         );
         assert_eq!(h.headers["content-type"], "application/json");
         assert_eq!(h.headers["retry-after"], "3");
+    }
+
+    #[test]
+    fn raw_reply_closes_and_frames_the_body() {
+        let reply = ErrorReply::new(429, "too_many_connections", "busy");
+        let raw = String::from_utf8(reply.to_http1_close(true)).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(
+            head.contains("\r\naccess-control-allow-origin: *"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert_eq!(body.as_bytes(), &reply.body[..]);
+        let plain = String::from_utf8(reply.to_http1_close(false)).unwrap();
+        assert!(!plain.contains("access-control"), "{plain}");
     }
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod admin_api;
 mod config_cli;
+mod connections;
 mod deploy;
 mod firebase;
 mod gatekeeper;

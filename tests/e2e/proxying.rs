@@ -5,7 +5,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::tollgate::{Tollgate, ADMIN_KEY, PROXY_KEY};
-use crate::support::{client, error_type, free_port, wait_until, Origin, TollgateBuilder};
+use crate::support::{
+    client, closed_within, error_type, free_port, one_exchange, wait_until, Origin, TollgateBuilder,
+};
 
 #[test]
 fn the_credential_used_is_stripped_before_the_upstream() {
@@ -700,42 +702,6 @@ fn an_http_10_client_gets_a_body_ended_by_the_close_not_chunked() {
         assert!(!head.contains("transfer-encoding"), "{path}: {head}");
         assert!(!head.contains("keep-alive: timeout"), "{path}: {head}");
         assert_eq!(received, body, "{path}: {head}");
-    }
-}
-
-/// Sends one HTTP/1.1 GET of `path` on `conn` and reads its answer (a `Content-Length` body).
-fn one_exchange(conn: &mut std::net::TcpStream, path: &str) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut length = 0;
-    let mut status = String::new();
-    reader.read_line(&mut status).unwrap();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
-            length = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    status
-}
-
-/// Whether the server closed `conn` (a read ends) within `wait`.
-fn closed_within(conn: &mut std::net::TcpStream, wait: Duration) -> bool {
-    use std::io::Read;
-    conn.set_read_timeout(Some(wait)).unwrap();
-    let mut byte = [0u8; 1];
-    match conn.read(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => panic!("unexpected bytes from the server"),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
-        Err(_) => false, // timed out: still open
     }
 }
 

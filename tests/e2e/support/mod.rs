@@ -47,3 +47,39 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 pub fn error_type(body: &serde_json::Value) -> &str {
     body["error"]["type"].as_str().unwrap_or("<none>")
 }
+
+/// Sends one HTTP/1.1 GET of `path` on `conn` and reads its answer (a `Content-Length` body).
+pub fn one_exchange(conn: &mut std::net::TcpStream, path: &str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut length = 0;
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    status
+}
+
+/// Whether the server closed `conn` (a read ends) within `wait`.
+pub fn closed_within(conn: &mut std::net::TcpStream, wait: Duration) -> bool {
+    use std::io::Read;
+    conn.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    match conn.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("unexpected bytes from the server"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(_) => false, // timed out: still open
+    }
+}

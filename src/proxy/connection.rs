@@ -1,0 +1,397 @@
+//! Guards on the proxy listener's connections, which Pingora's hooks cannot give: every hook
+//! runs after a whole request header has arrived, and Pingora times single reads only. So a
+//! client sending its header a byte at a time (Slowloris) kept its connection, memory and file
+//! descriptor for as long as it kept sending, and nothing capped how many connections one
+//! address held. [`ConnectionGuard`] wraps Pingora's proxy application and each accepted
+//! connection:
+//!
+//! - a **header deadline** (proxy and admin listeners): once the first bytes of a request
+//!   header arrived, the rest must follow within `clients.header_timeout_seconds` (nginx's
+//!   `client_header_timeout`), else the connection is closed. The listeners' handlers say when
+//!   a header was read and when its request ended ([`header_received`], [`request_finished`]);
+//!   between requests, the idle wait stays the keep-alive timeout.
+//! - a **per-address connection cap** (proxy listener, `clients.max_connections_per_ip`; an
+//!   IPv6 /64 counts as one address): a connection over it is answered `429` and closed, before any request is
+//!   read. Trusted proxies carry many clients' connections and are exempt.
+//!
+//! Normal requests arrive in one read and cost no timer: the deadline's timer is only set when
+//! a read leaves a header incomplete.
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
+use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN, IO};
+use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Sleep;
+
+use super::rate_limit::{ConcurrencyLimiter, ConcurrencySlot, KeyHasher, LimitKey};
+use super::respond::ErrorReply;
+use crate::net::CidrSet;
+use crate::observe::Metrics;
+
+/// What the guard enforces; both off means connections are passed through untouched.
+pub struct ConnectionLimits {
+    /// From the first bytes of a request header to its end (`None`: no deadline).
+    pub header_timeout: Option<Duration>,
+    /// Open connections per client address (0: no cap).
+    pub max_per_ip: u32,
+    /// Peers exempt from the cap (`trusted_proxies`).
+    pub trusted_proxies: CidrSet,
+    /// Width of the per-address count (`rate_limit.estimator_slots`).
+    pub slots: usize,
+    /// Whether replies carry `Access-Control-Allow-Origin: *` (`cors.enabled`).
+    pub cors: bool,
+}
+
+/// How long a refused connection's request is read and discarded after the reply, so that
+/// closing with unread data (a TCP reset) does not destroy the reply before the client read it.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Wraps a Pingora application `A`, the proxy or the admin API (see the module documentation).
+pub struct ConnectionGuard<A> {
+    app: Arc<A>,
+    header_timeout: Option<Duration>,
+    per_ip: Option<ConcurrencyLimiter>,
+    hasher: KeyHasher,
+    trusted_proxies: CidrSet,
+    refusal: Vec<u8>,
+    metrics: Arc<Metrics>,
+}
+
+impl<A> ConnectionGuard<A> {
+    pub fn new(app: A, limits: ConnectionLimits, metrics: Arc<Metrics>) -> Self {
+        let reply = ErrorReply::new(
+            429,
+            "too_many_connections",
+            "Too many open connections from this address; reuse one or close some",
+        );
+        Self {
+            app: Arc::new(app),
+            header_timeout: limits.header_timeout,
+            per_ip: (limits.max_per_ip > 0)
+                .then(|| ConcurrencyLimiter::new(limits.max_per_ip, limits.slots)),
+            hasher: KeyHasher::default(),
+            trusted_proxies: limits.trusted_proxies,
+            refusal: reply.to_http1_close(limits.cors),
+            metrics,
+        }
+    }
+
+    /// The connection's place in its address's count; `Err` when the address is at its cap.
+    fn admit(&self, stream: &Stream) -> Result<Option<ConcurrencySlot>, ()> {
+        let Some(per_ip) = &self.per_ip else {
+            return Ok(None);
+        };
+        let Some(ip) = peer_ip(stream) else {
+            return Ok(None);
+        };
+        if self.trusted_proxies.contains(ip) {
+            return Ok(None);
+        }
+        per_ip
+            .acquire(self.hasher.hash(LimitKey::Ip(ip)))
+            .map(Some)
+            .ok_or(())
+    }
+
+    /// Answers 429 without reading the request, then drains what the client sent for a moment.
+    async fn refuse(&self, mut stream: Stream) {
+        self.metrics.record_connection_refused();
+        if stream.write_all(&self.refusal).await.is_err() || stream.flush().await.is_err() {
+            return;
+        }
+        let _ = AsyncWriteExt::shutdown(&mut stream).await;
+        let drain = async {
+            let mut buf = [0u8; 4096];
+            let mut total = 0;
+            while total < LINGER_BYTES {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionGuard<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let slot = match self.admit(&stream) {
+            Ok(slot) => slot,
+            Err(()) => {
+                self.refuse(stream).await;
+                return None;
+            }
+        };
+        let stream = if slot.is_some() || self.header_timeout.is_some() {
+            Box::new(GuardedStream::new(
+                stream,
+                self.header_timeout,
+                slot,
+                Arc::clone(&self.metrics),
+            ))
+        } else {
+            stream
+        };
+        self.app.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    let digest = stream.get_socket_digest()?;
+    digest.peer_addr()?.as_inet().map(|a| a.ip())
+}
+
+/// A request's header was read: reads until [`request_finished`] belong to its body.
+#[inline]
+pub fn header_received(session: &ServerSession) {
+    if let Some(guarded) = guarded(session) {
+        guarded.phase.set(true);
+    }
+}
+
+/// The request ended: the next bytes start a new header (or are what is left of a body that
+/// was not read, which Pingora drains before reusing the connection, under the same deadline).
+#[inline]
+pub fn request_finished(session: &ServerSession) {
+    if let Some(guarded) = guarded(session) {
+        guarded.phase.set(false);
+    }
+}
+
+fn guarded(session: &ServerSession) -> Option<&GuardedStream> {
+    let stream: &dyn IO = &**session.stream()?;
+    stream.as_any().downcast_ref::<GuardedStream>()
+}
+
+/// Whether a request is between its header and its end, told by the proxy's hooks on the same
+/// task as the reads. Each change also bumps a count in the upper bits, so the stream notices
+/// a change it did not read in between (a request with no body read at all).
+#[derive(Debug, Default)]
+struct RequestPhase(AtomicU32);
+
+impl RequestPhase {
+    fn set(&self, in_request: bool) {
+        let old = self.0.load(Ordering::Relaxed);
+        let changes = (old >> 1).wrapping_add(1);
+        self.0
+            .store((changes << 1) | u32::from(in_request), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A client connection with its header deadline and its place in the per-address count.
+pub struct GuardedStream {
+    inner: Stream,
+    header_timeout: Option<Duration>,
+    phase: RequestPhase,
+    /// The phase this stream last acted on.
+    seen_phase: u32,
+    /// Bytes of the current header have arrived (the deadline runs from the next wait).
+    header_started: bool,
+    deadline: Option<Pin<Box<Sleep>>>,
+    _slot: Option<ConcurrencySlot>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .field("header_started", &self.header_started)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardedStream {
+    fn new(
+        inner: Stream,
+        header_timeout: Option<Duration>,
+        slot: Option<ConcurrencySlot>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner,
+            header_timeout,
+            phase: RequestPhase::default(),
+            seen_phase: 0,
+            header_started: false,
+            deadline: None,
+            _slot: slot,
+            metrics,
+        }
+    }
+
+    /// A read is waiting in the middle of a header: it fails once the deadline passed.
+    fn poll_deadline(&mut self, timeout: Duration, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.metrics.record_header_timeout();
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("request header not complete within {timeout:?}"),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let phase = this.phase.get();
+        if phase != this.seen_phase {
+            this.seen_phase = phase;
+            this.header_started = false;
+            this.deadline = None;
+        }
+        let timeout = match this.header_timeout {
+            Some(timeout) if phase & 1 == 0 => timeout,
+            _ => return Pin::new(&mut this.inner).poll_read(cx, buf),
+        };
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.header_started |= buf.filled().len() > before;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if this.header_started => this.poll_deadline(timeout, cx),
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await;
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}

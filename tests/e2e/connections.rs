@@ -1,0 +1,192 @@
+//! Guards on client connections: the deadline for a whole request header and the cap on
+//! connections per client address.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::support::tollgate::Tollgate;
+use crate::support::{closed_within, one_exchange, wait_until, Origin, TollgateBuilder};
+
+fn connect(tg: &Tollgate) -> TcpStream {
+    let address = tg.url("/");
+    TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/')).unwrap()
+}
+
+fn metric(tg: &Tollgate, name: &str) -> u64 {
+    tg.metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Sends `header` a byte per 250 ms (about 20 s) on `conn`; whether the server closed the
+/// connection before it was all sent, and after how long.
+fn trickle(conn: &mut TcpStream) -> (bool, Duration) {
+    let header = format!(
+        "GET /a HTTP/1.1\r\nHost: tollgate\r\nX-Slow: {}\r\n\r\n",
+        "a".repeat(40)
+    );
+    let started = Instant::now();
+    for byte in header.as_bytes().chunks(1) {
+        if conn.write_all(byte).is_err() || closed_within(conn, Duration::from_millis(250)) {
+            return (true, started.elapsed());
+        }
+    }
+    (false, started.elapsed())
+}
+
+/// Pingora times each read of a request header (60 s), not the whole header: a client sending
+/// a byte every quarter second kept its connection for as long as it liked (Slowloris). The
+/// first request of a connection and a later one are cut alike, on both listeners.
+#[test]
+fn a_header_trickled_past_the_header_timeout_is_cut() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  header_timeout_seconds: 2\n")
+        .start();
+    let (cut, elapsed) = trickle(&mut connect(&tg));
+    assert!(cut, "the whole trickled header was read");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "cut only after {elapsed:?}"
+    );
+    assert_eq!(origin.count(), 0);
+
+    let mut conn = connect(&tg);
+    assert!(one_exchange(&mut conn, "/first").starts_with("HTTP/1.1 200"));
+    let (cut, elapsed) = trickle(&mut conn);
+    assert!(cut, "the second request's trickled header was read");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "cut only after {elapsed:?}"
+    );
+    assert_eq!(origin.count(), 1);
+
+    // The admin listener's second request alike.
+    let admin = tg.admin_url("/");
+    let mut conn =
+        TcpStream::connect(admin.trim_start_matches("http://").trim_end_matches('/')).unwrap();
+    assert!(one_exchange(&mut conn, "/health").starts_with("HTTP/1.1 200"));
+    let (cut, elapsed) = trickle(&mut conn);
+    assert!(cut, "the admin listener read the whole trickled header");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "cut only after {elapsed:?}"
+    );
+    assert_eq!(metric(&tg, "tollgate_client_header_timeouts_total"), 3);
+}
+
+/// The deadline covers a header only: the idle wait between two requests is the keep-alive
+/// timeout's, a body may arrive slowly, and a header in several reads within the deadline
+/// passes.
+#[test]
+fn the_header_timeout_spares_idle_connections_slow_bodies_and_split_headers() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  header_timeout_seconds: 1\n  keepalive_timeout_seconds: 30\n")
+        .start();
+    let mut conn = connect(&tg);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        one_exchange(&mut conn, "/b").starts_with("HTTP/1.1 200"),
+        "idle longer than the header timeout, then a request"
+    );
+
+    // A body of 8 bytes over about 2.4 s, after a header sent at once.
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: tollgate\r\nContent-Length: 8\r\n\r\n")
+        .unwrap();
+    for byte in b"abcdefgh".chunks(1) {
+        std::thread::sleep(Duration::from_millis(300));
+        conn.write_all(byte).unwrap();
+    }
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer).unwrap();
+    // The origin answers once it has read the whole body.
+    assert_eq!(&answer, b"HTTP/1.1 200", "slow body");
+    assert!(origin.seen().iter().any(|r| r.uri == "/upload"));
+
+    // A header in two parts, 300 ms apart.
+    let mut conn = connect(&tg);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET /split HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    conn.write_all(b"st: tollgate\r\n\r\n").unwrap();
+    conn.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200", "split header");
+    assert_eq!(metric(&tg, "tollgate_client_header_timeouts_total"), 0);
+}
+
+/// Reads what the server sends until it closes the connection.
+fn read_to_close(conn: &mut TcpStream) -> String {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// One address could open connections without limit, each holding a file descriptor and
+/// memory. Over `clients.max_connections_per_ip` a connection is answered 429 and closed; a
+/// closed connection frees its place.
+#[test]
+fn connections_over_the_per_address_cap_are_refused_with_429() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  max_connections_per_ip: 2\n")
+        .start();
+    let mut first = connect(&tg);
+    let mut second = connect(&tg);
+    assert!(one_exchange(&mut first, "/a").starts_with("HTTP/1.1 200"));
+    assert!(one_exchange(&mut second, "/a").starts_with("HTTP/1.1 200"));
+
+    let mut third = connect(&tg);
+    third
+        .write_all(b"GET /a HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+        .unwrap();
+    let answer = read_to_close(&mut third);
+    assert!(
+        answer.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["error"]["type"], "too_many_connections", "{answer}");
+    assert_eq!(metric(&tg, "tollgate_client_connections_refused_total"), 1);
+    assert_eq!(origin.count(), 2, "the refused request was not proxied");
+
+    drop(first);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let mut conn = connect(&tg);
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            one_exchange(&mut conn, "/b").starts_with("HTTP/1.1 200")
+        }),
+        "a closed connection gives its place back"
+    );
+    assert!(one_exchange(&mut second, "/c").starts_with("HTTP/1.1 200"));
+}
+
+/// A trusted proxy (a load balancer) carries many clients' connections: it is not capped.
+#[test]
+fn trusted_proxies_are_exempt_from_the_connection_cap() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  max_connections_per_ip: 1\ntrusted_proxies: [\"127.0.0.1\"]\n")
+        .start();
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(&tg)).collect();
+    for conn in &mut conns {
+        assert!(one_exchange(conn, "/a").starts_with("HTTP/1.1 200"));
+    }
+    assert!(!closed_within(&mut conns[0], Duration::from_millis(200)));
+    assert_eq!(metric(&tg, "tollgate_client_connections_refused_total"), 0);
+}
