@@ -291,13 +291,15 @@ fn load_users(config: &Config, backend: &dyn StoreBackend) -> Result<UserCache, 
     };
     let loaded = runtime.block_on(async {
         match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, backend.load_all()).await.ok(),
-            None => Some(backend.load_all().await),
+            Some(timeout) => tokio::time::timeout(timeout, backend.load_cache())
+                .await
+                .ok(),
+            None => Some(backend.load_cache().await),
         }
     });
     // Without waiting for anything the load left behind (a timed-out request).
     runtime.shutdown_background();
-    let users = loaded
+    let cache = loaded
         .ok_or_else(|| {
             format!(
                 "store {}: loading users took longer than {} s \
@@ -307,9 +309,10 @@ fn load_users(config: &Config, backend: &dyn StoreBackend) -> Result<UserCache, 
             )
         })?
         .map_err(|e| format!("store {}: cannot load users: {e}", backend.name()))?;
-    // Sized up front: growing the map a million times over costs more than filling it.
-    let cache = UserCache::with_capacity(users.len());
-    let loaded = cache.load(users);
-    info!("loaded {loaded} users from the {} store", backend.name());
+    info!(
+        "loaded {} users from the {} store",
+        cache.len(),
+        backend.name()
+    );
     Ok(cache)
 }

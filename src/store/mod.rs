@@ -75,6 +75,17 @@ pub trait StoreBackend: Send + Sync + 'static {
     /// Every stored user, for the cache's initial fill.
     async fn load_all(&self) -> Result<Vec<User>, StoreError>;
 
+    /// Every stored user, in a new cache: the initial fill. A store that receives all its
+    /// users as one text (Firebase) fills the cache one user at a time instead of listing
+    /// them first, so that they are never held twice.
+    async fn load_cache(&self) -> Result<UserCache, StoreError> {
+        let users = self.load_all().await?;
+        // Sized up front: growing the map a million times over costs more than filling it.
+        let cache = UserCache::with_capacity(users.len());
+        cache.load(users);
+        Ok(cache)
+    }
+
     /// Writes a batch. `Ok` means durable; `Err` leaves the batch to be retried unchanged.
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError>;
 

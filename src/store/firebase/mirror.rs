@@ -180,33 +180,133 @@ fn stored_users(data: Option<&RawValue>) -> Result<HashMap<Box<str>, Box<str>>, 
         return Ok(HashMap::new());
     };
     let mut stored = HashMap::with_capacity(users.len());
-    for (token, raw) in users {
+    users.try_for_each(|token, raw| {
         if let Some(value) = parse(raw)? {
             if 1 + depth(&value) > MAX_PATH_SEGMENTS {
                 return Err(EventError::TooDeep);
             }
-            stored.insert(token.into_boxed_str(), value.to_string().into_boxed_str());
+            stored.insert(token.into(), value.to_string().into_boxed_str());
         }
-    }
+        Ok(())
+    })?;
     Ok(stored)
 }
 
 /// The children of a JSON object, or of an array, which is how Firebase renders an object
 /// whose keys are all small integers (numeric tokens): its positions are the keys, `null`
-/// holes skipped. `None` for anything else.
-pub fn children(raw: &RawValue) -> Option<Vec<(String, &RawValue)>> {
-    if let Ok(map) = serde_json::from_str::<IndexMap<String, &RawValue>>(raw.get()) {
-        return Some(map.into_iter().collect());
+/// holes skipped. `None` for anything else, and for an object one of whose keys cannot be
+/// read (before any child is visited). Children are visited one at a time rather than
+/// listed: a list of every user of the path is as long as the users path.
+pub fn children(raw: &RawValue) -> Option<Children<'_>> {
+    let len = walk(raw, |_, _| Ok::<(), std::convert::Infallible>(())).ok()?;
+    Some(Children { raw, len })
+}
+
+/// The children of one object or array, counted and checked by [`children`].
+#[derive(Debug, Clone, Copy)]
+pub struct Children<'a> {
+    raw: &'a RawValue,
+    len: usize,
+}
+
+impl Children<'_> {
+    /// How many children [`Children::try_for_each`] visits.
+    pub fn len(&self) -> usize {
+        self.len
     }
-    let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
-    Some(
-        items
-            .into_iter()
-            .enumerate()
-            .filter(|(_, item)| item.get() != "null")
-            .map(|(i, item)| (i.to_string(), item))
-            .collect(),
-    )
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Calls `visit` with each child's key and value, in order; its first error stops the
+    /// walk and is returned.
+    pub fn try_for_each<E>(
+        self,
+        visit: impl FnMut(&str, &RawValue) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match walk(self.raw, visit) {
+            Ok(_) => Ok(()),
+            Err(Walk::Visit(e)) => Err(e),
+            // The same text walked once already, in `children`.
+            Err(Walk::Json) => Ok(()),
+        }
+    }
+}
+
+/// Why a walk over children stopped early.
+enum Walk<E> {
+    /// Not an object or array, or a key that cannot be read.
+    Json,
+    Visit(E),
+}
+
+/// Visits the children of `raw` (see [`children`]); returns how many were visited.
+fn walk<E>(
+    raw: &RawValue,
+    visit: impl FnMut(&str, &RawValue) -> Result<(), E>,
+) -> Result<usize, Walk<E>> {
+    let mut walker = Walker {
+        visit,
+        visited: 0,
+        failed: None,
+    };
+    let mut json = serde_json::Deserializer::from_str(raw.get());
+    match serde::Deserializer::deserialize_any(&mut json, &mut walker) {
+        Ok(()) => Ok(walker.visited),
+        Err(_) => Err(walker.failed.take().map_or(Walk::Json, Walk::Visit)),
+    }
+}
+
+/// The serde visitor of [`walk`]: calls `visit` with each child as the parser reaches it.
+struct Walker<F, E> {
+    visit: F,
+    visited: usize,
+    /// The error `visit` stopped the walk with (serde only carries its own errors).
+    failed: Option<E>,
+}
+
+impl<F, E> Walker<F, E>
+where
+    F: FnMut(&str, &RawValue) -> Result<(), E>,
+{
+    fn child<D: serde::de::Error>(&mut self, key: &str, value: &RawValue) -> Result<(), D> {
+        self.visited += 1;
+        (self.visit)(key, value).map_err(|e| {
+            self.failed = Some(e);
+            D::custom("stopped by the visitor")
+        })
+    }
+}
+
+impl<'de, F, E> serde::de::Visitor<'de> for &mut Walker<F, E>
+where
+    F: FnMut(&str, &RawValue) -> Result<(), E>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object or an array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            let value: &RawValue = map.next_value()?;
+            self.child(&key, value)?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        while let Some(item) = items.next_element::<&RawValue>()? {
+            if item.get() != "null" {
+                self.child(&index.to_string(), item)?;
+            }
+            index += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Levels of nesting below `value` (0 for a primitive).
@@ -444,6 +544,67 @@ mod tests {
         }
         put(&mut m, "/t", ok);
         assert!(m.user("t").is_some());
+    }
+
+    fn visited(text: &str) -> Option<(usize, Vec<(String, String)>)> {
+        let raw: &RawValue = serde_json::from_str(text).unwrap();
+        let users = children(raw)?;
+        let mut seen = Vec::new();
+        users
+            .try_for_each(|key, value| {
+                seen.push((key.to_string(), value.get().to_string()));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        Some((users.len(), seen))
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The users path is split into its children one at a time, in order, with the same
+    /// children as before: an array's positions are the keys, its `null` holes skipped.
+    #[test]
+    fn children_are_visited_in_order() {
+        let (len, seen) = visited(r#"{"b": {"x": 1}, "a\u0041": null, "1": 2}"#).unwrap();
+        assert_eq!(len, 3);
+        assert_eq!(
+            seen,
+            pairs(&[("b", r#"{"x": 1}"#), ("aA", "null"), ("1", "2")])
+        );
+        let (len, seen) = visited(r#"[null, {"p": 1}, null, 3]"#).unwrap();
+        assert_eq!(len, 2);
+        assert_eq!(seen, pairs(&[("1", r#"{"p": 1}"#), ("3", "3")]));
+        assert_eq!(visited("{}"), Some((0, Vec::new())));
+        for nothing in ["5", "\"text\"", "null", "true"] {
+            assert_eq!(visited(nothing), None, "{nothing}");
+        }
+    }
+
+    /// A key that cannot be read makes the whole value hold no children, as when the object
+    /// was read whole: no child before it is visited.
+    #[test]
+    fn an_unreadable_key_means_no_children() {
+        assert_eq!(visited(r#"{"a": 1, "\ud800": 2}"#), None);
+    }
+
+    #[test]
+    fn a_visitor_error_stops_the_walk() {
+        let raw: &RawValue = serde_json::from_str(r#"{"a": 1, "b": 2, "c": 3}"#).unwrap();
+        let mut seen = Vec::new();
+        let stopped = children(raw).unwrap().try_for_each(|key, _| {
+            seen.push(key.to_string());
+            if key == "b" {
+                return Err("stop");
+            }
+            Ok(())
+        });
+        assert_eq!(stopped, Err("stop"));
+        assert_eq!(seen, ["a", "b"]);
     }
 
     #[test]

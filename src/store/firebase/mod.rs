@@ -1,7 +1,8 @@
 //! The Firebase Realtime Database store: users live at `/<users>/<token>` in the older proxy's
 //! layout, and several tollgate instances share them.
 //!
-//! - Start-up ([`FirebaseStore::load_all`]): one GET of the users path, bounded in time.
+//! - Start-up ([`FirebaseStore::load_cache`]): one GET of the users path, bounded in time; the
+//!   users go into the cache one at a time.
 //! - Remote to local ([`stream`]): an SSE stream on the users path keeps a mirror and the cache
 //!   in step; every (re)connect starts with a full snapshot.
 //! - Local to remote ([`FirebaseStore::apply`]): each engine batch is one atomic multi-path
@@ -390,9 +391,15 @@ impl StoreBackend for FirebaseStore {
         Ok(())
     }
 
+    /// For callers that want the users themselves; start-up takes
+    /// [`load_cache`](StoreBackend::load_cache), which does not hold them all at once.
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        Ok(self.load_cache().await?.snapshot())
+    }
+
     /// One GET of the users path. Transient failures are retried until a bound (a little
     /// under `startup_timeout`); a refused key or permission fails at once.
-    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+    async fn load_cache(&self) -> Result<UserCache, StoreError> {
         // This runs on the loader's short-lived runtime: its own client, dropped with it.
         let rtdb = Rtdb::new(Arc::clone(&self.target), Arc::clone(&self.auth))
             .map_err(StoreError::Fatal)?;
@@ -413,7 +420,7 @@ impl StoreBackend for FirebaseStore {
             let last = match tokio::time::timeout(remaining, rtdb.call(request)).await {
                 Ok(Ok(reply)) => {
                     return self
-                        .parse_all(&reply.body)
+                        .load_body(&reply.body)
                         .map_err(|e| StoreError::Unavailable(e.to_string()));
                 }
                 Ok(Err(e)) if e.is_permanent() => {
@@ -580,9 +587,11 @@ const CREATE_CONCURRENCY: usize = 16;
 const HOUSEKEEPING_EVERY_MS: u64 = 3_600_000;
 
 impl FirebaseStore {
-    /// The users of the users path's JSON. Each user is parsed on its own: the whole path as
-    /// one tree would take about ten times the text's size at the peak of start-up.
-    fn parse_all(&self, body: &[u8]) -> Result<Vec<User>, RtdbError> {
+    /// The users of the users path's JSON, in a new cache sized for them. Each user is parsed
+    /// on its own and put in the cache before the next is read: the whole path as one tree
+    /// would take about ten times the text's size at the peak of start-up, and even a list of
+    /// every parsed user about three times.
+    fn load_body(&self, body: &[u8]) -> Result<UserCache, RtdbError> {
         let invalid = |e: serde_json::Error| {
             RtdbError::Ambiguous(format!("the database sent invalid JSON: {e}"))
         };
@@ -592,8 +601,7 @@ impl FirebaseStore {
             serde_json::from_slice(body).map_err(invalid)?
         };
         // An array is how Firebase renders users whose tokens are all small integers.
-        let users = raw.and_then(mirror::children);
-        let Some(users) = users else {
+        let Some(users) = raw.and_then(mirror::children) else {
             if raw.is_some() {
                 warn!(
                     "firebase: /{} is not an object or array; starting with no users",
@@ -605,22 +613,10 @@ impl FirebaseStore {
                     self.layout.users
                 );
             }
-            return Ok(Vec::new());
+            return Ok(UserCache::default());
         };
-        let total = users.len();
-        let users = users.into_iter().filter_map(|(token, raw)| {
-            match serde_json::from_str::<Value>(raw.get()) {
-                Ok(value) => Some((token, value)),
-                Err(e) => {
-                    warn!(
-                        "firebase: user {} cannot be read and is skipped: {e}",
-                        token_id(&token)
-                    );
-                    None
-                }
-            }
-        });
-        let (loaded, remnants) = stream::read_users(users, stream::Report::Everything);
+        let cache = UserCache::with_capacity(users.len());
+        let (loaded, remnants) = load_users(users, &cache);
         if remnants > 0 {
             info!(
                 "firebase: {remnants} entries under /{} are leftovers of deleted users (no \
@@ -628,14 +624,44 @@ impl FirebaseStore {
                 self.layout.users
             );
         }
-        if loaded.len() + remnants < total {
+        let total = users.len();
+        if loaded + remnants < total {
             warn!(
                 "firebase: {} of {total} stored users could not be read (see above)",
-                total - loaded.len() - remnants
+                total - loaded - remnants
             );
         }
-        Ok(loaded.into_values().collect())
+        Ok(cache)
     }
+}
+
+/// Puts the users among `children` into `cache`, one at a time, reporting every problem;
+/// returns how many users were loaded, and how many children were remnants.
+fn load_users(children: mirror::Children<'_>, cache: &UserCache) -> (usize, usize) {
+    let (mut loaded, mut remnants) = (0, 0);
+    let visited = children.try_for_each(|token, raw| {
+        let value = match serde_json::from_str::<Value>(raw.get()) {
+            Ok(value) => value,
+            Err(e) => {
+                warn!(
+                    "firebase: user {} cannot be read and is skipped: {e}",
+                    token_id(token)
+                );
+                return Ok(());
+            }
+        };
+        match stream::read_node(token, value, stream::Report::Everything) {
+            stream::Node::User(user) => {
+                cache.load([*user]);
+                loaded += 1;
+            }
+            stream::Node::Remnant => remnants += 1,
+            stream::Node::Unreadable => {}
+        }
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let Ok(()) = visited;
+    (loaded, remnants)
 }
 
 /// Which setting a start-up failure points at: the database's address, or the key's

@@ -52,9 +52,7 @@ pub(super) fn stored_user(token: &str, extra: Value) -> Value {
 
 /// The users at `/users`, loaded into a fresh cache as at start-up.
 pub(super) async fn loaded(store: &FirebaseStore) -> UserCache {
-    let cache = UserCache::default();
-    cache.load(store.load_all().await.unwrap());
-    cache
+    store.load_cache().await.unwrap()
 }
 
 #[tokio::test]
@@ -305,4 +303,32 @@ async fn an_upsert_over_a_deleted_users_leftovers_creates_the_user() {
         fresh.user("x").unwrap().user_type,
         crate::users::UserType::Special
     );
+}
+
+/// Start-up puts the stored users into the cache one at a time, with the same users as before:
+/// remnants and unreadable users left out, and numeric tokens kept though Firebase renders
+/// the users path as an array.
+#[tokio::test]
+async fn start_up_loads_every_readable_user_of_an_array_rendered_path() {
+    let db = standin();
+    db.set("/users/1", stored_user("1", json!({"nickname": "one"})))
+        .unwrap();
+    db.set("/users/2", json!({"promptCount": 7})).unwrap();
+    db.set("/users/3", stored_user("3", json!({"promptCount": "lots"})))
+        .unwrap();
+    db.set("/users/4", stored_user("4", json!({}))).unwrap();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    assert_eq!(cache.len(), 2);
+    assert_eq!(cache.user("1").unwrap().nickname.as_deref(), Some("one"));
+    assert!(cache.get("4").is_some());
+    let mut tokens: Vec<String> = store
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.token)
+        .collect();
+    tokens.sort();
+    assert_eq!(tokens, ["1", "4"]);
 }
