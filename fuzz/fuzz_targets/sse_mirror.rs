@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use tollgate::store::firebase::mirror::{Mirror, Touched};
 use tollgate::store::firebase::sse::SseParser;
-use tollgate::store::firebase::stream::{read_node, read_users, Report};
+use tollgate::store::firebase::stream::{read_node, Report};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
@@ -48,11 +48,11 @@ fuzz_target!(|data: &[u8]| {
         };
         match touched {
             Ok(Touched::All) => {
-                let nodes: Vec<_> = mirror
-                    .tokens()
-                    .filter_map(|t| Some((t.to_string(), mirror.user(t)?)))
-                    .collect();
-                let _ = read_users(nodes, Report::Nothing);
+                for t in mirror.tokens() {
+                    if let Some(v) = mirror.user(t) {
+                        let _ = read_node(t, v, Report::Nothing);
+                    }
+                }
             }
             Ok(Touched::Users(tokens)) => {
                 for t in tokens {

@@ -471,17 +471,31 @@ impl UserCache {
     /// removed here too, unless they were created here and are not written yet.
     pub fn replace_all_remote(&self, users: &HashMap<String, User>) {
         let _guard = self.structure.lock();
+        self.remove_absent_locked(|token| users.contains_key(token));
+        for (token, user) in users {
+            self.apply_remote_locked(token, Some(user));
+        }
+    }
+
+    /// Ends a full snapshot from the store whose users were applied one at a time with
+    /// [`apply_remote`](Self::apply_remote): as [`replace_all_remote`](Self::replace_all_remote),
+    /// users it does not hold (`held` is false) are removed here too, unless they were created
+    /// here and are not written yet. The snapshot is asked about each user rather than handed
+    /// over as a map of its users, which would hold all of them once more.
+    pub fn remove_absent_remote(&self, held: impl Fn(&str) -> bool) {
+        let _guard = self.structure.lock();
+        self.remove_absent_locked(held);
+    }
+
+    fn remove_absent_locked(&self, held: impl Fn(&str) -> bool) {
         let mut gone: Vec<Arc<str>> = Vec::new();
         self.map.for_each(|r| {
-            if !users.contains_key(r.token().as_ref()) {
+            if !held(r.token()) {
                 gone.push(Arc::clone(r.token()));
             }
         });
         for token in gone {
             self.apply_remote_locked(&token, None);
-        }
-        for (token, user) in users {
-            self.apply_remote_locked(token, Some(user));
         }
     }
 

@@ -117,6 +117,11 @@ impl Mirror {
     pub fn tokens(&self) -> impl Iterator<Item = &str> {
         self.users.keys().map(AsRef::as_ref)
     }
+
+    /// Whether the mirror holds a value for `token`.
+    pub fn contains(&self, token: &str) -> bool {
+        self.users.contains_key(token)
+    }
 }
 
 /// The users an event changes, parsed once each, in the order first touched; written back

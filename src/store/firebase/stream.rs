@@ -4,7 +4,7 @@
 //! Reconnects back off with jitter; a watchdog drops a stream that stays silent; `auth_revoked`
 //! reconnects at once with a new token; `cancel` is reported and backed off.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,31 +195,27 @@ impl Follower {
                 return Ok(());
             }
         };
+        // A snapshot's text is as large as the users path: freed before the cache is updated.
+        drop(event);
         let touched = touched.map_err(|e| End::Failed(format!("a malformed event: {e}")))?;
         match touched {
             Touched::All => {
-                let nodes = mirror
-                    .tokens()
-                    .filter_map(|token| Some((token.to_string(), mirror.user(token)?)));
-                // Problems with stored users were reported at load, or when they were written.
-                let (users, _) = read_users(nodes, Report::Nothing);
                 let cached = self.cache.len();
-                if users.is_empty() && cached > 0 {
+                // The whole store is applied: any re-read asked for is in it.
+                drop(self.cache.take_rereads());
+                let users = self.apply_snapshot(mirror);
+                if users == 0 && cached > 0 {
                     warn!(
                         "firebase stream: /{} holds no users now; the {cached} cached users are \
                          removed (was the database emptied or replaced?)",
                         self.users_path
                     );
                 }
-                // The whole store is applied: any re-read asked for is in it.
-                drop(self.cache.take_rereads());
-                self.cache.replace_all_remote(&users);
                 if !*snapshot_seen {
                     *snapshot_seen = true;
                     self.status.set_stream_connected(true);
                     info!(
-                        "firebase stream connected: {} users in /{}",
-                        users.len(),
+                        "firebase stream connected: {users} users in /{}",
                         self.users_path
                     );
                 }
@@ -229,6 +225,34 @@ impl Follower {
             }
         }
         Ok(())
+    }
+
+    /// Applies a snapshot the mirror now holds whole: each user as it is read from the mirror,
+    /// so that its users are not all held parsed at once; then the cached users it does not
+    /// hold as users are removed (remnants and unreadable users included). Returns how many
+    /// users it holds.
+    fn apply_snapshot(&self, mirror: &Mirror) -> usize {
+        let mut users = 0;
+        // Tokens the mirror holds that are not users: usually none.
+        let mut not_users = HashSet::new();
+        for token in mirror.tokens() {
+            // Problems with stored users were reported at load, or when they were written.
+            let node = mirror
+                .user(token)
+                .map(|value| read_node(token, value, Report::Nothing));
+            match node {
+                Some(Node::User(user)) => {
+                    self.cache.apply_remote(token, Some(&*user));
+                    users += 1;
+                }
+                _ => {
+                    not_users.insert(token);
+                }
+            }
+        }
+        self.cache
+            .remove_absent_remote(|token| mirror.contains(token) && !not_users.contains(token));
+        users
     }
 
     /// Applies the mirror's value again to users whose write was just confirmed while a store
@@ -331,26 +355,6 @@ pub fn read_node(token: &str, value: serde_json::Value, report: Report) -> Node 
     }
 }
 
-/// The users of a snapshot (`(token, value)` pairs); remnants and unreadable users are left
-/// out, remnants counted in the second value.
-pub fn read_users<I>(nodes: I, report: Report) -> (HashMap<String, User>, usize)
-where
-    I: IntoIterator<Item = (String, serde_json::Value)>,
-{
-    let mut users = HashMap::new();
-    let mut remnants = 0;
-    for (token, value) in nodes {
-        match read_node(&token, value, report) {
-            Node::User(user) => {
-                users.insert(token, *user);
-            }
-            Node::Remnant => remnants += 1,
-            Node::Unreadable => {}
-        }
-    }
-    (users, remnants)
-}
-
 /// 0.25 s doubling to 30 s, ±25 % jitter.
 fn backoff(failures: u32) -> Duration {
     let base = BACKOFF_START
@@ -388,6 +392,94 @@ mod tests {
             }
         });
         (port, accepted)
+    }
+
+    fn follower(cache: &Arc<UserCache>) -> Follower {
+        let target = Arc::new(Target {
+            base: Url::parse("http://127.0.0.1:9/").unwrap(),
+            ns: None,
+            local: true,
+        });
+        Follower {
+            rtdb: Rtdb::new(target, Arc::new(TokenSource::Emulator)).unwrap(),
+            users_path: "users".into(),
+            keepalive: Duration::from_secs(75),
+            status: StoreStatus::new("firebase_rtdb", Arc::clone(cache)),
+            cache: Arc::clone(cache),
+        }
+    }
+
+    /// Hands the follower a `put` of the whole users path, as the stream does.
+    fn snapshot(follower: &Follower, mirror: &mut Mirror, data: serde_json::Value) {
+        let event = SseEvent {
+            event: "put".into(),
+            data: serde_json::json!({"path": "/", "data": data}).to_string(),
+        };
+        let mut snapshot_seen = false;
+        assert!(follower.handle(event, mirror, &mut snapshot_seen).is_ok());
+        assert!(snapshot_seen);
+    }
+
+    fn stored(nickname: &str) -> serde_json::Value {
+        serde_json::json!({"type": "normal", "createdAt": 1, "nickname": nickname})
+    }
+
+    fn user(token: &str, nickname: &str) -> User {
+        User::from_stored(token, stored(nickname)).unwrap().user
+    }
+
+    /// A snapshot, applied one user at a time, ends as the cache's whole remote state: users
+    /// it holds are added or updated; users it does not hold as users (absent, remnants,
+    /// unreadable) are removed, except one created here and not written yet.
+    #[tokio::test]
+    async fn a_snapshot_replaces_the_remote_state_of_the_cache() {
+        let cache = Arc::new(UserCache::default());
+        for token in ["kept", "gone", "remnant", "broken"] {
+            cache.load([user(token, "old")]);
+        }
+        cache.create(&user("fresh", "local")).unwrap();
+        cache.reread([Reread {
+            token: Arc::from("kept"),
+            creation_refused: false,
+        }]);
+        let follower = follower(&cache);
+        let mut mirror = Mirror::new();
+        snapshot(
+            &follower,
+            &mut mirror,
+            serde_json::json!({
+                "kept": stored("new"), "added": stored("added"),
+                "remnant": {"promptCount": 3},
+                "broken": {"type": "normal", "createdAt": 1, "promptCount": "lots"},
+            }),
+        );
+        let nickname = |t: &str| cache.user(t).and_then(|u| u.nickname);
+        assert_eq!(nickname("kept").as_deref(), Some("new"));
+        assert_eq!(nickname("added").as_deref(), Some("added"));
+        assert_eq!(nickname("fresh").as_deref(), Some("local"));
+        for token in ["gone", "remnant", "broken"] {
+            assert!(cache.get(token).is_none(), "{token}");
+        }
+        assert_eq!(cache.len(), 3);
+        assert!(
+            cache.take_rereads().is_empty(),
+            "the snapshot answers re-reads"
+        );
+        assert!(follower.status.cache_is_current());
+
+        // Numeric tokens: Firebase renders the path as an array.
+        snapshot(
+            &follower,
+            &mut mirror,
+            serde_json::json!([null, stored("one"), null, stored("three")]),
+        );
+        assert_eq!(nickname("1").as_deref(), Some("one"));
+        assert_eq!(nickname("3").as_deref(), Some("three"));
+        assert!(cache.get("kept").is_none());
+        // An emptied database leaves only the user not written yet.
+        snapshot(&follower, &mut mirror, serde_json::Value::Null);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get("fresh").is_some());
     }
 
     #[test]

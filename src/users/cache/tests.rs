@@ -150,6 +150,25 @@ fn remote_snapshot_removes_missing_users_but_not_unwritten_new_ones() {
     assert!(cache.get("other").is_some());
 }
 
+/// The end of a snapshot applied one user at a time: the same removals as a whole one.
+#[test]
+fn a_snapshot_given_user_by_user_removes_the_users_it_does_not_hold() {
+    let cache = UserCache::default();
+    cache.load([user("old"), user("kept")]);
+    cache.create(&user("fresh")).unwrap();
+    cache.apply_remote("other", Some(&user("other")));
+    cache.remove_absent_remote(|token| matches!(token, "other" | "kept"));
+    assert!(cache.get("old").is_none());
+    for token in ["kept", "fresh", "other"] {
+        assert!(cache.get(token).is_some(), "{token}");
+    }
+    assert_eq!(
+        cache.take_changes(10).changes.len(),
+        1,
+        "only the creation is queued"
+    );
+}
+
 #[test]
 fn remote_changes_are_not_queued() {
     let cache = UserCache::default();
