@@ -190,3 +190,22 @@ fn trusted_proxies_are_exempt_from_the_connection_cap() {
     assert!(!closed_within(&mut conns[0], Duration::from_millis(200)));
     assert_eq!(metric(&tg, "tollgate_client_connections_refused_total"), 0);
 }
+
+/// The documentation (configuration.md, `clients.header_timeout_seconds`) says the wait before
+/// a request's first byte is `keepalive_timeout_seconds`'s, and that an idle client is held
+/// for `keepalive_timeout_seconds`: a fresh connection that sends nothing is held 60 s
+/// (Pingora's first-request read timeout) whatever the setting, and the header deadline never
+/// arms without a first byte.
+#[test]
+fn a_fresh_connection_that_sends_nothing_is_closed_after_the_keepalive_timeout() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  keepalive_timeout_seconds: 2\n  header_timeout_seconds: 2\n")
+        .start();
+    let mut conn = connect(&tg);
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(8)),
+        "a silent fresh connection still open after 8 s (keep-alive and header timeouts 2 s)"
+    );
+}
