@@ -332,3 +332,16 @@ async fn start_up_loads_every_readable_user_of_an_array_rendered_path() {
     tokens.sort();
     assert_eq!(tokens, ["1", "4"]);
 }
+
+/// A users path naming a user twice loads the user's last value, as before the start-up
+/// read walked the users one at a time (the object was read into a map first): a user whose
+/// last value is leftovers (no `createdAt`) is not loaded from its first one.
+#[tokio::test]
+async fn start_up_takes_the_last_value_of_a_user_named_twice() {
+    let db = standin();
+    let store = store(&db);
+    let first = stored_user("t", json!({"nickname": "first"}));
+    let body = format!(r#"{{"t": {first}, "t": {{"promptCount": 3}}}}"#);
+    let cache = store.load_body(body.as_bytes()).unwrap();
+    assert!(cache.get("t").is_none(), "{:?}", cache.user("t"));
+}
