@@ -14,7 +14,7 @@ use pingora::services::listening::Service;
 use tollgate::admin::AdminService;
 use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, AccessLogWriter, Metrics};
-use tollgate::proxy::connection::{ConnectionGuard, ConnectionLimits};
+use tollgate::proxy::connection::{ConnectionGuard, ConnectionLimits, Timeouts};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
 use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
@@ -240,10 +240,14 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     Ok(())
 }
 
-/// The proxy listener's connection guards (the admin listener takes its header deadline).
+/// The proxy listener's connection guards (the admin listener takes its deadlines).
 fn limits_for(config: &Config) -> ConnectionLimits {
+    let keepalive = config.clients.keepalive_timeout_seconds;
     ConnectionLimits {
-        header_timeout: config.clients.header_timeout,
+        timeouts: Timeouts {
+            header: config.clients.header_timeout,
+            first_byte: (keepalive > 0).then(|| std::time::Duration::from_secs(keepalive)),
+        },
         max_per_ip: config.clients.max_connections_per_ip,
         trusted_proxies: config.trusted_proxies.clone(),
         slots: config.rate_limit.estimator_slots,

@@ -10,12 +10,16 @@
 //!   `client_header_timeout`), else the connection is closed. The listeners' handlers say when
 //!   a header was read and when its request ended ([`header_received`], [`request_finished`]);
 //!   between requests, the idle wait stays the keep-alive timeout.
+//! - the **first request's idle wait**: Pingora gives a new connection 60 s for its first
+//!   byte whatever `clients.keepalive_timeout_seconds` says (it applies that setting from the
+//!   second request on); a connection that sends nothing is closed after the keep-alive
+//!   timeout instead.
 //! - a **per-address connection cap** (proxy listener, `clients.max_connections_per_ip`; an
 //!   IPv6 /64 counts as one address): a connection over it is answered `429` and closed, before any request is
 //!   read. Trusted proxies carry many clients' connections and are exempt.
 //!
-//! Normal requests arrive in one read and cost no timer: the deadline's timer is only set when
-//! a read leaves a header incomplete.
+//! Normal requests arrive in one read and cost no timer: a timer is only set when a read leaves
+//! a header incomplete, or finds a new connection silent.
 
 use std::future::Future;
 use std::io;
@@ -43,10 +47,9 @@ use super::respond::ErrorReply;
 use crate::net::CidrSet;
 use crate::observe::Metrics;
 
-/// What the guard enforces; both off means connections are passed through untouched.
+/// What the guard enforces; all off means connections are passed through untouched.
 pub struct ConnectionLimits {
-    /// From the first bytes of a request header to its end (`None`: no deadline).
-    pub header_timeout: Option<Duration>,
+    pub timeouts: Timeouts,
     /// Open connections per client address (0: no cap).
     pub max_per_ip: u32,
     /// Peers exempt from the cap (`trusted_proxies`).
@@ -57,6 +60,21 @@ pub struct ConnectionLimits {
     pub cors: bool,
 }
 
+/// The deadlines of a connection's reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the first bytes of a request header to its end (`None`: no deadline).
+    pub header: Option<Duration>,
+    /// A new connection's wait for its first byte (`None`: Pingora's 60 s).
+    pub first_byte: Option<Duration>,
+}
+
+impl Timeouts {
+    fn any(self) -> bool {
+        self.header.is_some() || self.first_byte.is_some()
+    }
+}
+
 /// How long a refused connection's request is read and discarded after the reply, so that
 /// closing with unread data (a TCP reset) does not destroy the reply before the client read it.
 const LINGER: Duration = Duration::from_secs(2);
@@ -65,7 +83,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// Wraps a Pingora application `A`, the proxy or the admin API (see the module documentation).
 pub struct ConnectionGuard<A> {
     app: Arc<A>,
-    header_timeout: Option<Duration>,
+    timeouts: Timeouts,
     per_ip: Option<ConcurrencyLimiter>,
     hasher: KeyHasher,
     trusted_proxies: CidrSet,
@@ -82,7 +100,7 @@ impl<A> ConnectionGuard<A> {
         );
         Self {
             app: Arc::new(app),
-            header_timeout: limits.header_timeout,
+            timeouts: limits.timeouts,
             per_ip: (limits.max_per_ip > 0)
                 .then(|| ConcurrencyLimiter::new(limits.max_per_ip, limits.slots)),
             hasher: KeyHasher::default(),
@@ -144,10 +162,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionGuard<A> {
                 return None;
             }
         };
-        let stream = if slot.is_some() || self.header_timeout.is_some() {
+        let stream = if slot.is_some() || self.timeouts.any() {
             Box::new(GuardedStream::new(
                 stream,
-                self.header_timeout,
+                self.timeouts,
                 slot,
                 Arc::clone(&self.metrics),
             ))
@@ -208,15 +226,16 @@ impl RequestPhase {
     }
 }
 
-/// A client connection with its header deadline and its place in the per-address count.
+/// A client connection with its read deadlines and its place in the per-address count.
 pub struct GuardedStream {
     inner: Stream,
-    header_timeout: Option<Duration>,
+    timeouts: Timeouts,
     phase: RequestPhase,
     /// The phase this stream last acted on.
     seen_phase: u32,
-    /// Bytes of the current header have arrived (the deadline runs from the next wait).
+    /// Bytes of the current header have arrived (the header deadline runs from the next wait).
     header_started: bool,
+    /// The armed deadline: the header's, or a new connection's wait for its first byte.
     deadline: Option<Pin<Box<Sleep>>>,
     _slot: Option<ConcurrencySlot>,
     metrics: Arc<Metrics>,
@@ -235,13 +254,13 @@ impl std::fmt::Debug for GuardedStream {
 impl GuardedStream {
     fn new(
         inner: Stream,
-        header_timeout: Option<Duration>,
+        timeouts: Timeouts,
         slot: Option<ConcurrencySlot>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner,
-            header_timeout,
+            timeouts,
             phase: RequestPhase::default(),
             seen_phase: 0,
             header_started: false,
@@ -251,21 +270,37 @@ impl GuardedStream {
         }
     }
 
-    /// A read is waiting in the middle of a header: it fails once the deadline passed.
-    fn poll_deadline(&mut self, timeout: Duration, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let deadline = self
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.metrics.record_header_timeout();
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("request header not complete within {timeout:?}"),
-                )))
+    /// Whether the armed deadline (set to `timeout` from now if none is) has passed.
+    fn deadline_passed(&mut self, timeout: Duration, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
+
+    /// A read found no bytes in the phase `phase`: waits, unless a deadline has passed. In the
+    /// middle of a header that is an error; a new connection silent too long reads as closed
+    /// (as Pingora ends a kept-alive wait), so it closes quietly.
+    fn poll_wait(&mut self, phase: u32, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.header_started {
+            if let Some(timeout) = self.timeouts.header {
+                if self.deadline_passed(timeout, cx) {
+                    self.metrics.record_header_timeout();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("request header not complete within {timeout:?}"),
+                    )));
+                }
             }
-            Poll::Pending => Poll::Pending,
+        } else if phase == 0 {
+            if let Some(timeout) = self.timeouts.first_byte {
+                if self.deadline_passed(timeout, cx) {
+                    return Poll::Ready(Ok(()));
+                }
+            }
         }
+        Poll::Pending
     }
 }
 
@@ -282,17 +317,20 @@ impl AsyncRead for GuardedStream {
             this.header_started = false;
             this.deadline = None;
         }
-        let timeout = match this.header_timeout {
-            Some(timeout) if phase & 1 == 0 => timeout,
-            _ => return Pin::new(&mut this.inner).poll_read(cx, buf),
-        };
+        if phase & 1 == 1 {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.header_started |= buf.filled().len() > before;
+                if !this.header_started && buf.filled().len() > before {
+                    this.header_started = true;
+                    // The first byte's wait is over; the header's deadline starts later.
+                    this.deadline = None;
+                }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.header_started => this.poll_deadline(timeout, cx),
+            Poll::Pending => this.poll_wait(phase, cx),
             other => other,
         }
     }
