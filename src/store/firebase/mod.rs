@@ -615,7 +615,8 @@ impl FirebaseStore {
             }
             return Ok(UserCache::default());
         };
-        let cache = UserCache::with_capacity(users.len());
+        let total = users.len();
+        let cache = UserCache::with_capacity(total);
         let (loaded, remnants) = load_users(users, &cache);
         if remnants > 0 {
             info!(
@@ -624,7 +625,6 @@ impl FirebaseStore {
                 self.layout.users
             );
         }
-        let total = users.len();
         if loaded + remnants < total {
             warn!(
                 "firebase: {} of {total} stored users could not be read (see above)",
