@@ -51,6 +51,8 @@ pub struct ClientsConfig {
     pub header_timeout: Option<Duration>,
     /// Open proxy connections one address (an IPv6 /64) may hold; 0: no cap.
     pub max_connections_per_ip: u32,
+    /// Largest proxied request body (`None`: no limit), as nginx's `client_max_body_size`.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A configuration problem, always naming where (file or environment), which key and what.
@@ -411,6 +413,7 @@ impl Builder<'_> {
             tcp_keepalive: raw.tcp_keepalive,
             header_timeout: (header > 0).then(|| Duration::from_secs(header)),
             max_connections_per_ip: raw.max_connections_per_ip,
+            max_body_bytes: (raw.max_body_bytes > 0).then_some(raw.max_body_bytes),
         })
     }
 

@@ -330,6 +330,13 @@ pub struct RawClients {
     pub header_timeout_seconds: u64,
     #[serde(default)]
     pub max_connections_per_ip: u32,
+    #[serde(default = "default_client_max_body")]
+    pub max_body_bytes: u64,
+}
+
+/// The older proxy's `express.json({limit: "100mb"})` on its proxy routes.
+fn default_client_max_body() -> u64 {
+    100 * 1024 * 1024
 }
 
 fn default_header_timeout() -> u64 {
@@ -347,6 +354,7 @@ impl Default for RawClients {
             tcp_keepalive: true,
             header_timeout_seconds: default_header_timeout(),
             max_connections_per_ip: 0,
+            max_body_bytes: default_client_max_body(),
         }
     }
 }

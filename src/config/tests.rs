@@ -585,6 +585,9 @@ fn client_connection_settings_have_defaults_and_bounds() {
     assert!(c.clients.tcp_keepalive);
     assert_eq!(c.clients.header_timeout, Some(Duration::from_secs(60)));
     assert_eq!(c.clients.max_connections_per_ip, 0);
+    assert_eq!(c.clients.max_body_bytes, Some(100 * 1024 * 1024));
+    let c = load(&format!("{MINIMAL}clients: {{max_body_bytes: 0}}\n"), &[]).unwrap();
+    assert_eq!(c.clients.max_body_bytes, None);
     let c = load(
         &format!("{MINIMAL}clients: {{header_timeout_seconds: 0, max_connections_per_ip: 64}}\n"),
         &[],

@@ -18,6 +18,8 @@ pub enum Outcome {
     Forbidden,
     RateLimited,
     BadRequest,
+    /// A request body over `clients.max_body_bytes`.
+    TooLarge,
     UpstreamError,
     /// A CORS preflight answered by tollgate itself.
     Preflight,
@@ -26,12 +28,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 8] = [
+    const ALL: [Outcome; 9] = [
         Outcome::Proxied,
         Outcome::Unauthorized,
         Outcome::Forbidden,
         Outcome::RateLimited,
         Outcome::BadRequest,
+        Outcome::TooLarge,
         Outcome::UpstreamError,
         Outcome::Preflight,
         Outcome::ClientClosed,
@@ -44,6 +47,7 @@ impl Outcome {
             Outcome::Forbidden => "403",
             Outcome::RateLimited => "429",
             Outcome::BadRequest => "400",
+            Outcome::TooLarge => "413",
             Outcome::UpstreamError => "502",
             Outcome::Preflight => "preflight",
             Outcome::ClientClosed => "client_closed",

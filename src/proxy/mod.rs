@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -56,6 +57,9 @@ pub struct Proxy {
     cors: bool,
     /// Longest wait for a kept-alive client's next request (`None`: no limit).
     client_keepalive: Option<u64>,
+    /// Largest request body passed upstream (`clients.max_body_bytes`), and its refusal.
+    max_body_bytes: Option<u64>,
+    too_large: ErrorReply,
     /// Set once `X-Forwarded-For` was seen from a peer outside `trusted_proxies` (logged once).
     untrusted_forwarding_seen: AtomicBool,
     /// Says when this process hands its listeners over or stops ([`StoreStatus::is_leaving`]).
@@ -99,6 +103,16 @@ fn frame_for_the_client(session: &mut Session, response: &mut ResponseHeader) {
     }
 }
 
+/// The request's `Content-Length`, when it declares a valid one.
+fn declared_body_length(req: &RequestHeader) -> Option<u64> {
+    let value = req.headers.get(http::header::CONTENT_LENGTH)?;
+    std::str::from_utf8(value.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn is_chunked(response: &ResponseHeader) -> bool {
     response
         .headers
@@ -124,6 +138,8 @@ pub struct RequestCtx {
     upstream_first: usize,
     upstream_attempts: usize,
     upstream_status: Option<u16>,
+    /// Request body bytes passed upstream so far.
+    body_bytes: u64,
     outcome: Outcome,
 }
 
@@ -164,6 +180,15 @@ impl Proxy {
             replies: StockReplies::default(),
             cors: config.cors,
             client_keepalive: Some(config.clients.keepalive_timeout_seconds).filter(|&s| s > 0),
+            max_body_bytes: config.clients.max_body_bytes,
+            too_large: ErrorReply::new(
+                413,
+                "request_too_large",
+                &format!(
+                    "The request body is larger than this proxy accepts ({} bytes)",
+                    config.clients.max_body_bytes.unwrap_or(u64::MAX)
+                ),
+            ),
             untrusted_forwarding_seen: AtomicBool::new(false),
             status,
             metrics,
@@ -217,6 +242,13 @@ impl Proxy {
         };
         let user_key = lookup.as_ref().map(|l| l.hash());
         self.screen_client(req, peer, ctx)?;
+        // Before the gatekeeper, as the older proxy read the body before it: a refused body
+        // costs no rate budget.
+        if let Some(limit) = self.max_body_bytes {
+            if declared_body_length(req).is_some_and(|length| length > limit) {
+                return Err((self.too_large.clone(), Outcome::TooLarge));
+            }
+        }
         // The client IP's key, hashed only when needed.
         let mut ip_key = None;
         let hasher = &self.hasher;
@@ -376,6 +408,7 @@ impl ProxyHttp for Proxy {
             upstream_first: 0,
             upstream_attempts: 0,
             upstream_status: None,
+            body_bytes: 0,
             outcome: Outcome::Proxied,
         }
     }
@@ -418,6 +451,27 @@ impl ProxyHttp for Proxy {
                 Ok(true)
             }
         }
+    }
+
+    /// A body without a declared length (chunked) is counted as it streams: past the limit the
+    /// request is aborted, upstream included, and answered 413 if no answer has started.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(limit), Some(chunk)) = (self.max_body_bytes, body.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > limit {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over clients.max_body_bytes",
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -535,6 +589,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (status, reply) = match e.esource() {
+            _ if e.etype() == &ErrorType::HTTPStatus(413) => (413, self.too_large.clone()),
             ErrorSource::Upstream => {
                 let timed_out = matches!(
                     e.etype(),
@@ -598,10 +653,10 @@ impl ProxyHttp for Proxy {
                 )
             }
         };
-        ctx.outcome = if status >= 500 {
-            Outcome::UpstreamError
-        } else {
-            Outcome::BadRequest
+        ctx.outcome = match status {
+            413 => Outcome::TooLarge,
+            500.. => Outcome::UpstreamError,
+            _ => Outcome::BadRequest,
         };
         if let Ok(header) = reply.to_header(self.cors) {
             // A failed write is a client that left; nothing more to do.
