@@ -8,11 +8,6 @@ use std::time::{Duration, Instant};
 use crate::support::tollgate::Tollgate;
 use crate::support::{closed_within, one_exchange, wait_until, Origin, TollgateBuilder};
 
-fn connect(tg: &Tollgate) -> TcpStream {
-    let address = tg.url("/");
-    TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/')).unwrap()
-}
-
 fn metric(tg: &Tollgate, name: &str) -> u64 {
     tg.metrics()
         .lines()
@@ -20,9 +15,9 @@ fn metric(tg: &Tollgate, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
-/// Sends `header` a byte per 250 ms (about 20 s) on `conn`; whether the server closed the
-/// connection before it was all sent, and after how long.
-fn trickle(conn: &mut TcpStream) -> (bool, Duration) {
+/// Sends a request header a byte per 250 ms (about 20 s) on `conn`, and checks the server
+/// closed the connection well before it was all sent.
+fn assert_trickle_cut(conn: &mut TcpStream, what: &str) {
     let header = format!(
         "GET /a HTTP/1.1\r\nHost: tollgate\r\nX-Slow: {}\r\n\r\n",
         "a".repeat(40)
@@ -30,10 +25,15 @@ fn trickle(conn: &mut TcpStream) -> (bool, Duration) {
     let started = Instant::now();
     for byte in header.as_bytes().chunks(1) {
         if conn.write_all(byte).is_err() || closed_within(conn, Duration::from_millis(250)) {
-            return (true, started.elapsed());
+            let elapsed = started.elapsed();
+            assert!(
+                elapsed < Duration::from_secs(10),
+                "{what}: cut only after {elapsed:?}"
+            );
+            return;
         }
     }
-    (false, started.elapsed())
+    panic!("{what}: the whole trickled header was read");
 }
 
 /// Pingora times each read of a request header (60 s), not the whole header: a client sending
@@ -46,35 +46,18 @@ fn a_header_trickled_past_the_header_timeout_is_cut() {
         .mode("none")
         .yaml("clients:\n  header_timeout_seconds: 2\n")
         .start();
-    let (cut, elapsed) = trickle(&mut connect(&tg));
-    assert!(cut, "the whole trickled header was read");
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "cut only after {elapsed:?}"
-    );
+    assert_trickle_cut(&mut tg.proxy_connection(), "a first request");
     assert_eq!(origin.count(), 0);
 
-    let mut conn = connect(&tg);
+    let mut conn = tg.proxy_connection();
     assert!(one_exchange(&mut conn, "/first").starts_with("HTTP/1.1 200"));
-    let (cut, elapsed) = trickle(&mut conn);
-    assert!(cut, "the second request's trickled header was read");
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "cut only after {elapsed:?}"
-    );
+    assert_trickle_cut(&mut conn, "a second request");
     assert_eq!(origin.count(), 1);
 
     // The admin listener's second request alike.
-    let admin = tg.admin_url("/");
-    let mut conn =
-        TcpStream::connect(admin.trim_start_matches("http://").trim_end_matches('/')).unwrap();
+    let mut conn = tg.admin_connection();
     assert!(one_exchange(&mut conn, "/health").starts_with("HTTP/1.1 200"));
-    let (cut, elapsed) = trickle(&mut conn);
-    assert!(cut, "the admin listener read the whole trickled header");
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "cut only after {elapsed:?}"
-    );
+    assert_trickle_cut(&mut conn, "the admin listener's second request");
     assert_eq!(metric(&tg, "tollgate_client_header_timeouts_total"), 3);
 }
 
@@ -88,7 +71,7 @@ fn the_header_timeout_spares_idle_connections_slow_bodies_and_split_headers() {
         .mode("none")
         .yaml("clients:\n  header_timeout_seconds: 1\n  keepalive_timeout_seconds: 30\n")
         .start();
-    let mut conn = connect(&tg);
+    let mut conn = tg.proxy_connection();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
@@ -112,7 +95,7 @@ fn the_header_timeout_spares_idle_connections_slow_bodies_and_split_headers() {
     assert!(origin.seen().iter().any(|r| r.uri == "/upload"));
 
     // A header in two parts, 300 ms apart.
-    let mut conn = connect(&tg);
+    let mut conn = tg.proxy_connection();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     conn.write_all(b"GET /split HTTP/1.1\r\nHo").unwrap();
@@ -142,12 +125,12 @@ fn connections_over_the_per_address_cap_are_refused_with_429() {
         .mode("none")
         .yaml("clients:\n  max_connections_per_ip: 2\n")
         .start();
-    let mut first = connect(&tg);
-    let mut second = connect(&tg);
+    let mut first = tg.proxy_connection();
+    let mut second = tg.proxy_connection();
     assert!(one_exchange(&mut first, "/a").starts_with("HTTP/1.1 200"));
     assert!(one_exchange(&mut second, "/a").starts_with("HTTP/1.1 200"));
 
-    let mut third = connect(&tg);
+    let mut third = tg.proxy_connection();
     third
         .write_all(b"GET /a HTTP/1.1\r\nHost: tollgate\r\n\r\n")
         .unwrap();
@@ -166,8 +149,7 @@ fn connections_over_the_per_address_cap_are_refused_with_429() {
     drop(first);
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let mut conn = connect(&tg);
-            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut conn = tg.proxy_connection();
             one_exchange(&mut conn, "/b").starts_with("HTTP/1.1 200")
         }),
         "a closed connection gives its place back"
@@ -183,7 +165,7 @@ fn trusted_proxies_are_exempt_from_the_connection_cap() {
         .mode("none")
         .yaml("clients:\n  max_connections_per_ip: 1\ntrusted_proxies: [\"127.0.0.1\"]\n")
         .start();
-    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(&tg)).collect();
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| tg.proxy_connection()).collect();
     for conn in &mut conns {
         assert!(one_exchange(conn, "/a").starts_with("HTTP/1.1 200"));
     }
@@ -202,10 +184,8 @@ fn a_fresh_connection_that_sends_nothing_is_closed_after_the_keepalive_timeout()
         .mode("none")
         .yaml("clients:\n  keepalive_timeout_seconds: 2\n  header_timeout_seconds: 0\n")
         .start();
-    let mut conn = connect(&tg);
-    let admin = tg.admin_url("/");
-    let mut admin =
-        TcpStream::connect(admin.trim_start_matches("http://").trim_end_matches('/')).unwrap();
+    let mut conn = tg.proxy_connection();
+    let mut admin = tg.admin_connection();
     assert!(
         closed_within(&mut conn, Duration::from_secs(8)),
         "a silent new connection still open after 8 s (keep-alive timeout 2 s)"

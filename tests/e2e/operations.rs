@@ -246,12 +246,7 @@ fn a_process_handing_over_refuses_admin_writes_and_still_answers_reads() {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr).mode("none").start();
     // A client's keep-alive connection, opened before the hand-over.
-    let address = tg.url("/");
-    let mut conn =
-        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
-            .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut conn = tg.proxy_connection();
     let mut exchange = || {
         use std::io::{Read, Write};
         conn.write_all(b"GET /a HTTP/1.1\r\nHost: tollgate\r\n\r\n")

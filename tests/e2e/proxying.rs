@@ -623,14 +623,7 @@ fn http_10_origin() -> std::net::SocketAddr {
 fn an_http_10_origin_is_answered_to_http_11_clients_in_http_11() {
     use std::io::{BufRead, BufReader, Read, Write};
     let tg = TollgateBuilder::new(http_10_origin()).mode("none").start();
-    let mut conn = std::net::TcpStream::connect(
-        tg.url("/")
-            .trim_start_matches("http://")
-            .trim_end_matches('/'),
-    )
-    .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut conn = tg.proxy_connection();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     for (path, body) in [
         ("/framed", "framed"),
@@ -687,12 +680,8 @@ fn an_http_10_origin_is_answered_to_http_11_clients_in_http_11() {
 fn an_http_10_client_gets_a_body_ended_by_the_close_not_chunked() {
     use std::io::{Read, Write};
     let tg = TollgateBuilder::new(http_10_origin()).mode("none").start();
-    let address = tg.url("/");
-    let address = address.trim_start_matches("http://").trim_end_matches('/');
     for (path, body) in [("/close", "ended by the close"), ("/framed", "framed")] {
-        let mut conn = std::net::TcpStream::connect(address).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut conn = tg.proxy_connection();
         write!(conn, "GET {path} HTTP/1.0\r\nHost: tollgate\r\n\r\n").unwrap();
         let mut answer = String::new();
         conn.read_to_string(&mut answer).unwrap();
@@ -715,9 +704,7 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
         .mode("none")
         .yaml("clients:\n  keepalive_timeout_seconds: 1\n")
         .start();
-    let address = tg.url("/");
-    let address = address.trim_start_matches("http://").trim_end_matches('/');
-    let mut conn = std::net::TcpStream::connect(address).unwrap();
+    let mut conn = tg.proxy_connection();
     assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
     assert!(
         one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"),
@@ -728,9 +715,7 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
         "idle connection closed"
     );
     // The admin listener too (Pingora's own is 60 s).
-    let admin = tg.admin_url("/");
-    let admin = admin.trim_start_matches("http://").trim_end_matches('/');
-    let mut conn = std::net::TcpStream::connect(admin).unwrap();
+    let mut conn = tg.admin_connection();
     assert!(one_exchange(&mut conn, "/health").starts_with("HTTP/1.1 200"));
     assert!(
         closed_within(&mut conn, Duration::from_secs(5)),
@@ -741,9 +726,7 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
         .mode("none")
         .yaml("clients:\n  keepalive_timeout_seconds: 0\n")
         .start();
-    let address = unbounded.url("/");
-    let address = address.trim_start_matches("http://").trim_end_matches('/');
-    let mut conn = std::net::TcpStream::connect(address).unwrap();
+    let mut conn = unbounded.proxy_connection();
     assert!(one_exchange(&mut conn, "/a").starts_with("HTTP/1.1 200"));
     assert!(
         !closed_within(&mut conn, Duration::from_secs(3)),
@@ -780,12 +763,7 @@ fn raw_origin(
 fn user_and_connection(origin: std::net::SocketAddr) -> (Tollgate, String, std::net::TcpStream) {
     let tg = TollgateBuilder::new(origin).start();
     let token = tg.create_user(json!({}));
-    let address = tg.url("/");
-    let conn =
-        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
-            .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let conn = tg.proxy_connection();
     (tg, token, conn)
 }
 
@@ -907,12 +885,7 @@ fn request_bodies_over_the_limit_get_413() {
         "the body is refused before the gatekeeper"
     );
 
-    let address = tg.url("/");
-    let mut conn =
-        std::net::TcpStream::connect(address.trim_start_matches("http://").trim_end_matches('/'))
-            .unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut conn = tg.proxy_connection();
     write!(
         conn,
         "POST /chunked HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\

@@ -340,6 +340,16 @@ impl Tollgate {
         format!("{}{path}", self.admin)
     }
 
+    /// A raw connection to the proxy listener (10 s read timeout), for HTTP written by hand.
+    pub fn proxy_connection(&self) -> std::net::TcpStream {
+        raw_connection(self.proxy_port)
+    }
+
+    /// A raw connection to the admin listener (10 s read timeout).
+    pub fn admin_connection(&self) -> std::net::TcpStream {
+        raw_connection(self.admin_port)
+    }
+
     /// The Prometheus text of `/metrics` (no key needed).
     pub fn metrics(&self) -> String {
         client()
@@ -488,4 +498,11 @@ impl Drop for Tollgate {
             let _ = child.wait();
         }
     }
+}
+
+fn raw_connection(port: u16) -> std::net::TcpStream {
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn
 }
