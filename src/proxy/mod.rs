@@ -455,14 +455,19 @@ impl ProxyHttp for Proxy {
 
     /// A body without a declared length (chunked) is counted as it streams: past the limit the
     /// request is aborted, upstream included, and answered 413 if no answer has started.
+    /// Pingora passes the bytes of an upgraded connection (a WebSocket) through here too; they
+    /// are not a request body and are not counted, or a long session would be cut.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let (Some(limit), Some(chunk)) = (self.max_body_bytes, body.as_ref()) {
+            if session.was_upgraded() {
+                return Ok(());
+            }
             ctx.body_bytes += chunk.len() as u64;
             if ctx.body_bytes > limit {
                 return Error::e_explain(

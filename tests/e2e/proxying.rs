@@ -911,3 +911,49 @@ fn request_bodies_over_the_limit_get_413() {
         .metrics()
         .contains(r#"tollgate_requests_total{mode="user_token",result="413"} 3"#));
 }
+
+/// An upgraded connection (a WebSocket, e.g. a realtime API streaming audio up) is not a
+/// request body: it may carry more than `clients.max_body_bytes` without being cut, as behind
+/// nginx, whose `client_max_body_size` does not apply to it either.
+#[test]
+fn an_upgraded_connection_is_not_held_to_the_body_limit() {
+    use std::io::{Read, Write};
+    let origin = raw_origin(|mut stream, mut reader| {
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\n\r\n",
+            )
+            .unwrap();
+        // Echoes every byte back until the client closes.
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let tg = TollgateBuilder::new(origin)
+        .yaml("clients:\n  max_body_bytes: 1000\n")
+        .start();
+    let token = tg.create_user(json!({}));
+    let mut conn = tg.proxy_connection();
+    write!(
+        conn,
+        "GET /realtime HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_until(&mut conn, "\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Ten times the body limit, 500 bytes at a time, each echoed before the next is sent.
+    for round in 0..20 {
+        let frame = format!("{round:03}{}", "f".repeat(497));
+        conn.write_all(frame.as_bytes()).unwrap();
+        let mut echoed = vec![0u8; frame.len()];
+        conn.read_exact(&mut echoed)
+            .unwrap_or_else(|e| panic!("round {round}: the connection was cut: {e}"));
+        assert_eq!(echoed, frame.as_bytes(), "round {round}");
+    }
+}
