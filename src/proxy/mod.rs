@@ -419,6 +419,10 @@ impl ProxyHttp for Proxy {
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
         connection::header_received(session);
+        // HTTP/1.1 pipelining, as nginx serves it: Pingora's default answered the first of
+        // several requests sent ahead (with `Connection: keep-alive`), then closed the
+        // connection and dropped the others. Requests are still handled one after the other.
+        session.set_pipelining_enabled(true);
         Ok(())
     }
 

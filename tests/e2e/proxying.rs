@@ -957,3 +957,69 @@ fn an_upgraded_connection_is_not_held_to_the_body_limit() {
         assert_eq!(echoed, frame.as_bytes(), "round {round}");
     }
 }
+
+/// HTTP/1.1 pipelining: requests a client sends before reading the answers are each answered,
+/// in order, on the same connection (as nginx does). Pingora by default answered the first
+/// (saying `Connection: keep-alive`), then closed the connection and dropped the rest.
+#[test]
+fn pipelined_requests_are_all_answered_in_order() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let origin = Origin::start();
+    let (tg, token, mut conn) = user_and_connection(origin.addr);
+    let mut requests = String::new();
+    for path in ["/first", "/second"] {
+        requests.push_str(&format!(
+            "GET {path} HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ));
+    }
+    requests.push_str(&format!(
+        "POST /third HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 5\r\n\r\nhello"
+    ));
+    // Refused by tollgate itself (no token), then one more behind it.
+    requests.push_str("GET /fourth HTTP/1.1\r\nHost: tollgate\r\n\r\n");
+    requests.push_str(&format!(
+        "GET /fifth HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ));
+    conn.write_all(requests.as_bytes()).unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let mut status = String::new();
+        reader
+            .read_line(&mut status)
+            .unwrap_or_else(|e| panic!("after {answers:?}: {e}"));
+        assert!(!status.is_empty(), "closed after {answers:?}");
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        answers.push((
+            status.trim_end().to_string(),
+            String::from_utf8(body).unwrap(),
+        ));
+    }
+    let statuses: Vec<&str> = answers.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 401 Unauthorized",
+            "HTTP/1.1 200 OK"
+        ]
+    );
+    let paths: Vec<String> = origin.seen().into_iter().map(|r| r.uri).collect();
+    assert_eq!(paths, ["/first", "/second", "/third", "/fifth"]);
+    drop(tg);
+}
