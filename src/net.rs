@@ -209,6 +209,7 @@ mod tests {
             keepalive_timeout_seconds: 60,
             tcp_keepalive: true,
             header_timeout: None,
+            body_timeout: None,
             max_connections_per_ip: 0,
             max_body_bytes: None,
         };

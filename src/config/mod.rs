@@ -49,6 +49,9 @@ pub struct ClientsConfig {
     /// Longest time from the first bytes of a request header to its end (`None`: no limit
     /// beyond Pingora's per read), as nginx's `client_header_timeout`.
     pub header_timeout: Option<Duration>,
+    /// Longest wait for the next bytes of a request body (`None`: no limit of its own), as
+    /// nginx's `client_body_timeout`.
+    pub body_timeout: Option<Duration>,
     /// Open proxy connections one address (an IPv6 /64) may hold; 0: no cap.
     pub max_connections_per_ip: u32,
     /// Largest proxied request body (`None`: no limit), as nginx's `client_max_body_size`.
@@ -408,10 +411,13 @@ impl Builder<'_> {
         at_most_a_year(self.origin, "clients.keepalive_timeout_seconds", seconds)?;
         let header = raw.header_timeout_seconds;
         at_most_a_year(self.origin, "clients.header_timeout_seconds", header)?;
+        let body = raw.body_timeout_seconds;
+        at_most_a_year(self.origin, "clients.body_timeout_seconds", body)?;
         Ok(ClientsConfig {
             keepalive_timeout_seconds: seconds,
             tcp_keepalive: raw.tcp_keepalive,
             header_timeout: (header > 0).then(|| Duration::from_secs(header)),
+            body_timeout: (body > 0).then(|| Duration::from_secs(body)),
             max_connections_per_ip: raw.max_connections_per_ip,
             max_body_bytes: (raw.max_body_bytes > 0).then_some(raw.max_body_bytes),
         })

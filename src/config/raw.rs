@@ -328,6 +328,8 @@ pub struct RawClients {
     pub tcp_keepalive: bool,
     #[serde(default = "default_header_timeout")]
     pub header_timeout_seconds: u64,
+    #[serde(default = "default_client_body_timeout")]
+    pub body_timeout_seconds: u64,
     #[serde(default)]
     pub max_connections_per_ip: u32,
     #[serde(default = "default_client_max_body")]
@@ -343,6 +345,11 @@ fn default_header_timeout() -> u64 {
     60
 }
 
+/// nginx's `client_body_timeout`, and what Pingora applied to every read.
+fn default_client_body_timeout() -> u64 {
+    60
+}
+
 fn default_client_keepalive() -> u64 {
     60
 }
@@ -353,6 +360,7 @@ impl Default for RawClients {
             keepalive_timeout_seconds: default_client_keepalive(),
             tcp_keepalive: true,
             header_timeout_seconds: default_header_timeout(),
+            body_timeout_seconds: default_client_body_timeout(),
             max_connections_per_ip: 0,
             max_body_bytes: default_client_max_body(),
         }

@@ -20,6 +20,8 @@ pub enum Outcome {
     BadRequest,
     /// A request body over `clients.max_body_bytes`.
     TooLarge,
+    /// A request body that stopped arriving (`clients.body_timeout_seconds`).
+    TimedOut,
     UpstreamError,
     /// A CORS preflight answered by tollgate itself.
     Preflight,
@@ -28,13 +30,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 9] = [
+    const ALL: [Outcome; 10] = [
         Outcome::Proxied,
         Outcome::Unauthorized,
         Outcome::Forbidden,
         Outcome::RateLimited,
         Outcome::BadRequest,
         Outcome::TooLarge,
+        Outcome::TimedOut,
         Outcome::UpstreamError,
         Outcome::Preflight,
         Outcome::ClientClosed,
@@ -48,6 +51,7 @@ impl Outcome {
             Outcome::RateLimited => "429",
             Outcome::BadRequest => "400",
             Outcome::TooLarge => "413",
+            Outcome::TimedOut => "408",
             Outcome::UpstreamError => "502",
             Outcome::Preflight => "preflight",
             Outcome::ClientClosed => "client_closed",

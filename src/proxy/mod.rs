@@ -13,7 +13,7 @@ pub mod upstream;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -60,6 +60,8 @@ pub struct Proxy {
     /// Largest request body passed upstream (`clients.max_body_bytes`), and its refusal.
     max_body_bytes: Option<u64>,
     too_large: ErrorReply,
+    /// Longest wait for a request body's next bytes (`clients.body_timeout_seconds`).
+    body_timeout: Option<Duration>,
     /// Set once `X-Forwarded-For` was seen from a peer outside `trusted_proxies` (logged once).
     untrusted_forwarding_seen: AtomicBool,
     /// Says when this process hands its listeners over or stops ([`StoreStatus::is_leaving`]).
@@ -189,6 +191,7 @@ impl Proxy {
                     config.clients.max_body_bytes.unwrap_or(u64::MAX)
                 ),
             ),
+            body_timeout: config.clients.body_timeout,
             untrusted_forwarding_seen: AtomicBool::new(false),
             status,
             metrics,
@@ -423,6 +426,9 @@ impl ProxyHttp for Proxy {
         // several requests sent ahead (with `Connection: keep-alive`), then closed the
         // connection and dropped the others. Requests are still handled one after the other.
         session.set_pipelining_enabled(true);
+        // Pingora times each body read with this; the header is read by now, and the next
+        // request on the connection gets a new session.
+        session.set_read_timeout(self.body_timeout);
         Ok(())
     }
 
@@ -629,6 +635,16 @@ impl ProxyHttp for Proxy {
                     )
                 }
             }
+            // A body that stopped arriving (`clients.body_timeout_seconds`): the client's fault,
+            // as nginx's 408, not a malformed request or an upstream failure.
+            ErrorSource::Downstream if e.etype() == &ErrorType::ReadTimedout => (
+                408,
+                ErrorReply::new(
+                    408,
+                    "request_timeout",
+                    "The request body did not arrive in time",
+                ),
+            ),
             ErrorSource::Downstream => {
                 if matches!(
                     e.etype(),
@@ -663,6 +679,7 @@ impl ProxyHttp for Proxy {
             }
         };
         ctx.outcome = match status {
+            408 => Outcome::TimedOut,
             413 => Outcome::TooLarge,
             500.. => Outcome::UpstreamError,
             _ => Outcome::BadRequest,

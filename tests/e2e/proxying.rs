@@ -912,6 +912,45 @@ fn request_bodies_over_the_limit_get_413() {
         .contains(r#"tollgate_requests_total{mode="user_token",result="413"} 3"#));
 }
 
+/// A request body that stops arriving gets `408 request_timeout` after
+/// `clients.body_timeout_seconds` (nginx's `client_body_timeout`: the wait for the next
+/// bytes, not for the whole body), instead of Pingora's 60 s and a `400 bad_request`.
+#[test]
+fn a_stalled_request_body_gets_408_and_a_slow_one_passes() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("clients:\n  body_timeout_seconds: 1\n")
+        .start();
+    let token = tg.create_user(json!({}));
+    let head = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 8\r\n\r\n"
+        )
+    };
+
+    // Two bytes every 0.6 s: 1.8 s in all, longer than the timeout, each wait shorter.
+    let mut conn = tg.proxy_connection();
+    conn.write_all(head("/slow").as_bytes()).unwrap();
+    for _ in 0..4 {
+        conn.write_all(b"ab").unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    let answer = read_until(&mut conn, "\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let mut conn = tg.proxy_connection();
+    conn.write_all(head("/stalled").as_bytes()).unwrap();
+    conn.write_all(b"abc").unwrap();
+    let answer = read_until(&mut conn, "}}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""type":"request_timeout""#), "{answer}");
+    assert!(tg
+        .metrics()
+        .contains(r#"tollgate_requests_total{mode="user_token",result="408"} 1"#));
+}
+
 /// An upgraded connection (a WebSocket, e.g. a realtime API streaming audio up) is not a
 /// request body: it may carry more than `clients.max_body_bytes` without being cut, as behind
 /// nginx, whose `client_max_body_size` does not apply to it either.
