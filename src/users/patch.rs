@@ -63,7 +63,9 @@ pub struct UserPatch {
     pub disabled_reason: Patch<String>,
     #[serde(default)]
     pub expires_at: Patch<u64>,
-    #[serde(default)]
+    /// As in the older proxy (`z.coerce.number().int().min(0)`), a string holding the number
+    /// (`"3"`, as a form field or a shell script sends it) is taken as the number.
+    #[serde(default, deserialize_with = "coerced_max_ips")]
     pub max_ips: Patch<u32>,
     #[serde(default)]
     pub admin_note: Patch<String>,
@@ -147,6 +149,52 @@ impl UserPatch {
     }
 }
 
+/// `maxIps`: `null`, or a non-negative integer up to `u32::MAX` given as a number (`3`, `3.0`)
+/// or as a string holding one (`"3"`, `" 3 "`, `"3e0"`), as the older proxy's
+/// `z.coerce.number().int().min(0)` took it. An empty or non-numeric string is refused (the
+/// older proxy read `""` as 0, i.e. unlimited).
+fn coerced_max_ips<'de, D: Deserializer<'de>>(d: D) -> Result<Patch<u32>, D::Error> {
+    struct MaxIps;
+    impl<'de> serde::de::Visitor<'de> for MaxIps {
+        type Value = Patch<u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a non-negative integer up to 4294967295 (or a string holding one)")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Patch::Null)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Patch::Null)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(Patch::Set)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                .and_then(|v| self.visit_u64(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) {
+                Ok(Patch::Set(v as u32))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v.trim().parse::<f64>() {
+                Ok(n) if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) => {
+                    Ok(Patch::Set(n as u32))
+                }
+                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+            }
+        }
+    }
+    d.deserialize_any(MaxIps)
+}
+
 fn set_required<T: Clone>(slot: &mut T, patch: &Patch<T>) {
     if let Patch::Set(v) = patch {
         *slot = v.clone();
@@ -194,12 +242,46 @@ mod tests {
     fn unknown_fields_and_wrong_types_name_the_field() {
         let err = parse(r#"{"maxIPs":3}"#).unwrap_err();
         assert!(err.contains("unknown field `maxIPs`"), "{err}");
-        let err = parse(r#"{"maxIps":"3"}"#).unwrap_err();
+        let err = parse(r#"{"maxIps":"three"}"#).unwrap_err();
         assert!(err.starts_with("maxIps:"), "{err}");
         let err = parse(r#"{"type":"admin"}"#).unwrap_err();
         assert!(err.starts_with("type:"), "{err}");
         let err = parse(r#"{"tokenLimits":{"gpt4":-5}}"#).unwrap_err();
         assert!(err.starts_with("tokenLimits.gpt4:"), "{err}");
+    }
+
+    /// The older proxy coerced `maxIps` (`z.coerce.number().int().min(0)`): a script or form
+    /// that sends `"3"` sets 3 there, and must not get a 400 here.
+    #[test]
+    fn max_ips_takes_a_number_in_a_string_as_the_older_proxy_did() {
+        for (json, want) in [
+            (r#"{"maxIps":3}"#, Patch::Set(3)),
+            (r#"{"maxIps":"3"}"#, Patch::Set(3)),
+            (r#"{"maxIps":" 0 "}"#, Patch::Set(0)),
+            (r#"{"maxIps":3.0}"#, Patch::Set(3)),
+            (r#"{"maxIps":"4294967295"}"#, Patch::Set(u32::MAX)),
+            (r#"{"maxIps":null}"#, Patch::Null),
+            (r#"{}"#, Patch::Absent),
+        ] {
+            assert_eq!(parse(json).unwrap().max_ips, want, "{json}");
+        }
+        for json in [
+            r#"{"maxIps":""}"#,
+            r#"{"maxIps":"x"}"#,
+            r#"{"maxIps":"-1"}"#,
+            r#"{"maxIps":-1}"#,
+            r#"{"maxIps":"2.5"}"#,
+            r#"{"maxIps":2.5}"#,
+            r#"{"maxIps":"NaN"}"#,
+            r#"{"maxIps":"inf"}"#,
+            r#"{"maxIps":4294967296}"#,
+            r#"{"maxIps":"4294967296"}"#,
+            r#"{"maxIps":true}"#,
+            r#"{"maxIps":[3]}"#,
+        ] {
+            let err = parse(json).unwrap_err();
+            assert!(err.starts_with("maxIps:"), "{json}: {err}");
+        }
     }
 
     #[test]

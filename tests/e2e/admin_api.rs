@@ -797,7 +797,13 @@ fn form_encoded_bodies_work_as_in_the_older_proxy() {
         (user["maxIps"].as_u64(), user["nickname"].as_str()),
         (Some(2), Some("bob"))
     );
+    // The older proxy coerced `maxIps` (`z.coerce.number()`), so a form (or a JSON string)
+    // sets it.
+    let edited = form(Method::PUT, &path, "maxIps=3");
+    assert_eq!(edited.status(), 200);
+    assert_eq!(tg.user(&token)["maxIps"], 3);
     for (body, field) in [
+        ("maxIps=", "maxIps"),
         ("promptCount=5", "promptCount"),
         ("nickname=a&nickname=b", "nickname"),
     ] {
