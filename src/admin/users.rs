@@ -208,10 +208,15 @@ impl UsersApi {
         .await
     }
 
-    /// `PUT /admin/users/{token}`: partial upsert; `null` removes an optional field.
+    /// `PUT /admin/users/{token}`: partial upsert; `null` removes an optional field. An empty
+    /// body is `{}`, as the older proxy's body parser read it: the user is created if missing.
     pub async fn upsert(&self, token: &str, body: &[u8]) -> Result<Reply, ApiError> {
         validate_token(token).map_err(|p| ApiError::bad_request("token", p))?;
-        let patch: UserPatch = parse_json(body)?;
+        let patch: UserPatch = if body.iter().all(u8::is_ascii_whitespace) {
+            UserPatch::default()
+        } else {
+            parse_json(body)?
+        };
         if let Patch::Set(body_token) = &patch.token {
             if body_token != token {
                 return Err(ApiError::bad_request(

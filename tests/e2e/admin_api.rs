@@ -147,6 +147,28 @@ fn put_is_a_partial_upsert_where_null_removes() {
         .send()
         .unwrap();
     assert_eq!(resp.headers()["x-tollgate-persisted"], "true");
+
+    // The older proxy's body parser read an empty body as `{}`: a bare PUT creates the user
+    // (or leaves it as it is), with or without a content type.
+    for content_type in [None, Some("application/json")] {
+        let mut req = tg.admin_request(Method::PUT, "/admin/users/bare-put");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().unwrap();
+        assert_eq!(resp.status(), 200, "{content_type:?}");
+        let user: Value = resp.json().unwrap();
+        assert_eq!(
+            (user["token"].as_str(), user["type"].as_str()),
+            (Some("bare-put"), Some("normal"))
+        );
+    }
+    // The import still needs its `users`.
+    let resp = tg
+        .admin_request(Method::PUT, "/admin/users")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 }
 
 #[test]
