@@ -289,9 +289,19 @@ pub const MAX_NICKNAME_CHARS: usize = 80;
 /// An `ip` entry is an address or the older proxy's `risu<id>-<ip>` key; anything longer is junk.
 const MAX_IP_ENTRY_BYTES: usize = 256;
 
-/// Tokens become Firebase keys (`/users/<token>`), so they follow Firebase's key rules.
+/// Tokens become Firebase keys (`/users/<token>`), so they follow Firebase's key rules. They
+/// are credentials too, and a presented one is trimmed (`Authorization`, `x-api-key`): a token
+/// with leading or trailing white space could never be presented that way.
 pub fn validate_token(token: &str) -> Result<(), String> {
-    validate_key(token, "token")
+    validate_key(token, "token")?;
+    if token.trim() != token {
+        return Err(
+            "token must not start or end with white space (presented tokens are \
+                    trimmed, so it could never match)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Firebase key rules: non-empty, at most 768 bytes, none of `. $ # [ ] /`, no control characters.
@@ -522,12 +532,28 @@ mod tests {
     fn token_key_rules() {
         assert!(validate_token("5d7c4c1e-2a55-4f6e-9d7a-0d1c2b3a4f5e").is_ok());
         for bad in [
-            "", "a.b", "a$b", "a#b", "a[b", "a]b", "a/b", "a\u{7f}b", "a\nb",
+            "",
+            "a.b",
+            "a$b",
+            "a#b",
+            "a[b",
+            "a]b",
+            "a/b",
+            "a\u{7f}b",
+            "a\nb",
+            " a",
+            "a ",
+            "a\u{a0}",
+            "\u{3000}a",
         ] {
             assert!(validate_token(bad).is_err(), "{bad:?}");
         }
         assert!(validate_token(&"x".repeat(768)).is_ok());
         assert!(validate_token(&"x".repeat(769)).is_err());
+        assert!(
+            validate_token("a b").is_ok(),
+            "inner white space is presented as it is"
+        );
     }
 
     #[test]

@@ -201,6 +201,13 @@ fn bad_input_gets_a_precise_400() {
         ("/admin/users/t1", r#"{"token": "other"}"#, Some("token")),
         ("/admin/users/a.b", r#"{}"#, Some("token")),
         ("/admin/users/a%24b", r#"{}"#, Some("token")),
+        // Presented tokens are trimmed: this one could never authenticate by header.
+        ("/admin/users/padded%20", r#"{}"#, Some("token")),
+        (
+            "/admin/users",
+            r#"{"users": [{"token": " lead"}]}"#,
+            Some("users[0].token"),
+        ),
         (
             "/admin/users",
             r#"{"users": [{"token": "ok"}, {"token": "bad", "type": 5}]}"#,
