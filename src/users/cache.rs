@@ -318,8 +318,9 @@ impl UserCache {
                 let mut user = User::new(token.to_string(), Default::default(), now_ms);
                 patch.apply_to(&mut user);
                 let record = Arc::new(UserRecord::from_user(&user));
-                self.insert_created(record, Some(patch.fields()));
-                return user;
+                self.insert_created(Arc::clone(&record), Some(patch.fields()));
+                // As stored (zero family entries are not kept), like an existing user's answer.
+                return record.to_user();
             };
             drop(guard);
             if let Some(user) = self.upsert_existing(&record, patch) {

@@ -61,6 +61,20 @@ fn upsert_creates_missing_user_from_defaults() {
     assert!(c.fields.contains(Fields::CREATED));
 }
 
+/// The answer to a `PUT` is the user as stored (zero family entries are not kept), whether the
+/// upsert created it or changed it: an import's `upserted_users` were otherwise inconsistent.
+#[test]
+fn upsert_answers_with_the_user_as_stored() {
+    let cache = UserCache::default();
+    let body = r#"{"tokenCounts":{"turbo":0,"gpt4":5},"tokenLimits":{"gpt4":0},"tokenRefresh":{"gpt4":0}}"#;
+    for token in ["new", "new"] {
+        let (answered, _) = cache.upsert(token, &patch(body), 42);
+        assert_eq!(answered, cache.user(token).unwrap(), "{token}");
+    }
+    let (answered, _) = cache.upsert_many(&[("new2".into(), patch(body))], 42);
+    assert_eq!(answered, vec![cache.user("new2").unwrap()]);
+}
+
 #[test]
 fn upsert_marks_only_patched_fields() {
     let cache = UserCache::default();
