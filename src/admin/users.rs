@@ -66,7 +66,7 @@ struct Created<'a> {
 pub struct CreateRequest {
     #[serde(rename = "type", default)]
     user_type: UserType,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::users::patch::js_integer_option")]
     expires_at: Option<u64>,
     #[serde(default)]
     token_limits: Option<FamilyValues>,

@@ -43,7 +43,7 @@ pub struct UserPatch {
     pub nickname: Patch<String>,
     #[serde(rename = "type", default)]
     pub user_type: Patch<UserType>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "js_integer")]
     pub prompt_count: Patch<u64>,
     #[serde(default)]
     pub token_count: Patch<Value>,
@@ -53,15 +53,15 @@ pub struct UserPatch {
     pub token_limits: Patch<FamilyValues>,
     #[serde(default)]
     pub token_refresh: Patch<FamilyValues>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "js_integer")]
     pub created_at: Patch<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "js_integer")]
     pub last_used_at: Patch<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "js_integer")]
     pub disabled_at: Patch<u64>,
     #[serde(default)]
     pub disabled_reason: Patch<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "js_integer")]
     pub expires_at: Patch<u64>,
     /// As in the older proxy (`z.coerce.number().int().min(0)`), a string holding the number
     /// (`"3"`, as a form field or a shell script sends it) is taken as the number.
@@ -147,6 +147,51 @@ impl UserPatch {
         add(!self.meta.is_absent(), Fields::META);
         f
     }
+}
+
+/// Counters and times (`promptCount`, `createdAt`, …): `null`, or a JSON number that is a
+/// non-negative integer however it is spelled (`1700000000000`, `1.7e12`, `1700000000000.0` as
+/// Python writes a float). JavaScript has one number type, so the older proxy took all three; a
+/// fraction is refused. Values above 2^53 - 1 are refused later, by [`User::validate`].
+pub fn js_integer<'de, D: Deserializer<'de>>(d: D) -> Result<Patch<u64>, D::Error> {
+    struct Integer;
+    impl<'de> serde::de::Visitor<'de> for Integer {
+        type Value = Patch<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Patch::Null)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Patch::Null)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Patch::Set(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(Patch::Set)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            if v.fract() == 0.0 && v >= 0.0 {
+                // Saturates far above 2^53, which `User::validate` refuses.
+                Ok(Patch::Set(v as u64))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(Integer)
+}
+
+/// [`js_integer`] for a field that is either absent/`null` or set.
+pub fn js_integer_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match js_integer(d)? {
+        Patch::Set(v) => Some(v),
+        Patch::Absent | Patch::Null => None,
+    })
 }
 
 /// `maxIps`: `null`, or a non-negative integer up to `u32::MAX` given as a number (`3`, `3.0`)
@@ -282,6 +327,54 @@ mod tests {
             let err = parse(json).unwrap_err();
             assert!(err.starts_with("maxIps:"), "{json}: {err}");
         }
+    }
+
+    /// JavaScript has one number type: the older proxy took `1.7e12` or `1700000000000.0`
+    /// (Python's spelling of a float) for a time, and so must the import.
+    #[test]
+    fn times_and_counters_take_integral_numbers_however_spelled() {
+        for (json, want) in [
+            (
+                r#"{"expiresAt":1700000000000}"#,
+                Patch::Set(1_700_000_000_000),
+            ),
+            (r#"{"expiresAt":1.7e12}"#, Patch::Set(1_700_000_000_000)),
+            (
+                r#"{"expiresAt":1700000000000.0}"#,
+                Patch::Set(1_700_000_000_000),
+            ),
+            (r#"{"expiresAt":null}"#, Patch::Null),
+            (r#"{}"#, Patch::Absent),
+        ] {
+            assert_eq!(parse(json).unwrap().expires_at, want, "{json}");
+        }
+        let p = parse(r#"{"promptCount":1e3,"createdAt":5.0,"lastUsedAt":6.0,"disabledAt":7.0}"#)
+            .unwrap();
+        assert_eq!(
+            (p.prompt_count, p.created_at, p.last_used_at, p.disabled_at),
+            (
+                Patch::Set(1000),
+                Patch::Set(5),
+                Patch::Set(6),
+                Patch::Set(7)
+            )
+        );
+        for json in [
+            r#"{"expiresAt":1700000000000.5}"#,
+            r#"{"expiresAt":-1}"#,
+            r#"{"expiresAt":-1.0}"#,
+            r#"{"expiresAt":"1700000000000"}"#,
+            r#"{"promptCount":0.5}"#,
+            r#"{"createdAt":true}"#,
+        ] {
+            let err = parse(json).unwrap_err();
+            assert!(
+                err.contains("expected a non-negative integer"),
+                "{json}: {err}"
+            );
+        }
+        let huge = parse(r#"{"expiresAt":1e300}"#).unwrap();
+        assert_eq!(huge.validate("").unwrap_err().field, "expiresAt");
     }
 
     #[test]

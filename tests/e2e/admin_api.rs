@@ -63,6 +63,31 @@ fn create_normal_special_and_temporary_users() {
         (Some(4102444800000), &json!({"gpt4": 1000}))
     );
 
+    // A float that is an integer (Python sends `1700000000000.0`) is that integer, as in the
+    // older proxy; a fraction is refused.
+    let resp = tg
+        .admin_request(Method::POST, "/admin/users")
+        .header("content-type", "application/json")
+        .body(r#"{"type": "temporary", "expiresAt": 4102444800000.0}"#)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let token = resp.json::<Value>().unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(tg.user(&token)["expiresAt"], 4102444800000u64);
+    let (status, body) = send(
+        &tg,
+        Method::PUT,
+        &format!("/admin/users/{token}"),
+        Some(json!({"expiresAt": 1.5})),
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("expiresAt"))
+    );
+
     let (status, body) = send(
         &tg,
         Method::POST,
