@@ -234,12 +234,40 @@ impl User {
         if let Some(ip) = fields.get_mut("ip") {
             *ip = Value::Array(stored_list(std::mem::take(ip)));
         }
+        for name in STORED_WHOLE_NUMBERS {
+            if let Some(number) = fields.get_mut(*name) {
+                truncate_float(number);
+            }
+        }
         let user = serde_json::from_value::<User>(Value::Object(fields))
             .map_err(|e| format!("malformed field: {e}"))?;
         Ok(StoredUser {
             user,
             unknown_fields,
         })
+    }
+}
+
+/// Whole numbers here, JavaScript numbers in the older proxy: its admin API stored what it was
+/// sent (`expiresAt: 1700000000000.5` from a script doing float arithmetic), and Firebase
+/// returns a large or fractional number in exponent form (`1.7000000000005E12`).
+const STORED_WHOLE_NUMBERS: &[&str] = &[
+    "promptCount",
+    "createdAt",
+    "lastUsedAt",
+    "disabledAt",
+    "expiresAt",
+    "maxIps",
+];
+
+/// A non-negative float becomes its whole part (a fraction of a millisecond or of a count means
+/// nothing here), so such a user loads instead of being left out. Anything else is left for
+/// deserialization to refuse.
+fn truncate_float(number: &mut Value) {
+    if let Some(v) = number.as_f64().filter(|_| number.is_f64()) {
+        if v.is_finite() && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+            *number = Value::from(v.trunc() as u64);
+        }
     }
 }
 
@@ -469,6 +497,30 @@ mod tests {
         assert_eq!(holes.user.ip, vec!["3.3.3.3"]);
         assert!(User::from_stored("t", serde_json::json!(5)).is_err());
         assert!(User::from_stored("t", serde_json::json!({"promptCount": "x"})).is_err());
+    }
+
+    /// A float where a whole number belongs (the older proxy stored what its API was sent, and
+    /// Firebase returns it in exponent form) is read as its whole part: the user still loads.
+    #[test]
+    fn stored_floats_in_whole_number_fields_are_truncated() {
+        let raw = r#"{"promptCount": 3.0, "createdAt": 1.7E12, "lastUsedAt": 5.9,
+            "disabledAt": 1.7000000000005E12, "expiresAt": 1700000000000.5, "maxIps": 2.0}"#;
+        let stored = User::from_stored("t", serde_json::from_str(raw).unwrap()).unwrap();
+        let user = stored.user;
+        assert_eq!(user.prompt_count, 3);
+        assert_eq!(user.created_at, 1_700_000_000_000);
+        assert_eq!(user.last_used_at, Some(5));
+        assert_eq!(user.disabled_at, Some(1_700_000_000_000));
+        assert_eq!(user.expires_at, Some(1_700_000_000_000));
+        assert_eq!(user.max_ips, Some(2));
+        for bad in [
+            r#"{"expiresAt": -1.5}"#,
+            r#"{"maxIps": 5e9}"#,
+            r#"{"createdAt": 1e20}"#,
+        ] {
+            let value = serde_json::from_str(bad).unwrap();
+            assert!(User::from_stored("t", value).is_err(), "{bad}");
+        }
     }
 
     /// serde_json's default float parsing is not always correctly rounded: a count with 17
