@@ -70,6 +70,30 @@ pub struct Proxy {
     access_log: Option<AccessLog>,
 }
 
+/// An HTTP/1.1 request with `Expect: 100-continue` and a body still to come.
+fn expects_continue(session: &mut Session) -> bool {
+    let req = session.req_header();
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && !session.is_body_empty()
+}
+
+/// Answers `100 Continue` once the request passed, as nginx does, so the client sends its body
+/// now and the upstream gets no `Expect` ([`Proxy::upstream_request_filter`]). Relayed from
+/// the upstream instead, the 100 came only if the upstream sent one (otherwise the client waited
+/// for its own timeout, curl's 1 s), and Pingora closed the connection after the answer.
+async fn send_continue(session: &mut Session) -> Result<()> {
+    // The 100 precedes the body by definition: it must not mark the connection for closing
+    // the way an early final answer does.
+    session.set_close_on_response_before_downstream_finish(false);
+    let sent = session.write_continue_response().await;
+    session.set_close_on_response_before_downstream_finish(true);
+    sent
+}
+
 /// Once it has read a request, Pingora waits for the client's next one without limit, and
 /// without limit between the reads of its header: a client that goes silent, or sends a byte
 /// now and then, kept its connection (memory and a file descriptor) for good. The wait is
@@ -142,6 +166,8 @@ pub struct RequestCtx {
     upstream_status: Option<u16>,
     /// Request body bytes passed upstream so far.
     body_bytes: u64,
+    /// tollgate answered the client's `Expect: 100-continue` itself.
+    continue_sent: bool,
     outcome: Outcome,
 }
 
@@ -412,6 +438,7 @@ impl ProxyHttp for Proxy {
             upstream_attempts: 0,
             upstream_status: None,
             body_bytes: 0,
+            continue_sent: false,
             outcome: Outcome::Proxied,
         }
     }
@@ -454,7 +481,13 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         }
         match self.decide(session.req_header(), peer, now_ms(), ctx) {
-            Ok(()) => Ok(false),
+            Ok(()) => {
+                if expects_continue(session) {
+                    send_continue(session).await?;
+                    ctx.continue_sent = true;
+                }
+                Ok(false)
+            }
             Err((reply, outcome)) => {
                 ctx.outcome = outcome;
                 reply.send(session, self.cors).await?;
@@ -534,6 +567,9 @@ impl ProxyHttp for Proxy {
         } else {
             // A key sent in several places must not reach the upstream through the others.
             credential::strip_all(upstream);
+        }
+        if ctx.continue_sent {
+            upstream.remove_header(&http::header::EXPECT);
         }
         if !ctx.peer_trusted {
             // Only until the warning was given: then no header lookup per request.

@@ -951,6 +951,62 @@ fn a_stalled_request_body_gets_408_and_a_slow_one_passes() {
         .contains(r#"tollgate_requests_total{mode="user_token",result="408"} 1"#));
 }
 
+/// `Expect: 100-continue` (curl sends it with large bodies): tollgate answers `100 Continue`
+/// itself once the request passed, as nginx does, the upstream gets no `Expect`, and the
+/// connection stays open for the next request (Pingora relayed the upstream's 100, if it sent
+/// one, then closed the connection after the answer). A refused request gets its answer
+/// without a 100, so the client never sends the body.
+#[test]
+fn expect_100_continue_is_answered_by_tollgate_and_keeps_the_connection() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let (tg, token, mut conn) = user_and_connection(origin.addr);
+    write!(
+        conn,
+        "POST /upload HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
+         Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    )
+    .unwrap();
+    let interim = read_until(&mut conn, "\r\n\r\n");
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    conn.write_all(b"hello").unwrap();
+    let answer = read_until(&mut conn, "\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let seen = origin.last();
+    assert_eq!(seen.uri, "/upload");
+    assert_eq!(seen.header("expect"), None, "{seen:?}");
+    // The rest of the answer, then the same connection again.
+    let length: usize = answer
+        .to_ascii_lowercase()
+        .split("content-length: ")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length: {answer}"));
+    std::io::Read::read_exact(&mut conn, &mut vec![0; length]).unwrap();
+    write!(
+        conn,
+        "GET /next HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let next = read_until(&mut conn, "\r\n\r\n");
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+
+    let mut refused = tg.proxy_connection();
+    write!(
+        refused,
+        "POST /upload HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer wrong\r\n\
+         Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    )
+    .unwrap();
+    let answer = read_until(&mut refused, "\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}
+
 /// An upgraded connection (a WebSocket, e.g. a realtime API streaming audio up) is not a
 /// request body: it may carry more than `clients.max_body_bytes` without being cut, as behind
 /// nginx, whose `client_max_body_size` does not apply to it either.
