@@ -234,6 +234,11 @@ impl User {
         if let Some(ip) = fields.get_mut("ip") {
             *ip = Value::Array(stored_list(std::mem::take(ip)));
         }
+        for name in STORED_MAPS {
+            if let Some(map) = fields.get_mut(*name) {
+                index_keyed(map);
+            }
+        }
         for name in STORED_WHOLE_NUMBERS {
             if let Some(number) = fields.get_mut(*name) {
                 truncate_float(number);
@@ -268,6 +273,24 @@ fn truncate_float(number: &mut Value) {
         if v.is_finite() && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
             *number = Value::from(v.trunc() as u64);
         }
+    }
+}
+
+/// Maps keyed by names an admin or the older proxy chose. Firebase returns an object whose
+/// keys are all small integers (`meta: {"1": "x"}`) as an array, with `null` holes.
+const STORED_MAPS: &[&str] = &["tokenCounts", "tokenLimits", "tokenRefresh", "meta"];
+
+/// An array Firebase made of an index-keyed object becomes that object again (holes left
+/// out). Anything else is left for deserialization.
+fn index_keyed(value: &mut Value) {
+    if let Value::Array(items) = value {
+        let map = std::mem::take(items)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(i, v)| (i.to_string(), v))
+            .collect();
+        *value = Value::Object(map);
     }
 }
 

@@ -345,3 +345,34 @@ async fn start_up_takes_the_last_value_of_a_user_named_twice() {
     let cache = store.load_body(body.as_bytes()).unwrap();
     assert!(cache.get("t").is_none(), "{:?}", cache.user("t"));
 }
+
+/// Firebase returns an object whose keys are all small integers as an array (with `null`
+/// holes). Maps keyed by whatever an admin chose (`meta`, and the family maps) come back that
+/// way when their keys are numbers, and such a user must still load, with the same map.
+#[tokio::test]
+async fn a_user_whose_maps_have_numeric_keys_loads_with_those_maps() {
+    let db = standin();
+    db.set(
+        "/users/t",
+        stored_user(
+            "t",
+            json!({"meta": {"1": "one", "2": {"0": true}}, "tokenLimits": {"0": 5, "2": 7}}),
+        ),
+    )
+    .unwrap();
+    assert!(
+        db.get("/users/t/meta").unwrap().is_array(),
+        "as Firebase renders it"
+    );
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    let user = cache.user("t").expect("the user loads");
+    assert_eq!(
+        Value::Object(user.meta.unwrap()),
+        json!({"1": "one", "2": [true]})
+    );
+    assert_eq!(
+        serde_json::to_value(&user.token_limits).unwrap(),
+        json!({"0": 5, "2": 7})
+    );
+}
