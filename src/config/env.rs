@@ -42,16 +42,32 @@ pub(super) fn error(name: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::new("environment", name, problem)
 }
 
+/// The value as the older proxy read it where that matters: it JSON-parsed every variable, so a
+/// value in double quotes (`ADMIN_KEY="k"`: `docker run --env-file` and some hosting dashboards
+/// keep the quotes) meant the string inside. Anything else is taken as it is (an all-digit key
+/// stays a string, not a number).
+fn unquoted(env: &dyn EnvSource, name: &str) -> Option<String> {
+    let value = env.var(name)?;
+    let trimmed = value.trim();
+    if trimmed.len() >= 2 && trimmed.starts_with('"') && trimmed.ends_with('"') {
+        if let Ok(inner) = serde_json::from_str::<String>(trimmed) {
+            return Some(inner);
+        }
+    }
+    Some(value)
+}
+
 /// A non-empty, trimmed value.
 pub(super) fn string(env: &dyn EnvSource, name: &str) -> Option<String> {
-    env.var(name)
+    unquoted(env, name)
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
 }
 
-/// Secrets are taken verbatim (not trimmed, never JSON-parsed: an all-digit key stays a key).
+/// Secrets are taken verbatim (not trimmed, never parsed as a number: an all-digit key stays a
+/// key), except for the double quotes the older proxy removed.
 pub(super) fn secret(env: &dyn EnvSource, name: &str) -> Option<Secret> {
-    env.var(name).and_then(Secret::new)
+    unquoted(env, name).and_then(Secret::new)
 }
 
 /// A secret that clients present (`ADMIN_KEY`, `PROXY_KEY`). Presented keys are trimmed, so a
@@ -61,7 +77,7 @@ pub(super) fn client_secret(
     env: &dyn EnvSource,
     name: &str,
 ) -> Result<Option<Secret>, ConfigError> {
-    let value = env.var(name).unwrap_or_default();
+    let value = unquoted(env, name).unwrap_or_default();
     if value.trim() != value {
         return Err(error(
             name,

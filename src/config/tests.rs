@@ -690,3 +690,29 @@ fn a_relative_pid_file_is_checked_in_the_daemons_working_directory() {
         "{error}"
     );
 }
+
+#[test]
+fn double_quoted_env_values_are_read_as_the_older_proxy_json_parsed_them() {
+    let config = load(
+        MINIMAL,
+        &[
+            ("GATEKEEPER", "\"proxy_key\""),
+            ("PROXY_KEY", "\"p\\\"k\""),
+            ("ADMIN_KEY", " \"12345\" "),
+            ("MAX_IPS_PER_USER", "\"3\""),
+            ("FIREBASE_USERS_REF_NAME", "\"people\""),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.gatekeeper.mode, GatekeeperMode::ProxyKey);
+    assert!(config.secrets.proxy_key.unwrap().matches("p\"k"));
+    assert!(config.secrets.admin_key.unwrap().matches("12345"));
+    assert_eq!(config.gatekeeper.max_ips_per_user, 3);
+    assert_eq!(config.store.firebase.users_ref, "people");
+    // Not a JSON string: taken as it is.
+    let config = load(MINIMAL, &[("ADMIN_KEY", "\"a\"b\"")]).unwrap();
+    assert!(config.secrets.admin_key.unwrap().matches("\"a\"b\""));
+    // Whitespace inside the quotes still could never match.
+    let err = load(MINIMAL, &[("ADMIN_KEY", "\"abc \"")]).unwrap_err();
+    assert!(err.problem.contains("whitespace"), "{err}");
+}

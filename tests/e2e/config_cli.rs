@@ -181,6 +181,41 @@ fn client_secret_with_a_trailing_newline_is_refused() {
     );
 }
 
+/// The older proxy JSON-parsed every variable, so a value in double quotes (`ADMIN_KEY="k"`, as
+/// `docker run --env-file` and some hosting dashboards pass it, quotes included) meant `k`.
+#[test]
+fn double_quoted_environment_values_mean_what_the_older_proxy_read() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .env("GATEKEEPER", "\"proxy_key\"")
+        .env("PROXY_KEY", "\"quoted-proxy-key\"")
+        .env(
+            "ADMIN_KEY",
+            &format!("\"{}\"", crate::support::tollgate::ADMIN_KEY),
+        )
+        .start();
+    let status = |key: &str| {
+        crate::support::client()
+            .get(tg.url("/a"))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(
+        status("quoted-proxy-key"),
+        200,
+        "PROXY_KEY without its quotes"
+    );
+    assert_eq!(status("\"quoted-proxy-key\""), 401);
+    let resp = tg
+        .admin_request(reqwest::Method::GET, "/admin/users")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "ADMIN_KEY without its quotes");
+}
+
 #[test]
 fn older_variables_tollgate_ignores_are_warned_about() {
     let origin = Origin::start();
