@@ -166,7 +166,8 @@ impl FirebaseStore {
         Ok(self.read_marker(rtdb).await? >= no)
     }
 
-    /// Writes one group of changes as one atomic PATCH. `Ok(Err(msg))`: refused with 400.
+    /// Writes one group of changes as one atomic PATCH. `Ok(Err(msg))`: refused with 400, or
+    /// too large (413).
     async fn write_group(
         &self,
         rtdb: &Rtdb,
@@ -198,6 +199,11 @@ impl FirebaseStore {
         match outcome {
             Ok(_) => Ok(Ok(())),
             Err(RtdbError::BadRequest(message)) => Ok(Err(message)),
+            // Too large for one request: split like a refused group (nothing was applied), so
+            // only a user too large on its own is refused, not every later write held up.
+            Err(RtdbError::Other { status: 413, .. }) => Ok(Err(
+                "the write is larger than the database takes in one request".into(),
+            )),
             Err(e) if e.is_ambiguous() => match self.was_applied(rtdb, no).await {
                 Ok(true) => {
                     progress.unresolved = None;

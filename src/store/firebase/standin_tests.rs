@@ -376,3 +376,36 @@ async fn a_user_whose_maps_have_numeric_keys_loads_with_those_maps() {
         json!({"0": 5, "2": 7})
     );
 }
+
+/// A batch larger than the database takes in one request (413) is split like a refused one:
+/// its users are written in smaller groups, and only a user too large on its own is refused
+/// (before, the batch was retried whole for good and every later change queued behind it).
+#[tokio::test]
+async fn a_batch_too_large_for_one_request_is_split() {
+    let db = StandIn::start(Options {
+        max_body_bytes: 16 * 1024,
+        ..Options::default()
+    });
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    let user = |token: &str, note_bytes: usize| {
+        let mut user = crate::users::User::new(token.into(), crate::users::UserType::Normal, 1);
+        user.admin_note = Some("n".repeat(note_bytes));
+        user
+    };
+    for i in 0..20 {
+        cache.create(&user(&format!("u{i}"), 2048)).unwrap();
+    }
+    cache.create(&user("huge", 20 * 1024)).unwrap();
+    let report = store.apply(&take(&cache, 1)).await.unwrap();
+    let rejected: Vec<&str> = report.rejected.iter().map(|(t, _)| t.as_ref()).collect();
+    assert_eq!(rejected, vec!["huge"]);
+    for i in 0..20 {
+        assert_eq!(
+            db.get(&format!("/users/u{i}/createdAt")).unwrap(),
+            1,
+            "u{i}"
+        );
+    }
+    assert_eq!(db.get("/users/huge").unwrap(), Value::Null);
+}
