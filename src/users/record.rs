@@ -416,7 +416,10 @@ impl UserRecord {
 
     // ---- the flush cycle ----
 
-    /// Takes the pending changes into flight: `(fields, prompt delta, base at take time)`.
+    /// Takes the pending changes into flight: `(fields, prompt delta, count before the delta)`.
+    /// The count before the delta is the base plus the requests already in flight: those of
+    /// an earlier take of this record in the same batch (a request queued it again while the
+    /// batch was being taken), which the merged change carries too.
     pub(super) fn take_pending(&self) -> (Fields, u64, u64) {
         // Into flight before out of pending, so that no store change merged in between finds
         // the fields unprotected.
@@ -429,8 +432,8 @@ impl UserRecord {
             // counted before it come back into flight.
             let _cycle = self.ip_added.lock();
             let delta = self.prompt_pending.swap(0, Ordering::AcqRel);
-            self.prompt_inflight.fetch_add(delta, Ordering::AcqRel);
-            (delta, self.prompt_base.load(Ordering::Acquire))
+            let earlier = self.prompt_inflight.fetch_add(delta, Ordering::AcqRel);
+            (delta, self.prompt_base.load(Ordering::Acquire) + earlier)
         };
         self.inflight
             .fetch_or(bits & Fields::TRACKED.0, Ordering::AcqRel);

@@ -385,3 +385,38 @@ fn an_upsert_of_an_unknown_token_may_exist_in_the_store_a_recreation_may_not() {
     };
     assert_eq!(c.fields, Fields::CREATED | Fields::ALL);
 }
+
+/// A request counted while a take runs queues the user again, and the same take can pop it a
+/// second time: the merged change must carry the whole count, not only the second part's. An
+/// absolute write (a new user, an admin's `promptCount`) stores that count as the total.
+#[test]
+fn a_user_taken_twice_in_one_take_writes_its_whole_count() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let rec = cache.get("a").unwrap();
+    cache.upsert("a", &patch(r#"{"promptCount":10}"#), 1);
+    cache.count_request(&rec, 2);
+    cache.count_request(&rec, 2);
+    let mut changes = Vec::new();
+    let mut index = HashMap::new();
+    let Some(Queued::User(first)) = cache.queue.pop() else {
+        panic!("queued once");
+    };
+    merge_into(&mut changes, &mut index, take_user_change(first));
+    // A request between the two pops of one `take_changes`.
+    cache.count_request(&rec, 3);
+    let Some(Queued::User(again)) = cache.queue.pop() else {
+        panic!("queued again");
+    };
+    merge_into(&mut changes, &mut index, take_user_change(again));
+    assert_eq!(changes.len(), 1);
+    let Change::Upsert(c) = &changes[0] else {
+        panic!("an upsert");
+    };
+    assert!(c.fields.contains(Fields::PROMPT_COUNT));
+    assert_eq!(c.prompt_delta, 3);
+    assert_eq!(rec.prompt_count(), 13);
+    assert_eq!(c.user.prompt_count, 13, "the absolute count written");
+    cache.acknowledge(&changes, true);
+    assert_eq!(rec.prompt_count(), 13);
+}
