@@ -129,6 +129,22 @@ fn frame_for_the_client(session: &mut Session, response: &mut ResponseHeader) {
     }
 }
 
+/// The budget left after a counted request, on every answer it gets (proxied or not).
+fn add_rate_headers(response: &mut ResponseHeader, rate: Option<RateDecision>) -> Result<()> {
+    if let Some(RateDecision::Allowed {
+        limit,
+        remaining,
+        reset_at_ms,
+    }) = rate
+    {
+        let mut buf = itoa::Buffer::new();
+        response.insert_header("x-ratelimit-limit", buf.format(limit))?;
+        response.insert_header("x-ratelimit-remaining", buf.format(remaining))?;
+        response.insert_header("x-ratelimit-reset", buf.format(reset_at_ms))?;
+    }
+    Ok(())
+}
+
 /// The request's `Content-Length`, when it declares a valid one.
 fn declared_body_length(req: &RequestHeader) -> Option<u64> {
     let value = req.headers.get(http::header::CONTENT_LENGTH)?;
@@ -614,18 +630,7 @@ impl ProxyHttp for Proxy {
         if self.cors {
             cors::allow_any_origin(response)?;
         }
-        if let Some(RateDecision::Allowed {
-            limit,
-            remaining,
-            reset_at_ms,
-        }) = ctx.rate
-        {
-            let mut buf = itoa::Buffer::new();
-            response.insert_header("x-ratelimit-limit", buf.format(limit))?;
-            response.insert_header("x-ratelimit-remaining", buf.format(remaining))?;
-            response.insert_header("x-ratelimit-reset", buf.format(reset_at_ms))?;
-        }
-        Ok(())
+        add_rate_headers(response, ctx.rate)
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
@@ -720,7 +725,9 @@ impl ProxyHttp for Proxy {
             500.. => Outcome::UpstreamError,
             _ => Outcome::BadRequest,
         };
-        if let Ok(header) = reply.to_header(self.cors) {
+        if let Ok(mut header) = reply.to_header(self.cors) {
+            // The request was counted: its budget is shown as on any other answer.
+            let _ = add_rate_headers(&mut header, ctx.rate);
             // A failed write is a client that left; nothing more to do.
             let _ = session
                 .write_error_response(header, reply.body.clone())

@@ -302,15 +302,28 @@ fn each_upstream_is_tried_once_before_a_502() {
     );
 }
 
+/// tollgate's own 502 is JSON, logged once without the query, and shows the rate budget the
+/// request was counted against, as any other answer does.
 #[test]
 fn upstream_down_is_a_502_json_error() {
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let tg = TollgateBuilder::new(dead).mode("none").start();
+    let tg = TollgateBuilder::new(dead)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 600\n")
+        .start();
     let resp = client()
         .get(tg.url("/a?key=secret-in-query"))
         .send()
         .unwrap();
     assert_eq!(resp.status(), 502);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(header("x-ratelimit-limit").as_deref(), Some("600"));
+    assert_eq!(header("x-ratelimit-remaining").as_deref(), Some("599"));
+    assert!(header("x-ratelimit-reset").is_some());
     let body: Value = resp.json().unwrap();
     assert_eq!(error_type(&body), "upstream_error");
     let log = tg.log();
