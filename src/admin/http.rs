@@ -9,6 +9,7 @@ use pingora::protocols::http::ServerSession;
 use serde::Serialize;
 
 use crate::encoding::percent_decode;
+use crate::proxy::expects_continue;
 
 /// An error answer: `{"error":{"type","message","field"?}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +155,7 @@ pub async fn read_body(
     }
     // Only now, with the request authorised and its declared size acceptable, is the client
     // told to send the body; an earlier refusal is the final status instead.
-    if expects_continue(session) {
+    if expects_continue(session.req_header()) {
         tokio::time::timeout(idle, session.write_continue_response())
             .await
             .map_err(|_| stalled())?
@@ -178,17 +179,6 @@ pub async fn read_body(
         }
         body.extend_from_slice(&chunk);
     }
-}
-
-/// Whether the client waits for `100 Continue` before sending the body (curl does for bodies
-/// over 1 MiB, and would otherwise stall for a second). Pingora's own check is private.
-pub fn expects_continue(session: &ServerSession) -> bool {
-    let req = session.req_header();
-    req.version == http::Version::HTTP_11
-        && req
-            .headers
-            .get(http::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Whether the body is form-encoded (`type=special&nickname=bob`).

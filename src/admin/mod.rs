@@ -18,13 +18,12 @@ use crate::config::Config;
 use crate::encoding::percent_decode_segment;
 use crate::net::{peer_ip, request_client_ip, CidrSet};
 use crate::observe::Metrics;
-use crate::proxy::connection;
+use crate::proxy::{connection, expects_continue};
 use crate::store::StoreStatus;
 use crate::users::UserCache;
 use auth::AdminAuth;
 use http::{
-    bytes_response, expects_continue, form_to_json, is_form, json_response, looks_like_json,
-    read_body, ApiError,
+    bytes_response, form_to_json, is_form, json_response, looks_like_json, read_body, ApiError,
 };
 use users::UsersApi;
 
@@ -235,7 +234,9 @@ impl ServeHttp for AdminService {
             Err(error) => {
                 // A client still holding back its body after `Expect: 100-continue` may send
                 // it or not: the connection cannot be reused either way.
-                if error.close || (expects_continue(session) && !session.is_body_done()) {
+                if error.close
+                    || (expects_continue(session.req_header()) && !session.is_body_done())
+                {
                     session.set_keepalive(None);
                 }
                 error.into_response()

@@ -70,15 +70,15 @@ pub struct Proxy {
     access_log: Option<AccessLog>,
 }
 
-/// An HTTP/1.1 request with `Expect: 100-continue` and a body still to come.
-fn expects_continue(session: &mut Session) -> bool {
-    let req = session.req_header();
+/// Whether the client waits for `100 Continue` before sending its body (curl does for bodies
+/// over 1 MiB, and would otherwise stall for a second): an HTTP/1.1 `Expect: 100-continue`.
+/// Pingora's own check is private. The admin API answers it too.
+pub(crate) fn expects_continue(req: &RequestHeader) -> bool {
     req.version == http::Version::HTTP_11
         && req
             .headers
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        && !session.is_body_empty()
 }
 
 /// Answers `100 Continue` once the request passed, as nginx does, so the client sends its body
@@ -498,7 +498,7 @@ impl ProxyHttp for Proxy {
         }
         match self.decide(session.req_header(), peer, now_ms(), ctx) {
             Ok(()) => {
-                if expects_continue(session) {
+                if expects_continue(session.req_header()) && !session.is_body_empty() {
                     send_continue(session).await?;
                     ctx.continue_sent = true;
                 }

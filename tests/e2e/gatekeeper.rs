@@ -237,28 +237,14 @@ fn errors_keep_the_connection_usable() {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr).start();
     // One raw keep-alive connection: a 401 and then a 200 on the same socket.
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     let token = tg.create_user(json!({}));
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", tg.proxy_port)).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut exchange = |auth: &str| -> u16 {
         write!(stream, "GET /a HTTP/1.1\r\nHost: x\r\n{auth}\r\n").unwrap();
-        let mut status_line = String::new();
-        reader.read_line(&mut status_line).unwrap();
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        status_line.split(' ').nth(1).unwrap().parse().unwrap()
+        let answer = crate::support::read_answer(&mut reader);
+        answer.status.split(' ').nth(1).unwrap().parse().unwrap()
     };
     assert_eq!(exchange("Authorization: Bearer nope\r\n"), 401);
     assert_eq!(exchange(&format!("Authorization: Bearer {token}\r\n")), 200);

@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 use crate::support::tollgate::{Tollgate, ADMIN_KEY, PROXY_KEY};
 use crate::support::{
-    client, closed_within, error_type, free_port, one_exchange, wait_until, Origin, TollgateBuilder,
+    client, closed_within, error_type, free_port, one_exchange, read_answer, wait_until, Origin,
+    TollgateBuilder,
 };
 
 #[test]
@@ -971,43 +972,32 @@ fn a_stalled_request_body_gets_408_and_a_slow_one_passes() {
 /// without a 100, so the client never sends the body.
 #[test]
 fn expect_100_continue_is_answered_by_tollgate_and_keeps_the_connection() {
-    use std::io::Write;
+    use std::io::{BufReader, Write};
     let origin = Origin::start();
     let (tg, token, mut conn) = user_and_connection(origin.addr);
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
     write!(
         conn,
         "POST /upload HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\
          Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
     )
     .unwrap();
-    let interim = read_until(&mut conn, "\r\n\r\n");
-    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    let interim = read_answer(&mut reader);
+    assert!(interim.status.starts_with("HTTP/1.1 100"), "{interim:?}");
     conn.write_all(b"hello").unwrap();
-    let answer = read_until(&mut conn, "\r\n\r\n");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        !answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    let answer = read_answer(&mut reader);
+    assert!(answer.status.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(!answer.head.contains("connection: close"), "{answer:?}");
     let seen = origin.last();
     assert_eq!(seen.uri, "/upload");
     assert_eq!(seen.header("expect"), None, "{seen:?}");
-    // The rest of the answer, then the same connection again.
-    let length: usize = answer
-        .to_ascii_lowercase()
-        .split("content-length: ")
-        .nth(1)
-        .and_then(|rest| rest.split("\r\n").next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no content-length: {answer}"));
-    std::io::Read::read_exact(&mut conn, &mut vec![0; length]).unwrap();
     write!(
         conn,
         "GET /next HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {token}\r\n\r\n"
     )
     .unwrap();
-    let next = read_until(&mut conn, "\r\n\r\n");
-    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    let next = read_answer(&mut reader);
+    assert!(next.status.starts_with("HTTP/1.1 200"), "{next:?}");
 
     let mut refused = tg.proxy_connection();
     write!(
@@ -1016,8 +1006,8 @@ fn expect_100_continue_is_answered_by_tollgate_and_keeps_the_connection() {
          Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
     )
     .unwrap();
-    let answer = read_until(&mut refused, "\r\n\r\n");
-    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let answer = read_answer(&mut BufReader::new(refused));
+    assert!(answer.status.starts_with("HTTP/1.1 401"), "{answer:?}");
 }
 
 /// An upgraded connection (a WebSocket, e.g. a realtime API streaming audio up) is not a
@@ -1071,7 +1061,7 @@ fn an_upgraded_connection_is_not_held_to_the_body_limit() {
 /// (saying `Connection: keep-alive`), then closed the connection and dropped the rest.
 #[test]
 fn pipelined_requests_are_all_answered_in_order() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     let origin = Origin::start();
     let (tg, token, mut conn) = user_and_connection(origin.addr);
     let mut requests = String::new();
@@ -1093,28 +1083,9 @@ fn pipelined_requests_are_all_answered_in_order() {
     let mut reader = BufReader::new(conn);
     let mut answers = Vec::new();
     for _ in 0..5 {
-        let mut status = String::new();
-        reader
-            .read_line(&mut status)
-            .unwrap_or_else(|e| panic!("after {answers:?}: {e}"));
-        assert!(!status.is_empty(), "closed after {answers:?}");
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        answers.push((
-            status.trim_end().to_string(),
-            String::from_utf8(body).unwrap(),
-        ));
+        let answer = read_answer(&mut reader);
+        assert!(!answer.status.is_empty(), "closed after {answers:?}");
+        answers.push((answer.status, String::from_utf8(answer.body).unwrap()));
     }
     let statuses: Vec<&str> = answers.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(

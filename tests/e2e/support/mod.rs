@@ -48,27 +48,50 @@ pub fn error_type(body: &serde_json::Value) -> &str {
     body["error"]["type"].as_str().unwrap_or("<none>")
 }
 
-/// Sends one HTTP/1.1 GET of `path` on `conn` and reads its answer (a `Content-Length` body).
-pub fn one_exchange(conn: &mut std::net::TcpStream, path: &str) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut length = 0;
+/// One HTTP/1.1 answer as read from a raw connection.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status line without its CRLF; empty when the connection closed instead.
+    pub status: String,
+    /// The header lines, lowercased.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads one answer from `reader`, its body by its `Content-Length` (an interim `100
+/// Continue` is an answer of its own).
+pub fn read_answer(reader: &mut impl std::io::BufRead) -> Answer {
     let mut status = String::new();
     reader.read_line(&mut status).unwrap();
-    loop {
+    let mut head = String::new();
+    let mut length = 0;
+    while !status.is_empty() {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         if line == "\r\n" || line.is_empty() {
             break;
         }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+        let line = line.to_ascii_lowercase();
+        if let Some(v) = line.strip_prefix("content-length:") {
             length = v.trim().parse().unwrap();
         }
+        head.push_str(&line);
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
-    status
+    Answer {
+        status: status.trim_end().to_string(),
+        head,
+        body,
+    }
+}
+
+/// Sends one HTTP/1.1 GET of `path` on `conn` and returns its answer's status line.
+pub fn one_exchange(conn: &mut std::net::TcpStream, path: &str) -> String {
+    use std::io::Write;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+    // Nothing follows the answer, so this reader buffers nothing the next call needs.
+    read_answer(&mut std::io::BufReader::new(conn.try_clone().unwrap())).status
 }
 
 /// Whether the server closed `conn` (a read ends) within `wait`.
