@@ -505,8 +505,14 @@ impl UserRecord {
                 .fetch_or(STORE_CHANGE_KEPT_OUT, Ordering::AcqRel);
         }
         if !keep.contains(Fields::PROMPT_COUNT) {
-            self.prompt_base
-                .store(remote.prompt_count, Ordering::Release);
+            // Under the lock an admin's `promptCount` set takes, and checked again: a set that
+            // landed since `keep` was read (its field protected first) must not be replaced by
+            // the store's older count, which would then be written back as absolute.
+            let _cycle = self.ip_added.lock();
+            if !self.unconfirmed_fields().contains(Fields::PROMPT_COUNT) {
+                self.prompt_base
+                    .store(remote.prompt_count, Ordering::Release);
+            }
         }
         if !keep.contains(Fields::LAST_USED_AT) {
             if let Some(at) = remote.last_used_at {
