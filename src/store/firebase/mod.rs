@@ -36,6 +36,11 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
 
+/// The largest PATCH body sent: the Firebase SDKs' write limit (the REST API's is 256 MB, but
+/// the server also aborts writes it expects to take over a minute). Batches of 1,000 ordinary
+/// users are far below it; users with large `meta` or notes are split into smaller PATCHes.
+const MAX_WRITE_BYTES: usize = 16 * 1024 * 1024;
+
 use self::auth::TokenSource;
 use self::batch::{Bisection, Layout};
 use self::client::{Request, Rtdb, RtdbError, Target, REQUEST_TIMEOUT};
@@ -59,6 +64,8 @@ pub struct FirebaseStore {
     progress: tokio::sync::Mutex<Progress>,
     /// The marker's sequence: one number per PATCH sent with new content.
     write_no: AtomicU64,
+    /// The largest PATCH sent; a larger group of changes is split first ([`MAX_WRITE_BYTES`]).
+    max_write_bytes: usize,
     /// When housekeeping may next read the markers (ms since the epoch): at most hourly, as
     /// every read downloads all of them.
     next_housekeeping_ms: AtomicU64,
@@ -129,6 +136,7 @@ impl FirebaseStore {
             lease_client: OnceLock::new(),
             progress: tokio::sync::Mutex::new(Progress::default()),
             write_no: AtomicU64::new(0),
+            max_write_bytes: MAX_WRITE_BYTES,
             next_housekeeping_ms: AtomicU64::new(0),
         })
     }
@@ -186,6 +194,16 @@ impl FirebaseStore {
         );
         let bytes = serde_json::to_vec(&Value::Object(body))
             .map_err(|e| StoreError::Fatal(format!("cannot encode a batch: {e}")))?;
+        if bytes.len() > self.max_write_bytes {
+            // Not sent: split like a refused group, so only a user too large on its own is
+            // refused. A server that refuses a large body may close the connection before
+            // its 413 is read, which would look like a lost answer and be retried for good.
+            return Ok(Err(format!(
+                "the write would be {} bytes, more than the {} sent in one request",
+                bytes.len(),
+                self.max_write_bytes
+            )));
+        }
         let request = Request::new(Method::PATCH, "")
             .query("print", "silent")
             .json(bytes);
@@ -486,8 +504,8 @@ impl StoreBackend for FirebaseStore {
                 Err(message) => {
                     if group.len() > 1 {
                         warn!(
-                            "firebase refused a batch of {} users ({message}); splitting it to \
-                             find the bad key",
+                            "firebase: a batch of {} users cannot be written whole ({message}); \
+                             splitting it",
                             group.len()
                         );
                     }

@@ -377,16 +377,15 @@ async fn a_user_whose_maps_have_numeric_keys_loads_with_those_maps() {
     );
 }
 
-/// A batch larger than the database takes in one request (413) is split like a refused one:
-/// its users are written in smaller groups, and only a user too large on its own is refused
-/// (before, the batch was retried whole for good and every later change queued behind it).
+/// A batch larger than one request may carry is split like a refused one: its users are
+/// written in smaller groups, and only a user too large on its own is refused (before, the
+/// batch was sent whole again and again, the database answering 413 or closing the connection,
+/// and every later change queued behind it). The limit is scaled down to 16 KiB here.
 #[tokio::test]
 async fn a_batch_too_large_for_one_request_is_split() {
-    let db = StandIn::start(Options {
-        max_body_bytes: 16 * 1024,
-        ..Options::default()
-    });
-    let store = store(&db);
+    let db = standin();
+    let mut store = store(&db);
+    store.max_write_bytes = 16 * 1024;
     let cache = loaded(&store).await;
     let user = |token: &str, note_bytes: usize| {
         let mut user = crate::users::User::new(token.into(), crate::users::UserType::Normal, 1);
@@ -408,4 +407,12 @@ async fn a_batch_too_large_for_one_request_is_split() {
         );
     }
     assert_eq!(db.get("/users/huge").unwrap(), Value::Null);
+    let patches: Vec<usize> = db
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.body.len())
+        .collect();
+    assert!(patches.len() > 1, "{patches:?}");
+    assert!(patches.iter().all(|&len| len <= 16 * 1024), "{patches:?}");
 }
