@@ -934,7 +934,7 @@ fn a_stalled_request_body_gets_408_and_a_slow_one_passes() {
     use std::io::Write;
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr)
-        .yaml("clients:\n  body_timeout_seconds: 1\n")
+        .yaml("clients:\n  body_timeout_seconds: 2\n")
         .start();
     let token = tg.create_user(json!({}));
     let head = |path: &str| {
@@ -944,12 +944,13 @@ fn a_stalled_request_body_gets_408_and_a_slow_one_passes() {
         )
     };
 
-    // Two bytes every 0.6 s: 1.8 s in all, longer than the timeout, each wait shorter.
+    // A byte every 0.3 s: 2.4 s in all, longer than the timeout, each wait far shorter (room
+    // for a loaded machine).
     let mut conn = tg.proxy_connection();
     conn.write_all(head("/slow").as_bytes()).unwrap();
-    for _ in 0..4 {
-        conn.write_all(b"ab").unwrap();
-        std::thread::sleep(Duration::from_millis(600));
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(300));
+        conn.write_all(b"a").unwrap();
     }
     let answer = read_until(&mut conn, "\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
