@@ -87,11 +87,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // Before a real start too, so a malformed secret is the same configuration error (exit 2)
+    // whether or not `-t` found it first.
+    if let Err(e) = store::check(&config.store) {
+        eprintln!("tollgate: configuration error: environment: {e}");
+        return ExitCode::from(2);
+    }
     if cli.test {
-        if let Err(e) = store::check(&config.store) {
-            eprintln!("tollgate: configuration error: environment: {e}");
-            return ExitCode::from(2);
-        }
         println!("tollgate: configuration {path} is valid");
         return ExitCode::SUCCESS;
     }

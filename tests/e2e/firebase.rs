@@ -871,6 +871,12 @@ fn bad_key_unreachable_database_and_denied_access_fail_start_up_fast() {
         builder(&origin, &db).env("FIREBASE_KEY", "%%% not a key %%%"),
         "FIREBASE_KEY is not base64",
     );
+    // A malformed key is a configuration error at a real start as under `-t`: exit 2.
+    let (status, output) = builder(&origin, &db)
+        .env("FIREBASE_KEY", "%%% not a key %%%")
+        .run_to_exit(&[], Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(output.contains("configuration error"), "{output}");
     // A well-formed key the token endpoint does not know.
     let mut account: Value = serde_json::from_str(&db.service_account_json()).unwrap();
     account["client_email"] = json!("someone-else@example.iam.gserviceaccount.com");
