@@ -299,6 +299,13 @@ impl UsersApi {
             }
         }
         if hard {
+            if reason.is_some() {
+                // A reason is kept on a disabled user; a removed one keeps nothing.
+                return Err(ApiError::bad_request(
+                    "disabledReason",
+                    "not used with hard=true (the user is removed, not disabled)",
+                ));
+            }
             let ticket = self
                 .cache
                 .remove(token)

@@ -358,6 +358,17 @@ fn delete_disables_or_removes() {
         (400, Some("disabledReason"))
     );
     assert_eq!(send(&tg, Method::DELETE, "/admin/users/ghost", None).0, 404);
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?hard=true&disabledReason=gone"),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("disabledReason")),
+        "a reason a removal would drop is refused"
+    );
     let (status, _) = send(
         &tg,
         Method::DELETE,
