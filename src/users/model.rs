@@ -212,12 +212,16 @@ pub struct StoredUser {
     pub user: User,
     /// Fields tollgate does not know (kept in the store, not in the cache).
     pub unknown_fields: Vec<String>,
+    /// `ip` entries left out because they are not strings (so not addresses).
+    pub non_string_ips: usize,
 }
 
 impl User {
     /// Reads a user as a shared store (Firebase) holds it, leniently: the key is the token,
     /// unknown fields are left out (and named), an `ip` list stored as an index-keyed object
-    /// or with holes is read as a list. Only a user whose known fields are malformed fails.
+    /// or with holes is read as a list, and its entries that are not strings are left out
+    /// (counted): one hand-edited entry must neither lock the user out nor, read back before
+    /// an address is added, empty the list. Only a user whose known fields are malformed fails.
     pub fn from_stored(token: &str, value: Value) -> Result<StoredUser, String> {
         let Value::Object(mut fields) = value else {
             return Err("the stored value is not an object".into());
@@ -231,8 +235,13 @@ impl User {
             known
         });
         fields.insert("token".into(), Value::String(token.to_string()));
+        let mut non_string_ips = 0;
         if let Some(ip) = fields.get_mut("ip") {
-            *ip = Value::Array(stored_list(std::mem::take(ip)));
+            let (addresses, others): (Vec<Value>, Vec<Value>) = stored_list(std::mem::take(ip))
+                .into_iter()
+                .partition(Value::is_string);
+            non_string_ips = others.len();
+            *ip = Value::Array(addresses);
         }
         for name in STORED_MAPS {
             if let Some(map) = fields.get_mut(*name) {
@@ -249,6 +258,7 @@ impl User {
         Ok(StoredUser {
             user,
             unknown_fields,
+            non_string_ips,
         })
     }
 }
@@ -518,6 +528,17 @@ mod tests {
         assert_eq!(stored.unknown_fields, vec!["legacyField"]);
         let holes = User::from_stored("t", serde_json::json!({"ip": [null, "3.3.3.3"]})).unwrap();
         assert_eq!(holes.user.ip, vec!["3.3.3.3"]);
+        let edited = User::from_stored(
+            "t",
+            serde_json::json!({"ip": ["1.1.1.1", 5, {"a": 1}, "2.2.2.2", true]}),
+        )
+        .unwrap();
+        assert_eq!(
+            edited.user.ip,
+            vec!["1.1.1.1", "2.2.2.2"],
+            "non-strings left out"
+        );
+        assert_eq!(edited.non_string_ips, 3);
         assert!(User::from_stored("t", serde_json::json!(5)).is_err());
         assert!(User::from_stored("t", serde_json::json!({"promptCount": "x"})).is_err());
     }

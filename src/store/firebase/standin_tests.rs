@@ -96,6 +96,27 @@ async fn an_ip_merge_adds_only_the_new_addresses() {
     assert_eq!(db.get("/users/t/ip").unwrap(), json!(["3.3.3.3"]));
 }
 
+/// A hand-edited entry that is not a string neither keeps the user from loading nor, read back
+/// before an address is added, empties the stored list: the addresses in it are kept.
+#[tokio::test]
+async fn a_stored_ip_list_with_a_non_string_entry_keeps_its_addresses() {
+    let db = standin();
+    db.set(
+        "/users/t",
+        stored_user("t", json!({"ip": ["1.1.1.1", 7, "2.2.2.2"]})),
+    )
+    .unwrap();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    let record = cache.get("t").expect("the user loads");
+    cache.admit_ip(&record, "3.3.3.3".parse().unwrap(), 0, 0);
+    store.apply(&take(&cache, 1)).await.unwrap();
+    assert_eq!(
+        db.get("/users/t/ip").unwrap(),
+        json!(["1.1.1.1", "2.2.2.2", "3.3.3.3"])
+    );
+}
+
 fn patch(value: Value) -> crate::users::UserPatch {
     serde_json::from_value(value).unwrap()
 }

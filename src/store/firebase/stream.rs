@@ -341,6 +341,14 @@ pub fn read_node(token: &str, value: serde_json::Value, report: Report) -> Node 
                     stored.unknown_fields.join(", ")
                 );
             }
+            if report == Report::Everything && stored.non_string_ips > 0 {
+                warn!(
+                    "firebase: user {} has {} ip entries that are not strings; they are not \
+                     used, and are left out when its list is next written",
+                    token_id(token),
+                    stored.non_string_ips
+                );
+            }
             Node::User(Box::new(stored.user))
         }
         Err(problem) => {
