@@ -145,6 +145,19 @@ fn add_rate_headers(response: &mut ResponseHeader, rate: Option<RateDecision>) -
     Ok(())
 }
 
+/// Whether the request target is one whose path and query tollgate reads as they go upstream:
+/// a path (origin-form), `*`, or an `http(s)://` URL (absolute-form, whose path Pingora splits
+/// off). Any other target (`mailto:a?key=…`, `a/b?key=…`) Pingora reads as `/` and passes
+/// upstream byte for byte, so a credential in its query could be neither found nor removed.
+fn readable_target(req: &RequestHeader) -> bool {
+    let raw = req.raw_path();
+    let has_scheme = |scheme: &[u8]| {
+        raw.get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    };
+    raw.first() == Some(&b'/') || raw == b"*" || has_scheme(b"http://") || has_scheme(b"https://")
+}
+
 /// The request's `Content-Length`, when it declares a valid one.
 fn declared_body_length(req: &RequestHeader) -> Option<u64> {
     let value = req.headers.get(http::header::CONTENT_LENGTH)?;
@@ -287,6 +300,9 @@ impl Proxy {
         };
         let user_key = lookup.as_ref().map(|l| l.hash());
         self.screen_client(req, peer, ctx)?;
+        if !readable_target(req) {
+            return Err((self.replies.unreadable_target.clone(), Outcome::BadRequest));
+        }
         // Before the gatekeeper, as the older proxy read the body before it: a refused body
         // costs no rate budget.
         if let Some(limit) = self.max_body_bytes {
@@ -832,6 +848,29 @@ fn redacted_path(session: &Session) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_targets_read_as_they_go_upstream_are_readable() {
+        let readable =
+            |target: &[u8]| readable_target(&RequestHeader::build("GET", target, None).unwrap());
+        for target in [
+            &b"/"[..],
+            b"/a?key=k",
+            b"*",
+            b"http://h/a?key=k",
+            b"HTTPS://h",
+        ] {
+            assert!(readable(target), "{}", String::from_utf8_lossy(target));
+        }
+        for target in [
+            &b"mailto:a?key=k"[..],
+            b"a/b?key=k",
+            b"h:80",
+            b"httpx://h/a",
+        ] {
+            assert!(!readable(target), "{}", String::from_utf8_lossy(target));
+        }
+    }
 
     #[test]
     fn forwarding_headers_are_removed_and_others_kept() {

@@ -107,6 +107,7 @@ pub struct StockReplies {
     pub ip_limit: ErrorReply,
     pub ip_limit_banned: ErrorReply,
     pub expired: ErrorReply,
+    pub unreadable_target: ErrorReply,
 }
 
 impl Default for StockReplies {
@@ -134,6 +135,11 @@ impl Default for StockReplies {
                 "Forbidden: IP address limit exceeded.",
             ),
             expired: ErrorReply::new(403, "forbidden", "Forbidden: Temporary token expired."),
+            unreadable_target: ErrorReply::new(
+                400,
+                "bad_request",
+                "The request target must be a path (/...) or an http(s) URL",
+            ),
         }
     }
 }

@@ -314,3 +314,77 @@ fn with_cors_off_a_preflight_is_an_ordinary_request() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert!(!resp.headers().contains_key("access-control-allow-origin"));
 }
+
+/// An origin that records each request line as it arrived (the test origin, built on hyper,
+/// refuses targets that are not URIs before recording them) and answers `200 ok`.
+fn request_line_origin() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let seen = std::sync::Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                        line.clear();
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push(request_line.trim_end().to_string());
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            });
+        }
+    });
+    (addr, lines)
+}
+
+/// Pingora reads a request target that is neither a path, `*` nor an http(s) URL (`mailto:a?…`,
+/// `a/b?…`) as `/` and passes its bytes upstream as they came: a `key=` in it was neither found
+/// nor removed, so a user's token went upstream beside the credential it authenticated with
+/// (and the access log showed `/`). Such targets are refused.
+#[test]
+fn a_request_target_tollgate_cannot_read_is_refused_not_passed_on() {
+    use std::io::{BufReader, Write};
+    let (origin, lines) = request_line_origin();
+    let tg = TollgateBuilder::new(origin).start();
+    let token = tg.create_user(json!({}));
+    let mut stream = tg.proxy_connection();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut exchange = |target: &str| -> String {
+        write!(
+            stream,
+            "GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        crate::support::read_answer(&mut reader).status
+    };
+    for target in [format!("mailto:a?key={token}"), format!("a/b?key={token}")] {
+        let status = exchange(&target);
+        assert!(status.contains(" 400 "), "{target}: {status}");
+    }
+    // Paths and http URLs still go through, without the key.
+    for target in [
+        format!("/a?key={token}&b=1"),
+        format!("http://x/c?key={token}"),
+    ] {
+        let status = exchange(&target);
+        assert!(status.contains(" 200 "), "{target}: {status}");
+    }
+    let lines = lines.lock().unwrap().clone();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|l| !l.contains(&token)), "{lines:?}");
+}
