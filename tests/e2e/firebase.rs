@@ -965,6 +965,11 @@ fn dash_t_checks_the_database_url_and_the_key() {
             "ftp://x.firebaseio.com",
             "FIREBASE_RTDB_URL: unsupported scheme",
         ),
+        (
+            "FIREBASE_RTDB_URL",
+            "http://x.firebaseio.com",
+            "FIREBASE_RTDB_URL must be https://",
+        ),
         ("FIREBASE_KEY", "%%%notbase64", "FIREBASE_KEY is not base64"),
     ] {
         let (status, output) = builder(&origin, &db)

@@ -87,7 +87,8 @@ impl Target {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+/// `localhost` or a loopback address (IPv6 without its brackets).
+pub(super) fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()

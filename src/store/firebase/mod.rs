@@ -744,14 +744,23 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
             true,
         ));
     }
+    let Some(host) = url.host_str() else {
+        return Err("FIREBASE_RTDB_URL has no host".into());
+    };
     let local = match url.scheme() {
         "https" => false,
-        "http" => true,
+        // Every request carries the service account's access token (read and write access to
+        // the whole database for an hour): in clear only to this machine.
+        "http" if client::is_loopback(host.trim_start_matches('[').trim_end_matches(']')) => true,
+        "http" => {
+            return Err(format!(
+                "FIREBASE_RTDB_URL must be https:// (got http://{host}): plain http, which would \
+                 send the access token in clear, is only for a database on this machine (an \
+                 emulator or stand-in on localhost)"
+            ))
+        }
         other => return Err(format!("FIREBASE_RTDB_URL: unsupported scheme {other}")),
     };
-    if url.host_str().is_none() {
-        return Err("FIREBASE_RTDB_URL has no host".into());
-    }
     if !matches!(url.path(), "" | "/") {
         return Err(
             "FIREBASE_RTDB_URL must be the database's root URL (https://<db>.firebaseio.com)"
@@ -877,6 +886,28 @@ mod tests {
         assert_eq!(t.ns.as_deref(), Some("my-db"));
         assert!(target(&config("https://my-db.firebaseio.com/users")).is_err());
         assert!(target(&config("ftp://x")).is_err());
+    }
+
+    /// A plain-http URL naming another machine got the service account's access token sent
+    /// to it in clear (a typo'd `http://<db>.firebaseio.com` worked, over a redirect).
+    #[test]
+    fn plain_http_is_for_a_database_on_this_machine_only() {
+        for url in [
+            "http://my-db.firebaseio.com",
+            "http://10.0.0.5:9000",
+            "http://db.internal:9000/?ns=x",
+        ] {
+            let err = target(&config(url)).unwrap_err();
+            assert!(err.contains("must be https://"), "{url}: {err}");
+        }
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://127.0.0.2:9000",
+            "http://localhost:9000",
+            "http://[::1]:9000/?ns=x",
+        ] {
+            assert!(target(&config(url)).unwrap().0.local, "{url}");
+        }
     }
 
     #[test]
