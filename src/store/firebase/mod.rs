@@ -721,6 +721,15 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
         .ok_or("FIREBASE_RTDB_URL is not set")?;
     let url =
         Url::parse(raw.trim()).map_err(|e| format!("FIREBASE_RTDB_URL is not a URL ({e})"))?;
+    // Firebase authenticates with FIREBASE_KEY; a user or password here would only be printed
+    // wherever the URL is (start-up errors, the log).
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "FIREBASE_RTDB_URL must not contain a user or password (the database is accessed \
+             with FIREBASE_KEY's service account)"
+                .into(),
+        );
+    }
     let ns = url
         .query_pairs()
         .find(|(k, _)| k == "ns")
@@ -907,6 +916,21 @@ mod tests {
             "http://[::1]:9000/?ns=x",
         ] {
             assert!(target(&config(url)).unwrap().0.local, "{url}");
+        }
+    }
+
+    /// A user or password in the URL is no Firebase credential; it was kept in the base URL
+    /// and printed whole in start-up errors ("cannot read https://u:pw@…/users").
+    #[test]
+    fn a_url_with_a_user_or_password_is_refused_without_printing_it() {
+        for url in [
+            "https://u:SEKRET@my-db.firebaseio.com",
+            "https://SEKRET@my-db.firebaseio.com/",
+            "http://SEKRET:@127.0.0.1:9000",
+        ] {
+            let err = target(&config(url)).unwrap_err();
+            assert!(err.contains("user or password"), "{url}: {err}");
+            assert!(!err.contains("SEKRET"), "{err}");
         }
     }
 
