@@ -279,12 +279,16 @@ impl WindowSketch {
 
     /// Starts a new window when the current one is over; returns the ms since the current
     /// window began (as it was before any reset), as `Rate` does. `now` is epoch ms; a clock
-    /// that steps back only prolongs the current window.
+    /// that steps back by up to a window prolongs the current window, a longer step starts
+    /// over ([`restart`](Self::restart)).
     #[inline]
     fn maybe_reset(&self, now: u64) -> u64 {
         let last = self.last_reset_ms.load(Ordering::Acquire);
         let past = now.saturating_sub(last);
         if past < self.interval_ms {
+            if now.saturating_add(self.interval_ms) < last {
+                return self.restart(last, now);
+            }
             return past;
         }
         // The window `now` falls in, on the grid: `past % interval_ms` into it.
@@ -305,6 +309,28 @@ impl WindowSketch {
             }
         }
         past
+    }
+
+    /// The clock stepped back by more than a window: every count lies "ahead" of `now`, and
+    /// kept, it would refuse its keys until the clock caught up (for as long as the step). The
+    /// grid starts over at `now`'s window with nothing counted; the generation moves on by two,
+    /// so whatever was counted is gone by the rule [`check_rare`] relies on. Returns the ms
+    /// since the new window began.
+    ///
+    /// [`check_rare`]: SlidingWindowLimiter::check_rare
+    #[cold]
+    fn restart(&self, last: u64, now: u64) -> u64 {
+        let start = now - now % self.interval_ms;
+        if self
+            .last_reset_ms
+            .compare_exchange(last, start, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.clear(0);
+            self.clear(1);
+            self.generation.fetch_add(2, Ordering::AcqRel);
+        }
+        now - start
     }
 
     fn clear(&self, half: usize) {
@@ -706,6 +732,40 @@ mod tests {
             );
         }
         assert!(!allowed(&limiter.check_and_count(key, now + 5)));
+    }
+
+    /// The wall clock stepped back by more than a window (NTP correcting a clock that ran
+    /// ahead, e.g. an RTC read as UTC, after tollgate started): the window begun "ahead" stayed
+    /// current until the clock caught up, so a client refused then (or an IP locked out for
+    /// failed authentications) stayed refused for as long as the step, whatever Retry-After said.
+    #[test]
+    fn a_clock_stepped_back_by_more_than_a_window_starts_over() {
+        let limiter = SlidingWindowLimiter::new(3, Duration::from_secs(10), 1024);
+        let key = 5;
+        let ahead = GRID + 3_600_000;
+        for _ in 0..3 {
+            limiter.count(key, ahead);
+        }
+        assert!(!allowed(&limiter.check_and_count(key, ahead + 1)));
+        assert!(limiter.check_rare(|| key, ahead + 1).is_some());
+        // An hour back: what was counted "ahead" is gone at once.
+        let now = GRID + 4_000;
+        assert_eq!(limiter.check_rare(|| key, now), None, "quiet again");
+        assert!(matches!(
+            limiter.check_and_count(key, now),
+            RateDecision::Allowed { remaining: 2, .. }
+        ));
+        // Counting goes on, on the grid of the corrected clock.
+        assert!(allowed(&limiter.check_and_count(key, now + 1)));
+        assert!(allowed(&limiter.check_and_count(key, now + 2)));
+        assert!(!allowed(&limiter.check_and_count(key, now + 3)));
+        assert!(allowed(&limiter.check_and_count(key, GRID + 20_000)));
+        // A step back shorter than a window only prolongs the current one: nothing is forgotten.
+        let limiter = SlidingWindowLimiter::new(3, Duration::from_secs(10), 1024);
+        for _ in 0..3 {
+            limiter.count(key, GRID + 9_000);
+        }
+        assert!(!allowed(&limiter.check(key, GRID + 1_000)));
     }
 
     #[test]
