@@ -417,24 +417,12 @@ impl SyncEngine {
     }
 }
 
-/// 0.5 s doubling to 60 s, with ±25 % jitter so a fleet does not retry in step.
+/// 0.5 s doubling to 60 s, jittered ([`super::backoff::jittered`]); none before a first failure.
 fn backoff_for(failures: u32) -> Duration {
     if failures == 0 {
         return Duration::ZERO;
     }
-    let base = BACKOFF_START
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
-        .min(BACKOFF_CAP);
-    let jitter = 0.75 + 0.5 * rand_unit();
-    base.mul_f64(jitter)
-}
-
-/// A cheap random number in [0, 1) for jitter.
-fn rand_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    super::backoff::jittered(BACKOFF_START, BACKOFF_CAP, failures)
 }
 
 #[async_trait]

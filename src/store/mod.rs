@@ -2,6 +2,7 @@
 //! into batches and writes them through a [`StoreBackend`]; a failed write keeps its batch and
 //! is retried with backoff, so nothing is dropped whatever the backend does.
 
+mod backoff;
 pub mod engine;
 pub mod firebase;
 pub mod memory;

@@ -855,14 +855,6 @@ fn stored_list(value: Value) -> Vec<String> {
     }
 }
 
-/// A cheap random number in [0, 1) for jitter.
-pub(crate) fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(crate::clock::now_ms());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -363,12 +363,9 @@ pub fn read_node(token: &str, value: serde_json::Value, report: Report) -> Node 
     }
 }
 
-/// 0.25 s doubling to 30 s, ±25 % jitter.
+/// 0.25 s doubling to 30 s, jittered ([`crate::store::backoff::jittered`]).
 fn backoff(failures: u32) -> Duration {
-    let base = BACKOFF_START
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
-        .min(BACKOFF_CAP);
-    base.mul_f64(0.75 + 0.5 * super::jitter())
+    crate::store::backoff::jittered(BACKOFF_START, BACKOFF_CAP, failures)
 }
 
 #[cfg(test)]
