@@ -63,11 +63,6 @@ impl Gatekeeper {
         self.mode
     }
 
-    /// Whether a refused credential should count against the client IP's failure budget.
-    pub fn checks_credentials(&self) -> bool {
-        self.mode != GatekeeperMode::None
-    }
-
     /// Decides for one request. `token` is the credential found, if any.
     #[inline]
     pub fn admit(&self, token: Option<&str>, ip: IpAddr, now_ms: u64) -> Result<Identity, Refusal> {

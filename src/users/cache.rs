@@ -190,11 +190,6 @@ impl UserCache {
         self.queue.len()
     }
 
-    /// The newest ticket handed out.
-    pub fn latest_ticket(&self) -> ChangeTicket {
-        self.tickets.load(Ordering::Acquire)
-    }
-
     // ---------------------------------------------------------------- local changes
 
     /// A local edit of `fields`: protected from concurrent store changes from before it lands
@@ -577,12 +572,6 @@ impl UserCache {
     /// Resolves when [`UserCache::take_rereads`] has something.
     pub async fn reread_wanted(&self) {
         self.reread_wanted.notified().await
-    }
-
-    /// Puts changes back after a write that cannot succeed (e.g. a poisoned Firebase key was
-    /// dropped): the fields stop counting as in flight.
-    pub fn abandon(&self, changes: &[Change]) {
-        self.acknowledge(changes, true);
     }
 }
 

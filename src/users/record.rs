@@ -177,10 +177,6 @@ impl UserRecord {
         self.profile.load()
     }
 
-    pub fn profile_full(&self) -> Arc<Profile> {
-        self.profile.load_full()
-    }
-
     /// The current [`Admission`]: one load, no pointer to follow.
     #[inline]
     pub fn admission(&self) -> Admission {
