@@ -17,20 +17,84 @@ use crate::users::{ChangeTicket, Patch, User, UserCache, UserPatch, UserType};
 
 pub type Reply = http::Response<Vec<u8>>;
 
-/// Fields `GET /admin/users?sort=` accepts.
-const SORT_FIELDS: &[&str] = &[
-    "token",
-    "nickname",
-    "type",
-    "promptCount",
-    "createdAt",
-    "lastUsedAt",
-    "disabledAt",
-    "expiresAt",
-    "maxIps",
-    "ip",
-    "sumTokens",
-];
+/// A field `GET /admin/users?sort=` orders by: descending, missing values last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SortField {
+    Token,
+    Nickname,
+    Type,
+    PromptCount,
+    CreatedAt,
+    LastUsedAt,
+    DisabledAt,
+    ExpiresAt,
+    MaxIps,
+    /// The number of addresses.
+    Ip,
+    /// The sum of `tokenCounts`.
+    SumTokens,
+}
+
+impl SortField {
+    /// Every field with its name in `sort=`, in the order the refusal lists them.
+    const ALL: [(&'static str, SortField); 11] = [
+        ("token", Self::Token),
+        ("nickname", Self::Nickname),
+        ("type", Self::Type),
+        ("promptCount", Self::PromptCount),
+        ("createdAt", Self::CreatedAt),
+        ("lastUsedAt", Self::LastUsedAt),
+        ("disabledAt", Self::DisabledAt),
+        ("expiresAt", Self::ExpiresAt),
+        ("maxIps", Self::MaxIps),
+        ("ip", Self::Ip),
+        ("sumTokens", Self::SumTokens),
+    ];
+
+    fn parse(name: &str) -> Result<Self, ApiError> {
+        Self::ALL
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, field)| *field)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(known, _)| *known).collect();
+                ApiError::bad_request(
+                    "sort",
+                    format!(
+                        "cannot sort by '{name}'; sortable fields: {}",
+                        names.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Descending, with missing values last.
+    fn compare(self, a: &User, b: &User) -> Ordering {
+        fn opt<T: Ord>(a: Option<T>, b: Option<T>) -> Ordering {
+            match (a, b) {
+                (Some(a), Some(b)) => b.cmp(&a),
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            }
+        }
+        let sum = |u: &User| u.token_counts.values().map(|v| v.0).sum::<f64>();
+        match self {
+            Self::Token => b.token.cmp(&a.token),
+            Self::Nickname => opt(a.nickname.as_ref(), b.nickname.as_ref()),
+            Self::Type => b.user_type.as_str().cmp(a.user_type.as_str()),
+            Self::PromptCount => b.prompt_count.cmp(&a.prompt_count),
+            Self::CreatedAt => b.created_at.cmp(&a.created_at),
+            Self::LastUsedAt => opt(a.last_used_at, b.last_used_at),
+            Self::DisabledAt => opt(a.disabled_at, b.disabled_at),
+            Self::ExpiresAt => opt(a.expires_at, b.expires_at),
+            Self::MaxIps => opt(a.max_ips, b.max_ips),
+            Self::Ip => b.ip.len().cmp(&a.ip.len()),
+            Self::SumTokens => sum(b).total_cmp(&sum(a)),
+        }
+    }
+}
+
 const DEFAULT_SORT: &str = "promptCount,lastUsedAt";
 
 pub struct UsersApi {
@@ -114,22 +178,8 @@ impl UsersApi {
         }
         let fields = sort_fields(&sort)
             .into_iter()
-            .map(|field| {
-                SORT_FIELDS
-                    .iter()
-                    .copied()
-                    .find(|known| *known == field)
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "sort",
-                            format!(
-                                "cannot sort by '{field}'; sortable fields: {}",
-                                SORT_FIELDS.join(", ")
-                            ),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<&'static str>, _>>()?;
+            .map(SortField::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         let _bulk = self.bulk.lock().await;
         let cache = Arc::clone(&self.cache);
         off_thread(move || {
@@ -137,7 +187,7 @@ impl UsersApi {
             users.sort_by(|a, b| {
                 fields
                     .iter()
-                    .map(|f| compare_desc(a, b, f))
+                    .map(|f| f.compare(a, b))
                     .find(|o| o.is_ne())
                     .unwrap_or(Ordering::Equal)
             });
@@ -419,36 +469,10 @@ fn sort_fields(sort: &str) -> Vec<&str> {
     }
 }
 
-/// Descending, with missing values last; arrays compare by length.
-fn compare_desc(a: &User, b: &User, field: &str) -> Ordering {
-    fn opt<T: Ord>(a: Option<T>, b: Option<T>) -> Ordering {
-        match (a, b) {
-            (Some(a), Some(b)) => b.cmp(&a),
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (None, None) => Ordering::Equal,
-        }
-    }
-    let sum = |u: &User| u.token_counts.values().map(|v| v.0).sum::<f64>();
-    match field {
-        "token" => b.token.cmp(&a.token),
-        "nickname" => opt(a.nickname.as_ref(), b.nickname.as_ref()),
-        "type" => b.user_type.as_str().cmp(a.user_type.as_str()),
-        "promptCount" => b.prompt_count.cmp(&a.prompt_count),
-        "createdAt" => b.created_at.cmp(&a.created_at),
-        "lastUsedAt" => opt(a.last_used_at, b.last_used_at),
-        "disabledAt" => opt(a.disabled_at, b.disabled_at),
-        "expiresAt" => opt(a.expires_at, b.expires_at),
-        "maxIps" => opt(a.max_ips, b.max_ips),
-        "ip" => b.ip.len().cmp(&a.ip.len()),
-        "sumTokens" => sum(b).total_cmp(&sum(a)),
-        _ => Ordering::Equal,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::users::model::JsNumber;
 
     fn user(token: &str, prompts: u64, last: Option<u64>) -> User {
         let mut u = User::new(token.into(), UserType::Normal, 1);
@@ -470,6 +494,28 @@ mod tests {
     }
 
     #[test]
+    fn every_sortable_field_parses_and_orders() {
+        let low = user("a", 1, Some(1));
+        let mut high = user("b", 2, Some(2));
+        high.nickname = Some("n".into());
+        high.user_type = UserType::Temporary;
+        high.created_at = 2;
+        high.disabled_at = Some(2);
+        high.expires_at = Some(2);
+        high.max_ips = Some(2);
+        high.ip = vec!["1.1.1.1".into()];
+        high.token_counts.insert("gpt".into(), JsNumber(2.0));
+        for (name, field) in SortField::ALL {
+            assert_eq!(SortField::parse(name), Ok(field));
+            assert_eq!(field.compare(&high, &low), Ordering::Less, "{name}");
+            assert_eq!(field.compare(&low, &high), Ordering::Greater, "{name}");
+        }
+        let refused = SortField::parse("secret").unwrap_err();
+        assert_eq!(refused.field.as_deref(), Some("sort"));
+        assert!(refused.message.ends_with("token, nickname, type, promptCount, createdAt, lastUsedAt, disabledAt, expiresAt, maxIps, ip, sumTokens"), "{}", refused.message);
+    }
+
+    #[test]
     fn sort_is_descending_with_missing_last() {
         let mut users = [
             user("a", 1, None),
@@ -477,9 +523,9 @@ mod tests {
             user("c", 1, Some(9)),
         ];
         users.sort_by(|a, b| {
-            ["promptCount", "lastUsedAt"]
+            [SortField::PromptCount, SortField::LastUsedAt]
                 .iter()
-                .map(|f| compare_desc(a, b, f))
+                .map(|f| f.compare(a, b))
                 .find(|o| o.is_ne())
                 .unwrap_or(Ordering::Equal)
         });
