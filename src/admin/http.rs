@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use http::{Response, StatusCode};
 use pingora::protocols::http::ServerSession;
 use serde::Serialize;
@@ -163,7 +162,7 @@ pub async fn read_body(
                 ApiError::bad_request("", format!("could not answer 100 Continue: {e}")).closing()
             })?;
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut body = Vec::with_capacity(reserved_for(declared, limit));
     loop {
         let chunk = tokio::time::timeout(idle, session.read_request_body())
             .await
@@ -172,13 +171,23 @@ pub async fn read_body(
                 ApiError::bad_request("", format!("could not read the request body: {e}")).closing()
             })?;
         let Some(chunk) = chunk else {
-            return Ok(body.to_vec());
+            return Ok(body);
         };
         if body.len() + chunk.len() > limit {
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
+}
+
+/// The most memory a declared `Content-Length` reserves before the body arrives; a larger body
+/// grows the buffer as it comes. Without a bound, a length near a very high
+/// `admin.max_body_bytes` asked for memory the process did not have, which aborts it.
+const MAX_RESERVED_BODY: usize = 16 << 20;
+
+/// The body buffer's first capacity: the declared length, within the limit and the bound.
+fn reserved_for(declared: Option<usize>, limit: usize) -> usize {
+    declared.unwrap_or(0).min(limit).min(MAX_RESERVED_BODY)
 }
 
 /// Whether the body is form-encoded (`type=special&nickname=bob`).
@@ -296,6 +305,17 @@ pub fn query_params(query: Option<&str>) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_declared_length_reserves_a_bounded_buffer() {
+        assert_eq!(reserved_for(None, 1 << 26), 0);
+        assert_eq!(reserved_for(Some(300), 1 << 26), 300);
+        // An `admin.max_body_bytes` set very high ("no limit") must not let a declared
+        // Content-Length ask for that much memory before a byte arrived (an allocation that
+        // fails aborts the process).
+        assert_eq!(reserved_for(Some(1 << 60), usize::MAX), 16 << 20);
+        assert_eq!(reserved_for(Some(usize::MAX), usize::MAX), 16 << 20);
+    }
 
     #[test]
     fn parse_json_names_fields_and_syntax() {
