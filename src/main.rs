@@ -14,7 +14,7 @@ use pingora::services::listening::Service;
 use tollgate::admin::AdminService;
 use tollgate::config::{Config, ProcessEnv, StoreKind};
 use tollgate::observe::{AccessLog, AccessLogWriter, Metrics};
-use tollgate::proxy::connection::{ConnectionGuard, ConnectionLimits, Timeouts};
+use tollgate::proxy::connection::{ConnectionGuard, ConnectionLimits};
 use tollgate::proxy::Proxy;
 use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
 use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
@@ -159,7 +159,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     );
     let guarded = ConnectionGuard::new(
         http_proxy(&server.configuration, proxy),
-        limits_for(&config),
+        ConnectionLimits::proxy(&config),
         Arc::clone(&metrics),
     );
     let mut proxy_service = Service::new("tollgate proxy".to_string(), guarded);
@@ -174,11 +174,11 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         Arc::clone(&status),
         Arc::clone(&metrics),
     );
-    let admin_limits = ConnectionLimits {
-        max_per_ip: 0,
-        ..limits_for(&config)
-    };
-    let admin = ConnectionGuard::new(admin, admin_limits, Arc::clone(&metrics));
+    let admin = ConnectionGuard::new(
+        admin,
+        ConnectionLimits::admin(&config),
+        Arc::clone(&metrics),
+    );
     let mut admin_service = Service::new("tollgate admin".to_string(), admin);
     admin_service.add_tcp_with_settings(&config.admin.listen.to_string(), socket_options);
     admin_service.threads = Some(1);
@@ -240,21 +240,6 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         writer.finish();
     }
     Ok(())
-}
-
-/// The proxy listener's connection guards (the admin listener takes its deadlines).
-fn limits_for(config: &Config) -> ConnectionLimits {
-    let keepalive = config.clients.keepalive_timeout_seconds;
-    ConnectionLimits {
-        timeouts: Timeouts {
-            header: config.clients.header_timeout,
-            first_byte: (keepalive > 0).then(|| std::time::Duration::from_secs(keepalive)),
-        },
-        max_per_ip: config.clients.max_connections_per_ip,
-        trusted_proxies: config.trusted_proxies.clone(),
-        slots: config.rate_limit.estimator_slots,
-        cors: config.cors,
-    }
 }
 
 /// The access log, opened before any listener (a path that cannot be written stops start-up).

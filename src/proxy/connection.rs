@@ -44,6 +44,7 @@ use tokio::time::Sleep;
 
 use super::rate_limit::{ConcurrencyLimiter, ConcurrencySlot, KeyHasher, LimitKey};
 use super::respond::ErrorReply;
+use crate::config::Config;
 use crate::net::CidrSet;
 use crate::observe::Metrics;
 
@@ -58,6 +59,31 @@ pub struct ConnectionLimits {
     pub slots: usize,
     /// Whether replies carry `Access-Control-Allow-Origin: *` (`cors.enabled`).
     pub cors: bool,
+}
+
+impl ConnectionLimits {
+    /// The proxy listener's, from `clients`, `trusted_proxies`, `rate_limit` and `cors`.
+    pub fn proxy(config: &Config) -> Self {
+        let keepalive = config.clients.keepalive_timeout_seconds;
+        Self {
+            timeouts: Timeouts {
+                header: config.clients.header_timeout,
+                first_byte: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
+            },
+            max_per_ip: config.clients.max_connections_per_ip,
+            trusted_proxies: config.trusted_proxies.clone(),
+            slots: config.rate_limit.estimator_slots,
+            cors: config.cors,
+        }
+    }
+
+    /// The admin listener's: the proxy's deadlines, no per-address cap.
+    pub fn admin(config: &Config) -> Self {
+        Self {
+            max_per_ip: 0,
+            ..Self::proxy(config)
+        }
+    }
 }
 
 /// The deadlines of a connection's reads.
