@@ -36,6 +36,20 @@ fn at_most_a_year(origin: &str, key: &str, seconds: u64) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// Refuses a `*_ms` value over [`MAX_SECONDS`]: Pingora's own timer adds an upstream timeout
+/// to the clock unchecked when `pingora.fast_timeout_to_tokio_threshold_seconds` is null.
+fn at_most_a_year_ms(origin: &str, key: &str, ms: u64) -> Result<(), ConfigError> {
+    const MAX_MS: u64 = MAX_SECONDS * 1000;
+    if ms > MAX_MS {
+        return Err(ConfigError::new(
+            origin,
+            key,
+            format!("must be at most {MAX_MS} (a year)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Client connections. Pingora keeps an idle HTTP/1.1 client connection open forever once it
 /// has served a request, so clients that vanish (a NAT timeout, a crashed client) or that open
 /// connections and wait would hold memory and a file descriptor each until a restart.
@@ -531,6 +545,7 @@ impl Builder<'_> {
             if value == 0 {
                 return Err(self.err(key, "must be greater than 0"));
             }
+            at_most_a_year_ms(self.origin, key, value)?;
         }
         Ok(UpstreamConfig {
             addrs,
@@ -702,6 +717,12 @@ impl Builder<'_> {
                 "admin.persist_timeout_ms",
                 "must be at least 1 (0 would answer every write before the store confirms it)",
             ));
+        }
+        for (key, ms) in [
+            ("admin.body_read_timeout_ms", raw.body_read_timeout_ms),
+            ("admin.persist_timeout_ms", raw.persist_timeout_ms),
+        ] {
+            at_most_a_year_ms(self.origin, key, ms)?;
         }
         let trusted_proxies = self.cidrs("admin.trusted_proxies", &raw.trusted_proxies)?;
         Ok(AdminConfig {

@@ -393,6 +393,30 @@ fn durations_longer_than_a_year_are_refused() {
 }
 
 #[test]
+fn millisecond_durations_longer_than_a_year_are_refused() {
+    // With `pingora.fast_timeout_to_tokio_threshold_seconds: null`, Pingora's timer adds an
+    // upstream timeout to the clock unchecked: near u64::MAX, every proxied request panicked.
+    for (section, key) in [
+        ("upstream", "connect_timeout_ms"),
+        ("upstream", "read_timeout_ms"),
+        ("upstream", "idle_timeout_ms"),
+        ("admin", "body_read_timeout_ms"),
+        ("admin", "persist_timeout_ms"),
+    ] {
+        let yaml = |value: &str| match section {
+            "upstream" => format!("upstream: {{addrs: [\"127.0.0.1:8080\"], {key}: {value}}}\n"),
+            _ => format!("{MINIMAL}{section}: {{{key}: {value}}}\n"),
+        };
+        for value in ["31536000001", "18446744073709551615"] {
+            let err = load(&yaml(value), &[]).unwrap_err();
+            assert_eq!(err.key, format!("{section}.{key}"));
+            assert!(err.problem.contains("at most 31536000000"), "{err}");
+        }
+        assert!(load(&yaml("31536000000"), &[]).is_ok(), "{key}");
+    }
+}
+
+#[test]
 fn explicitly_empty_admin_allow_list_allows_nobody() {
     let unset = load(MINIMAL, &[]).unwrap();
     assert_eq!(unset.admin.allow, None, "absent: any address");
