@@ -186,8 +186,9 @@ pub struct RequestCtx {
     identity: Option<Identity>,
     credential: Option<CredentialSource>,
     rate: Option<RateDecision>,
-    /// Holds the concurrency slot until the request ends, however it ends.
-    _inflight: Option<ConcurrencySlot>,
+    /// Holds the concurrency slot until the response's last byte is handed on, or the
+    /// request ends however it ends.
+    inflight_slot: Option<ConcurrencySlot>,
     upstream_started: Option<Instant>,
     /// The request's place in the upstream rotation, and the connection attempts made.
     upstream_first: usize,
@@ -379,7 +380,7 @@ impl Proxy {
             }
         }
         match slot {
-            Some(Some(guard)) => ctx._inflight = Some(guard),
+            Some(Some(guard)) => ctx.inflight_slot = Some(guard),
             Some(None) => {
                 self.metrics.record_rate_limited(limit_key, now);
                 let max = self.inflight.as_ref().map_or(0, ConcurrencyLimiter::max);
@@ -464,7 +465,7 @@ impl ProxyHttp for Proxy {
             identity: None,
             credential: None,
             rate: None,
-            _inflight: None,
+            inflight_slot: None,
             upstream_started: None,
             upstream_first: 0,
             upstream_attempts: 0,
@@ -647,6 +648,22 @@ impl ProxyHttp for Proxy {
             cors::allow_any_origin(response)?;
         }
         add_rate_headers(response, ctx.rate)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream {
+            // Before the last write, not after it (the context is dropped after `logging`):
+            // a client that sends its next request once it has the whole response must find
+            // its slot free.
+            ctx.inflight_slot = None;
+        }
+        Ok(None)
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {

@@ -39,7 +39,12 @@ fn hold_a_slot(
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        request.send().unwrap().status().as_u16()
+        // The whole response, as a client finishing one request before its next one: the
+        // slot must be free once the last byte arrived.
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        response.bytes().unwrap();
+        status
     });
     assert!(crate::support::wait_until(
         Duration::from_secs(5),
@@ -294,5 +299,28 @@ fn metrics_count_each_rate_limited_client_once() {
         scrape().contains("\ntollgate_rate_limited_clients 3\n"),
         "{}",
         scrape()
+    );
+}
+
+/// A client that sends each request on a new connection once it has the whole previous
+/// answer never runs two at once: under `max_inflight: 1` none of them is refused. The slot
+/// is freed before the answer's last byte is written; freed after it (when the request's
+/// context goes, after `logging`), the next request could arrive first.
+#[test]
+fn sequential_requests_never_find_their_own_slot_taken() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 0\n  max_inflight: 1")
+        .start();
+    let refused = (0..1000)
+        .filter(|_| {
+            let mut conn = tg.proxy_connection();
+            crate::support::one_exchange(&mut conn, "/a") != "HTTP/1.1 200 OK"
+        })
+        .count();
+    assert_eq!(
+        refused, 0,
+        "requests refused while the client had none running"
     );
 }
