@@ -901,6 +901,25 @@ fn bad_key_unreachable_database_and_denied_access_fail_start_up_fast() {
         builder(&origin, &db).env("FIREBASE_RTDB_URL", &closed),
         "(check FIREBASE_RTDB_URL)",
     );
+    // The token endpoint never answers (an egress firewall dropping oauth2.googleapis.com):
+    // the line points at the key's token_uri, not at the database URL that was never asked.
+    let stalled = db.add_fault(FaultRule::new(
+        "POST",
+        "/token",
+        FaultAction::Delay { ms: 60_000 },
+    ));
+    let (ok, output, _) = run_to_exit(builder(&origin, &db));
+    assert!(!ok, "{output}");
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("tollgate: "))
+        .unwrap_or_else(|| panic!("no error line:\n{output}"));
+    assert!(
+        line.contains("token endpoint") && line.contains("token_uri"),
+        "{line}"
+    );
+    assert!(!line.contains("FIREBASE_RTDB_URL"), "{line}");
+    assert!(db.remove_fault(stalled));
     // The account may not read the users.
     db.add_fault(FaultRule::new(
         "GET",

@@ -152,6 +152,15 @@ impl TokenSource {
         Ok(token)
     }
 
+    /// Where access tokens are fetched (the key's `token_uri`), for messages; `None` for the
+    /// emulator, which needs none.
+    pub fn endpoint(&self) -> Option<&str> {
+        match self {
+            TokenSource::ServiceAccount { account, .. } => Some(&account.token_uri),
+            TokenSource::Emulator => None,
+        }
+    }
+
     /// The database refused `used` (401, `auth_revoked`): the next `token` fetches a new one,
     /// unless another task already replaced it.
     pub async fn invalidate(&self, used: &str) {

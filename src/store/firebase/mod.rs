@@ -435,13 +435,7 @@ impl StoreBackend for FirebaseStore {
         let mut wait = Duration::from_millis(250);
         let where_ = format!("{}{}", self.target.base, self.layout.users);
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let request = Request::new(Method::GET, &self.layout.users).timeout(
-                remaining
-                    .min(REQUEST_TIMEOUT)
-                    .max(Duration::from_millis(100)),
-            );
-            let last = match tokio::time::timeout(remaining, rtdb.call(request)).await {
+            let last = match self.startup_read(&rtdb, deadline).await {
                 Ok(Ok(reply)) => {
                     return self
                         .load_body(&reply.body)
@@ -451,7 +445,7 @@ impl StoreBackend for FirebaseStore {
                     return Err(StoreError::Fatal(startup_problem(&e, &where_)));
                 }
                 Ok(Err(e)) => format!("{e}{}", setting_to_check(&e)),
-                Err(_) => "no answer (check FIREBASE_RTDB_URL)".to_string(),
+                Err(silent) => silent,
             };
             if Instant::now() + wait >= deadline {
                 return Err(StoreError::Unavailable(format!(
@@ -611,6 +605,37 @@ const CREATE_CONCURRENCY: usize = 16;
 const HOUSEKEEPING_EVERY_MS: u64 = 3_600_000;
 
 impl FirebaseStore {
+    /// One start-up read of the users path, cut off at `deadline`. The access token is fetched
+    /// first, on its own: a token endpoint that never answers (an egress firewall dropping
+    /// it) must be named as such, not taken for the database. `Err`: nothing came back in
+    /// time, and from where.
+    async fn startup_read(
+        &self,
+        rtdb: &Rtdb,
+        deadline: Instant,
+    ) -> Result<Result<client::Reply, RtdbError>, String> {
+        match tokio::time::timeout_at(deadline, rtdb.auth().token(rtdb.http())).await {
+            Err(_) => {
+                return Err(format!(
+                    "no answer from the token endpoint {} (check the token_uri in \
+                     FIREBASE_KEY, and that it can be reached)",
+                    rtdb.auth().endpoint().unwrap_or("?")
+                ))
+            }
+            Ok(Err(e)) => return Ok(Err(e.into())),
+            Ok(Ok(_)) => {}
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let request = Request::new(Method::GET, &self.layout.users).timeout(
+            remaining
+                .min(REQUEST_TIMEOUT)
+                .max(Duration::from_millis(100)),
+        );
+        tokio::time::timeout(remaining, rtdb.call(request))
+            .await
+            .map_err(|_| "no answer (check FIREBASE_RTDB_URL)".to_string())
+    }
+
     /// The users of the users path's JSON, in a new cache sized for them. Each user is parsed
     /// on its own and put in the cache before the next is read: the whole path as one tree
     /// would take about ten times the text's size at the peak of start-up, and even a list of
