@@ -233,11 +233,17 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     server.run(RunArgs::default());
     // Requests in flight at SIGTERM finish during the grace period, after the engine's
     // shutdown flush. Every service has stopped now: write what they counted too.
-    if status.gauges().pending_changes > 0 {
-        flush_after_shutdown(&engine);
-    }
+    let written = status.gauges().pending_changes == 0 || flush_after_shutdown(&engine);
     if let Some(writer) = access_log_tail {
         writer.finish();
+    }
+    if !written {
+        // Not a clean stop: a supervisor shows it as failed rather than as a normal exit.
+        return Err(format!(
+            "store {}: changes could not be written before shutdown and are lost (see the \
+             error above)",
+            backend.name()
+        ));
     }
     Ok(())
 }
@@ -257,13 +263,17 @@ fn open_access_log(config: &Config) -> Result<Option<(AccessLog, AccessLogWriter
     Ok(Some(opened))
 }
 
-fn flush_after_shutdown(engine: &SyncEngine) {
+/// The last store write, after every service stopped; false when changes were left unwritten.
+fn flush_after_shutdown(engine: &SyncEngine) -> bool {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime.block_on(engine.final_flush()),
-        Err(e) => error!("cannot start the runtime for the last store flush: {e}"),
+        Err(e) => {
+            error!("cannot start the runtime for the last store flush: {e}");
+            false
+        }
     }
 }
 

@@ -380,7 +380,8 @@ impl SyncEngine {
     }
 
     /// Writes everything still queued, retrying with backoff until the shutdown deadline.
-    pub async fn final_flush(&self) {
+    /// False when changes were left unwritten (logged): they are lost when the process exits.
+    pub async fn final_flush(&self) -> bool {
         let deadline = Instant::now() + self.shutdown_deadline;
         loop {
             // One attempt may not outlast the deadline (a store request can take 30 s); a
@@ -398,7 +399,7 @@ impl SyncEngine {
                         "{} store: all changes written before shutdown",
                         self.backend.name()
                     );
-                    return;
+                    return true;
                 }
                 Err(_) if Instant::now() < deadline => {
                     let wait = self.backoff().await.min(deadline - Instant::now());
@@ -410,7 +411,7 @@ impl SyncEngine {
                         self.backend.name(),
                         self.status.gauges().pending_changes
                     );
-                    return;
+                    return false;
                 }
             }
         }
@@ -456,6 +457,8 @@ impl BackgroundService for SyncEngine {
                 Err(_) => Instant::now() + self.backoff().await,
             };
         }
+        // What is left is written once more after every service stopped (main.rs), which
+        // reports the outcome.
         self.final_flush().await;
         let _ = follower.await;
     }

@@ -378,6 +378,34 @@ fn sigterm_under_traffic_loses_nothing() {
     );
 }
 
+/// Changes the store does not take before the shutdown deadline are lost: the stop is then
+/// reported as failed (exit status 1 and a line saying so), not as a clean one.
+#[test]
+fn a_stop_that_cannot_write_its_changes_exits_non_zero() {
+    let origin = Origin::start();
+    let mut tg = sqlite(&origin, 3600).start();
+    let token = tg.create_user(json!({"type": "special"}));
+    for _ in 0..5 {
+        assert_eq!(proxied(&tg, &token), 200);
+    }
+    // Another program holds the write lock through the whole shutdown.
+    let lock = Connection::open(db_path(&tg)).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    tg.signal(libc::SIGTERM);
+    let status = tg
+        .wait_exit(Duration::from_secs(40))
+        .unwrap_or_else(|| panic!("no exit after SIGTERM:\n{}", tg.log()));
+    drop(lock);
+    let log = tg.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("could not be written before shutdown"),
+        "{log}"
+    );
+    assert!(log.contains("tollgate: store sqlite: "), "{log}");
+    assert_eq!(stored_prompt_count(&db_path(&tg), &token), Some(0));
+}
+
 #[test]
 fn sigint_writes_pending_changes_too() {
     let origin = Origin::start();

@@ -209,9 +209,20 @@ async fn a_flush_writes_what_was_queued_not_what_traffic_adds_meanwhile() {
 async fn the_last_flush_also_writes_what_arrives_while_it_writes() {
     let (engine, backend, cache) = busy_engine(1);
     cache.count_request(&cache.get("a").unwrap(), 1);
-    engine.final_flush().await;
+    assert!(engine.final_flush().await);
     assert_eq!(*backend.deltas.lock(), vec![1, 1]);
     assert_eq!(cache.queued_len(), 0);
+}
+
+/// A store that takes nothing until the deadline: the last flush says so (the process then
+/// exits non-zero), and the changes are still counted as pending.
+#[tokio::test(start_paused = true)]
+async fn the_last_flush_reports_changes_it_could_not_write() {
+    let (engine, cache, status) = engine(Flaky::new(usize::MAX));
+    cache.load([User::new("a".into(), UserType::Normal, 1)]);
+    cache.count_request(&cache.get("a").unwrap(), 1);
+    assert!(!engine.final_flush().await);
+    assert_eq!(status.gauges().pending_changes, 1);
 }
 
 /// A backend that refuses every change for good (as Firebase does with a 400 it isolated), and
