@@ -12,13 +12,12 @@ use pingora::server::RunArgs;
 use pingora::services::listening::Service;
 
 use tollgate::admin::AdminService;
-use tollgate::config::{Config, ProcessEnv, StoreKind};
+use tollgate::config::{Config, ProcessEnv};
 use tollgate::observe::{AccessLog, AccessLogWriter, Metrics};
 use tollgate::proxy::connection::{ConnectionGuard, ConnectionLimits};
 use tollgate::proxy::Proxy;
-use tollgate::store::{self, purge::TemporaryUserPurge, StoreBackend, StoreStatus, SyncEngine};
+use tollgate::store::{self, purge::TemporaryUserPurge, StoreStatus, SyncEngine};
 use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
-use tollgate::users::UserCache;
 
 /// mimalloc instead of glibc's malloc: Pingora allocates and frees many small objects per
 /// request (headers, tasks, buffers); see docs/performance.md for the measured difference.
@@ -123,7 +122,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     }
     let backend = store::open(&config.store)
         .map_err(|e| format!("store {}: {e}", config.store.kind.as_str()))?;
-    let cache = Arc::new(load_users(&config, backend.as_ref())?);
+    let cache = Arc::new(store::load_at_startup(backend.as_ref()).map_err(|e| e.to_string())?);
     let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
     status.set_ready(true);
     let metrics = Arc::new(Metrics::new(
@@ -189,10 +188,6 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
         config.store.flush_interval,
         shutdown_deadline,
     );
-    let engine = match config.store.kind {
-        StoreKind::Sqlite => engine.with_batch_users(store::sqlite::BATCH_USERS),
-        _ => engine,
-    };
     let purge = TemporaryUserPurge::new(
         Arc::clone(&cache),
         Arc::clone(&backend),
@@ -275,45 +270,4 @@ fn flush_after_shutdown(engine: &SyncEngine) -> bool {
             false
         }
     }
-}
-
-/// Fills the cache before any listener opens. This runs on a short-lived runtime that is gone
-/// before Pingora starts (its `-d` fork would lose any threads started here). Only Firebase's
-/// load, over the network, is bounded by `store.firebase.startup_timeout_seconds`; a local
-/// file's is bounded by the disk.
-fn load_users(config: &Config, backend: &dyn StoreBackend) -> Result<UserCache, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the loader runtime: {e}"))?;
-    let timeout = match config.store.kind {
-        StoreKind::FirebaseRtdb => Some(config.store.firebase.startup_timeout),
-        StoreKind::Memory | StoreKind::Sqlite => None,
-    };
-    let loaded = runtime.block_on(async {
-        match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, backend.load_cache())
-                .await
-                .ok(),
-            None => Some(backend.load_cache().await),
-        }
-    });
-    // Without waiting for anything the load left behind (a timed-out request).
-    runtime.shutdown_background();
-    let cache = loaded
-        .ok_or_else(|| {
-            format!(
-                "store {}: loading users took longer than {} s \
-                 (store.firebase.startup_timeout_seconds)",
-                backend.name(),
-                timeout.unwrap_or_default().as_secs()
-            )
-        })?
-        .map_err(|e| format!("store {}: cannot load users: {e}", backend.name()))?;
-    info!(
-        "loaded {} users from the {} store",
-        cache.len(),
-        backend.name()
-    );
-    Ok(cache)
 }

@@ -25,7 +25,7 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// How often the engine asks the store whether another process wrote it.
 const READ_BACK_INTERVAL: Duration = Duration::from_secs(1);
-/// Users per batch: one SQLite transaction or one Firebase PATCH.
+/// Users per batch (one Firebase PATCH) unless the backend says otherwise.
 pub const DEFAULT_BATCH_USERS: usize = 1_000;
 
 /// The engine's state as the admin API, health checks and metrics see it.
@@ -206,12 +206,12 @@ impl SyncEngine {
         shutdown_deadline: Duration,
     ) -> Self {
         Self {
+            batch_users: backend.batch_users().max(1),
             cache: Arc::clone(&status.cache),
             backend,
             status,
             interval,
             shutdown_deadline,
-            batch_users: DEFAULT_BATCH_USERS,
             state: tokio::sync::Mutex::new(EngineState::default()),
         }
     }

@@ -30,6 +30,54 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn StoreBackend>, StoreError> {
     }
 }
 
+/// Fills the cache before any listener opens, on a short-lived runtime that is gone before
+/// Pingora starts (its `-d` fork would lose any threads started here). Only a load over the
+/// network (Firebase's) is bounded, by [`StoreBackend::startup_timeout`]; a local file's is
+/// bounded by the disk.
+pub fn load_at_startup(backend: &dyn StoreBackend) -> Result<UserCache, LoadError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LoadError::Runtime)?;
+    let timeout = backend.startup_timeout();
+    let loaded = runtime.block_on(async {
+        match timeout {
+            Some(timeout) => tokio::time::timeout(timeout, backend.load_cache())
+                .await
+                .ok(),
+            None => Some(backend.load_cache().await),
+        }
+    });
+    // Without waiting for anything the load left behind (a timed-out request).
+    runtime.shutdown_background();
+    let store = backend.name();
+    let cache = loaded
+        .ok_or(LoadError::TimedOut {
+            store,
+            seconds: timeout.unwrap_or_default().as_secs(),
+        })?
+        .map_err(|source| LoadError::Failed { store, source })?;
+    log::info!("loaded {} users from the {store} store", cache.len());
+    Ok(cache)
+}
+
+/// Why start-up could not fill the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot start the loader runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(
+        "store {store}: loading users took longer than {seconds} s \
+         (store.firebase.startup_timeout_seconds)"
+    )]
+    TimedOut { store: &'static str, seconds: u64 },
+    #[error("store {store}: cannot load users: {source}")]
+    Failed {
+        store: &'static str,
+        source: StoreError,
+    },
+}
+
 /// What `tollgate -t` can check of the store without touching it: Firebase's URL and key are
 /// decoded (nothing is sent); a SQLite file is only opened, and created, at start.
 pub fn check(config: &StoreConfig) -> Result<(), StoreError> {
@@ -85,6 +133,17 @@ pub trait StoreBackend: Send + Sync + 'static {
         let cache = UserCache::with_capacity(users.len());
         cache.load(users);
         Ok(cache)
+    }
+
+    /// How long start-up may wait for [`load_cache`](Self::load_cache); `None` for a local
+    /// store, whose load is bounded by its disk.
+    fn startup_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The most users the engine puts in one batch (one write).
+    fn batch_users(&self) -> usize {
+        engine::DEFAULT_BATCH_USERS
     }
 
     /// Writes a batch. `Ok` means durable; `Err` leaves the batch to be retried unchanged.

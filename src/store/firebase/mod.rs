@@ -405,6 +405,11 @@ impl StoreBackend for FirebaseStore {
         "firebase_rtdb"
     }
 
+    /// Over the network: `store.firebase.startup_timeout_seconds`.
+    fn startup_timeout(&self) -> Option<Duration> {
+        Some(self.startup_timeout)
+    }
+
     /// Through the stream's follower, which applies its mirror of the database: a value read
     /// here could be older than a change the stream applies meanwhile.
     async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {

@@ -664,6 +664,10 @@ impl StoreBackend for SqliteStore {
         "sqlite"
     }
 
+    fn batch_users(&self) -> usize {
+        BATCH_USERS
+    }
+
     async fn load_all(&self) -> Result<Vec<User>, StoreError> {
         let (path, own, seen) = (
             self.path.clone(),

@@ -22,8 +22,7 @@ fn engine(store: &Arc<SqliteStore>) -> (SyncEngine, Arc<UserCache>) {
         status,
         Duration::from_secs(3600),
         Duration::from_secs(1),
-    )
-    .with_batch_users(BATCH_USERS);
+    );
     (engine, cache)
 }
 
