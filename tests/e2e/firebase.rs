@@ -686,7 +686,11 @@ fn stream_survives_redirects_revocation_cancel_and_stalls() {
         proxy(&tg, "u") == StatusCode::UNAUTHORIZED
     });
     let metrics = tg.metrics();
-    assert!(metrics.contains("reconnect"), "{metrics}");
+    let reconnects = crate::support::metric_sample(
+        &metrics,
+        r#"tollgate_store_stream_reconnects_total{store="firebase_rtdb"}"#,
+    );
+    assert!(reconnects >= Some(1.0), "{metrics}");
 }
 
 /// A stalled stream is dropped by the watchdog (2 s here) and the edit arrives after it.

@@ -436,3 +436,53 @@ fn a_relative_pid_file_is_checked_where_the_daemon_writes_it() {
         "{output}"
     );
 }
+
+/// The store gauges an operator alerts on tell a store that does not take writes (another
+/// program holds the SQLite file's write lock) and its recovery once it does again.
+#[test]
+fn store_gauges_show_writes_failing_and_catching_up() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("store:\n  kind: sqlite\n  flush_interval_seconds: 1\n  sqlite:\n    path: data/tollgate.db\n")
+        .admin_yaml("persist_timeout_ms: 500")
+        .start();
+    let gauge = |name: &str| {
+        let scrape = tg.metrics();
+        crate::support::metric_sample(&scrape, &format!("{name}{{store=\"sqlite\"}}"))
+            .unwrap_or_else(|| panic!("no {name} in:\n{scrape}"))
+    };
+    tg.create_user(serde_json::json!({}));
+    assert!(
+        wait_until(Duration::from_secs(10), || gauge(
+            "tollgate_store_last_flush_timestamp_seconds"
+        ) > 0.0),
+        "a write confirmed"
+    );
+    let lock = rusqlite::Connection::open(tg.dir.path().join("data/tollgate.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let token = tg.create_user(serde_json::json!({}));
+    assert!(
+        wait_until(Duration::from_secs(30), || gauge(
+            "tollgate_store_flush_failures_total"
+        ) >= 1.0),
+        "the failed write counted"
+    );
+    assert_eq!(
+        gauge("tollgate_store_pending_changes"),
+        1.0,
+        "{token} waits"
+    );
+    assert_eq!(
+        gauge("tollgate_ready"),
+        1.0,
+        "a slow store does not take it out"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    assert!(
+        wait_until(Duration::from_secs(30), || gauge(
+            "tollgate_store_pending_changes"
+        ) == 0.0),
+        "the queued change written once the lock is gone"
+    );
+}

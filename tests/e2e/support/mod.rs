@@ -58,6 +58,13 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+/// The value of the sample `series` (name and labels, as rendered) in a `/metrics` scrape.
+pub fn metric_sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Reads one answer from `reader`, its body by its `Content-Length` (an interim `100
 /// Continue` is an answer of its own).
 pub fn read_answer(reader: &mut impl std::io::BufRead) -> Answer {
