@@ -301,36 +301,13 @@ impl Proxy {
         };
         let user_key = lookup.as_ref().map(|l| l.hash());
         self.screen_client(req, peer, ctx)?;
-        if !readable_target(req) {
-            return Err((self.replies.unreadable_target.clone(), Outcome::BadRequest));
-        }
-        // Before the gatekeeper, as the older proxy read the body before it: a refused body
-        // costs no rate budget.
-        if let Some(limit) = self.max_body_bytes {
-            if declared_body_length(req).is_some_and(|length| length > limit) {
-                return Err((self.too_large.clone(), Outcome::TooLarge));
-            }
-        }
+        self.screen_request(req)?;
         // The client IP's key, hashed only when needed.
         let mut ip_key = None;
         let hasher = &self.hasher;
         let client_ip = ctx.client_ip;
         let mut ip_key_of = || *ip_key.get_or_insert_with(|| hasher.hash(LimitKey::Ip(client_ip)));
-        if let Some(failures) = &self.auth_failures {
-            // Known without the IP's counters while no authentication failed lately.
-            if let Some(RateDecision::Limited {
-                retry_after_secs, ..
-            }) = failures.check_rare(&mut ip_key_of, now)
-            {
-                self.metrics.record_rate_limited(ip_key_of(), now);
-                let message = format!(
-                    "Too many failed authentication attempts from this IP. Please try again in {retry_after_secs} seconds."
-                );
-                let reply = ErrorReply::new(429, "proxy_rate_limited", &message)
-                    .with_header("retry-after", retry_after_secs);
-                return Err((reply, Outcome::RateLimited));
-            }
-        }
+        self.check_auth_failures(&mut ip_key_of, now)?;
         let identity = match self
             .gatekeeper
             .admit_with(token, lookup, ctx.client_ip, now)
@@ -338,9 +315,61 @@ impl Proxy {
             Ok(identity) => identity,
             Err(refusal) => return Err(self.refuse(refusal, &mut ip_key_of, now)),
         };
+        self.apply_limits(identity, user_key, ip_key_of, now, ctx)
+    }
+
+    /// What the request itself shows before its credential is looked at: a target tollgate
+    /// can read, and a declared body within `clients.max_body_bytes` (checked before the
+    /// gatekeeper, as the older proxy read the body before it: a refused body costs no rate
+    /// budget).
+    fn screen_request(&self, req: &RequestHeader) -> Result<(), (ErrorReply, Outcome)> {
+        if !readable_target(req) {
+            return Err((self.replies.unreadable_target.clone(), Outcome::BadRequest));
+        }
+        if let Some(limit) = self.max_body_bytes {
+            if declared_body_length(req).is_some_and(|length| length > limit) {
+                return Err((self.too_large.clone(), Outcome::TooLarge));
+            }
+        }
+        Ok(())
+    }
+
+    /// An IP that failed to authenticate too often is refused whatever it sends. Known
+    /// without the IP's counters while no authentication failed lately.
+    fn check_auth_failures(
+        &self,
+        ip_key: &mut impl FnMut() -> u64,
+        now: u64,
+    ) -> Result<(), (ErrorReply, Outcome)> {
+        let Some(failures) = &self.auth_failures else {
+            return Ok(());
+        };
+        if let Some(RateDecision::Limited {
+            retry_after_secs, ..
+        }) = failures.check_rare(&mut *ip_key, now)
+        {
+            self.metrics.record_rate_limited(ip_key(), now);
+            return Err((
+                auth_failures_limited(retry_after_secs),
+                Outcome::RateLimited,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The request rate and concurrency limits of an admitted request, keyed by its user (or
+    /// its IP when anonymous). `special` users are exempt from the request rate, not from
+    /// `max_inflight` (as in the older proxy, whose special users still queued like everyone
+    /// else).
+    fn apply_limits(
+        &self,
+        identity: Identity,
+        user_key: Option<u64>,
+        mut ip_key: impl FnMut() -> u64,
+        now: u64,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), (ErrorReply, Outcome)> {
         let limited = self.requests.is_some() || self.inflight.is_some();
-        // `special` users are exempt from the request rate, not from `max_inflight` (as in
-        // the older proxy, whose special users still queued like everyone else).
         let (limit_key, rate_applies) = match &identity {
             _ if !limited => (None, false),
             // The user was found by this very token, so `user_key` is its key.
@@ -348,7 +377,7 @@ impl Proxy {
                 Some(user_key.unwrap_or_else(|| self.cache.token_hash(user.token()))),
                 !user.admission().special(),
             ),
-            Identity::Anonymous => (Some(ip_key_of()), true),
+            Identity::Anonymous => (Some(ip_key()), true),
         };
         ctx.identity = Some(identity);
         let Some(limit_key) = limit_key else {
@@ -384,25 +413,7 @@ impl Proxy {
             Some(None) => {
                 self.metrics.record_rate_limited(limit_key, now);
                 let max = self.inflight.as_ref().map_or(0, ConcurrencyLimiter::max);
-                let message = format!(
-                    "Too many concurrent requests: at most {max} at a time. Wait for one to finish."
-                );
-                let mut reply = ErrorReply::new(429, "proxy_concurrency_limited", &message)
-                    .with_header("retry-after", 1);
-                // The request rate budget, as a success would report it: the client learns
-                // that it is not the rate that refused it.
-                if let Some(RateDecision::Allowed {
-                    limit,
-                    remaining,
-                    reset_at_ms,
-                }) = ctx.rate
-                {
-                    reply = reply
-                        .with_header("x-ratelimit-limit", limit)
-                        .with_header("x-ratelimit-remaining", remaining)
-                        .with_header("x-ratelimit-reset", reset_at_ms);
-                }
-                return Err((reply, Outcome::RateLimited));
+                return Err((concurrency_limited(max, ctx.rate), Outcome::RateLimited));
             }
             None => {}
         }
@@ -435,6 +446,34 @@ impl Proxy {
             Refusal::IpLimitBanned => (self.replies.ip_limit_banned.clone(), Outcome::Forbidden),
             Refusal::Expired => (self.replies.expired.clone(), Outcome::Forbidden),
         }
+    }
+}
+
+fn auth_failures_limited(retry_after_secs: u64) -> ErrorReply {
+    let message = format!(
+        "Too many failed authentication attempts from this IP. Please try again in {retry_after_secs} seconds."
+    );
+    ErrorReply::new(429, "proxy_rate_limited", &message)
+        .with_header("retry-after", retry_after_secs)
+}
+
+/// Carries the request rate budget as a success would report it (`rate`, when the rate
+/// allowed the request): the client learns that it is not the rate that refused it.
+fn concurrency_limited(max: u32, rate: Option<RateDecision>) -> ErrorReply {
+    let message =
+        format!("Too many concurrent requests: at most {max} at a time. Wait for one to finish.");
+    let reply =
+        ErrorReply::new(429, "proxy_concurrency_limited", &message).with_header("retry-after", 1);
+    match rate {
+        Some(RateDecision::Allowed {
+            limit,
+            remaining,
+            reset_at_ms,
+        }) => reply
+            .with_header("x-ratelimit-limit", limit)
+            .with_header("x-ratelimit-remaining", remaining)
+            .with_header("x-ratelimit-reset", reset_at_ms),
+        _ => reply,
     }
 }
 
