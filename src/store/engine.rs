@@ -359,7 +359,7 @@ impl SyncEngine {
                     users.into_iter().map(|u| (u.token.clone(), u)).collect();
                 self.cache.replace_all_remote(&users);
                 info!(
-                    "{} store: another process wrote it; read back {count} users",
+                    "{} store: written by another process or client; read back {count} users",
                     self.backend.name()
                 );
             }

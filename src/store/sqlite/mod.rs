@@ -6,6 +6,11 @@
 //!   Counted requests are added to the stored count, and the transaction records the batch's
 //!   number, so a retried batch is never added twice, a crash never counts a request twice,
 //!   and during a graceful upgrade the old and the new process's counts add up.
+//! - Others may write the file too (the other process of a graceful upgrade, an operator's
+//!   `sqlite3`): the engine's once-a-second check reads every user again when
+//!   `PRAGMA data_version` on the writer connection moved, and a flush merges only the fields
+//!   this process changed into the stored row (`rows.rs`), so an edit not read back yet is
+//!   kept.
 //! - The schema is versioned and migrated on start (see `schema.rs`); a file from a newer
 //!   tollgate, another application's file, a corrupt, read-only or unwritable one stops
 //!   start-up with one line naming the file and the problem.
@@ -254,12 +259,40 @@ fn connect(path: &Path, create: bool) -> Result<Connection, SqliteError> {
     Ok(conn)
 }
 
-/// The flush connection: also forgets writers that stopped long ago.
-fn connect_writer(path: &Path) -> Result<Connection, SqliteError> {
+/// The flush connection, and what it knows of other connections' commits.
+struct Writer {
+    conn: Connection,
+    /// `PRAGMA data_version` when the cache last took every user from the file. It changes
+    /// when another connection commits (an operator's `sqlite3`, another tollgate), never for
+    /// this connection's own flushes; it means nothing on another connection.
+    read_at: Option<i64>,
+}
+
+/// The writer connection, and the one it replaced after an error: that one, still open,
+/// tells whether anyone wrote the file before the new one started counting.
+#[derive(Default)]
+struct WriterSlot {
+    current: Option<Writer>,
+    retired: Option<Writer>,
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+}
+
+/// The flush connection: also forgets writers that stopped long ago. It takes over what
+/// `retired` knew when nobody wrote the file since; otherwise the cache is read again once.
+fn connect_writer(path: &Path, retired: Option<&Writer>) -> Result<Writer, SqliteError> {
     let conn = connect(path, false)?;
+    let version =
+        data_version(&conn).map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot read", e))?;
+    // Before this connection's first commit (the prune), which the old one would count.
+    let read_at = retired
+        .filter(|old| old.read_at.is_some() && data_version(&old.conn).ok() == old.read_at)
+        .map(|_| version);
     conn.execute(PRUNE, [now_ms() as i64 - FLUSHES_KEPT_MS])
         .map_err(|e| SqliteError::sqlite_on(&conn, path, "cannot write", e))?;
-    Ok(conn)
+    Ok(Writer { conn, read_at })
 }
 
 /// Below this many rows one thread decodes them all.
@@ -464,6 +497,8 @@ const COUNTERS: &str = "UPDATE users SET
          last_used_at = ?3
      WHERE token = ?1";
 const DELETE: &str = "DELETE FROM users WHERE token = ?1";
+const STORED_DOC: &str = "SELECT doc FROM users WHERE token = ?1";
+const SET_DOC: &str = "UPDATE users SET doc = ?2 WHERE token = ?1";
 const WRITTEN: &str = "SELECT seq FROM flushes WHERE writer = ?1";
 const RECORD: &str = "INSERT INTO flushes (writer, seq, written_at) VALUES (?1, ?2, ?3)
      ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, written_at = excluded.written_at";
@@ -525,6 +560,7 @@ fn write_ops(conn: &mut Connection, writer: &str, seq: u64, ops: &[Op]) -> rusql
                         c.absolute,
                     ))?;
                 }
+                Op::Edit(edit) => write_edit(&tx, edit)?,
                 Op::Delete { token } => {
                     delete.execute([&**token])?;
                 }
@@ -534,6 +570,46 @@ fn write_ops(conn: &mut Connection, writer: &str, seq: u64, ops: &[Op]) -> rusql
     tx.prepare_cached(RECORD)?
         .execute((writer, seq, now_ms() as i64))?;
     tx.commit()
+}
+
+/// Merges an edit into the row as stored now, in the flush's transaction: fields this
+/// process did not change keep what another client wrote, even one not read back yet.
+fn write_edit(tx: &rusqlite::Transaction<'_>, edit: &rows::Edit) -> rusqlite::Result<()> {
+    let token = &*edit.token;
+    let stored: Option<String> = tx
+        .prepare_cached(STORED_DOC)?
+        .query_row([token], |r| r.get(0))
+        .optional()?;
+    let c = &edit.counters;
+    let doc = match stored {
+        // Deleted elsewhere (by hand, or by the other process of an upgrade): stays deleted.
+        None if !edit.create => return Ok(()),
+        None => None,
+        Some(stored) => Some(edit.merge_into(&stored).unwrap_or_else(|| edit.doc.clone())),
+    };
+    match doc {
+        Some(doc) => {
+            tx.prepare_cached(SET_DOC)?.execute((token, doc))?;
+            tx.prepare_cached(COUNTERS)?.execute((
+                token,
+                c.prompt_count,
+                c.last_used_at,
+                c.delta,
+                c.absolute,
+            ))?;
+        }
+        None => {
+            tx.prepare_cached(PUT)?.execute((
+                token,
+                &edit.doc,
+                c.prompt_count,
+                c.last_used_at,
+                c.delta,
+                true,
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 /// The SQLite backend. Cheap to share; the connection is behind a mutex and only the sync
@@ -546,7 +622,7 @@ pub struct SqliteStore {
     /// The file's device and inode when it was opened.
     identity: (u64, u64),
     writer_id: Arc<str>,
-    writer: Arc<Mutex<Option<Connection>>>,
+    writer: Arc<Mutex<WriterSlot>>,
     /// Other writers' batches included in the cache's last full read (`None`: not read yet).
     seen: Arc<Mutex<Option<WriterSeqs>>>,
 }
@@ -589,7 +665,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             identity,
             writer_id: uuid::Uuid::new_v4().to_string().into(),
-            writer: Arc::new(Mutex::new(None)),
+            writer: Arc::new(Mutex::new(WriterSlot::default())),
             seen: Arc::new(Mutex::new(None)),
         })
     }
@@ -702,8 +778,8 @@ impl StoreBackend for SqliteStore {
             batch.seq,
         );
         blocking(move || {
-            with_writer(&mut writer.lock(), &path, identity, |conn| {
-                write(conn, &path, &writer_id, seq, &ops)
+            with_writer(&mut writer.lock(), &path, identity, |w| {
+                write(&mut w.conn, &path, &writer_id, seq, &ops)
             })
         })
         .await?;
@@ -716,8 +792,8 @@ impl StoreBackend for SqliteStore {
         let tokens: Vec<Arc<str>> = refused.iter().map(|c| Arc::clone(c.token())).collect();
         let (path, identity, writer) = (self.path.clone(), self.identity, Arc::clone(&self.writer));
         let stored = blocking(move || {
-            with_writer(&mut writer.lock(), &path, identity, |conn| {
-                read_users(conn, &path, &tokens)
+            with_writer(&mut writer.lock(), &path, identity, |w| {
+                read_users(&w.conn, &path, &tokens)
             })
         })
         .await?;
@@ -742,15 +818,24 @@ impl StoreBackend for SqliteStore {
             let Some(before) = seen.lock().clone() else {
                 return Ok(None);
             };
-            let now = with_writer(&mut writer.lock(), &path, identity, |conn| {
-                read_writers(conn, &own)
-                    .map_err(|e| SqliteError::sqlite_on(conn, &path, "cannot read", e))
+            // Held through the read: the version must stay that of the connection it is for.
+            let mut slot = writer.lock();
+            let (changed, version) = with_writer(&mut slot, &path, identity, |w| {
+                let read_err = |e| SqliteError::sqlite_on(&w.conn, &path, "cannot read", e);
+                let version = data_version(&w.conn).map_err(read_err)?;
+                let writers = read_writers(&w.conn, &own).map_err(read_err)?;
+                let changed = w.read_at != Some(version) || written_since(&before, &writers);
+                Ok((changed, version))
             })?;
-            if !written_since(&before, &now) {
+            if !changed {
                 return Ok(None);
             }
+            // Whatever is committed after `version` was read changes it again: read next time.
             let (users, writers) = load(&path, &own)?;
             *seen.lock() = Some(writers);
+            if let Some(w) = slot.current.as_mut() {
+                w.read_at = Some(version);
+            }
             Ok(Some(users))
         })
         .await
@@ -760,22 +845,29 @@ impl StoreBackend for SqliteStore {
 /// Runs `work` on the writer connection, connecting first if needed, once the path still
 /// names the file opened at start-up.
 fn with_writer<T>(
-    slot: &mut Option<Connection>,
+    slot: &mut WriterSlot,
     path: &Path,
     identity: (u64, u64),
-    work: impl FnOnce(&mut Connection) -> Result<T, SqliteError>,
+    work: impl FnOnce(&mut Writer) -> Result<T, SqliteError>,
 ) -> Result<T, SqliteError> {
     let result = check_same_file(path, identity).and_then(|()| {
-        let conn = match slot.as_mut() {
-            Some(conn) => conn,
-            None => slot.insert(connect_writer(path)?),
+        let writer = match slot.current.take() {
+            Some(writer) => writer,
+            None => {
+                let writer = connect_writer(path, slot.retired.as_ref())?;
+                slot.retired = None;
+                writer
+            }
         };
-        work(conn)
+        work(slot.current.insert(writer))
     });
     if result.is_err() {
         // Reconnect on the next attempt: that re-checks the file from scratch (it may have
-        // been repaired or made writable again meanwhile).
-        *slot = None;
+        // been repaired or made writable again meanwhile). The old connection is kept until
+        // then only to bridge the watch for other writers.
+        if let Some(old) = slot.current.take().filter(|w| w.read_at.is_some()) {
+            slot.retired = Some(old);
+        }
     }
     result
 }

@@ -5,9 +5,16 @@
 //! one file (the old and the new one during a graceful upgrade) add up instead of overwriting
 //! each other; the `flushes` table makes each increment apply once. An absolute value is
 //! written for a new user and for an admin's `promptCount`.
+//!
+//! A user that exists is written field by field, as Firebase's leaves: only the fields this
+//! process changed go into the stored `doc`, read in the flush's transaction, and addresses
+//! requests added are merged into the stored `ip` list. Another client's edit of other fields
+//! (an operator's `sqlite3`, the other process of an upgrade) that this process has not read
+//! back yet is kept, and a user deleted elsewhere is not brought back.
 
 use std::sync::Arc;
 
+use crate::store::firebase::batch::merge_ips;
 use crate::users::{Change, Fields, User};
 
 /// Fields that live in the counter columns: a change of only these does not touch `doc`.
@@ -16,12 +23,14 @@ const COUNTER_FIELDS: Fields =
 
 /// One statement of a flush, prepared off the database thread.
 pub(super) enum Op {
-    /// The whole row: a new user, or a profile field changed.
+    /// The whole row: a new user, whose token cannot exist in the file.
     Put {
         token: Arc<str>,
         counters: Counters,
         doc: String,
     },
+    /// Profile fields changed: merged into the stored row, see [`Edit`].
+    Edit(Box<Edit>),
     /// Only counters changed.
     Counters {
         token: Arc<str>,
@@ -62,6 +71,48 @@ impl Counters {
     }
 }
 
+/// The changed fields of a user, for the stored row.
+pub(super) struct Edit {
+    pub token: Arc<str>,
+    pub counters: Counters,
+    /// `(JSON field, value)`; `None` removes the field.
+    pub leaves: Vec<(&'static str, Option<serde_json::Value>)>,
+    /// Addresses requests added, merged into the stored `ip` list.
+    pub ip_added: Vec<String>,
+    /// The whole user: written when the row is absent and `create` (an upsert may create), or
+    /// when the stored `doc` is not a JSON object (it could not be read anyway).
+    pub doc: String,
+    pub create: bool,
+}
+
+impl Edit {
+    /// The stored `doc` with this edit's fields; `None` when the stored one is not an object.
+    pub fn merge_into(&self, stored: &str) -> Option<String> {
+        let serde_json::Value::Object(mut doc) = serde_json::from_str(stored).ok()? else {
+            return None;
+        };
+        for (name, value) in &self.leaves {
+            match value {
+                Some(value) => doc.insert((*name).to_string(), value.clone()),
+                None => doc.shift_remove(*name),
+            };
+        }
+        if !self.ip_added.is_empty() {
+            let listed: Vec<String> = match doc.get("ip") {
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if let Some(merged) = merge_ips(&listed, &self.ip_added) {
+                doc.insert("ip".into(), merged.into());
+            }
+        }
+        serde_json::to_string(&doc).ok()
+    }
+}
+
 /// The statement for one change; `Err` names why this user can never be written.
 pub(super) fn encode(change: &Change) -> Result<Op, String> {
     match change {
@@ -72,19 +123,55 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
             let absolute = c.fields.intersects(Fields::CREATED | Fields::PROMPT_COUNT);
             let counters = Counters::of(&c.user, c.prompt_delta, absolute)?;
             let token = Arc::clone(c.record.token());
-            let profile_changed = c.fields.contains(Fields::CREATED)
-                || c.fields.intersects(Fields(!COUNTER_FIELDS.0));
-            if profile_changed {
-                Ok(Op::Put {
+            let whole = c.fields.contains(Fields::CREATED) && !c.fields.contains(Fields::UPSERTED);
+            if !whole && !c.fields.intersects(Fields(!COUNTER_FIELDS.0)) {
+                return Ok(Op::Counters { token, counters });
+            }
+            let doc = doc_of(&c.user).map_err(|e| e.to_string())?;
+            if whole {
+                return Ok(Op::Put {
                     token,
                     counters,
-                    doc: doc_of(&c.user).map_err(|e| e.to_string())?,
-                })
-            } else {
-                Ok(Op::Counters { token, counters })
+                    doc,
+                });
             }
+            Ok(Op::Edit(Box::new(Edit {
+                token,
+                // An existing row keeps its count (plus the requests), unless an admin set it;
+                // a row created by the upsert gets this whole user, count included.
+                counters: Counters {
+                    absolute: c.fields.contains(Fields::PROMPT_COUNT),
+                    ..counters
+                },
+                leaves: leaves(&c.user, c.fields).map_err(|e| e.to_string())?,
+                ip_added: if c.fields.contains(Fields::IP_REPLACED) {
+                    Vec::new()
+                } else {
+                    c.ip_added.clone()
+                },
+                doc,
+                create: c.fields.contains(Fields::CREATED),
+            })))
         }
     }
+}
+
+/// The changed profile fields of `user` as `doc` holds them. `ip` only when an admin
+/// replaced the list: addresses requests added are merged instead.
+fn leaves(
+    user: &User,
+    fields: Fields,
+) -> serde_json::Result<Vec<(&'static str, Option<serde_json::Value>)>> {
+    let serde_json::Value::Object(mut json) = serde_json::to_value(user)? else {
+        return Ok(Vec::new());
+    };
+    let replaced_ip = fields.contains(Fields::IP_REPLACED);
+    Ok(Fields::NAMED
+        .iter()
+        .filter(|(bit, _)| fields.contains(*bit) && !COUNTER_FIELDS.contains(*bit))
+        .filter(|(bit, _)| *bit != Fields::IP || replaced_ip)
+        .map(|(_, name)| (*name, json.shift_remove(*name)))
+        .collect())
 }
 
 /// `doc` for a user: its JSON without the counter fields.

@@ -318,7 +318,11 @@ async fn a_full_disk_fails_the_flush_and_the_retry_loses_nothing() {
     // Cap the writer's file at its current size: the next big write hits SQLITE_FULL.
     {
         let slot = store.writer.lock();
-        let conn = slot.as_ref().expect("connected by the first flush");
+        let conn = &slot
+            .current
+            .as_ref()
+            .expect("connected by the first flush")
+            .conn;
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .unwrap();
@@ -789,4 +793,204 @@ async fn an_edit_queued_behind_a_refused_creation_is_kept_and_written() {
         "the correction made during the refused write is kept in the cache"
     );
     assert_eq!(stored_tokens(&store).await, ["big"], "and written");
+}
+
+/// A connection of another SQLite client (an operator's `sqlite3` shell) on the file.
+fn operator(path: &Path) -> Connection {
+    let conn = raw(path);
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+/// A running instance holding "a", loaded and watching the file as after start-up.
+async fn watching_user_a(path: &Path) -> (Arc<SqliteStore>, SyncEngine, Arc<UserCache>) {
+    let (store, engine, cache) = with_user_a(path).await;
+    store.load_all().await.unwrap();
+    engine.read_back().await;
+    (store, engine, cache)
+}
+
+#[tokio::test]
+async fn edits_made_with_another_sqlite_client_are_read_back() {
+    let (_dir, path) = temp();
+    let (_store, engine, cache) = watching_user_a(&path).await;
+    let ops = operator(&path);
+    ops.execute(
+        "UPDATE users SET doc = json_set(doc, '$.adminNote', 'ops', '$.disabledAt', 5,
+             '$.disabledReason', 'by hand'), prompt_count = 40 WHERE token = 'a'",
+        [],
+    )
+    .unwrap();
+    ops.execute(
+        "INSERT INTO users (token, doc, prompt_count) VALUES ('b', ?1, 3)",
+        [r#"{"token":"b","type":"special","createdAt":1}"#],
+    )
+    .unwrap();
+    engine.read_back().await;
+    let a = cache.user("a").unwrap();
+    assert_eq!(a.admin_note.as_deref(), Some("ops"));
+    assert_eq!(a.disabled_reason.as_deref(), Some("by hand"));
+    assert_eq!(a.prompt_count, 40);
+    let b = cache.user("b").expect("the user inserted by hand");
+    assert_eq!((b.user_type, b.prompt_count), (UserType::Special, 3));
+
+    ops.execute("DELETE FROM users WHERE token = 'a'", [])
+        .unwrap();
+    engine.read_back().await;
+    assert!(cache.user("a").is_none(), "the user deleted by hand");
+    assert!(cache.user("b").is_some());
+}
+
+#[tokio::test]
+async fn nothing_is_read_again_while_nobody_else_writes() {
+    let (_dir, path) = temp();
+    let (store, engine, cache) = watching_user_a(&path).await;
+    // This process's own writes do not count as another's.
+    create(&cache, "b");
+    engine.flush().await.unwrap();
+    assert!(store.reload_if_changed().await.unwrap().is_none());
+    operator(&path)
+        .execute("UPDATE users SET prompt_count = 9 WHERE token = 'a'", [])
+        .unwrap();
+    assert!(store.reload_if_changed().await.unwrap().is_some());
+    assert!(store.reload_if_changed().await.unwrap().is_none(), "once");
+}
+
+/// A SQLite store that runs `before` just before its next write: an edit by another client
+/// committed after the engine's read-back, before its flush.
+struct EditBeforeWrite {
+    inner: Arc<SqliteStore>,
+    before: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+#[async_trait::async_trait]
+impl StoreBackend for EditBeforeWrite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        self.inner.load_all().await
+    }
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        if let Some(edit) = self.before.lock().take() {
+            edit();
+        }
+        self.inner.apply(batch).await
+    }
+    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
+        self.inner.restore(cache, refused).await
+    }
+    async fn reload_if_changed(&self) -> Result<Option<Vec<User>>, StoreError> {
+        self.inner.reload_if_changed().await
+    }
+}
+
+/// The instance holding `cache` again, its next write preceded by `sql` on another connection
+/// (a new store: a new writer, whose batches are numbered from 1 again).
+async fn engine_edited_before_write(
+    cache: &Arc<UserCache>,
+    path: &Path,
+    sql: &'static str,
+) -> SyncEngine {
+    let store = Arc::new(SqliteStore::open(path).unwrap());
+    store.load_all().await.unwrap();
+    let path = path.to_path_buf();
+    let backend = Arc::new(EditBeforeWrite {
+        inner: store,
+        before: parking_lot::Mutex::new(Some(Box::new(move || {
+            operator(&path).execute_batch(sql).unwrap();
+        }))),
+    });
+    let status = StoreStatus::new("sqlite", Arc::clone(cache));
+    SyncEngine::new(
+        backend,
+        status,
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    )
+}
+
+#[tokio::test]
+async fn a_flush_does_not_write_over_an_edit_it_has_not_read_back_yet() {
+    let (_dir, path) = temp();
+    let (store, _engine, cache) = watching_user_a(&path).await;
+    let engine = engine_edited_before_write(
+        &cache,
+        &path,
+        "UPDATE users SET doc = json_set(doc, '$.disabledAt', 5, '$.disabledReason', 'by hand',
+             '$.ip', json_array('9.9.9.9')) WHERE token = 'a'",
+    )
+    .await;
+    engine.read_back().await;
+    // Here, meanwhile: a request from a new address, and an admin's note.
+    let a = cache.get("a").unwrap();
+    cache.admit_ip(&a, "1.2.3.4".parse().unwrap(), 0, 0);
+    cache.upsert(
+        "a",
+        &serde_json::from_value(json!({"adminNote": "checked"})).unwrap(),
+        5,
+    );
+    engine.flush().await.unwrap();
+    let stored = store.load_all().await.unwrap();
+    let a = &stored[0];
+    assert_eq!(a.disabled_reason.as_deref(), Some("by hand"), "{a:?}");
+    assert_eq!(a.admin_note.as_deref(), Some("checked"));
+    assert_eq!(a.ip.len(), 2, "both addresses: {:?}", a.ip);
+    // And the edit reaches the cache.
+    engine.read_back().await;
+    assert_eq!(
+        cache.user("a").unwrap().disabled_reason.as_deref(),
+        Some("by hand")
+    );
+}
+
+#[tokio::test]
+async fn a_flush_does_not_bring_back_a_user_deleted_by_hand() {
+    let (_dir, path) = temp();
+    let (store, _engine, cache) = watching_user_a(&path).await;
+    let engine =
+        engine_edited_before_write(&cache, &path, "DELETE FROM users WHERE token = 'a'").await;
+    engine.read_back().await;
+    let a = cache.get("a").unwrap();
+    cache.admit_ip(&a, "1.2.3.4".parse().unwrap(), 0, 0);
+    cache.upsert(
+        "a",
+        &serde_json::from_value(json!({"adminNote": "checked"})).unwrap(),
+        5,
+    );
+    engine.flush().await.unwrap();
+    assert!(stored_tokens(&store).await.is_empty());
+    engine.read_back().await;
+    assert!(cache.user("a").is_none());
+}
+
+/// Moves the file away for one failed check and back, then runs `edit` on it before the
+/// writer connects again (at the next check): the new connection starts counting after it.
+async fn away_and_back(store: &SqliteStore, path: &Path, aside: &Path, edit: Option<&str>) {
+    std::fs::rename(path, aside).unwrap();
+    assert!(store.reload_if_changed().await.is_err());
+    std::fs::rename(aside, path).unwrap();
+    if let Some(sql) = edit {
+        operator(path).execute(sql, []).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_new_writer_connection_still_notices_edits_made_before_it_and_only_those() {
+    let (dir, path) = temp();
+    let (store, _engine, _cache) = watching_user_a(&path).await;
+    let aside = dir.path().join("aside.db");
+    away_and_back(&store, &path, &aside, None).await;
+    assert!(
+        store.reload_if_changed().await.unwrap().is_none(),
+        "nobody wrote it: the old connection says so"
+    );
+    let edit = "UPDATE users SET prompt_count = 5 WHERE token = 'a'";
+    away_and_back(&store, &path, &aside, Some(edit)).await;
+    let users = store
+        .reload_if_changed()
+        .await
+        .unwrap()
+        .expect("read again");
+    assert_eq!(users[0].prompt_count, 5);
 }
