@@ -897,3 +897,73 @@ fn users_move_from_the_memory_store_and_the_older_proxy_into_sqlite() {
     assert_eq!(tg.user(&a)["promptCount"], 4);
     assert_eq!(tg.user("older-proxy-user"), older["users"][0]);
 }
+
+/// A read-write connection of another SQLite client (an operator's `sqlite3` shell).
+fn operator(path: &Path) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+#[test]
+fn edits_made_with_another_sqlite_client_are_served_and_not_written_over() {
+    let origin = Origin::start();
+    let tg = sqlite(&origin, 60).start();
+    let edited = tg.create_user(json!({}));
+    let deleted = tg.create_user(json!({}));
+    for token in [&edited, &deleted] {
+        assert_eq!(proxied(&tg, token), 200);
+    }
+    let ops = operator(&db_path(&tg));
+    let update = |sql: &str, token: &str| ops.execute(sql, [token]).unwrap();
+    update(
+        "UPDATE users SET doc = json_set(doc, '$.adminNote', 'by hand') WHERE token = ?1",
+        &edited,
+    );
+    // An admin edit of the same user right away: the write must not put back the old note.
+    let resp = tg
+        .admin_request(Method::PUT, &format!("/admin/users/{edited}"))
+        .json(&json!({"nickname": "api"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.headers()["x-tollgate-persisted"], "true");
+    let seen = |check: &dyn Fn() -> bool, what: &str| {
+        assert!(
+            wait_until(Duration::from_secs(10), check),
+            "{what}: {}",
+            tg.log()
+        );
+    };
+    seen(&|| tg.user(&edited)["adminNote"] == "by hand", "a field");
+    update(
+        "UPDATE users SET doc = json_set(doc, '$.disabledAt', 1, '$.disabledReason', 'ops')
+         WHERE token = ?1",
+        &edited,
+    );
+    seen(&|| proxied(&tg, &edited) == 403, "a user disabled by hand");
+    update(
+        "INSERT INTO users (token, doc, prompt_count) VALUES (?1, json_object('token', ?1,
+         'type', 'special', 'createdAt', 1), 0)",
+        "inserted-by-hand",
+    );
+    seen(
+        &|| proxied(&tg, "inserted-by-hand") == 200,
+        "a user inserted by hand",
+    );
+    update("DELETE FROM users WHERE token = ?1", &deleted);
+    seen(&|| proxied(&tg, &deleted) == 401, "a user deleted by hand");
+
+    let tg = tg.restart();
+    let user = tg.user(&edited);
+    assert_eq!(
+        (
+            &user["adminNote"],
+            &user["nickname"],
+            &user["disabledReason"]
+        ),
+        (&json!("by hand"), &json!("api"), &json!("ops")),
+        "{user}"
+    );
+    assert_eq!(tg.user("inserted-by-hand")["type"], "special");
+    assert_eq!(proxied(&tg, &deleted), 401, "not written back");
+}
