@@ -439,7 +439,9 @@ impl BackgroundService for SyncEngine {
             tokio::spawn(async move { backend.follow(cache, status, shutdown).await })
         };
         let mut next = Instant::now() + self.interval;
-        let mut next_read_back = Instant::now() + READ_BACK_INTERVAL;
+        // The first check at once: it opens the SQLite writer connection, whose baseline is
+        // start-up's read, so the moment in which another client's edit goes unseen is short.
+        let mut next_read_back = Instant::now();
         loop {
             let backing_off = self.state.lock().await.failures_in_a_row > 0;
             tokio::select! {
