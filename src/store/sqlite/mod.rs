@@ -511,6 +511,10 @@ const COUNTERS: &str = "UPDATE users SET
          last_used_at = ?3
      WHERE token = ?1";
 const DELETE: &str = "DELETE FROM users WHERE token = ?1";
+/// A user an upsert may create, when its token is not in the file (a bulk import's users).
+const CREATE: &str = "INSERT INTO users (token, doc, prompt_count, last_used_at)
+     VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (token) DO NOTHING";
 const STORED_DOC: &str = "SELECT doc FROM users WHERE token = ?1";
 const SET_DOC: &str = "UPDATE users SET doc = ?2 WHERE token = ?1";
 const WRITTEN: &str = "SELECT seq FROM flushes WHERE writer = ?1";
@@ -590,39 +594,37 @@ fn write_ops(conn: &mut Connection, writer: &str, seq: u64, ops: &[Op]) -> rusql
 /// process did not change keep what another client wrote, even one not read back yet.
 fn write_edit(tx: &rusqlite::Transaction<'_>, edit: &rows::Edit) -> rusqlite::Result<()> {
     let token = &*edit.token;
+    let c = &edit.counters;
+    if edit.create {
+        // One statement for the usual case, a token the file does not hold yet.
+        let created = tx.prepare_cached(CREATE)?.execute((
+            token,
+            &edit.doc,
+            c.prompt_count,
+            c.last_used_at,
+        ))?;
+        if created == 1 {
+            return Ok(());
+        }
+    }
     let stored: Option<String> = tx
         .prepare_cached(STORED_DOC)?
         .query_row([token], |r| r.get(0))
         .optional()?;
-    let c = &edit.counters;
-    let doc = match stored {
-        // Deleted elsewhere (by hand, or by the other process of an upgrade): stays deleted.
-        None if !edit.create => return Ok(()),
-        None => None,
-        Some(stored) => Some(edit.merge_into(&stored).unwrap_or_else(|| edit.doc.clone())),
+    // Absent: deleted elsewhere (by hand, or by the other process of an upgrade), and it stays
+    // deleted (a user this edit may create was inserted above).
+    let Some(stored) = stored else {
+        return Ok(());
     };
-    match doc {
-        Some(doc) => {
-            tx.prepare_cached(SET_DOC)?.execute((token, doc))?;
-            tx.prepare_cached(COUNTERS)?.execute((
-                token,
-                c.prompt_count,
-                c.last_used_at,
-                c.delta,
-                c.absolute,
-            ))?;
-        }
-        None => {
-            tx.prepare_cached(PUT)?.execute((
-                token,
-                &edit.doc,
-                c.prompt_count,
-                c.last_used_at,
-                c.delta,
-                true,
-            ))?;
-        }
-    }
+    let doc = edit.merge_into(&stored).unwrap_or_else(|| edit.doc.clone());
+    tx.prepare_cached(SET_DOC)?.execute((token, doc))?;
+    tx.prepare_cached(COUNTERS)?.execute((
+        token,
+        c.prompt_count,
+        c.last_used_at,
+        c.delta,
+        c.absolute,
+    ))?;
     Ok(())
 }
 

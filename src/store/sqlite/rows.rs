@@ -127,7 +127,8 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
             if !whole && !c.fields.intersects(Fields(!COUNTER_FIELDS.0)) {
                 return Ok(Op::Counters { token, counters });
             }
-            let doc = doc_of(&c.user).map_err(|e| e.to_string())?;
+            let json = doc_json(&c.user).map_err(|e| e.to_string())?;
+            let doc = serde_json::to_string(&json).map_err(|e| e.to_string())?;
             if whole {
                 return Ok(Op::Put {
                     token,
@@ -143,7 +144,7 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
                     absolute: c.fields.contains(Fields::PROMPT_COUNT),
                     ..counters
                 },
-                leaves: leaves(&c.user, c.fields).map_err(|e| e.to_string())?,
+                leaves: leaves(json, c.fields),
                 ip_added: if c.fields.contains(Fields::IP_REPLACED) {
                     Vec::new()
                 } else {
@@ -156,33 +157,31 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
     }
 }
 
-/// The changed profile fields of `user` as `doc` holds them. `ip` only when an admin
+/// The changed profile fields of a user's `doc` (its [`doc_json`]). `ip` only when an admin
 /// replaced the list: addresses requests added are merged instead.
 fn leaves(
-    user: &User,
+    mut json: serde_json::Map<String, serde_json::Value>,
     fields: Fields,
-) -> serde_json::Result<Vec<(&'static str, Option<serde_json::Value>)>> {
-    let serde_json::Value::Object(mut json) = serde_json::to_value(user)? else {
-        return Ok(Vec::new());
-    };
+) -> Vec<(&'static str, Option<serde_json::Value>)> {
     let replaced_ip = fields.contains(Fields::IP_REPLACED);
-    Ok(Fields::NAMED
+    Fields::NAMED
         .iter()
         .filter(|(bit, _)| fields.contains(*bit) && !COUNTER_FIELDS.contains(*bit))
         .filter(|(bit, _)| *bit != Fields::IP || replaced_ip)
         .map(|(_, name)| (*name, json.shift_remove(*name)))
-        .collect())
+        .collect()
 }
 
-/// `doc` for a user: its JSON without the counter fields.
-pub(super) fn doc_of(user: &User) -> serde_json::Result<String> {
-    let mut value = serde_json::to_value(user)?;
-    if let Some(object) = value.as_object_mut() {
-        object.shift_remove("promptCount");
-        object.shift_remove("lastUsedAt");
-    }
-    serde_json::to_string(&value)
+/// A user's JSON without the counter fields, which live in their own columns.
+fn doc_json(user: &User) -> serde_json::Result<serde_json::Map<String, serde_json::Value>> {
+    let serde_json::Value::Object(mut object) = serde_json::to_value(user)? else {
+        return Err(serde::ser::Error::custom("a user is not a JSON object"));
+    };
+    object.shift_remove("promptCount");
+    object.shift_remove("lastUsedAt");
+    Ok(object)
 }
+
 
 /// A stored row back to a user; `Err` says what is wrong with it.
 pub(super) fn decode(
