@@ -42,9 +42,14 @@ pub fn load_at_startup(backend: &dyn StoreBackend) -> Result<UserCache, LoadErro
     let timeout = backend.startup_timeout();
     let loaded = runtime.block_on(async {
         match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, backend.load_cache())
-                .await
-                .ok(),
+            // One deadline for both: the backend's own bound, counted from its own start,
+            // began after this one and could run out after it (see `load_cache_until`).
+            Some(timeout) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                tokio::time::timeout_at(deadline, backend.load_cache_until(deadline))
+                    .await
+                    .ok()
+            }
             None => Some(backend.load_cache().await),
         }
     });
@@ -133,6 +138,20 @@ pub trait StoreBackend: Send + Sync + 'static {
         let cache = UserCache::with_capacity(users.len());
         cache.load(users);
         Ok(cache)
+    }
+
+    /// [`load_cache`](Self::load_cache) at start-up, which gives up at `deadline` (the end of
+    /// [`startup_timeout`](Self::startup_timeout), counted by the loader). A backend that can
+    /// say what it was waiting for bounds its own work by this deadline, a little before it,
+    /// so that its message rather than the loader's bare "took longer" is reported: a bound
+    /// counted from its own start began later (after building its HTTP client, which took
+    /// over half a second on a loaded machine) and ran out after the loader's.
+    async fn load_cache_until(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<UserCache, StoreError> {
+        let _ = deadline;
+        self.load_cache().await
     }
 
     /// How long start-up may wait for [`load_cache`](Self::load_cache); `None` for a local

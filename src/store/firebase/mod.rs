@@ -426,17 +426,26 @@ impl StoreBackend for FirebaseStore {
         Ok(self.load_cache().await?.snapshot())
     }
 
-    /// One GET of the users path. Transient failures are retried until a bound (a little
-    /// under `startup_timeout`); a refused key or permission fails at once.
+    /// [`load_cache_until`](StoreBackend::load_cache_until) the end of `startup_timeout`
+    /// from now.
     async fn load_cache(&self) -> Result<UserCache, StoreError> {
+        self.load_cache_until(Instant::now() + self.startup_timeout)
+            .await
+    }
+
+    /// One GET of the users path. Transient failures are retried until a tenth of
+    /// `startup_timeout` before `deadline`, so that the error names what did not answer; a
+    /// refused key or permission fails at once. The bound is the loader's deadline, not
+    /// counted from here: the client below is built first (it reads the system's root
+    /// certificates), and on a loaded machine that took long enough for the loader's timeout
+    /// to cut off a bound counted after it.
+    async fn load_cache_until(&self, deadline: Instant) -> Result<UserCache, StoreError> {
+        let deadline = deadline
+            .checked_sub(self.startup_timeout / 10)
+            .unwrap_or(deadline);
         // This runs on the loader's short-lived runtime: its own client, dropped with it.
         let rtdb = Rtdb::new(Arc::clone(&self.target), Arc::clone(&self.auth))
             .map_err(StoreError::Fatal)?;
-        let bound = self
-            .startup_timeout
-            .mul_f64(0.9)
-            .max(Duration::from_millis(500));
-        let deadline = Instant::now() + bound;
         let mut wait = Duration::from_millis(250);
         let where_ = format!("{}{}", self.target.base, self.layout.users);
         loop {

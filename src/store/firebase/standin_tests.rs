@@ -354,6 +354,33 @@ async fn start_up_loads_every_readable_user_of_an_array_rendered_path() {
     assert_eq!(tokens, ["1", "4"]);
 }
 
+/// Start-up's load is bounded by the loader's deadline, not by one counted from the load's
+/// own start: a load that starts late (building its client took over half a second on a
+/// loaded machine) still gives up before that deadline, with its own message naming the token
+/// endpoint that never answered, instead of being cut off by the loader's bare timeout.
+#[tokio::test]
+async fn a_start_up_load_that_starts_late_still_names_what_did_not_answer() {
+    let db = standin();
+    db.add_fault(FaultRule::new(
+        "POST",
+        "/token",
+        FaultAction::Delay { ms: 60_000 },
+    ));
+    let store = store(&db); // startup_timeout: 5 s, so the load stops 0.5 s before the deadline
+    let deadline = Instant::now() + Duration::from_secs(2);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the late start
+    match tokio::time::timeout_at(deadline, store.load_cache_until(deadline)).await {
+        Ok(Err(StoreError::Unavailable(message))) => {
+            assert!(
+                message.contains("no answer from the token endpoint"),
+                "{message}"
+            )
+        }
+        Ok(other) => panic!("{:?}", other.map(|cache| cache.len())),
+        Err(_) => panic!("the load ran past the loader's deadline"),
+    }
+}
+
 /// A users path naming a user twice loads the user's last value, as before the start-up
 /// read walked the users one at a time (the object was read into a map first): a user whose
 /// last value is leftovers (no `createdAt`) is not loaded from its first one.
