@@ -124,11 +124,11 @@ fn missing_config_file_is_reported() {
 #[test]
 fn overlapping_listeners_are_a_config_error() {
     let origin = Origin::start();
-    let port = crate::support::free_port();
+    let [port, admin] = crate::support::free_ports();
     // The admin listener on the wildcard address of the proxy's port: both would bind :port.
     let builder = || {
         TollgateBuilder::new(origin.addr)
-            .ports(port, crate::support::free_port())
+            .ports(port, admin)
             .yaml(&format!("admin:\n  listen: \"0.0.0.0:{port}\""))
     };
     let (code, output) = check(builder());

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::tollgate::Tollgate;
-use crate::support::{client, free_port, wait_until, Origin, TollgateBuilder};
+use crate::support::{client, free_ports, wait_until, Origin, TollgateBuilder};
 
 #[test]
 fn sigterm_lets_in_flight_requests_finish_then_exits_within_the_grace_period() {
@@ -314,7 +314,7 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
     let origin = Origin::start();
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("tollgate.pid");
-    let (proxy_port, admin_port) = (free_port(), free_port());
+    let [proxy_port, admin_port] = free_ports();
     let pingora = format!(
         "pingora:\n  threads: 1\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {}\n  error_log: {}\n  upgrade_sock: {}",
         pid_file.display(),

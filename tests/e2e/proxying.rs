@@ -6,8 +6,8 @@ use serde_json::{json, Value};
 
 use crate::support::tollgate::{Tollgate, ADMIN_KEY, PROXY_KEY};
 use crate::support::{
-    client, closed_within, error_type, free_port, one_exchange, read_answer, wait_until, Origin,
-    TollgateBuilder,
+    client, closed_within, error_type, free_port, free_ports, one_exchange, read_answer,
+    wait_until, Origin, TollgateBuilder,
 };
 
 #[test]
@@ -286,8 +286,9 @@ fn a_retried_upstream_failure_is_logged_without_the_query_string() {
 /// retry up to Pingora's 16 times, possibly on the same dead upstream).
 #[test]
 fn each_upstream_is_tried_once_before_a_502() {
-    let dead: Vec<String> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
+    let dead: Vec<String> = free_ports::<2>()
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
         .collect();
     let tg = TollgateBuilder::new(dead[0].parse().unwrap())
         .mode("none")

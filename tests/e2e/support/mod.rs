@@ -13,10 +13,19 @@ use std::time::Duration;
 
 /// A port that was free a moment ago (bind to 0, read, release).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    free_ports::<1>()[0]
+}
+
+/// `N` different ports that were free a moment ago. They are all held while the others are
+/// chosen: released one at a time, the kernel could hand the same port out twice in a row
+/// (it did, on a busy machine, to a proxy and an admin listener, and tollgate refused the
+/// config: "admin.listen ... is also listen[0]").
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")
+    });
+    held.each_ref()
+        .map(|l| l.local_addr().expect("the bound address").port())
 }
 
 /// A blocking HTTP client that neither follows redirects nor uses a system proxy.

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::sockets::holds_listener;
-use super::{client, free_port, wait_until};
+use super::{client, free_ports, wait_until};
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const PROXY_KEY: &str = "test-proxy-key-9876543210";
@@ -37,6 +37,7 @@ impl TollgateBuilder {
         let mut env = HashMap::new();
         env.insert("ADMIN_KEY".to_string(), ADMIN_KEY.to_string());
         env.insert("RUST_LOG".to_string(), "info".to_string());
+        let [proxy_port, admin_port] = free_ports();
         Self {
             upstream: vec![upstream.to_string()],
             upstream_extra: Vec::new(),
@@ -45,8 +46,8 @@ impl TollgateBuilder {
             sections: Vec::new(),
             env,
             dir: None,
-            proxy_port: free_port(),
-            admin_port: free_port(),
+            proxy_port,
+            admin_port,
             ports_chosen_here: true,
         }
     }
@@ -211,8 +212,7 @@ impl TollgateBuilder {
                 Err(log)
                     if attempt < ATTEMPTS && self.ports_chosen_here && port_was_taken(&log) =>
                 {
-                    self.proxy_port = free_port();
-                    self.admin_port = free_port();
+                    [self.proxy_port, self.admin_port] = free_ports();
                 }
                 Err(log) => panic!("tollgate did not come up:\n{log}"),
             }
