@@ -12,6 +12,7 @@
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -148,23 +149,56 @@ fn is_leaving(phase: &ExecutionPhase) -> bool {
 /// `systemctl start` and `reload`) return when tollgate serves, and by then the pid file names
 /// the new process: systemd, which reads the pid file when the command returns, follows the
 /// main process across a reload.
+///
+/// The launcher does not rely on Pingora's wait to hear that signal: it exits from its own
+/// handler (see [`on_ready_signal`]).
 pub struct DaemonReady {
     launcher: u32,
 }
 
+/// The launching process's id, for [`on_ready_signal`]; 0 until [`DaemonReady::install`].
+static LAUNCHER: AtomicI32 = AtomicI32::new(0);
+
+/// SIGUSR1 in the launching process: the daemon serves, so the launcher exits 0; in any other
+/// process (the daemon inherits the handler) nothing.
+///
+/// Pingora's launcher waits for SIGUSR1 through tokio's signal listener, and tokio wakes its
+/// listeners through one socket pair per process, made by its first runtime with I/O. Here
+/// that is the start-up load's, before the fork, so the daemon inherits the pair and every
+/// runtime of the daemon polls the same socket: the daemon's runtimes read the wake-ups meant
+/// for the launcher. On a loaded machine they won every race, and the launcher missed all of
+/// the daemon's signals (30 s of them) and would have waited out Pingora's 600 s. tokio's
+/// registration keeps this handler and calls it after its own (signal-hook chains the handler
+/// it replaces), so it runs on every SIGUSR1 the launcher gets, whoever reads the socket.
+extern "C" fn on_ready_signal(_: libc::c_int) {
+    const MESSAGE: &[u8] = b"tollgate -d: the daemon signaled readiness, launcher exiting\n";
+    // SAFETY: getpid, write and _exit are async-signal-safe; the atomic load is lock-free.
+    unsafe {
+        if libc::getpid() == LAUNCHER.load(Ordering::Relaxed) {
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(0);
+        }
+    }
+}
+
 impl DaemonReady {
-    /// Call in the launching process, before Pingora daemonizes.
+    /// Call in the launching process, before Pingora daemonizes. From here a SIGUSR1 ends the
+    /// launcher ([`on_ready_signal`]); only the daemon sends one, once it serves. (Until
+    /// Pingora's launcher listened, a signal's default action would have killed it.)
     pub fn install() -> Self {
-        // Until Pingora's launcher listens for SIGUSR1 (a moment after the fork), the signal's
-        // default action would kill it: absorb it instead (the notifier repeats it).
-        extern "C" fn absorb(_: libc::c_int) {}
-        // SAFETY: installs a handler that does nothing, before any other thread exists.
+        let launcher = std::process::id();
+        LAUNCHER.store(
+            i32::try_from(launcher).expect("a pid fits pid_t"),
+            Ordering::Relaxed,
+        );
+        // SAFETY: installs a handler that makes only async-signal-safe calls.
         unsafe {
-            libc::signal(libc::SIGUSR1, absorb as *const () as libc::sighandler_t);
+            libc::signal(
+                libc::SIGUSR1,
+                on_ready_signal as *const () as libc::sighandler_t,
+            );
         }
-        Self {
-            launcher: std::process::id(),
-        }
+        Self { launcher }
     }
 }
 
@@ -178,8 +212,8 @@ impl pingora::services::background::BackgroundService for DaemonReady {
     }
 }
 
-/// Sends SIGUSR1 until the launcher has exited (a signal that arrives before it listens is
-/// absorbed, so one is not enough).
+/// Sends SIGUSR1 until the launcher has exited (one is enough for [`on_ready_signal`]; the
+/// repeats cost nothing and end with it).
 async fn notify_launcher(launcher: u32) {
     let Ok(pid) = i32::try_from(launcher) else {
         return;

@@ -331,7 +331,7 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
         assert!(status.success(), "{args:?}: the launcher exits 0: {output}");
         // It waited for its daemon's word, rather than racing it.
         assert!(
-            output.contains("Daemon signaled readiness, parent exiting"),
+            output.contains("tollgate -d: the daemon signaled readiness, launcher exiting"),
             "{output}"
         );
         let pid: i32 = std::fs::read_to_string(&pid_file)
