@@ -75,8 +75,9 @@ impl Counters {
 pub(super) struct Edit {
     pub token: Arc<str>,
     pub counters: Counters,
-    /// `(JSON field, value)`; `None` removes the field.
-    pub leaves: Vec<(&'static str, Option<serde_json::Value>)>,
+    /// The fields this process changed; their values are in `doc` (read from it only when
+    /// the row exists, so that creating a user costs one serialisation).
+    pub fields: Fields,
     /// Addresses requests added, merged into the stored `ip` list.
     pub ip_added: Vec<String>,
     /// The whole user: written when the row is absent and `create` (an upsert may create), or
@@ -91,10 +92,13 @@ impl Edit {
         let serde_json::Value::Object(mut doc) = serde_json::from_str(stored).ok()? else {
             return None;
         };
-        for (name, value) in &self.leaves {
+        let serde_json::Value::Object(ours) = serde_json::from_str(&self.doc).ok()? else {
+            return None;
+        };
+        for (name, value) in leaves(ours, self.fields) {
             match value {
-                Some(value) => doc.insert((*name).to_string(), value.clone()),
-                None => doc.shift_remove(*name),
+                Some(value) => doc.insert(name.to_string(), value),
+                None => doc.shift_remove(name),
             };
         }
         if !self.ip_added.is_empty() {
@@ -127,8 +131,7 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
             if !whole && !c.fields.intersects(Fields(!COUNTER_FIELDS.0)) {
                 return Ok(Op::Counters { token, counters });
             }
-            let json = doc_json(&c.user).map_err(|e| e.to_string())?;
-            let doc = serde_json::to_string(&json).map_err(|e| e.to_string())?;
+            let doc = doc_of(&c.user).map_err(|e| e.to_string())?;
             if whole {
                 return Ok(Op::Put {
                     token,
@@ -144,7 +147,7 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
                     absolute: c.fields.contains(Fields::PROMPT_COUNT),
                     ..counters
                 },
-                leaves: leaves(json, c.fields),
+                fields: c.fields,
                 ip_added: if c.fields.contains(Fields::IP_REPLACED) {
                     Vec::new()
                 } else {
@@ -157,8 +160,8 @@ pub(super) fn encode(change: &Change) -> Result<Op, String> {
     }
 }
 
-/// The changed profile fields of a user's `doc` (its [`doc_json`]). `ip` only when an admin
-/// replaced the list: addresses requests added are merged instead.
+/// The changed profile fields of a user's `doc`. `ip` only when an admin replaced the list:
+/// addresses requests added are merged instead.
 fn leaves(
     mut json: serde_json::Map<String, serde_json::Value>,
     fields: Fields,
@@ -172,16 +175,15 @@ fn leaves(
         .collect()
 }
 
-/// A user's JSON without the counter fields, which live in their own columns.
-fn doc_json(user: &User) -> serde_json::Result<serde_json::Map<String, serde_json::Value>> {
-    let serde_json::Value::Object(mut object) = serde_json::to_value(user)? else {
-        return Err(serde::ser::Error::custom("a user is not a JSON object"));
-    };
-    object.shift_remove("promptCount");
-    object.shift_remove("lastUsedAt");
-    Ok(object)
+/// `doc` for a user: its JSON without the counter fields, which live in their own columns.
+fn doc_of(user: &User) -> serde_json::Result<String> {
+    let mut value = serde_json::to_value(user)?;
+    if let Some(object) = value.as_object_mut() {
+        object.shift_remove("promptCount");
+        object.shift_remove("lastUsedAt");
+    }
+    serde_json::to_string(&value)
 }
-
 
 /// A stored row back to a user; `Err` says what is wrong with it.
 pub(super) fn decode(
