@@ -24,6 +24,14 @@ use tollgate::upgrade::{DaemonReady, HandOver, LeavingWatch};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Returns the memory start-up's load freed to the system. The load decodes users on threads
+/// that have exited since; mimalloc kept their freed pages (with 1,000,000 users in SQLite,
+/// 1.46 GB resident after start-up instead of 0.61 GB, for good).
+fn release_load_memory() {
+    // SAFETY: mi_collect only walks and trims mimalloc's own heaps; any thread may call it.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Pingora's flags (`-c`, `-d`, `-t`, `-u`), described for tollgate (Pingora's own help text
 /// for `-u` and `-t` describes something else).
 #[derive(Parser, Debug)]
@@ -123,6 +131,7 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     let backend = store::open(&config.store)
         .map_err(|e| format!("store {}: {e}", config.store.kind.as_str()))?;
     let cache = Arc::new(store::load_at_startup(backend.as_ref()).map_err(|e| e.to_string())?);
+    release_load_memory();
     let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
     status.set_ready(true);
     let metrics = Arc::new(Metrics::new(
