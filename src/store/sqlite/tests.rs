@@ -727,15 +727,44 @@ async fn changes_another_process_writes_are_read_back_and_not_written_over() {
     assert_eq!(a.nickname.as_deref(), Some("x"));
     assert_eq!(a.prompt_count, 2);
 }
-/// A SQLite store that runs `during` while its write is in flight (after the rows are
-/// written, before the engine hears back): an admin's edit arriving meanwhile.
-struct EditDuringWrite {
+/// When [`Hooked`] runs its hook around the next write.
+#[derive(Clone, Copy, PartialEq)]
+enum HookAt {
+    /// Just before the write: an edit by another client committed after the engine's
+    /// read-back, before its flush.
+    BeforeWrite,
+    /// While the write is in flight (after the rows are written, before the engine hears
+    /// back): an admin's edit arriving meanwhile.
+    DuringWrite,
+}
+
+/// A SQLite store that runs `hook` once, around its next write.
+struct Hooked {
     inner: Arc<SqliteStore>,
-    during: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    at: HookAt,
+    hook: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Hooked {
+    fn new(inner: Arc<SqliteStore>, at: HookAt, hook: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            inner,
+            at,
+            hook: parking_lot::Mutex::new(Some(Box::new(hook))),
+        }
+    }
+
+    fn run_hook(&self, at: HookAt) {
+        if self.at == at {
+            if let Some(hook) = self.hook.lock().take() {
+                hook();
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl StoreBackend for EditDuringWrite {
+impl StoreBackend for Hooked {
     fn name(&self) -> &'static str {
         "sqlite"
     }
@@ -743,14 +772,16 @@ impl StoreBackend for EditDuringWrite {
         self.inner.load_all().await
     }
     async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        self.run_hook(HookAt::BeforeWrite);
         let report = self.inner.apply(batch).await;
-        if let Some(edit) = self.during.lock().take() {
-            edit();
-        }
+        self.run_hook(HookAt::DuringWrite);
         report
     }
     async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
         self.inner.restore(cache, refused).await
+    }
+    async fn reload_if_changed(&self) -> Result<Option<Vec<User>>, StoreError> {
+        self.inner.reload_if_changed().await
     }
 }
 
@@ -764,9 +795,10 @@ async fn an_edit_queued_behind_a_refused_creation_is_kept_and_written() {
     let cache = Arc::new(UserCache::default());
     let status = StoreStatus::new("sqlite", Arc::clone(&cache));
     let edit_cache = Arc::clone(&cache);
-    let backend = Arc::new(EditDuringWrite {
-        inner: Arc::clone(&store),
-        during: parking_lot::Mutex::new(Some(Box::new(move || {
+    let backend = Arc::new(Hooked::new(
+        Arc::clone(&store),
+        HookAt::DuringWrite,
+        move || {
             let fix: UserPatch =
                 serde_json::from_value(json!({"nickname": "fixed", "promptCount": 5})).unwrap();
             let (user, _ticket) = edit_cache.upsert("big", &fix, 3);
@@ -774,8 +806,8 @@ async fn an_edit_queued_behind_a_refused_creation_is_kept_and_written() {
                 user.prompt_count, 5,
                 "the admin is answered with the fixed user"
             );
-        }))),
-    });
+        },
+    ));
     let engine = SyncEngine::new(
         backend,
         Arc::clone(&status),
@@ -856,35 +888,6 @@ async fn nothing_is_read_again_while_nobody_else_writes() {
     assert!(store.reload_if_changed().await.unwrap().is_none(), "once");
 }
 
-/// A SQLite store that runs `before` just before its next write: an edit by another client
-/// committed after the engine's read-back, before its flush.
-struct EditBeforeWrite {
-    inner: Arc<SqliteStore>,
-    before: parking_lot::Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-#[async_trait::async_trait]
-impl StoreBackend for EditBeforeWrite {
-    fn name(&self) -> &'static str {
-        "sqlite"
-    }
-    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
-        self.inner.load_all().await
-    }
-    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
-        if let Some(edit) = self.before.lock().take() {
-            edit();
-        }
-        self.inner.apply(batch).await
-    }
-    async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
-        self.inner.restore(cache, refused).await
-    }
-    async fn reload_if_changed(&self) -> Result<Option<Vec<User>>, StoreError> {
-        self.inner.reload_if_changed().await
-    }
-}
-
 /// The instance holding `cache` again, its next write preceded by `sql` on another connection
 /// (a new store: a new writer, whose batches are numbered from 1 again).
 async fn engine_edited_before_write(
@@ -895,12 +898,9 @@ async fn engine_edited_before_write(
     let store = Arc::new(SqliteStore::open(path).unwrap());
     store.load_all().await.unwrap();
     let path = path.to_path_buf();
-    let backend = Arc::new(EditBeforeWrite {
-        inner: store,
-        before: parking_lot::Mutex::new(Some(Box::new(move || {
-            operator(&path).execute_batch(sql).unwrap();
-        }))),
-    });
+    let backend = Arc::new(Hooked::new(store, HookAt::BeforeWrite, move || {
+        operator(&path).execute_batch(sql).unwrap();
+    }));
     let status = StoreStatus::new("sqlite", Arc::clone(cache));
     SyncEngine::new(
         backend,
