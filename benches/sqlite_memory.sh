@@ -15,13 +15,10 @@ cd "$(dirname "$0")/.."
 
 USERS=${USERS:-1000000}
 PORT_BASE=${PORT_BASE:-19520}
-PROXY_PORT=$((PORT_BASE + 1))
-ADMIN_PORT=$((PORT_BASE + 2))
 ADMIN_KEY=bench-admin-key-0123456789
-WORK=$(mktemp -d /tmp/tollgate-sqlite-memory.XXXXXX)
-LOG_TAG=sqlite_memory
 # shellcheck source=benches/load/lib.sh
 . benches/load/lib.sh
+bench_workspace sqlite_memory
 trap load_cleanup EXIT
 
 scripts/setup.sh curl
@@ -67,7 +64,7 @@ for users in $USERS; do
   rm -f "$WORK"/data.db*
   cat >"$WORK/tollgate.yaml" <<EOF
 listen: ["127.0.0.1:$PROXY_PORT"]
-upstream: { addrs: ["127.0.0.1:$PORT_BASE"] }
+upstream: { addrs: ["127.0.0.1:$ORIGIN_PORT"] }
 gatekeeper: { mode: user_token }
 admin: { listen: "127.0.0.1:$ADMIN_PORT", persist_timeout_ms: 120000 }
 store: { kind: sqlite, flush_interval_seconds: 1, sqlite: { path: $WORK/data.db } }

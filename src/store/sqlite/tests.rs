@@ -922,14 +922,7 @@ async fn a_flush_does_not_write_over_an_edit_it_has_not_read_back_yet() {
     )
     .await;
     engine.read_back().await;
-    // Here, meanwhile: a request from a new address, and an admin's note.
-    let a = cache.get("a").unwrap();
-    cache.admit_ip(&a, "1.2.3.4".parse().unwrap(), 0, 0);
-    cache.upsert(
-        "a",
-        &serde_json::from_value(json!({"adminNote": "checked"})).unwrap(),
-        5,
-    );
+    edit_user_a_here(&cache);
     engine.flush().await.unwrap();
     let stored = store.load_all().await.unwrap();
     let a = &stored[0];
@@ -944,13 +937,9 @@ async fn a_flush_does_not_write_over_an_edit_it_has_not_read_back_yet() {
     );
 }
 
-#[tokio::test]
-async fn a_flush_does_not_bring_back_a_user_deleted_by_hand() {
-    let (_dir, path) = temp();
-    let (store, _engine, cache) = watching_user_a(&path).await;
-    let engine =
-        engine_edited_before_write(&cache, &path, "DELETE FROM users WHERE token = 'a'").await;
-    engine.read_back().await;
+/// This process's changes to user "a" meanwhile: a request from a new address, and an
+/// admin's note.
+fn edit_user_a_here(cache: &UserCache) {
     let a = cache.get("a").unwrap();
     cache.admit_ip(&a, "1.2.3.4".parse().unwrap(), 0, 0);
     cache.upsert(
@@ -958,6 +947,16 @@ async fn a_flush_does_not_bring_back_a_user_deleted_by_hand() {
         &serde_json::from_value(json!({"adminNote": "checked"})).unwrap(),
         5,
     );
+}
+
+#[tokio::test]
+async fn a_flush_does_not_bring_back_a_user_deleted_by_hand() {
+    let (_dir, path) = temp();
+    let (store, _engine, cache) = watching_user_a(&path).await;
+    let engine =
+        engine_edited_before_write(&cache, &path, "DELETE FROM users WHERE token = 'a'").await;
+    engine.read_back().await;
+    edit_user_a_here(&cache);
     engine.flush().await.unwrap();
     assert!(stored_tokens(&store).await.is_empty());
     engine.read_back().await;
