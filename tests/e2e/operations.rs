@@ -235,12 +235,21 @@ fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
     assert_eq!(origin.last().header("x-config-generation"), Some("1"));
 }
 
-/// Daemons this test started, stopped however the test ends.
-struct Daemons(Vec<i32>);
+/// Daemons this test started, stopped however the test ends: those it saw, and the one the
+/// pid file names (a launcher that timed out or failed its checks never told the test its
+/// daemon's pid).
+struct Daemons {
+    pid_file: std::path::PathBuf,
+    seen: Vec<i32>,
+}
 
 impl Drop for Daemons {
     fn drop(&mut self) {
-        for &pid in &self.0 {
+        let named = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+            .filter(|&pid| pid > 0);
+        for pid in self.seen.iter().copied().chain(named) {
             // SAFETY: signalling a daemon this test started.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -358,10 +367,13 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
         let proxied = http.get(format!("http://127.0.0.1:{proxy_port}/a")).send();
         matches!((health, proxied), (Ok(h), Ok(p)) if h.status() == 200 && p.status() == 200)
     };
-    let mut daemons = Daemons(Vec::new());
+    let mut daemons = Daemons {
+        pid_file: pid_file.clone(),
+        seen: Vec::new(),
+    };
 
     let first = run(&["-d"]);
-    daemons.0.push(first);
+    daemons.seen.push(first);
     assert!(alive(first));
     assert!(serves(), "serving as soon as `tollgate -d` returns");
 
@@ -391,7 +403,7 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
     assert!(serves());
 
     let second = run(&["-u", "-d", "--upgrade-from", &first.to_string()]);
-    daemons.0.push(second);
+    daemons.seen.push(second);
     assert_ne!(second, first, "the pid file names the successor");
     assert!(alive(second));
     assert!(
@@ -414,7 +426,7 @@ fn daemon_mode_returns_once_serving_and_a_reload_moves_the_pid_file_to_the_succe
 
     // `pingora.daemon: true` without `-d` is the same: the launcher waits for readiness.
     let third = run_with(&format!("{pingora}\n  daemon: true"), &[]);
-    daemons.0.push(third);
+    daemons.seen.push(third);
     assert!(serves(), "serving as soon as the launcher returns");
 }
 
