@@ -194,14 +194,28 @@ fn leaving() -> ApiError {
     .closing()
 }
 
+/// The `/admin/users` paths are matched as the older proxy's express router matched them:
+/// the literal part case-insensitively (`/Admin/Users` too) and with one optional trailing
+/// slash (`/admin/users/{token}/` is the user `{token}`), so scripts written against it keep
+/// working. The token keeps its case. tollgate's own `/health`, `/ready` and `/metrics` are
+/// exact.
 fn route(path: &str) -> Option<Route<'_>> {
     match path {
-        "/health" => Some(Route::Health),
-        "/ready" => Some(Route::Ready),
-        "/metrics" => Some(Route::Metrics),
-        "/admin/users" | "/admin/users/" => Some(Route::Users),
-        _ => {
-            let token = path.strip_prefix("/admin/users/")?;
+        "/health" => return Some(Route::Health),
+        "/ready" => return Some(Route::Ready),
+        "/metrics" => return Some(Route::Metrics),
+        _ => {}
+    }
+    const USERS: &str = "/admin/users";
+    let prefix = path.get(..USERS.len())?;
+    if !prefix.eq_ignore_ascii_case(USERS) {
+        return None;
+    }
+    match &path[USERS.len()..] {
+        "" | "/" => Some(Route::Users),
+        rest => {
+            let token = rest.strip_prefix('/')?;
+            let token = token.strip_suffix('/').unwrap_or(token);
             (!token.is_empty() && !token.contains('/')).then_some(Route::User(token))
         }
     }
@@ -261,5 +275,22 @@ mod tests {
         }
         assert!(route("/admin/users/a/b").is_none());
         assert!(route("/admin").is_none());
+        assert!(route("/admin/usersx").is_none());
+        assert!(route("/admin/users//").is_none());
+        assert!(route("/admin/users/a//").is_none());
+        assert!(
+            route("/admin/useré").is_none(),
+            "no panic off a char boundary"
+        );
+        assert!(matches!(route("/Admin/USERS"), Some(Route::Users)));
+        assert!(matches!(
+            route("/admin/users/AbC/"),
+            Some(Route::User("AbC"))
+        ));
+        assert!(matches!(
+            route("/ADMIN/users/AbC"),
+            Some(Route::User("AbC"))
+        ));
+        assert!(route("/HEALTH").is_none(), "tollgate's own paths are exact");
     }
 }

@@ -709,6 +709,44 @@ fn path_tokens_keep_plus_and_refuse_invalid_utf8() {
     assert_eq!(list["count"], 1, "{list}");
 }
 
+/// The older proxy's express router matched `/admin/users` case-insensitively and with an
+/// optional trailing slash; scripts written against it keep working. The token keeps its case.
+#[test]
+fn admin_paths_match_as_the_older_proxys_router_did() {
+    let (_o, tg) = start();
+    let (status, user) = send(&tg, Method::PUT, "/admin/users/MixedCase/", Some(json!({})));
+    assert_eq!((status, user["token"].as_str()), (200, Some("MixedCase")));
+    for path in [
+        "/admin/users/MixedCase/",
+        "/Admin/Users/MixedCase",
+        "/ADMIN/USERS/MixedCase/",
+    ] {
+        let (status, user) = send(&tg, Method::GET, path, None);
+        assert_eq!(
+            (status, user["token"].as_str()),
+            (200, Some("MixedCase")),
+            "{path}"
+        );
+    }
+    for path in ["/admin/users/", "/Admin/Users", "/ADMIN/USERS/"] {
+        let (status, list) = send(&tg, Method::GET, path, None);
+        assert_eq!((status, list["count"].as_u64()), (200, Some(1)), "{path}");
+    }
+    assert_eq!(
+        send(&tg, Method::GET, "/admin/users/mixedcase", None).0,
+        404
+    );
+    let (status, user) = send(&tg, Method::DELETE, "/admin/users/MixedCase/", None);
+    assert_eq!((status, user["token"].as_str()), (200, Some("MixedCase")));
+    for path in [
+        "/admin/users//",
+        "/admin/users/MixedCase//",
+        "/admin/usersx",
+    ] {
+        assert_eq!(send(&tg, Method::GET, path, None).0, 404, "{path}");
+    }
+}
+
 #[test]
 fn create_strips_token_limits_for_normal_and_special_users() {
     let (_o, tg) = start();
