@@ -1,4 +1,6 @@
-//! Admin authentication: the optional CIDR allow list, then `Authorization: Bearer <ADMIN_KEY>`
+//! Admin authentication: the IP block list (`IP_BLACKLIST`, which the older proxy applied to
+//! every route, `/admin` included) and the optional CIDR allow list, then
+//! `Authorization: Bearer <ADMIN_KEY>`
 //! compared in constant time. Repeated failures lock the IP out for a while (15 minutes by
 //! default); unlike the older proxy the lock expires and failures are forgotten after it. IPv6
 //! clients count by their /64, and the table of failures is bounded.
@@ -21,6 +23,8 @@ const MAX_TRACKED: usize = 10_000;
 
 pub struct AdminAuth {
     key: Option<Secret>,
+    /// `ip_blocklist` / `IP_BLACKLIST`: refused before the allow list is consulted.
+    blocklist: CidrSet,
     /// `None` = any address; `Some(empty)` = nobody (an explicitly empty `ADMIN_WHITELIST`).
     allow: Option<CidrSet>,
     max_failures: u32,
@@ -100,12 +104,14 @@ struct Failures {
 impl AdminAuth {
     pub fn new(
         key: Option<Secret>,
+        blocklist: CidrSet,
         allow: Option<CidrSet>,
         max_failures: u32,
         lockout: Duration,
     ) -> Self {
         Self {
             key,
+            blocklist,
             allow,
             max_failures,
             lockout,
@@ -113,8 +119,15 @@ impl AdminAuth {
         }
     }
 
-    /// Whether `ip` may reach admin endpoints at all (`ADMIN_WHITELIST`).
+    /// Whether `ip` may reach admin endpoints at all (`IP_BLACKLIST`, then `ADMIN_WHITELIST`).
     pub fn allowed(&self, ip: IpAddr) -> Result<(), ApiError> {
+        if !self.blocklist.is_empty() && self.blocklist.contains(ip) {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "Forbidden (by IP blocklist)",
+            ));
+        }
         if self.allow.as_ref().is_none_or(|allow| allow.contains(ip)) {
             Ok(())
         } else {
@@ -226,6 +239,7 @@ mod tests {
     fn auth(allow: &str) -> AdminAuth {
         AdminAuth::new(
             Secret::new("sekrit"),
+            CidrSet::default(),
             (!allow.is_empty()).then(|| CidrSet::parse_csv(allow).unwrap()),
             5,
             Duration::from_secs(900),
@@ -439,6 +453,7 @@ mod tests {
     fn explicitly_empty_allow_list_refuses_everyone() {
         let a = AdminAuth::new(
             Secret::new("sekrit"),
+            CidrSet::default(),
             Some(CidrSet::default()),
             5,
             Duration::from_secs(900),
@@ -457,12 +472,34 @@ mod tests {
 
     #[test]
     fn missing_admin_key_refuses_everything() {
-        let a = AdminAuth::new(None, None, 5, Duration::from_secs(1));
+        let a = AdminAuth::new(None, CidrSet::default(), None, 5, Duration::from_secs(1));
         assert_eq!(
             a.authorize(ip(), Some(b"Bearer anything"), Instant::now())
                 .unwrap_err()
                 .status,
             401
         );
+    }
+
+    #[test]
+    fn the_block_list_refuses_before_the_allow_list_and_the_key() {
+        let a = AdminAuth::new(
+            Secret::new("sekrit"),
+            CidrSet::parse_csv("192.0.2.0/24").unwrap(),
+            None,
+            5,
+            Duration::from_secs(900),
+        );
+        let err = a
+            .authorize(ip(), Some(b"Bearer sekrit"), Instant::now())
+            .unwrap_err();
+        assert_eq!(err.status, 403);
+        assert!(a
+            .authorize(
+                "198.51.100.1".parse().unwrap(),
+                Some(b"Bearer sekrit"),
+                Instant::now()
+            )
+            .is_ok());
     }
 }

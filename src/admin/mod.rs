@@ -74,6 +74,7 @@ impl AdminService {
         Self {
             auth: AdminAuth::new(
                 config.secrets.admin_key.clone(),
+                config.ip_blocklist.clone(),
                 admin.allow.clone(),
                 admin.lockout_after_failures,
                 admin.lockout,

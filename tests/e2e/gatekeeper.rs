@@ -248,6 +248,25 @@ fn blocklisted_ip_gets_403() {
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
     assert_eq!(origin.count(), 0);
+    // As in the older proxy, where the block list ran before every route, `/admin` included:
+    // the admin key does not get a blocked address in. Health checks stay open.
+    let resp = tg
+        .admin_request(reqwest::Method::GET, "/admin/users")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        resp.json::<Value>().unwrap()["error"]["message"],
+        "Forbidden (by IP blocklist)"
+    );
+    assert_eq!(
+        client()
+            .get(tg.admin_url("/health"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 }
 
 #[test]
