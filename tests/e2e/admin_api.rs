@@ -1014,3 +1014,173 @@ fn all_read(stream: &std::net::TcpStream) -> bool {
             && tcp_queues(theirs, ours).is_some_and(|(_, unread)| unread == 0)
     })
 }
+
+/// What the older proxy accepted silently and dropped, tollgate refuses naming the field
+/// (docs/migration.md): a query parameter neither endpoint reads (a mistyped
+/// `disabledReason` disabled the user without its reason), and a User field on `POST` other
+/// than `type`, `expiresAt` and `tokenLimits` (a nickname given there was lost; set it with
+/// `PUT`). Nothing is applied.
+#[test]
+fn what_the_older_proxy_dropped_silently_is_a_400_naming_it() {
+    let (_o, tg) = start();
+    let token = tg.create_user(json!({}));
+    let (status, body) = send(&tg, Method::GET, "/admin/users?page=2", None);
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("page"))
+    );
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?reason=spam"),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("reason"))
+    );
+    assert!(tg.user(&token).get("disabledAt").is_none(), "not disabled");
+    let (status, body) = send(
+        &tg,
+        Method::POST,
+        "/admin/users",
+        Some(json!({"type": "special", "nickname": "bob"})),
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("nickname"))
+    );
+    assert_eq!(send(&tg, Method::GET, "/admin/users", None).1["count"], 1);
+}
+
+/// The older proxy read a body only with a JSON (or form) content type and silently ignored
+/// any other: `POST` made a normal user, `PUT` changed nothing. tollgate reads the body as JSON
+/// whatever its label, so what was sent is what happens (docs/migration.md).
+#[test]
+fn a_json_body_is_read_whatever_its_content_type() {
+    let (_o, tg) = start();
+    for content_type in ["text/plain", "application/octet-stream"] {
+        let resp = tg
+            .admin_request(Method::POST, "/admin/users")
+            .header("content-type", content_type)
+            .body(r#"{"type": "special"}"#)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{content_type}");
+        let token = resp.json::<Value>().unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(tg.user(&token)["type"], "special", "{content_type}");
+    }
+    let resp = tg
+        .admin_request(Method::PUT, "/admin/users/t1")
+        .header("content-type", "text/plain")
+        .body("nickname=bob")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400, "not JSON, and not labelled a form");
+}
+
+/// Maps are replaced whole, as in the older proxy: the families left out are gone (0, i.e.
+/// unlimited for `tokenLimits`). `tokenRefresh` too, where the older proxy (its newer
+/// versions) merged per family with `||`, so an override could never be set back to 0.
+#[test]
+fn put_replaces_family_maps_whole_token_refresh_included() {
+    let (_o, tg) = start();
+    let path = "/admin/users/maps";
+    send(
+        &tg,
+        Method::PUT,
+        path,
+        Some(
+            json!({"tokenLimits": {"gpt4": 1000, "claude": 5}, "tokenRefresh": {"gpt4": 5, "claude": 3}}),
+        ),
+    );
+    let (status, user) = send(
+        &tg,
+        Method::PUT,
+        path,
+        Some(json!({"tokenLimits": {"gpt4": 2000}, "tokenRefresh": {"gpt4": 0}})),
+    );
+    assert_eq!(status, 200, "{user}");
+    assert_eq!(user["tokenLimits"], json!({"gpt4": 2000}));
+    let refresh = &user["tokenRefresh"];
+    assert!(
+        refresh.get("claude").is_none() && refresh["gpt4"].as_u64().unwrap_or(0) == 0,
+        "{user}"
+    );
+}
+
+/// `DELETE` as in the older proxy: a repeated `disabledReason` is a 400 before an unknown token
+/// is a 404; without a reason the user is disabled with none (the 403 then says "User token
+/// disabled"); repeating it moves `disabledAt`.
+#[test]
+fn delete_checks_its_reason_first_and_repeats_move_disabled_at() {
+    let (_o, tg) = start();
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
+        "/admin/users/ghost?disabledReason=a&disabledReason=b",
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("disabledReason"))
+    );
+    let token = tg.create_user(json!({}));
+    let (status, first) = send(&tg, Method::DELETE, &format!("/admin/users/{token}"), None);
+    assert_eq!(status, 200);
+    assert!(first.get("disabledReason").is_none(), "{first}");
+    let resp = client()
+        .get(tg.url("/a"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        resp.json::<Value>().unwrap()["error"]["message"],
+        "Forbidden: User token disabled"
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    let (_, second) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?disabledReason=again"),
+        None,
+    );
+    assert!(
+        second["disabledAt"].as_u64() > first["disabledAt"].as_u64(),
+        "{first} {second}"
+    );
+    assert_eq!(second["disabledReason"], "again");
+}
+
+/// The admin key is read from `Authorization` only (the older proxy had no `x-api-key` there);
+/// with `ADMIN_KEY` unset (a `proxy_key` deployment) every admin request is a 401.
+#[test]
+fn the_admin_key_comes_from_authorization_only_and_is_needed() {
+    let (_o, tg) = start();
+    let resp = client()
+        .get(tg.admin_url("/admin/users"))
+        .header("x-api-key", ADMIN_KEY)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("proxy_key")
+        .env("PROXY_KEY", crate::support::tollgate::PROXY_KEY)
+        .without_env("ADMIN_KEY")
+        .start();
+    let resp = client()
+        .get(tg.admin_url("/admin/users"))
+        .bearer_auth("anything")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.json::<Value>().unwrap()["error"]["message"],
+        "the admin API is disabled: ADMIN_KEY is not set"
+    );
+}
