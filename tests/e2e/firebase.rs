@@ -1031,3 +1031,55 @@ fn a_database_emptied_at_once_is_warned_about() {
     );
     assert_eq!(proxy(&tg, "a"), StatusCode::UNAUTHORIZED);
 }
+
+/// `FIREBASE_USERS_REF_NAME` (undocumented in the older proxy, default `users`) names where
+/// the users are: existing users load from there and new ones are written there, as whole
+/// `/<ref>/<token>` objects in the older layout, and nothing goes to `/users`.
+#[test]
+fn the_users_ref_name_is_where_users_load_from_and_go() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently(
+        "/proxy_users",
+        json!({"old": older_user("old", json!({"nickname": "n"}))}),
+    )
+    .unwrap();
+    let streams = db.open_streams();
+    let tg = builder(&origin, &db)
+        .env("FIREBASE_USERS_REF_NAME", "proxy_users")
+        .start();
+    assert!(
+        wait_until(Duration::from_secs(10), || db.open_streams() > streams),
+        "no stream opened:\n{}",
+        tg.log()
+    );
+    wait_ready(&tg);
+    assert_eq!(proxy(&tg, "old"), StatusCode::OK);
+    assert_eq!(tg.user("old")["nickname"], "n");
+    let (status, _) = admin(
+        &tg,
+        Method::PUT,
+        "/admin/users/new",
+        Some(json!({"nickname": "m"})),
+    );
+    assert_eq!(status, 200);
+    let new = stored(&db, "/proxy_users/new");
+    assert_eq!(
+        (new["nickname"].as_str(), new["type"].as_str()),
+        (Some("m"), Some("normal")),
+        "{new}"
+    );
+    assert!(new["createdAt"].is_u64(), "{new}");
+    eventually(Duration::from_secs(10), "counter written", &tg, || {
+        stored(&db, "/proxy_users/old/promptCount") == json!(1)
+    });
+    // A disable without a reason is written (the older proxy wrote `disabledReason:
+    // undefined`, which made Firebase refuse the whole batch).
+    let (status, _) = admin(&tg, Method::DELETE, "/admin/users/new", None);
+    assert_eq!(status, 200);
+    let new = stored(&db, "/proxy_users/new");
+    assert!(new["disabledAt"].is_u64(), "{new}");
+    assert!(new.get("disabledReason").is_none(), "{new}");
+    assert_eq!(new["meta"]["refreshable"], false, "{new}");
+    assert_eq!(stored(&db, "/users"), Value::Null);
+}
