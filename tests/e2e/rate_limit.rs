@@ -125,6 +125,51 @@ fn users_are_limited_per_token_and_special_users_are_exempt() {
     }
 }
 
+/// As in the older proxy: a user's budget follows its token across addresses, and a request
+/// carrying `ADMIN_KEY` is anonymous, limited per client IP like one without a user.
+#[test]
+fn a_users_budget_follows_its_token_across_ips_and_the_admin_key_is_limited_per_ip() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("trusted_proxies: [\"127.0.0.1\"]")
+        .yaml("rate_limit:\n  requests_per_minute: 2")
+        .start();
+    let token = tg.create_user(json!({}));
+    let from = |bearer: &str, ip: &str| {
+        client()
+            .get(tg.url("/a"))
+            .bearer_auth(bearer)
+            .header("x-forwarded-for", ip)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        (
+            from(&token, "198.51.100.1"),
+            from(&token, "198.51.100.2"),
+            from(&token, "198.51.100.3")
+        ),
+        (200, 200, 429),
+        "one budget for the token, whatever the address"
+    );
+    let admin_key = crate::support::tollgate::ADMIN_KEY;
+    assert_eq!(
+        (
+            from(admin_key, "203.0.113.1"),
+            from(admin_key, "203.0.113.1"),
+            from(admin_key, "203.0.113.1")
+        ),
+        (200, 200, 429)
+    );
+    assert_eq!(
+        from(admin_key, "203.0.113.2"),
+        200,
+        "another address has its own budget"
+    );
+}
+
 #[test]
 fn special_users_are_exempt_from_the_rate_but_not_from_max_inflight() {
     let origin = Origin::start();
