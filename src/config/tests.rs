@@ -30,6 +30,20 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.store.flush_interval, Duration::from_secs(20));
     assert_eq!(c.server.grace_period_seconds, Some(5));
     assert_eq!(c.server.graceful_shutdown_timeout_seconds, Some(5));
+    // The older proxy's defaults for the variables tollgate shares with it.
+    assert_eq!(c.gatekeeper.max_ips_per_user, 0, "MAX_IPS_PER_USER");
+    assert!(!c.gatekeeper.max_ips_auto_ban, "MAX_IPS_AUTO_BAN");
+    assert!(c.admin.allow.is_none(), "ADMIN_WHITELIST: every address");
+    assert!(c.ip_blocklist.is_empty(), "IP_BLACKLIST");
+    assert_eq!(
+        c.store.firebase.users_ref, "users",
+        "FIREBASE_USERS_REF_NAME"
+    );
+    assert_eq!(
+        c.store.firebase.temporary_user_purge,
+        Duration::from_secs(48 * 3600),
+        "POW_TOKEN_PURGE_HOURS"
+    );
 }
 
 #[test]
@@ -198,6 +212,8 @@ fn env_overrides_win_over_yaml() {
             ("IP_BLACKLIST", "10.0.0.0/8"),
             ("ADMIN_WHITELIST", "127.0.0.1,::1"),
             ("GATEKEEPER_STORE", "sqlite"),
+            ("POW_TOKEN_PURGE_HOURS", "72"),
+            ("FIREBASE_USERS_REF_NAME", "proxy_users"),
         ],
     )
     .unwrap();
@@ -212,6 +228,11 @@ fn env_overrides_win_over_yaml() {
         .unwrap()
         .contains("::1".parse().unwrap()));
     assert_eq!(c.store.kind, StoreKind::Sqlite);
+    assert_eq!(
+        c.store.firebase.temporary_user_purge,
+        Duration::from_secs(72 * 3600)
+    );
+    assert_eq!(c.store.firebase.users_ref, "proxy_users");
 }
 
 #[test]

@@ -203,6 +203,8 @@ mod tests {
         assert_eq!(token(&req("/?key=%zz", &[])).unwrap().1, "%zz");
         assert_eq!(token(&req("/?key=%4", &[])).unwrap().1, "%4");
         assert_eq!(token(&req("/?key=&key=second", &[])).unwrap().1, "second");
+        // As express's query parser read it: `+` is a space in a query string.
+        assert_eq!(token(&req("/?key=a+b", &[])).unwrap().1, "a b");
     }
 
     #[test]
