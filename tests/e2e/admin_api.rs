@@ -1184,3 +1184,105 @@ fn the_admin_key_comes_from_authorization_only_and_is_needed() {
         "the admin API is disabled: ADMIN_KEY is not set"
     );
 }
+
+/// Unicode round-trips: a nickname of 80 characters (not bytes, not UTF-16 units: emoji count
+/// once) is kept exactly, JSON escapes decoded; 81 is refused naming `nickname`. A non-ASCII
+/// token set through the path works from the query string and headers.
+#[test]
+fn unicode_nicknames_and_tokens_round_trip() {
+    let (_o, tg) = start();
+    let nick: String = "é😀日".repeat(26) + "ab";
+    assert_eq!(nick.chars().count(), 80);
+    let (status, user) = send(
+        &tg,
+        Method::PUT,
+        "/admin/users/%C3%A9t%C3%A9",
+        Some(json!({ "nickname": nick })),
+    );
+    assert_eq!(
+        (status, user["token"].as_str()),
+        (200, Some("été")),
+        "{user}"
+    );
+    assert_eq!(user["nickname"].as_str(), Some(nick.as_str()));
+    let (_, list) = send(&tg, Method::GET, "/admin/users", None);
+    assert_eq!(list["users"][0]["nickname"].as_str(), Some(nick.as_str()));
+    let resp = tg
+        .admin_request(Method::PUT, "/admin/users/%C3%A9t%C3%A9")
+        .header("content-type", "application/json")
+        .body(r#"{"nickname": "caf\u00e9 \ud83d\ude00"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(resp.json::<Value>().unwrap()["nickname"], "café 😀");
+    let (status, body) = send(
+        &tg,
+        Method::PUT,
+        "/admin/users/%C3%A9t%C3%A9",
+        Some(json!({ "nickname": format!("{nick}x") })),
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("nickname"))
+    );
+    let http = client();
+    assert_eq!(
+        http.get(tg.url("/a?key=%C3%A9t%C3%A9"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    let header = reqwest::header::HeaderValue::from_bytes("été".as_bytes()).unwrap();
+    assert_eq!(
+        http.get(tg.url("/a"))
+            .header("x-api-key", header)
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// Numbers at the edges: what JavaScript and the stores keep exactly is accepted, what they
+/// cannot is a 400 naming the field (the older proxy took it and lost precision); family
+/// values are JSON numbers as in the older proxy (fractions kept), never strings.
+#[test]
+fn very_large_and_mistyped_numbers_are_named() {
+    let (_o, tg) = start();
+    let put = |body: &str| {
+        let resp = tg
+            .admin_request(Method::PUT, "/admin/users/n1")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().unwrap())
+    };
+    let (status, user) = put(
+        r#"{"promptCount": 9007199254740991, "maxIps": 4294967295, "tokenCounts": {"dall-e": 1234.5, "gpt4": 1e15}}"#,
+    );
+    assert_eq!(status, 200, "{user}");
+    assert_eq!(user["promptCount"], 9007199254740991u64);
+    assert_eq!(user["tokenCounts"]["dall-e"], 1234.5);
+    for (body, field) in [
+        (r#"{"promptCount": 9007199254740992}"#, "promptCount"),
+        (r#"{"maxIps": 4294967296}"#, "maxIps"),
+        (r#"{"createdAt": "1700000000000"}"#, "createdAt"),
+        (r#"{"promptCount": "5"}"#, "promptCount"),
+        (r#"{"tokenLimits": {"gpt4": "1000"}}"#, "tokenLimits.gpt4"),
+        (r#"{"nickname": 5}"#, "nickname"),
+        (r#"{"ip": "1.2.3.4"}"#, "ip"),
+    ] {
+        let (status, reply) = put(body);
+        assert_eq!(
+            (status, reply["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{body}: {reply}"
+        );
+    }
+    assert_eq!(
+        tg.user("n1")["promptCount"],
+        9007199254740991u64,
+        "unchanged"
+    );
+}
