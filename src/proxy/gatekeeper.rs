@@ -260,9 +260,18 @@ mod tests {
             u.disabled_reason = Some("abuse".into());
         });
         add(&cache, "v", |u| u.disabled_at = Some(1));
+        // `special` exempts from limits, not from being disabled (as in the older proxy).
+        add(&cache, "s", |u| {
+            u.user_type = UserType::Special;
+            u.disabled_at = Some(1);
+        });
         assert_eq!(
             refusal(g.admit(Some("u"), ip(1), 0)),
             Refusal::Disabled("Forbidden: abuse".into())
+        );
+        assert_eq!(
+            refusal(g.admit(Some("s"), ip(1), 0)),
+            Refusal::Disabled("Forbidden: User token disabled".into())
         );
         assert_eq!(
             refusal(g.admit(Some("v"), ip(1), 0)),
