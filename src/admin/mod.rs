@@ -36,9 +36,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("HEAD", "/ready"),
     ("GET", "/metrics"),
     ("GET", "/admin/users"),
+    ("HEAD", "/admin/users"),
     ("POST", "/admin/users"),
     ("PUT", "/admin/users"),
     ("GET", "/admin/users/{token}"),
+    ("HEAD", "/admin/users/{token}"),
     ("PUT", "/admin/users/{token}"),
     ("DELETE", "/admin/users/{token}"),
 ];
@@ -159,10 +161,10 @@ impl AdminService {
         };
         let query = query.as_deref();
         match (method, route) {
-            (Method::GET, Route::Users) => self.users.list(query).await,
+            (Method::GET | Method::HEAD, Route::Users) => self.users.list(query).await,
             (Method::POST, Route::Users) => self.users.create(&body).await,
             (Method::PUT, Route::Users) => self.users.upsert_many(body).await,
-            (Method::GET, Route::User(_)) => self.users.get(&token),
+            (Method::GET | Method::HEAD, Route::User(_)) => self.users.get(&token),
             (Method::PUT, Route::User(_)) => self.users.upsert(&token, &body).await,
             (Method::DELETE, Route::User(_)) => self.users.delete(&token, query).await,
             _ => unreachable!("methods checked against allowed_methods above"),
@@ -227,8 +229,9 @@ fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
         // HEAD for load balancers that probe with it; Pingora sends no body for HEAD.
         Route::Health | Route::Ready => &["GET", "HEAD"],
         Route::Metrics => &["GET"],
-        Route::Users => &["GET", "POST", "PUT"],
-        Route::User(_) => &["GET", "PUT", "DELETE"],
+        // HEAD as express answered it for every GET route: the GET's status and headers.
+        Route::Users => &["GET", "HEAD", "POST", "PUT"],
+        Route::User(_) => &["GET", "HEAD", "PUT", "DELETE"],
     }
 }
 

@@ -403,7 +403,7 @@ fn wrong_methods_paths_and_big_bodies() {
         .send()
         .unwrap();
     assert_eq!(resp.status(), 405);
-    assert_eq!(resp.headers()["allow"], "GET, PUT, DELETE");
+    assert_eq!(resp.headers()["allow"], "GET, HEAD, PUT, DELETE");
     assert_eq!(
         tg.admin_request(Method::GET, "/admin/nothing")
             .send()
@@ -1285,4 +1285,52 @@ fn very_large_and_mistyped_numbers_are_named() {
         9007199254740991u64,
         "unchanged"
     );
+}
+
+/// express answered `HEAD` on every `GET` route with the GET's status and headers: scripts
+/// that probe a user's existence with `HEAD` keep working. No body is sent.
+#[test]
+fn head_answers_as_get_without_a_body() {
+    let (_o, tg) = start();
+    let token = tg.create_user(json!({}));
+    let get = tg
+        .admin_request(Method::GET, &format!("/admin/users/{token}"))
+        .send()
+        .unwrap();
+    let length = get.headers()["content-length"].clone();
+    let head = tg
+        .admin_request(Method::HEAD, &format!("/admin/users/{token}"))
+        .send()
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], length);
+    assert_eq!(head.headers()["content-type"], "application/json");
+    assert!(head.bytes().unwrap().is_empty());
+    let head = |path: &str| {
+        tg.admin_request(Method::HEAD, path)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(head("/admin/users/ghost"), 404);
+    assert_eq!(head("/admin/users"), 200);
+    assert_eq!(head("/admin/users?sort=password"), 400);
+    let unauthorised = client().head(tg.admin_url("/admin/users")).send().unwrap();
+    assert_eq!(unauthorised.status(), 401);
+    // The admin listener is not open to other origins (docs/migration.md): no preflight
+    // answer, no `Access-Control-Allow-Origin`.
+    let preflight = client()
+        .request(Method::OPTIONS, tg.admin_url("/admin/users"))
+        .header("origin", "https://elsewhere.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .unwrap();
+    assert_eq!(preflight.status(), 405);
+    let get = tg
+        .admin_request(Method::GET, "/admin/users")
+        .header("origin", "https://elsewhere.example")
+        .send()
+        .unwrap();
+    assert!(!get.headers().contains_key("access-control-allow-origin"));
 }
