@@ -224,6 +224,9 @@ fn auto_ban_disables_the_user() {
     let user = tg.user(&token);
     assert_eq!(user["disabledReason"], "IP address limit exceeded.");
     assert!(user["disabledAt"].is_u64());
+    // As the older proxy's disableUser: the new address is recorded, refreshable is false.
+    assert_eq!(user["ip"], json!(["198.51.100.1", "198.51.100.2"]));
+    assert_eq!(user["meta"]["refreshable"], false);
     assert_eq!(
         from("198.51.100.1").status(),
         403,
