@@ -170,6 +170,15 @@ fn temporary_user_expires_at_request_time() {
         body["error"]["message"],
         "Forbidden: Temporary token expired."
     );
+    // Refused, not disabled (docs/migration.md): a later `expiresAt` alone extends it.
+    assert!(tg.user(&token).get("disabledAt").is_none());
+    let resp = tg
+        .admin_request(reqwest::Method::PUT, &format!("/admin/users/{token}"))
+        .json(&json!({"expiresAt": 4102444800000u64}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(get(&tg.url("/a"), Some(&token)).0, StatusCode::OK);
 }
 
 #[test]
