@@ -178,6 +178,13 @@ mod tests {
         let r = req("/v1?a=1&key=q", &[]);
         assert_eq!(token(&r), Some((CredentialSource::QueryKey, "q".into())));
         assert_eq!(token(&req("/v1", &[])), None);
+        // An empty credential is no credential: the next place is read, as the older proxy's
+        // `||` chain did.
+        let r = req(
+            "/v1?key=q",
+            &[("authorization", "Bearer   "), ("x-api-key", "")],
+        );
+        assert_eq!(token(&r), Some((CredentialSource::QueryKey, "q".into())));
     }
 
     #[test]
