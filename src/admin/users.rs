@@ -164,10 +164,17 @@ impl UsersApi {
 
     /// `GET /admin/users?sort=f1,f2`: every user, sorted descending, missing values last.
     pub async fn list(&self, query: Option<&str>) -> Result<Reply, ApiError> {
-        let mut sort = DEFAULT_SORT.to_string();
+        let mut sort: Option<String> = None;
         for (key, value) in query_params(query) {
             match key.as_str() {
-                "sort" => sort = value,
+                // The older proxy failed (500) on a repeated `sort`; neither one is assumed.
+                "sort" if sort.is_some() => {
+                    return Err(ApiError::bad_request(
+                        "sort",
+                        "must be given at most once (list several fields as sort=f1,f2)",
+                    ))
+                }
+                "sort" => sort = Some(value),
                 other => {
                     return Err(ApiError::bad_request(
                         other,
@@ -176,6 +183,7 @@ impl UsersApi {
                 }
             }
         }
+        let sort = sort.unwrap_or_else(|| DEFAULT_SORT.to_string());
         let fields = sort_fields(&sort)
             .into_iter()
             .map(SortField::parse)

@@ -136,6 +136,17 @@ fn list_get_and_sort() {
         (status, body["error"]["field"].as_str()),
         (400, Some("sort"))
     );
+    // The older proxy answered a repeated `sort` with a 500; which one was meant is unknown.
+    let (status, body) = send(
+        &tg,
+        Method::GET,
+        "/admin/users?sort=createdAt&sort=promptCount",
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("sort"))
+    );
     let (status, body) = send(&tg, Method::GET, "/admin/users/nope", None);
     assert_eq!((status, error_type(&body)), (404, "not_found"));
 }
