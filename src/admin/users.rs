@@ -331,9 +331,12 @@ impl UsersApi {
     /// `DELETE /admin/users/{token}[?disabledReason=…][&hard=true]`.
     pub async fn delete(&self, token: &str, query: Option<&str>) -> Result<Reply, ApiError> {
         let mut reason: Option<String> = None;
-        let mut hard = false;
+        let mut hard: Option<bool> = None;
         for (key, value) in query_params(query) {
             match key.as_str() {
+                "hard" if hard.is_some() => {
+                    return Err(ApiError::bad_request("hard", "must be given at most once"))
+                }
                 "disabledReason" if reason.is_some() => {
                     return Err(ApiError::bad_request(
                         "disabledReason",
@@ -342,11 +345,11 @@ impl UsersApi {
                 }
                 "disabledReason" => reason = Some(value),
                 "hard" => {
-                    hard = match value.as_str() {
+                    hard = Some(match value.as_str() {
                         "true" | "1" => true,
                         "false" | "0" => false,
                         _ => return Err(ApiError::bad_request("hard", "must be true or false")),
-                    }
+                    })
                 }
                 other => {
                     return Err(ApiError::bad_request(
@@ -356,7 +359,7 @@ impl UsersApi {
                 }
             }
         }
-        if hard {
+        if hard == Some(true) {
             if reason.is_some() {
                 // A reason is kept on a disabled user; a removed one keeps nothing.
                 return Err(ApiError::bad_request(

@@ -372,6 +372,17 @@ fn delete_disables_or_removes() {
     let (status, body) = send(
         &tg,
         Method::DELETE,
+        &format!("/admin/users/{token}?hard=false&hard=true"),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("hard")),
+        "which one was meant is unknown"
+    );
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
         &format!("/admin/users/{token}?hard=true&disabledReason=gone"),
         None,
     );
