@@ -334,9 +334,6 @@ impl UsersApi {
         let mut hard: Option<bool> = None;
         for (key, value) in query_params(query) {
             match key.as_str() {
-                "hard" if hard.is_some() => {
-                    return Err(ApiError::bad_request("hard", "must be given at most once"))
-                }
                 "disabledReason" if reason.is_some() => {
                     return Err(ApiError::bad_request(
                         "disabledReason",
@@ -344,11 +341,21 @@ impl UsersApi {
                     ))
                 }
                 "disabledReason" => reason = Some(value),
+                // Given twice, a removal could hinge on which one wins: refused, as a
+                // repeated `disabledReason` is.
+                "hard" if hard.is_some() => {
+                    return Err(ApiError::bad_request("hard", "must be given at most once"))
+                }
                 "hard" => {
                     hard = Some(match value.as_str() {
                         "true" | "1" => true,
                         "false" | "0" => false,
-                        _ => return Err(ApiError::bad_request("hard", "must be true or false")),
+                        _ => {
+                            return Err(ApiError::bad_request(
+                                "hard",
+                                "must be true, false, 1 or 0",
+                            ))
+                        }
                     })
                 }
                 other => {

@@ -372,17 +372,6 @@ fn delete_disables_or_removes() {
     let (status, body) = send(
         &tg,
         Method::DELETE,
-        &format!("/admin/users/{token}?hard=false&hard=true"),
-        None,
-    );
-    assert_eq!(
-        (status, body["error"]["field"].as_str()),
-        (400, Some("hard")),
-        "which one was meant is unknown"
-    );
-    let (status, body) = send(
-        &tg,
-        Method::DELETE,
         &format!("/admin/users/{token}?hard=true&disabledReason=gone"),
         None,
     );
@@ -391,10 +380,37 @@ fn delete_disables_or_removes() {
         (400, Some("disabledReason")),
         "a reason a removal would drop is refused"
     );
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?hard=yes"),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["message"].as_str()),
+        (400, Some("hard: must be true, false, 1 or 0")),
+        "the message names every accepted value"
+    );
+    let (status, body) = send(
+        &tg,
+        Method::DELETE,
+        &format!("/admin/users/{token}?hard=false&hard=true"),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("hard")),
+        "a removal does not hinge on which of two values wins"
+    );
+    assert_eq!(
+        send(&tg, Method::GET, &format!("/admin/users/{token}"), None).0,
+        200,
+        "a refused removal removed nothing"
+    );
     let (status, _) = send(
         &tg,
         Method::DELETE,
-        &format!("/admin/users/{token}?hard=true"),
+        &format!("/admin/users/{token}?hard=1"),
         None,
     );
     assert_eq!(status, 200);
