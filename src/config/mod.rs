@@ -338,14 +338,35 @@ fn parse_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, Config
     })
 }
 
-/// serde names the Rust type a section is read into ("expected struct RawRateLimit"), which
-/// means nothing to an operator: it is a mapping of keys.
+/// serde names the Rust type a value is read into ("expected struct RawRateLimit", "expected
+/// u32", "invalid type: unit value"), which means nothing to an operator: a section is a
+/// mapping of keys, a number has a range, and YAML's empty value is `null`.
 pub(crate) fn without_type_names(problem: String) -> String {
-    let Some((before, rest)) = problem.split_once("expected struct ") else {
-        return problem;
+    let mut problem = match problem.split_once("expected struct ") {
+        Some((before, rest)) => {
+            let after = rest.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
+            format!("{before}expected a mapping (`key: value` lines){after}")
+        }
+        None => problem,
     };
-    let after = rest.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
-    format!("{before}expected a mapping (`key: value` lines){after}")
+    if let Some((before, rest)) = problem.split_once("expected ") {
+        let name_len = rest
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(rest.len());
+        let plain = match &rest[..name_len] {
+            "u8" => Some("a whole number from 0 to 255"),
+            "u16" => Some("a whole number from 0 to 65535"),
+            "u32" => Some("a whole number from 0 to 4294967295"),
+            "u64" | "usize" => Some("a whole number of at least 0"),
+            "i8" | "i16" | "i32" | "i64" | "isize" => Some("a whole number"),
+            "f32" | "f64" => Some("a number"),
+            _ => None,
+        };
+        if let Some(plain) = plain {
+            problem = format!("{before}expected {plain}{}", &rest[name_len..]);
+        }
+    }
+    problem.replace("invalid type: unit value", "invalid type: null")
 }
 
 /// The key an error is about. serde reports a missing field at its parent, so the field's

@@ -612,6 +612,40 @@ fn a_rate_too_small_for_its_window_is_refused_not_rounded_up() {
 }
 
 #[test]
+fn a_number_out_of_range_is_described_in_words_not_as_a_rust_type() {
+    for (yaml, key, expected) in [
+        (
+            "rate_limit: {requests_per_minute: -1}",
+            "rate_limit.requests_per_minute",
+            "invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "gatekeeper: {max_ips_per_user: 99999999999}",
+            "gatekeeper.max_ips_per_user",
+            "invalid value: integer `99999999999`, expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "rate_limit: {estimator_slots: 1.5}",
+            "rate_limit.estimator_slots",
+            "invalid type: floating point `1.5`, expected a whole number of at least 0",
+        ),
+        (
+            "pingora: {threads: abc}",
+            "pingora.threads",
+            "invalid type: string \"abc\", expected a whole number of at least 0",
+        ),
+        (
+            "pingora: {threads: null}",
+            "pingora.threads",
+            "invalid type: null, expected a whole number of at least 0",
+        ),
+    ] {
+        let e = load(&format!("{MINIMAL}{yaml}\n"), &[]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.problem.as_str()), (key, expected));
+    }
+}
+
+#[test]
 fn a_section_of_the_wrong_shape_is_called_a_mapping_not_a_rust_type() {
     for section in ["5", "[1, 2]"] {
         let e = load(&format!("{MINIMAL}rate_limit: {section}\n"), &[]).unwrap_err();

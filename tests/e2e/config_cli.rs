@@ -77,6 +77,22 @@ fn unresolvable_upstream_is_a_config_error() {
 }
 
 #[test]
+fn a_number_out_of_range_is_explained_without_rust_type_names() {
+    let origin = Origin::start();
+    let (code, output) =
+        check(TollgateBuilder::new(origin.addr).yaml("rate_limit:\n  requests_per_minute: -1"));
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.contains(
+            "rate_limit.requests_per_minute: invalid value: integer `-1`, expected a whole \
+             number from 0 to 4294967295"
+        ),
+        "{output}"
+    );
+    assert!(!output.contains("u32"), "{output}");
+}
+
+#[test]
 fn bad_environment_values_name_the_variable() {
     let origin = Origin::start();
     let (code, output) = check(TollgateBuilder::new(origin.addr).env("MAX_IPS_PER_USER", "many"));
