@@ -107,7 +107,10 @@ pub(super) fn boolean(env: &dyn EnvSource, name: &str) -> Result<Option<bool>, C
         .map(|v| match v.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => Ok(true),
             "false" | "0" | "no" => Ok(false),
-            _ => Err(error(name, format!("expected true or false, got '{v}'"))),
+            _ => Err(error(
+                name,
+                format!("expected true or false (or 1 or 0, yes or no), got '{v}'"),
+            )),
         })
         .transpose()
 }

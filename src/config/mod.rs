@@ -631,8 +631,12 @@ impl Builder<'_> {
         };
         Ok(GatekeeperConfig {
             mode,
-            max_ips_per_user: env::parsed(self.env, "MAX_IPS_PER_USER", "a non-negative integer")?
-                .unwrap_or(raw.max_ips_per_user),
+            max_ips_per_user: env::parsed(
+                self.env,
+                "MAX_IPS_PER_USER",
+                "a whole number from 0 to 4294967295",
+            )?
+            .unwrap_or(raw.max_ips_per_user),
             max_ips_auto_ban: env::boolean(self.env, "MAX_IPS_AUTO_BAN")?
                 .unwrap_or(raw.max_ips_auto_ban),
             max_recorded_ips: raw.max_recorded_ips,
@@ -809,8 +813,12 @@ impl Builder<'_> {
         ] {
             at_most_a_year(self.origin, key, seconds)?;
         }
-        let purge_hours = env::parsed(self.env, "POW_TOKEN_PURGE_HOURS", "a non-negative integer")?
-            .unwrap_or(fb.temporary_user_purge_hours);
+        let purge_hours = env::parsed(
+            self.env,
+            "POW_TOKEN_PURGE_HOURS",
+            "a whole number of at least 0",
+        )?
+        .unwrap_or(fb.temporary_user_purge_hours);
         Ok(StoreConfig {
             kind,
             flush_interval: Duration::from_secs(raw.flush_interval_seconds),

@@ -98,6 +98,25 @@ fn bad_environment_values_name_the_variable() {
     let (code, output) = check(TollgateBuilder::new(origin.addr).env("MAX_IPS_PER_USER", "many"));
     assert_eq!(code, 2);
     assert!(output.contains("environment: MAX_IPS_PER_USER"), "{output}");
+    // The messages name what is accepted: the range, and every spelling of a boolean.
+    let (code, output) =
+        check(TollgateBuilder::new(origin.addr).env("MAX_IPS_PER_USER", "99999999999"));
+    assert_eq!(code, 2);
+    assert!(
+        output.contains(
+            "environment: MAX_IPS_PER_USER: expected a whole number from 0 to 4294967295, got \
+             '99999999999'"
+        ),
+        "{output}"
+    );
+    let (code, output) = check(TollgateBuilder::new(origin.addr).env("MAX_IPS_AUTO_BAN", "on"));
+    assert_eq!(code, 2);
+    assert!(
+        output.contains(
+            "environment: MAX_IPS_AUTO_BAN: expected true or false (or 1 or 0, yes or no), got 'on'"
+        ),
+        "{output}"
+    );
     let (code, output) = check(TollgateBuilder::new(origin.addr).env("GATEKEEPER", "open"));
     assert_eq!(code, 2);
     assert!(output.contains("GATEKEEPER"), "{output}");
