@@ -873,7 +873,7 @@ fn bad_key_unreachable_database_and_denied_access_fail_start_up_fast() {
     check(
         "garbage key",
         builder(&origin, &db).env("FIREBASE_KEY", "%%% not a key %%%"),
-        "FIREBASE_KEY is not base64",
+        "FIREBASE_KEY: not base64",
     );
     // A malformed key is a configuration error at a real start as under `-t`: exit 2.
     let (status, output) = builder(&origin, &db)
@@ -981,19 +981,33 @@ fn dash_t_checks_the_database_url_and_the_key() {
         (
             "FIREBASE_RTDB_URL",
             "not-a-url",
-            "FIREBASE_RTDB_URL is not a URL",
+            "environment: FIREBASE_RTDB_URL: not a URL",
         ),
         (
             "FIREBASE_RTDB_URL",
             "ftp://x.firebaseio.com",
-            "FIREBASE_RTDB_URL: unsupported scheme",
+            "environment: FIREBASE_RTDB_URL: unsupported scheme",
         ),
         (
             "FIREBASE_RTDB_URL",
             "http://x.firebaseio.com",
-            "FIREBASE_RTDB_URL must be https://",
+            "environment: FIREBASE_RTDB_URL: must be https://",
         ),
-        ("FIREBASE_KEY", "%%%notbase64", "FIREBASE_KEY is not base64"),
+        (
+            "FIREBASE_KEY",
+            "%%%notbase64",
+            "environment: FIREBASE_KEY: not base64",
+        ),
+        (
+            "FIREBASE_RTDB_URL",
+            "https://u:p@x.firebaseio.com",
+            "environment: FIREBASE_RTDB_URL: must not contain a user or password",
+        ),
+        (
+            "FIREBASE_RTDB_URL",
+            "https://x.firebaseio.com/users",
+            "environment: FIREBASE_RTDB_URL: must be the database's root URL",
+        ),
     ] {
         let (status, output) = builder(&origin, &db)
             .env(name, value)

@@ -12,11 +12,11 @@ pub const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 /// Why `FIREBASE_KEY` cannot be used. Never contains any part of the key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("FIREBASE_KEY is not base64 (standard or URL-safe) nor a JSON object")]
+    #[error("FIREBASE_KEY: not base64 (standard or URL-safe) nor a JSON object")]
     NotBase64,
-    #[error("FIREBASE_KEY does not decode to a service-account JSON object: {0}")]
+    #[error("FIREBASE_KEY: does not decode to a service-account JSON object: {0}")]
     NotJson(String),
-    #[error("FIREBASE_KEY is not a service-account key (\"type\" is {0:?})")]
+    #[error("FIREBASE_KEY: not a service-account key (\"type\" is {0:?})")]
     WrongType(String),
     #[error("FIREBASE_KEY: private_key is not an RSA private key in PEM form: {0}")]
     BadPrivateKey(String),

@@ -108,7 +108,7 @@ impl FirebaseStore {
             let raw = config
                 .key
                 .as_ref()
-                .ok_or_else(|| StoreError::Fatal("FIREBASE_KEY is not set".into()))?;
+                .ok_or_else(|| StoreError::Fatal("FIREBASE_KEY: is not set".into()))?;
             let account =
                 key::decode(raw.expose()).map_err(|e| StoreError::Fatal(e.to_string()))?;
             check_token_uri(&account.token_uri, target.local).map_err(StoreError::Fatal)?;
@@ -757,14 +757,13 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
     let raw = config
         .rtdb_url
         .as_deref()
-        .ok_or("FIREBASE_RTDB_URL is not set")?;
-    let url =
-        Url::parse(raw.trim()).map_err(|e| format!("FIREBASE_RTDB_URL is not a URL ({e})"))?;
+        .ok_or("FIREBASE_RTDB_URL: is not set")?;
+    let url = Url::parse(raw.trim()).map_err(|e| format!("FIREBASE_RTDB_URL: not a URL ({e})"))?;
     // Firebase authenticates with FIREBASE_KEY; a user or password here would only be printed
     // wherever the URL is (start-up errors, the log).
     if !url.username().is_empty() || url.password().is_some() {
         return Err(
-            "FIREBASE_RTDB_URL must not contain a user or password (the database is accessed \
+            "FIREBASE_RTDB_URL: must not contain a user or password (the database is accessed \
              with FIREBASE_KEY's service account)"
                 .into(),
         );
@@ -777,7 +776,7 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
         // As the Firebase tools do: talk plain http to the emulator, with the namespace taken
         // from the database URL, and `Bearer owner`.
         let base = Url::parse(&format!("http://{}", host.trim()))
-            .map_err(|e| format!("FIREBASE_DATABASE_EMULATOR_HOST is not host:port ({e})"))?;
+            .map_err(|e| format!("FIREBASE_DATABASE_EMULATOR_HOST: not host:port ({e})"))?;
         let ns = ns.or_else(|| {
             url.host_str()
                 .and_then(|h| h.split('.').next())
@@ -793,7 +792,7 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
         ));
     }
     let Some(host) = url.host_str() else {
-        return Err("FIREBASE_RTDB_URL has no host".into());
+        return Err("FIREBASE_RTDB_URL: has no host".into());
     };
     let local = match url.scheme() {
         "https" => false,
@@ -802,7 +801,7 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
         "http" if client::is_loopback(host.trim_start_matches('[').trim_end_matches(']')) => true,
         "http" => {
             return Err(format!(
-                "FIREBASE_RTDB_URL must be https:// (got http://{host}): plain http, which would \
+                "FIREBASE_RTDB_URL: must be https:// (got http://{host}): plain http, which would \
                  send the access token in clear, is only for a database on this machine (an \
                  emulator or stand-in on localhost)"
             ))
@@ -811,7 +810,7 @@ fn target(config: &FirebaseConfig) -> Result<(Target, bool), String> {
     };
     if !matches!(url.path(), "" | "/") {
         return Err(
-            "FIREBASE_RTDB_URL must be the database's root URL (https://<db>.firebaseio.com)"
+            "FIREBASE_RTDB_URL: must be the database's root URL (https://<db>.firebaseio.com)"
                 .into(),
         );
     }
