@@ -582,8 +582,25 @@ impl Builder<'_> {
 
     /// Resolves `host:port` now, so a typo fails at load instead of panicking in Pingora.
     fn resolve(&self, key: &str, entry: &str) -> Result<Vec<SocketAddr>, ConfigError> {
-        if host_part(entry).is_none() {
-            return Err(self.err(key, format!("'{entry}' is not host:port")));
+        // A URL would otherwise be looked up as a host name ("http://api.example.com") and
+        // reported as a name that does not resolve.
+        if let Some((scheme, _)) = entry.split_once("://") {
+            let tls = if scheme.eq_ignore_ascii_case("https") {
+                ", and upstream.tls: true for https"
+            } else {
+                ""
+            };
+            return Err(self.err(
+                key,
+                format!("'{entry}' is a URL; write host:port (e.g. api.example.com:443){tls}"),
+            ));
+        }
+        match host_and_port(entry) {
+            None => return Err(self.err(key, format!("'{entry}' is not host:port"))),
+            Some((_, 0)) => {
+                return Err(self.err(key, format!("'{entry}': port 0 cannot be connected to")))
+            }
+            Some(_) => {}
         }
         let resolved: Vec<SocketAddr> = entry
             .to_socket_addrs()
@@ -871,11 +888,6 @@ fn check_secrets(
         }
     }
     Ok(())
-}
-
-/// `host` of `host:port` / `[v6]:port`, if the entry has that shape.
-fn host_part(entry: &str) -> Option<&str> {
-    host_and_port(entry).map(|(host, _)| host)
 }
 
 /// `host:port` (`[v6]:port` for IPv6) split into the host, without brackets, and the port.

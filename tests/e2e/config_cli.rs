@@ -77,6 +77,31 @@ fn unresolvable_upstream_is_a_config_error() {
 }
 
 #[test]
+fn an_upstream_written_as_a_url_or_with_port_0_is_explained() {
+    let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    for (entry, problem) in [
+        (
+            "https://api.example.com",
+            "upstream.addrs[0]: 'https://api.example.com' is a URL; write host:port (e.g. \
+             api.example.com:443), and upstream.tls: true for https",
+        ),
+        (
+            "http://127.0.0.1:8080",
+            "upstream.addrs[0]: 'http://127.0.0.1:8080' is a URL; write host:port (e.g. \
+             api.example.com:443)",
+        ),
+        (
+            "127.0.0.1:0",
+            "upstream.addrs[0]: '127.0.0.1:0': port 0 cannot be connected to",
+        ),
+    ] {
+        let (code, output) = check(TollgateBuilder::new(addr).upstreams(&[entry.to_string()]));
+        assert_eq!(code, 2, "{entry}: {output}");
+        assert!(output.contains(problem), "{entry}: {output}");
+    }
+}
+
+#[test]
 fn a_number_out_of_range_is_explained_without_rust_type_names() {
     let origin = Origin::start();
     let (code, output) =
