@@ -256,8 +256,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         let path = e.path().to_string();
         let inner = e.into_inner();
         let mut field = if path == "." { String::new() } else { path };
-        // Reported before the field's value is read, so not in the path yet.
-        if let Some(name) = duplicate_field(&inner.to_string()) {
+        // Reported at the enclosing object (a duplicate before its value is read, a missing
+        // one once the object ended), so not in the path yet.
+        if let Some(name) = named_field(&inner.to_string()) {
             field = if field.is_empty() {
                 name.to_string()
             } else {
@@ -280,9 +281,11 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     Ok(value)
 }
 
-/// The name in serde's "duplicate field `name`" error.
-fn duplicate_field(message: &str) -> Option<&str> {
-    let rest = message.strip_prefix("duplicate field `")?;
+/// The name in serde's "duplicate field `name`" and "missing field `name`" errors.
+fn named_field(message: &str) -> Option<&str> {
+    let rest = message
+        .strip_prefix("duplicate field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
     rest.split_once('`').map(|(name, _)| name)
 }
 
@@ -350,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_field_is_named() {
+    fn a_duplicate_or_missing_field_is_named() {
         #[derive(serde::Deserialize, Debug)]
         #[allow(dead_code)]
         struct Inner {
@@ -368,6 +371,9 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("inner.b"), "{e:?}");
         let e = parse_json::<T>(br#"{"inner":[1]}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("inner"), "{e:?}");
+        // A missing field is reported at its object, once the object ended.
+        let e = parse_json::<T>(br#"{"inner":{}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("inner.b"), "{e:?}");
     }
 
     #[test]

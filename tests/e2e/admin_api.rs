@@ -343,6 +343,13 @@ fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
         404,
         "valid entries of a refused import are not applied"
     );
+    // A body without `users` (a single user sent to the bulk endpoint, say) names the field.
+    let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(json!({})));
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("users")),
+        "{body}"
+    );
 }
 
 #[test]
