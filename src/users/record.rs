@@ -511,9 +511,15 @@ impl UserRecord {
             }
         }
         if !keep.contains(Fields::LAST_USED_AT) {
-            if let Some(at) = remote.last_used_at {
-                self.last_used_at.fetch_max(at, Ordering::Relaxed);
-            }
+            // The store's value as it is, older or absent included: `lastUsedAt` is written
+            // last-writer-wins like the other fields, so another instance's write may leave
+            // an older time there (or an admin or console may clear it), and every instance
+            // must end with what the store holds. (Keeping the newest time seen here left
+            // instances each showing a different time than the store, for good.) A request
+            // counted between the check above and this store loses its time here; its write
+            // then carries the store's time, so all agree, off by at most one flush.
+            self.last_used_at
+                .store(remote.last_used_at.unwrap_or(0), Ordering::Relaxed);
         }
     }
 }
@@ -688,6 +694,33 @@ mod tests {
             Some(9),
             "confirmed: the store wins again"
         );
+    }
+
+    #[test]
+    fn the_store_time_of_last_use_replaces_a_newer_one_once_confirmed() {
+        let r = record();
+        let counted = r.count_request(50);
+        r.mark(counted);
+        let mut remote = r.to_user();
+        remote.last_used_at = Some(40);
+        r.apply_remote(&remote);
+        assert_eq!(
+            r.last_used_at(),
+            Some(50),
+            "not yet written: the local time stays"
+        );
+        let (fields, delta, _) = r.take_pending();
+        r.acknowledge(fields, delta, false);
+        // Another instance's write of an older time landed after this one's.
+        r.apply_remote(&remote);
+        assert_eq!(
+            r.last_used_at(),
+            Some(40),
+            "the store's value, as every instance has"
+        );
+        remote.last_used_at = None;
+        r.apply_remote(&remote);
+        assert_eq!(r.last_used_at(), None, "cleared in the store");
     }
 
     /// The invariant: the published word is that of the current profile.

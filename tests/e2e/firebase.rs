@@ -250,6 +250,32 @@ fn console_edits_reach_the_cache_quickly() {
     assert_eq!(proxy(&tg, "alice"), StatusCode::OK);
 }
 
+/// `lastUsedAt` is written last-writer-wins: a time in the database older than this
+/// instance's (another instance's write landed last) or none at all (cleared in the console)
+/// is what the instance shows, as every other instance does.
+#[test]
+fn an_older_or_cleared_last_use_in_the_database_is_taken() {
+    let db = standin();
+    let origin = Origin::start();
+    db.set_silently("/users/u", older_user("u", json!({})))
+        .unwrap();
+    let tg = start(&origin, &db);
+    assert_eq!(proxy(&tg, "u"), StatusCode::OK);
+    eventually(Duration::from_secs(10), "the request written", &tg, || {
+        stored(&db, "/users/u/promptCount") == json!(1)
+    });
+    assert!(tg.user("u")["lastUsedAt"].as_u64() > Some(1700000005000));
+    db.set("/users/u/lastUsedAt", json!(1700000005000u64))
+        .unwrap();
+    eventually(PROPAGATION, "the older time taken", &tg, || {
+        tg.user("u")["lastUsedAt"] == json!(1700000005000u64)
+    });
+    db.delete("/users/u/lastUsedAt").unwrap();
+    eventually(PROPAGATION, "the cleared time taken", &tg, || {
+        tg.user("u")["lastUsedAt"].is_null()
+    });
+}
+
 #[test]
 fn admin_edits_on_one_instance_reach_the_other() {
     let db = standin();
