@@ -83,9 +83,25 @@ struct Progress {
     ips_done: HashSet<usize>,
     /// Users created by an upsert whose conditional PUT is answered ([`batch::Creation`]).
     created: HashMap<usize, batch::Creation>,
-    /// A PATCH that failed ambiguously: `(write_no, changes)`, to be settled by reading the
-    /// marker before anything else is sent.
-    unresolved: Option<(u64, Vec<usize>)>,
+    /// A PATCH that failed ambiguously, to be settled by reading the marker before anything
+    /// else is sent.
+    unresolved: Option<Unresolved>,
+}
+
+/// A PATCH whose outcome is unknown.
+#[derive(Debug)]
+struct Unresolved {
+    /// Its write number, which the marker shows once it is applied.
+    no: u64,
+    /// The batch's changes it carried.
+    group: Vec<usize>,
+    /// When a marker that is still behind means the write was lost: [`SETTLE`] after the
+    /// client gave up on it. `None` until known (a send cut off mid-request gives no answer
+    /// to take the time from; the next attempt starts the wait). Kept across attempts, so a
+    /// write given up on long ago is settled by one read, not a new wait each time: a wait
+    /// started afresh at every attempt took the whole of a short shutdown deadline, and the
+    /// write (and the requests it counted) was lost.
+    settles_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for FirebaseStore {
@@ -164,13 +180,22 @@ impl FirebaseStore {
 
     /// Whether write `no` of this instance was applied, for a write whose outcome is unknown
     /// (a timeout, a reset, a 5xx, or a send cut off by the shutdown deadline). A server may
-    /// still be applying a write its client gave up on, so a marker that is behind is read
-    /// once more after [`SETTLE`] before the write counts as lost and is sent again.
-    async fn was_applied(&self, rtdb: &Rtdb, no: u64) -> Result<bool, RtdbError> {
+    /// still be applying a write its client gave up on, so a marker that is behind before
+    /// `settles_at` ([`SETTLE`] after the client gave up) is read once more then, before the
+    /// write counts as lost and is sent again.
+    async fn was_applied(
+        &self,
+        rtdb: &Rtdb,
+        no: u64,
+        settles_at: Instant,
+    ) -> Result<bool, RtdbError> {
         if self.read_marker(rtdb).await? >= no {
             return Ok(true);
         }
-        tokio::time::sleep(SETTLE).await;
+        if Instant::now() >= settles_at {
+            return Ok(false);
+        }
+        tokio::time::sleep_until(settles_at).await;
         Ok(self.read_marker(rtdb).await? >= no)
     }
 
@@ -209,10 +234,18 @@ impl FirebaseStore {
             .json(bytes);
         // Unresolved from before the send: if this future is dropped mid-request (the
         // shutdown deadline), the next attempt asks the marker instead of sending again.
-        progress.unresolved = Some((no, group.to_vec()));
+        progress.unresolved = Some(Unresolved {
+            no,
+            group: group.to_vec(),
+            settles_at: None,
+        });
         let outcome = rtdb.call(request).await;
-        if !matches!(&outcome, Err(e) if e.is_ambiguous()) {
-            progress.unresolved = None;
+        let settles_at = Instant::now() + SETTLE;
+        match (&outcome, progress.unresolved.as_mut()) {
+            (Err(e), Some(unresolved)) if e.is_ambiguous() => {
+                unresolved.settles_at = Some(settles_at);
+            }
+            _ => progress.unresolved = None,
         }
         match outcome {
             Ok(_) => Ok(Ok(())),
@@ -222,7 +255,7 @@ impl FirebaseStore {
             Err(RtdbError::Other { status: 413, .. }) => Ok(Err(
                 "the write is larger than the database takes in one request".into(),
             )),
-            Err(e) if e.is_ambiguous() => match self.was_applied(rtdb, no).await {
+            Err(e) if e.is_ambiguous() => match self.was_applied(rtdb, no, settles_at).await {
                 Ok(true) => {
                     progress.unresolved = None;
                     info!(
@@ -483,8 +516,12 @@ impl StoreBackend for FirebaseStore {
                 ..Progress::default()
             };
         }
-        if let Some((no, group)) = progress.unresolved.clone() {
-            let applied = self.was_applied(rtdb, no).await.map_err(|e| {
+        if let Some(unresolved) = progress.unresolved.as_mut() {
+            let settles_at = *unresolved
+                .settles_at
+                .get_or_insert_with(|| Instant::now() + SETTLE);
+            let (no, group) = (unresolved.no, unresolved.group.clone());
+            let applied = self.was_applied(rtdb, no, settles_at).await.map_err(|e| {
                 StoreError::Unavailable(format!("the batch marker cannot be read yet: {e}"))
             })?;
             if applied {

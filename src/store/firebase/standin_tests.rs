@@ -209,6 +209,42 @@ async fn posted_users_are_written_in_the_batch_patch() {
 /// An edit made elsewhere (the console re-enables a user) that reaches an instance while its
 /// own write of the same field is on the wire is kept out then, and applied once the write is
 /// confirmed: the instance ends with the database's value, not its own older one.
+/// A write that failed ambiguously, whose marker could not be read then (the database was
+/// away), is settled by one read of the marker once its settle time has passed, not by a new
+/// wait at every attempt: a wait started afresh at each attempt took all of a short shutdown
+/// deadline, and the requests the write counted were lost.
+#[tokio::test]
+async fn a_write_given_up_on_long_ago_is_settled_by_one_marker_read() {
+    let db = standin();
+    db.set("/users/t", stored_user("t", json!({}))).unwrap();
+    let store = store(&db);
+    let cache = loaded(&store).await;
+    let record = cache.get("t").unwrap();
+    for _ in 0..3 {
+        cache.count_request(&record, 10);
+    }
+    let batch = take(&cache, 1);
+    db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::DropBeforeApply).times(1));
+    db.add_fault(FaultRule::new("GET", "/_sync/*", FaultAction::status(503)).times(1));
+    match store.apply(&batch).await {
+        Err(StoreError::Unavailable(e)) => assert!(e.contains("marker cannot be read"), "{e}"),
+        other => panic!("the write's outcome is unknown, got {other:?}"),
+    }
+    tokio::time::sleep(SETTLE + Duration::from_millis(100)).await;
+    db.clear_requests();
+    store.apply(&batch).await.unwrap();
+    let marker_reads = db
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with("/_sync/"))
+        .count();
+    assert_eq!(
+        marker_reads, 1,
+        "the settle time had passed: no second wait"
+    );
+    assert_eq!(db.get("/users/t/promptCount").unwrap(), json!(3));
+}
+
 #[tokio::test]
 async fn a_store_edit_arriving_during_a_write_of_the_same_field_wins_after_it() {
     let db = standin();
