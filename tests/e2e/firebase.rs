@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 use crate::support::tollgate::Tollgate;
 use crate::support::{client, wait_until, Origin, TollgateBuilder};
 
+mod soak;
+
 /// Edits made elsewhere must be live within this.
 const PROPAGATION: Duration = Duration::from_secs(2);
 
