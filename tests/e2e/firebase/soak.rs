@@ -58,9 +58,23 @@ enum Writer {
     Console,
 }
 
+/// The client addresses the traffic comes from (`X-Forwarded-For` from a trusted proxy), so
+/// that instances add addresses to the same users' `ip` lists concurrently.
+const ADDRESSES: [&str; 3] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+
 /// The fields edited in the soak; `disabledReason` stands for disable/enable (its presence is
-/// the user's disabled state).
-const FIELDS: [&str; 5] = ["nickname", "type", "maxIps", "adminNote", "disabledReason"];
+/// the user's disabled state). `ip` is only ever cleared (as an admin resets `maxIps`); the
+/// traffic adds its address again, so its final value is checked by convergence alone.
+/// (`meta` is left out: a disable writes it too.)
+const FIELDS: [&str; 7] = [
+    "nickname",
+    "type",
+    "maxIps",
+    "adminNote",
+    "tokenLimits",
+    "ip",
+    "disabledReason",
+];
 
 struct Tracked {
     writers: BTreeMap<&'static str, Writer>,
@@ -141,9 +155,14 @@ impl Soak {
             "nickname" => json!(format!("nick-{step}")),
             "type" => json!(["normal", "special"][self.rng.below(2)]),
             "maxIps" if self.rng.chance(15) => Value::Null,
-            "maxIps" => json!(1 + self.rng.below(9)),
+            // At least the traffic's addresses: exceeding it disables the user (an auto-ban),
+            // which would be a second writer of `disabledReason`.
+            "maxIps" => json!(ADDRESSES.len() + 1 + self.rng.below(6)),
             "adminNote" if self.rng.chance(15) => Value::Null,
             "adminNote" => json!(format!("note-{step}")),
+            "tokenLimits" if self.rng.chance(20) => json!({}),
+            "tokenLimits" => json!({"gpt4": 1 + self.rng.below(1000)}),
+            "ip" => json!([]),
             "disabledReason" if self.rng.chance(50) => Value::Null,
             "disabledReason" => json!(format!("reason-{step}")),
             _ => unreachable!("{field}"),
@@ -230,7 +249,9 @@ impl Soak {
             self.seed
         );
         let user = self.users.get_mut(token).unwrap();
-        user.last.insert(field, value);
+        if field != "ip" {
+            user.last.insert(field, value);
+        }
         user.unconfirmed |= status == 202;
     }
 
@@ -417,6 +438,14 @@ impl Soak {
                 out.push(format!("{token} missing from the database"));
                 continue;
             };
+            let ips = stored["ip"].as_array().cloned().unwrap_or_default();
+            let distinct: BTreeSet<String> = ips.iter().map(Value::to_string).collect();
+            if distinct.len() != ips.len() {
+                out.push(format!(
+                    "{token}: ip list with duplicates: {}",
+                    stored["ip"]
+                ));
+            }
             let want = answered.get(token).copied().unwrap_or(0);
             if stored["promptCount"] != json!(want) {
                 out.push(format!(
@@ -425,6 +454,7 @@ impl Soak {
                 ));
             }
             for (field, value) in &user.last {
+                let value = &normalized(&json!({ *field: value }))[*field];
                 if &stored[*field] != value {
                     out.push(format!(
                         "{token}: {field} is {} stored, its writer {:?} last set {value}",
@@ -536,7 +566,12 @@ fn soak_once(seed: u64, ops_time: Duration) {
     // The forms the real service may use: multi-path patch events kept or nested, other SSE
     // line endings, streams redirected to another host.
     let (keys, ending, redirect) = (rng.below(2), rng.below(3), rng.chance(30));
+    // Short-lived access tokens: refreshed (and streams re-authorised) during the run.
+    let token_lifetime = rng.chance(30).then(|| 4 + rng.below(5) as u64);
     db.update_knobs(|k| {
+        if let Some(seconds) = token_lifetime {
+            k.token_expires_in_s = seconds;
+        }
         k.patch_event_keys = [PatchEventKeys::Keep, PatchEventKeys::Nest][keys];
         k.sse_line_ending = [LineEnding::Lf, LineEnding::Crlf, LineEnding::Cr][ending];
     });
@@ -549,6 +584,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
             let streams = db.open_streams();
             let tg = builder(&origin, &db)
                 .admin_yaml("persist_timeout_ms: 2000")
+                .yaml("trusted_proxies: [\"127.0.0.1\"]")
                 .start();
             assert!(
                 wait_until(Duration::from_secs(10), || db.open_streams() > streams),
@@ -601,6 +637,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
                     let ok = http
                         .get(&url)
                         .bearer_auth(&token)
+                        .header("x-forwarded-for", ADDRESSES[rng.below(ADDRESSES.len())])
                         .send()
                         .is_ok_and(|r| r.status() == StatusCode::OK);
                     if ok {
@@ -634,6 +671,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
     soak.db.end_outage();
     let answered = answered.lock().unwrap().clone();
     let mut last = Vec::new();
+    let healed = Instant::now();
     let converged = wait_until(Duration::from_secs(45), || {
         soak.admit_pending();
         last = soak.mismatches(&answered);
@@ -669,8 +707,10 @@ fn soak_once(seed: u64, ops_time: Duration) {
     }
     let total: u64 = answered.values().sum();
     eprintln!(
-        "soak seed {seed}: {n} instances, {} s, {total} requests answered, {} users live, {} deleted, ops {:?}",
+        "soak seed {seed}: {n} instances, {} s (converged {} ms after healing), {total} requests \
+         answered, {} users live, {} deleted, ops {:?}",
         started.elapsed().as_secs(),
+        healed.elapsed().as_millis(),
         soak.users.len(),
         soak.deleted.len(),
         soak.ops
