@@ -435,7 +435,7 @@ impl UserCache {
                 // A user created here and not yet written is not "deleted remotely".
                 if !record.unconfirmed_fields().contains(Fields::CREATED) {
                     self.map.remove(token);
-                    record.mark_deleted();
+                    record.mark_removed_by_store();
                 }
             }
             (None, Some(user)) => {
@@ -512,7 +512,10 @@ impl UserCache {
             };
             let change = match item {
                 Queued::Deleted(token) => Change::Delete { token },
-                Queued::User(record) if record.is_deleted() => continue,
+                Queued::User(record) if record.is_deleted() => {
+                    self.carry_counts_of_removed(&record);
+                    continue;
+                }
                 Queued::User(record) => take_user_change(record),
             };
             merge_into(&mut changes, &mut index, change);
@@ -523,6 +526,28 @@ impl UserCache {
             changes,
             covers,
             taken_at,
+        }
+    }
+
+    /// Requests counted on a record the store's change removed go to the record that holds
+    /// the user now, if the store brought it back: a stream snapshot older than the user (one
+    /// that was slow to arrive) removes it, and the event that created it, right behind,
+    /// brings it back as a new record. Dropped with the old record, those requests were
+    /// answered and never counted. A user removed here, or not back, counts nothing more.
+    fn carry_counts_of_removed(&self, removed: &Arc<UserRecord>) {
+        if !removed.removed_by_store() {
+            return;
+        }
+        let Some(current) = self.map.get(removed.token()) else {
+            return;
+        };
+        if Arc::ptr_eq(&current, removed) {
+            return;
+        }
+        let (_, requests, _) = removed.take_pending();
+        if requests > 0 {
+            current.add_counted(requests);
+            self.mark(&current, Fields::PROMPT_DELTA);
         }
     }
 

@@ -20,6 +20,10 @@ const DELETED: u32 = 1 << 31;
 /// local values were kept: the store may hold a newer value than the write, to be read again
 /// once the write is confirmed.
 const STORE_CHANGE_KEPT_OUT: u32 = 1 << 30;
+/// Set in `inflight` with `DELETED` when the store's change removed the user (not a removal
+/// here): the store may bring the user back, and the requests counted on this record then
+/// go to the record that replaced it.
+const REMOVED_BY_STORE: u32 = 1 << 29;
 
 /// What the gatekeeper reads from a user on every request, in one word beside the token:
 /// whether the user is disabled, special, or a temporary user with an expiry (whose profile
@@ -408,6 +412,22 @@ impl UserRecord {
 
     pub(super) fn mark_deleted(&self) {
         self.inflight.fetch_or(DELETED, Ordering::AcqRel);
+    }
+
+    /// Removed from the cache because the store's change said the user is gone.
+    pub(super) fn mark_removed_by_store(&self) {
+        self.inflight
+            .fetch_or(DELETED | REMOVED_BY_STORE, Ordering::AcqRel);
+    }
+
+    pub(super) fn removed_by_store(&self) -> bool {
+        self.inflight.load(Ordering::Acquire) & REMOVED_BY_STORE != 0
+    }
+
+    /// Requests counted on another record of this user (one the store's change removed),
+    /// to be written with this record's.
+    pub(super) fn add_counted(&self, requests: u64) {
+        self.prompt_pending.fetch_add(requests, Ordering::AcqRel);
     }
 
     // ---- the flush cycle ----

@@ -120,6 +120,49 @@ fn requeue_during_take_merges_into_one_change() {
     assert_eq!(c.prompt_delta + d, 2);
 }
 
+/// A stream snapshot older than the user removes it; the event right behind brings it back
+/// as a new record. The requests counted on the removed record are written with the new one.
+#[test]
+fn requests_counted_on_a_user_the_store_removed_and_brought_back_are_kept() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let removed = cache.get("a").unwrap();
+    for _ in 0..3 {
+        cache.count_request(&removed, 10);
+    }
+    cache.apply_remote("a", None);
+    assert!(cache.get("a").is_none());
+    cache.apply_remote("a", Some(&user("a")));
+    let current = cache.get("a").unwrap();
+    cache.count_request(&current, 11);
+    // A request that authenticated on the removed record, answered after its removal.
+    cache.count_request(&removed, 12);
+    let taken = cache.take_changes(10);
+    let change = only_upsert(&taken);
+    assert!(Arc::ptr_eq(&change.record, &current));
+    assert_eq!(change.prompt_delta, 5);
+    assert!(change.fields.contains(Fields::PROMPT_DELTA));
+}
+
+/// Removed for good, or removed by an admin here: its requests count nothing more.
+#[test]
+fn requests_counted_on_a_user_removed_for_good_are_not_written() {
+    let cache = UserCache::default();
+    cache.load([user("a"), user("b")]);
+    let (a, b) = (cache.get("a").unwrap(), cache.get("b").unwrap());
+    cache.count_request(&a, 10);
+    cache.count_request(&b, 10);
+    cache.apply_remote("a", None);
+    cache.remove("b").unwrap();
+    cache.apply_remote("b", Some(&user("b")));
+    let taken = cache.take_changes(10);
+    assert!(
+        matches!(taken.changes[..], [Change::Delete { .. }]),
+        "{:?}",
+        taken.changes
+    );
+}
+
 #[test]
 fn remove_queues_a_delete_and_blocks_stale_remote_copies() {
     let cache = UserCache::default();
