@@ -344,7 +344,7 @@ impl Soak {
 
     fn fault(&mut self) {
         let times = 1 + self.rng.below(3) as u32;
-        let rule = match self.rng.below(11) {
+        let rule = match self.rng.below(14) {
             0 => FaultRule::new("PATCH", "/.json", FaultAction::status(503)),
             1 => FaultRule::new("PATCH", "/.json", FaultAction::ApplyThenDrop),
             2 => FaultRule::new("PATCH", "/.json", FaultAction::DropBeforeApply),
@@ -352,7 +352,7 @@ impl Soak {
             4 => FaultRule::new("GET", "/_sync/*", FaultAction::status(503)),
             5 => FaultRule::new("PUT", "/users/*", FaultAction::ApplyThenDrop),
             6 => FaultRule::new("GET", "/users/*", FaultAction::status(500)),
-            7 if self.stream_faults < 4 => {
+            7 if self.stream_faults < 6 => {
                 self.stream_faults += 1;
                 let actions = [
                     StreamAction::Drop,
@@ -384,6 +384,18 @@ impl Soak {
                 self.restart();
                 return;
             }
+            // The next stream (or read of the users) slow to start, or slow to arrive.
+            11 => FaultRule::new("GET", "/users.json", FaultAction::Delay { ms: 1500 }),
+            12 => FaultRule::new(
+                "GET",
+                "/users.json",
+                FaultAction::Trickle {
+                    chunk_bytes: 16,
+                    interval_ms: 2,
+                },
+            ),
+            // The access token refused: a new one, and the write again.
+            13 => FaultRule::new("PATCH", "/.json", FaultAction::status(401)),
             _ => return,
         };
         self.count("fault rule");
@@ -578,6 +590,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
     if redirect {
         db.set_redirect(RedirectScope::Streams, None);
     }
+    let knobs = (keys, ending, redirect, token_lifetime);
     let n = 2 + rng.below(2);
     let instances: Vec<Tollgate> = (0..n)
         .map(|_| {
@@ -641,7 +654,9 @@ fn soak_once(seed: u64, ops_time: Duration) {
                         .send()
                         .is_ok_and(|r| r.status() == StatusCode::OK);
                     if ok {
-                        *answered.lock().unwrap().entry(token).or_default() += 1;
+                        let mut answered = answered.lock().unwrap();
+                        *answered.entry(format!("{token}@{n}")).or_default() += 1;
+                        *answered.entry(token).or_default() += 1;
                     }
                     std::thread::sleep(Duration::from_millis(8));
                 }
@@ -649,6 +664,8 @@ fn soak_once(seed: u64, ops_time: Duration) {
         })
         .collect();
 
+    // Some runs much more faulty than others.
+    let fault_share = 8 + soak.rng.below(30);
     let ops_until = Instant::now() + ops_time;
     while Instant::now() < ops_until {
         soak.step += 1;
@@ -658,7 +675,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
             35..=44 => soak.burst(),
             45..=52 => soak.create(),
             53..=56 => soak.delete(),
-            57..=70 => soak.fault(),
+            n if n < 57 + fault_share => soak.fault(),
             _ => std::thread::sleep(Duration::from_millis(20 + soak.rng.below(100) as u64)),
         }
     }
@@ -672,7 +689,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
     let answered = answered.lock().unwrap().clone();
     let mut last = Vec::new();
     let healed = Instant::now();
-    let converged = wait_until(Duration::from_secs(45), || {
+    let converged = wait_until(Duration::from_secs(60), || {
         soak.admit_pending();
         last = soak.mismatches(&answered);
         last.is_empty() && soak.pending.is_empty()
@@ -696,8 +713,11 @@ fn soak_once(seed: u64, ops_time: Duration) {
             })
             .collect();
         std::fs::write(&requests, serde_json::to_string_pretty(&log).unwrap()).unwrap();
+        let by_instance: Vec<(&String, &u64)> =
+            answered.iter().filter(|(k, _)| k.contains('@')).collect();
         panic!(
-            "soak seed {seed} ({n} instances, ops {:?}, pending {:?}) did not converge:\n  {}\n\
+            "soak seed {seed} ({n} instances, knobs {knobs:?}, ops {:?}, pending {:?}) did not \
+             converge:\n  {}\nanswered per instance: {by_instance:?}\n\
              instance logs: {logs:?}; database requests: {}",
             soak.ops,
             soak.pending,
@@ -705,7 +725,11 @@ fn soak_once(seed: u64, ops_time: Duration) {
             requests.display()
         );
     }
-    let total: u64 = answered.values().sum();
+    let total: u64 = answered
+        .iter()
+        .filter(|(k, _)| !k.contains('@'))
+        .map(|(_, n)| n)
+        .sum();
     eprintln!(
         "soak seed {seed}: {n} instances, {} s (converged {} ms after healing), {total} requests \
          answered, {} users live, {} deleted, ops {:?}",
