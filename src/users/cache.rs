@@ -121,6 +121,10 @@ pub struct UserCache {
     /// Users whose store value must be applied again ([`UserCache::take_rereads`]).
     rereads: Mutex<Vec<Reread>>,
     reread_wanted: tokio::sync::Notify,
+    /// Records the store's changes removed, by token, until the store brings the user back
+    /// (their requests counted meanwhile go to the new record) or a full snapshot starts
+    /// (one that lacks the user too says it is gone).
+    removed_by_store: Mutex<HashMap<Arc<str>, Arc<UserRecord>>>,
 }
 
 impl Default for UserCache {
@@ -139,6 +143,7 @@ impl UserCache {
             deleting: Mutex::new(HashSet::new()),
             rereads: Mutex::new(Vec::new()),
             reread_wanted: tokio::sync::Notify::new(),
+            removed_by_store: Mutex::new(HashMap::new()),
         }
     }
 
@@ -436,11 +441,18 @@ impl UserCache {
                 if !record.unconfirmed_fields().contains(Fields::CREATED) {
                     self.map.remove(token);
                     record.mark_removed_by_store();
+                    self.removed_by_store
+                        .lock()
+                        .insert(Arc::clone(record.token()), record);
                 }
             }
             (None, Some(user)) => {
                 if !self.deleting.lock().contains(token) {
-                    self.map.insert(Arc::new(UserRecord::from_user(user)));
+                    let record = Arc::new(UserRecord::from_user(user));
+                    self.map.insert(Arc::clone(&record));
+                    if let Some(removed) = self.removed_by_store.lock().remove(token) {
+                        self.carry_counts(&removed, &record);
+                    }
                 }
             }
             (None, None) => {}
@@ -484,6 +496,8 @@ impl UserCache {
     }
 
     fn remove_absent_locked(&self, held: impl Fn(&str) -> bool) {
+        // A full snapshot: users removed before it and not in it are gone for good.
+        self.removed_by_store.lock().clear();
         let mut gone: Vec<Arc<str>> = Vec::new();
         self.map.for_each(|r| {
             if !held(r.token()) {
@@ -531,23 +545,30 @@ impl UserCache {
 
     /// Requests counted on a record the store's change removed go to the record that holds
     /// the user now, if the store brought it back: a stream snapshot older than the user (one
-    /// that was slow to arrive) removes it, and the event that created it, right behind,
-    /// brings it back as a new record. Dropped with the old record, those requests were
-    /// answered and never counted. A user removed here, or not back, counts nothing more.
+    /// that was slow to arrive) removes it, and the events behind it bring it back as a new
+    /// record. Dropped with the old record, those requests were answered and never counted.
+    /// Until the user is back, they stay on the old record, and go over when it comes back
+    /// (see `apply_remote_locked`). A user removed here, or gone for good, counts nothing
+    /// more.
     fn carry_counts_of_removed(&self, removed: &Arc<UserRecord>) {
         if !removed.removed_by_store() {
             return;
         }
-        let Some(current) = self.map.get(removed.token()) else {
-            return;
-        };
-        if Arc::ptr_eq(&current, removed) {
-            return;
+        match self.map.get(removed.token()) {
+            Some(current) if !Arc::ptr_eq(&current, removed) => {
+                self.carry_counts(removed, &current)
+            }
+            // Not back yet: counted when it is. Requests counted on it meanwhile must queue
+            // it again, so it leaves the queue's mark.
+            _ => removed.unqueue(),
         }
+    }
+
+    fn carry_counts(&self, removed: &Arc<UserRecord>, current: &Arc<UserRecord>) {
         let (_, requests, _) = removed.take_pending();
         if requests > 0 {
             current.add_counted(requests);
-            self.mark(&current, Fields::PROMPT_DELTA);
+            self.mark(current, Fields::PROMPT_DELTA);
         }
     }
 

@@ -424,6 +424,11 @@ impl UserRecord {
         self.inflight.load(Ordering::Acquire) & REMOVED_BY_STORE != 0
     }
 
+    /// Out of the change queue without taking its changes: the next change queues it again.
+    pub(super) fn unqueue(&self) {
+        self.pending.fetch_and(!QUEUED, Ordering::AcqRel);
+    }
+
     /// Requests counted on another record of this user (one the store's change removed),
     /// to be written with this record's.
     pub(super) fn add_counted(&self, requests: u64) {

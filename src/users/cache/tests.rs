@@ -144,6 +144,30 @@ fn requests_counted_on_a_user_the_store_removed_and_brought_back_are_kept() {
     assert!(change.fields.contains(Fields::PROMPT_DELTA));
 }
 
+/// The user comes back only after a flush took the removed record (the events behind a slow
+/// snapshot arrive after it): its requests wait on it and go over when the user is back.
+#[test]
+fn requests_counted_on_a_removed_user_go_over_when_it_comes_back_after_a_flush() {
+    let cache = UserCache::default();
+    cache.load([user("a")]);
+    let removed = cache.get("a").unwrap();
+    cache.count_request(&removed, 10);
+    cache.apply_remote("a", None);
+    assert!(
+        cache.take_changes(10).changes.is_empty(),
+        "nothing to write yet"
+    );
+    cache.apply_remote("a", Some(&user("a")));
+    let current = cache.get("a").unwrap();
+    let taken = cache.take_changes(10);
+    let change = only_upsert(&taken);
+    assert!(Arc::ptr_eq(&change.record, &current));
+    assert_eq!(change.prompt_delta, 1);
+    // A request that authenticated on the removed record and is answered now.
+    cache.count_request(&removed, 11);
+    assert_eq!(only_upsert(&cache.take_changes(10)).prompt_delta, 1);
+}
+
 /// Removed for good, or removed by an admin here: its requests count nothing more.
 #[test]
 fn requests_counted_on_a_user_removed_for_good_are_not_written() {
