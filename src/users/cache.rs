@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use parking_lot::Mutex;
@@ -122,9 +123,52 @@ pub struct UserCache {
     rereads: Mutex<Vec<Reread>>,
     reread_wanted: tokio::sync::Notify,
     /// Records the store's changes removed, by token, until the store brings the user back
-    /// (their requests counted meanwhile go to the new record) or a full snapshot starts
-    /// (one that lacks the user too says it is gone).
-    removed_by_store: Mutex<HashMap<Arc<str>, Arc<UserRecord>>>,
+    /// (their requests counted meanwhile go to the new record), a full snapshot starts (one
+    /// that lacks the user too says it is gone), or [`REMOVED_KEPT_FOR`] has passed.
+    removed_by_store: Mutex<RemovedByStore>,
+}
+
+/// How long a record the store removed waits for the user to come back. The events that bring
+/// it back follow the stale snapshot that removed it within seconds; a user still gone after
+/// this is gone for good, and its record (with the requests counted on it) is dropped, so
+/// removals between two snapshots do not pile up for the life of a stream.
+const REMOVED_KEPT_FOR: Duration = Duration::from_secs(300);
+
+/// Records the store's changes removed, by token, with when.
+#[derive(Default)]
+struct RemovedByStore {
+    records: HashMap<Arc<str>, (Instant, Arc<UserRecord>)>,
+    pruned_at: Option<Instant>,
+}
+
+impl RemovedByStore {
+    /// Keeps `record`, first dropping those kept longer than [`REMOVED_KEPT_FOR`] (a sweep at
+    /// most once per that period, so at most two periods' removals are held).
+    fn insert(&mut self, record: Arc<UserRecord>, now: Instant) {
+        if self
+            .pruned_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= REMOVED_KEPT_FOR)
+        {
+            self.records
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < REMOVED_KEPT_FOR);
+            self.pruned_at = Some(now);
+        }
+        self.records
+            .insert(Arc::clone(record.token()), (now, record));
+    }
+
+    fn take(&mut self, token: &str) -> Option<Arc<UserRecord>> {
+        self.records.remove(token).map(|(_, record)| record)
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.records.len()
+    }
 }
 
 impl Default for UserCache {
@@ -143,7 +187,7 @@ impl UserCache {
             deleting: Mutex::new(HashSet::new()),
             rereads: Mutex::new(Vec::new()),
             reread_wanted: tokio::sync::Notify::new(),
-            removed_by_store: Mutex::new(HashMap::new()),
+            removed_by_store: Mutex::new(RemovedByStore::default()),
         }
     }
 
@@ -441,16 +485,14 @@ impl UserCache {
                 if !record.unconfirmed_fields().contains(Fields::CREATED) {
                     self.map.remove(token);
                     record.mark_removed_by_store();
-                    self.removed_by_store
-                        .lock()
-                        .insert(Arc::clone(record.token()), record);
+                    self.removed_by_store.lock().insert(record, Instant::now());
                 }
             }
             (None, Some(user)) => {
                 if !self.deleting.lock().contains(token) {
                     let record = Arc::new(UserRecord::from_user(user));
                     self.map.insert(Arc::clone(&record));
-                    if let Some(removed) = self.removed_by_store.lock().remove(token) {
+                    if let Some(removed) = self.removed_by_store.lock().take(token) {
                         self.carry_counts(&removed, &record);
                     }
                 }

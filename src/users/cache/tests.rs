@@ -168,6 +168,29 @@ fn requests_counted_on_a_removed_user_go_over_when_it_comes_back_after_a_flush()
     assert_eq!(only_upsert(&cache.take_changes(10)).prompt_delta, 1);
 }
 
+/// A user the store removed and that does not come back is let go after a while, so records
+/// removed between two snapshots (which may be days apart) do not pile up.
+#[test]
+fn records_the_store_removed_are_let_go_after_a_while() {
+    let mut removed = RemovedByStore::default();
+    let record = |token: &str| Arc::new(UserRecord::from_user(&user(token)));
+    let start = Instant::now();
+    removed.insert(record("a"), start);
+    removed.insert(record("b"), start + REMOVED_KEPT_FOR / 2);
+    assert_eq!(
+        removed.len(),
+        2,
+        "nothing is swept before a period has passed"
+    );
+    removed.insert(
+        record("c"),
+        start + REMOVED_KEPT_FOR + Duration::from_secs(1),
+    );
+    assert!(removed.take("a").is_none(), "kept longer than the period");
+    assert!(removed.take("b").is_some());
+    assert!(removed.take("c").is_some());
+}
+
 /// Removed for good, or removed by an admin here: its requests count nothing more.
 #[test]
 fn requests_counted_on_a_user_removed_for_good_are_not_written() {
