@@ -43,8 +43,13 @@ fn builder_flushing(origin: &Origin, db: &StandIn, flush_seconds: u64) -> Tollga
 }
 
 fn start(origin: &Origin, db: &StandIn) -> Tollgate {
+    start_streaming(builder(origin, db), db)
+}
+
+/// Starts an instance and waits until its change stream is open and it is ready.
+fn start_streaming(builder: TollgateBuilder, db: &StandIn) -> Tollgate {
     let streams = db.open_streams();
-    let tg = builder(origin, db).start();
+    let tg = builder.start();
     assert!(
         wait_until(Duration::from_secs(10), || db.open_streams() > streams),
         "no stream opened:\n{}",
@@ -1086,16 +1091,10 @@ fn the_users_ref_name_is_where_users_load_from_and_go() {
         json!({"old": older_user("old", json!({"nickname": "n"}))}),
     )
     .unwrap();
-    let streams = db.open_streams();
-    let tg = builder(&origin, &db)
-        .env("FIREBASE_USERS_REF_NAME", "proxy_users")
-        .start();
-    assert!(
-        wait_until(Duration::from_secs(10), || db.open_streams() > streams),
-        "no stream opened:\n{}",
-        tg.log()
+    let tg = start_streaming(
+        builder(&origin, &db).env("FIREBASE_USERS_REF_NAME", "proxy_users"),
+        &db,
     );
-    wait_ready(&tg);
     assert_eq!(proxy(&tg, "old"), StatusCode::OK);
     assert_eq!(tg.user("old")["nickname"], "n");
     let (status, _) = admin(

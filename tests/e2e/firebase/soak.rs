@@ -607,18 +607,12 @@ fn soak_once(seed: u64, ops_time: Duration) {
     let n = 2 + rng.below(2);
     let instances: Vec<Tollgate> = (0..n)
         .map(|_| {
-            let streams = db.open_streams();
-            let tg = builder(&origin, &db)
-                .admin_yaml("persist_timeout_ms: 2000")
-                .yaml("trusted_proxies: [\"127.0.0.1\"]")
-                .start();
-            assert!(
-                wait_until(Duration::from_secs(10), || db.open_streams() > streams),
-                "no stream opened:\n{}",
-                tg.log()
-            );
-            wait_ready(&tg);
-            tg
+            start_streaming(
+                builder(&origin, &db)
+                    .admin_yaml("persist_timeout_ms: 2000")
+                    .yaml("trusted_proxies: [\"127.0.0.1\"]"),
+                &db,
+            )
         })
         .collect();
     let live = Arc::new(Mutex::new(initial.clone()));
