@@ -126,6 +126,37 @@ pub struct UserCache {
     /// (their requests counted meanwhile go to the new record), a full snapshot starts (one
     /// that lacks the user too says it is gone), or [`REMOVED_KEPT_FOR`] has passed.
     removed_by_store: Mutex<RemovedByStore>,
+    /// Store confirmations so far (one per [`acknowledge`](Self::acknowledge) that confirmed a
+    /// user's write); each record keeps the count of its latest ([`UserRecord::confirmed_at`]).
+    confirmations: AtomicU64,
+    /// Users a full snapshot lacked but that were kept until the store is asked about them
+    /// ([`remove_absent_remote`](Self::remove_absent_remote)), with the snapshot's number; a
+    /// store change of the user settles it first.
+    unverified: Mutex<Unverified>,
+}
+
+#[derive(Default)]
+struct Unverified {
+    users: HashMap<Arc<str>, u64>,
+    snapshots: u64,
+}
+
+/// Users a full snapshot lacked but that were kept, to be looked up in the store
+/// ([`UserCache::settle_absent`]).
+#[derive(Debug, Default)]
+pub struct KeptAbsent {
+    /// The snapshot (numbered by the cache).
+    pub snapshot: u64,
+    pub tokens: Vec<Arc<str>>,
+}
+
+/// What [`UserCache::settle_absent`] made of the store's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Nothing more to do: kept, removed, or settled by a store change meanwhile.
+    Done,
+    /// A write of the user was confirmed after the store was asked: the answer may lack it.
+    AskAgain,
 }
 
 /// How long a record the store removed waits for the user to come back. The events that bring
@@ -188,6 +219,8 @@ impl UserCache {
             rereads: Mutex::new(Vec::new()),
             reread_wanted: tokio::sync::Notify::new(),
             removed_by_store: Mutex::new(RemovedByStore::default()),
+            confirmations: AtomicU64::new(0),
+            unverified: Mutex::new(Unverified::default()),
         }
     }
 
@@ -478,6 +511,13 @@ impl UserCache {
     }
 
     fn apply_remote_locked(&self, token: &str, remote: Option<&User>) {
+        // A store change of a user kept unverified is newer than the snapshot that lacked it.
+        {
+            let mut unverified = self.unverified.lock();
+            if !unverified.users.is_empty() {
+                unverified.users.remove(token);
+            }
+        }
         match (self.map.get(token), remote) {
             (Some(record), Some(user)) => record.apply_remote(user),
             (Some(record), None) => {
@@ -527,18 +567,95 @@ impl UserCache {
         }
     }
 
-    /// Ends a full snapshot from the store whose users were applied one at a time with
-    /// [`apply_remote`](Self::apply_remote): as [`replace_all_remote`](Self::replace_all_remote),
-    /// users it does not hold (`held` is false) are removed here too, unless they were created
-    /// here and are not written yet. The snapshot is asked about each user rather than handed
-    /// over as a map of its users, which would hold all of them once more.
-    pub fn remove_absent_remote(&self, held: impl Fn(&str) -> bool) {
-        let _guard = self.structure.lock();
-        self.remove_absent_locked(held);
+    /// Store confirmations so far. A change stream takes it before it asks for a connection:
+    /// see [`remove_absent_remote`](Self::remove_absent_remote).
+    pub fn confirmations(&self) -> u64 {
+        self.confirmations.load(Ordering::Acquire)
     }
 
+    /// Ends a full snapshot from a change stream whose users were applied one at a time with
+    /// [`apply_remote`](Self::apply_remote). The snapshot is asked about each user rather than
+    /// handed over as a map of its users, which would hold all of them once more.
+    ///
+    /// Such a snapshot shows the store at some point after the connection was asked for, and
+    /// may arrive after this instance's later writes were confirmed (their events follow it):
+    /// it can be older than what the cache knows. A user it does not hold (`held` is false) is
+    /// removed at once only if it has no unconfirmed edits and no write of it was confirmed
+    /// since `opened_at` ([`confirmations`](Self::confirmations) taken before the connection
+    /// was asked for). The others are kept, and returned: the caller asks the store about
+    /// each and hands the answer to [`settle_absent`](Self::settle_absent) (a removal made
+    /// elsewhere before the snapshot brings no event after it).
+    pub fn remove_absent_remote(&self, held: impl Fn(&str) -> bool, opened_at: u64) -> KeptAbsent {
+        let _guard = self.structure.lock();
+        let gone = self.absent_locked(held);
+        let mut kept = KeptAbsent::default();
+        let mut removed = Vec::new();
+        {
+            let mut unverified = self.unverified.lock();
+            unverified.users.clear();
+            unverified.snapshots += 1;
+            kept.snapshot = unverified.snapshots;
+            for token in gone {
+                let Some(record) = self.map.get(&token) else {
+                    continue;
+                };
+                // Unconfirmed edits first: a confirmation sets `confirmed_at` before it clears
+                // them, so one of the two shows a write confirmed meanwhile.
+                if !record.unconfirmed_fields().is_empty() || record.confirmed_at() > opened_at {
+                    unverified.users.insert(Arc::clone(&token), kept.snapshot);
+                    kept.tokens.push(token);
+                } else {
+                    removed.push(token);
+                }
+            }
+        }
+        for token in removed {
+            self.apply_remote_locked(&token, None);
+        }
+        kept
+    }
+
+    /// The store's answer about a user snapshot `snapshot` lacked and kept (`held`: the store
+    /// holds it as a user), asked when [`confirmations`](Self::confirmations) was `asked_at`.
+    /// A user the store does not hold is removed, unless it was created here and is not
+    /// written yet, or a write of it was confirmed since `asked_at` (then it is to be asked
+    /// about again). Nothing happens when a store change of the user, or a newer snapshot,
+    /// came meanwhile.
+    pub fn settle_absent(&self, token: &str, snapshot: u64, held: bool, asked_at: u64) -> Settled {
+        let _guard = self.structure.lock();
+        let mut unverified = self.unverified.lock();
+        if unverified.users.get(token) != Some(&snapshot) {
+            return Settled::Done;
+        }
+        let record = self.map.get(token);
+        if let Some(record) = record.filter(|_| !held) {
+            if record.unconfirmed_fields().contains(Fields::CREATED) {
+                // Its creation's write settles it.
+            } else if record.confirmed_at() > asked_at {
+                return Settled::AskAgain;
+            } else {
+                drop(unverified);
+                self.apply_remote_locked(token, None);
+                return Settled::Done;
+            }
+        }
+        unverified.users.remove(token);
+        Settled::Done
+    }
+
+    /// A full read from a store that takes it in one transaction (SQLite's read-back), with
+    /// every change of this process confirmed or still queued: it is never older than the
+    /// cache, and the users it lacks are removed here too, unless they were created here and
+    /// are not written yet.
     fn remove_absent_locked(&self, held: impl Fn(&str) -> bool) {
-        // A full snapshot: users removed before it and not in it are gone for good.
+        for token in self.absent_locked(held) {
+            self.apply_remote_locked(&token, None);
+        }
+    }
+
+    /// The users a full snapshot lacks. Users the store removed before it and it does not
+    /// hold are gone for good.
+    fn absent_locked(&self, held: impl Fn(&str) -> bool) -> Vec<Arc<str>> {
         self.removed_by_store.lock().clear();
         let mut gone: Vec<Arc<str>> = Vec::new();
         self.map.for_each(|r| {
@@ -546,9 +663,7 @@ impl UserCache {
                 gone.push(Arc::clone(r.token()));
             }
         });
-        for token in gone {
-            self.apply_remote_locked(&token, None);
-        }
+        gone
     }
 
     // ---------------------------------------------------------------- the flush cycle
@@ -618,9 +733,15 @@ impl UserCache {
     pub fn acknowledge(&self, changes: &[Change], fold_counters: bool) {
         let mut deleting = self.deleting.lock();
         let mut rereads = Vec::new();
+        let mut confirmation = None;
         for change in changes {
             match change {
                 Change::Upsert(c) => {
+                    // Before the fields stop being unconfirmed (see `remove_absent_remote`).
+                    let n = *confirmation.get_or_insert_with(|| {
+                        self.confirmations.fetch_add(1, Ordering::AcqRel) + 1
+                    });
+                    c.record.set_confirmed_at(n);
                     if c.record
                         .acknowledge(c.fields, c.prompt_delta, fold_counters)
                     {

@@ -8,7 +8,9 @@ pub mod profile;
 pub mod record;
 mod table;
 
-pub use cache::{Change, ChangeTicket, Reread, TakenChanges, UserCache, UserChange};
+pub use cache::{
+    Change, ChangeTicket, KeptAbsent, Reread, Settled, TakenChanges, UserCache, UserChange,
+};
 pub use fields::Fields;
 pub use model::{FieldError, StoredUser, User, UserType};
 pub use patch::{Patch, UserPatch};

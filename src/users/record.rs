@@ -114,6 +114,10 @@ pub struct UserRecord {
     /// orders the flush cycle's counter moves with an admin's `promptCount` set (never taken
     /// by counting a request).
     ip_added: Mutex<Option<Box<IpAdditions>>>,
+    /// The cache's confirmation count when the store last confirmed a write of this user
+    /// (0: never here): a stream snapshot taken before that write may lack the user. Written
+    /// only by the flush cycle, never by a request.
+    confirmed_at: AtomicU64,
 }
 
 /// See [`UserRecord::ip_added`].
@@ -158,6 +162,7 @@ impl UserRecord {
             pending: AtomicU32::new(0),
             inflight: AtomicU32::new(0),
             ip_added: Mutex::new(None),
+            confirmed_at: AtomicU64::new(0),
         }
     }
 
@@ -491,6 +496,16 @@ impl UserRecord {
             }
         }
         before & STORE_CHANGE_KEPT_OUT != 0
+    }
+
+    /// The store confirmed a write of this user as the cache's `confirmation`th.
+    pub(super) fn set_confirmed_at(&self, confirmation: u64) {
+        self.confirmed_at.store(confirmation, Ordering::Release);
+    }
+
+    /// The cache's confirmation count when a write of this user was last confirmed.
+    pub(super) fn confirmed_at(&self) -> u64 {
+        self.confirmed_at.load(Ordering::Acquire)
     }
 
     /// Fields with local edits the store has not confirmed yet.

@@ -500,3 +500,77 @@ async fn a_batch_too_large_for_one_request_is_split() {
     assert!(patches.len() > 1, "{patches:?}");
     assert!(patches.iter().all(|&len| len <= 16 * 1024), "{patches:?}");
 }
+
+/// A stream snapshot computed when the listen starts can arrive after this instance's own
+/// writes were confirmed (their events follow it): the snapshot lacks a user created here
+/// meanwhile. The user must stay the same record all along (a removed record answers its
+/// requests 401 until the events bring it back) and an edit of it not yet written must
+/// survive; a user the snapshot lacks because it was deleted elsewhere (its edit here not
+/// written) is removed once the database, read again, does not hold it either.
+#[tokio::test]
+async fn a_snapshot_older_than_a_confirmed_creation_keeps_the_user_and_its_edit() {
+    let db = standin();
+    db.set("/users/g", stored_user("g", json!({}))).unwrap();
+    let store = Arc::new(store(&db));
+    let cache = Arc::new(loaded(&store).await);
+    // g is edited here, and deleted in the database before the stream connects.
+    cache.upsert("g", &patch(json!({"nickname": "here"})), 5);
+    db.delete("/users/g").unwrap();
+    // The stream's body is held back until the stream ends, then trickled: its snapshot is
+    // the database when the stream opened.
+    db.add_fault(
+        FaultRule::new(
+            "GET",
+            "/users.json",
+            FaultAction::Trickle {
+                chunk_bytes: 64,
+                interval_ms: 1,
+            },
+        )
+        .times(1),
+    );
+    let status = crate::store::StoreStatus::new("firebase_rtdb", Arc::clone(&cache));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let follower = {
+        let (store, cache, status) = (Arc::clone(&store), Arc::clone(&cache), Arc::clone(&status));
+        tokio::spawn(async move { store.follow(cache, status, shutdown).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.open_streams() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the stream opens");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Its snapshot is taken: u is created here and its creation confirmed, then edited.
+    let u = crate::users::User::new("u".into(), crate::users::UserType::Normal, 1);
+    cache.create(&u).unwrap();
+    let batch = take(&cache, 1);
+    store.apply(&batch).await.unwrap();
+    cache.acknowledge(&batch.changes, !store.echoes_counters());
+    let record = cache.get("u").unwrap();
+    cache.upsert("u", &patch(json!({"nickname": "edited"})), 6);
+
+    // The held-back snapshot and the creation's event arrive; the stream then reconnects.
+    db.stream_action(rtdb_standin::StreamAction::Close, None)
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.counters().streams_opened < 2 || !status.cache_is_current() || cache.get("g").is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream reconnects and g is removed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let now = cache.get("u").expect("u is cached");
+    assert!(
+        Arc::ptr_eq(&now, &record),
+        "u was removed and brought back as a new record"
+    );
+    assert_eq!(cache.user("u").unwrap().nickname.as_deref(), Some("edited"));
+    let batch = take(&cache, 2);
+    store.apply(&batch).await.unwrap();
+    assert_eq!(db.get("/users/u/nickname").unwrap(), json!("edited"));
+    stop.send(true).unwrap();
+    follower.await.unwrap();
+}

@@ -17,7 +17,7 @@ use super::mirror::{Mirror, Touched};
 use super::sse::{SseEvent, SseParser};
 use crate::observe::token_id;
 use crate::store::StoreStatus;
-use crate::users::{Reread, User, UserCache};
+use crate::users::{KeptAbsent, Reread, Settled, User, UserCache};
 
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -27,6 +27,11 @@ const CANCEL_BACKOFF: Duration = Duration::from_secs(5);
 const CONNECT_BOUND: Duration = Duration::from_secs(30);
 /// A connection that lasted this long after its snapshot was a working one.
 const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+/// Users a snapshot lacked but kept are looked up this many at a time.
+const SETTLE_CONCURRENCY: usize = 8;
+/// Attempts per user kept after a snapshot (failed reads, or writes confirmed meanwhile);
+/// one still unsettled after them is settled by the next snapshot.
+const SETTLE_ATTEMPTS: u32 = 5;
 
 /// The failures in a row counted before the next reconnect's backoff. Only a connection that
 /// delivered its snapshot and then lasted starts afresh: one closed right after its snapshot
@@ -119,6 +124,9 @@ impl Follower {
             Ok(t) => t,
             Err(e) => return End::Failed(e.to_string()),
         };
+        // Before the listen is asked for: writes confirmed after this may be missing from its
+        // snapshot (see `UserCache::remove_absent_remote`).
+        let opened_at = self.cache.confirmations();
         let connect = tokio::time::timeout(CONNECT_BOUND, self.rtdb.execute(&req));
         let response = tokio::select! {
             r = connect => r,
@@ -165,7 +173,7 @@ impl Follower {
                 Ok(Ok(Some(bytes))) => bytes,
             };
             for event in parser.feed(&chunk) {
-                match self.handle(event, &mut mirror, snapshot_seen) {
+                match self.handle(event, &mut mirror, snapshot_seen, opened_at) {
                     Ok(()) => {}
                     Err(end) => {
                         if let End::Revoked(_) = end {
@@ -183,6 +191,7 @@ impl Follower {
         event: SseEvent,
         mirror: &mut Mirror,
         snapshot_seen: &mut bool,
+        opened_at: u64,
     ) -> Result<(), End> {
         let touched = match event.event.as_str() {
             "put" => mirror.put(&event.data),
@@ -203,7 +212,7 @@ impl Follower {
                 let cached = self.cache.len();
                 // The whole store is applied: any re-read asked for is in it.
                 drop(self.cache.take_rereads());
-                let users = self.apply_snapshot(mirror);
+                let users = self.apply_snapshot(mirror, opened_at);
                 if users == 0 && cached > 0 {
                     warn!(
                         "firebase stream: /{} holds no users now; the {cached} cached users are \
@@ -229,9 +238,10 @@ impl Follower {
 
     /// Applies a snapshot the mirror now holds whole: each user as it is read from the mirror,
     /// so that its users are not all held parsed at once; then the cached users it does not
-    /// hold as users are removed (remnants and unreadable users included). Returns how many
-    /// users it holds.
-    fn apply_snapshot(&self, mirror: &Mirror) -> usize {
+    /// hold as users are removed (remnants and unreadable users included), except those this
+    /// instance may know more recently than the snapshot, which are looked up in the database
+    /// ([`settle_kept`]). Returns how many users it holds.
+    fn apply_snapshot(&self, mirror: &Mirror, opened_at: u64) -> usize {
         let mut users = 0;
         // Tokens the mirror holds that are not users: usually none.
         let mut not_users = HashSet::new();
@@ -250,8 +260,23 @@ impl Follower {
                 }
             }
         }
-        self.cache
-            .remove_absent_remote(|token| mirror.contains(token) && !not_users.contains(token));
+        let kept = self.cache.remove_absent_remote(
+            |token| mirror.contains(token) && !not_users.contains(token),
+            opened_at,
+        );
+        if !kept.tokens.is_empty() {
+            debug!(
+                "firebase stream: {} users the snapshot lacks were confirmed or edited here \
+                 since it was asked for; reading them from the database",
+                kept.tokens.len()
+            );
+            tokio::spawn(settle_kept(
+                self.rtdb.clone(),
+                self.users_path.clone(),
+                Arc::clone(&self.cache),
+                kept,
+            ));
+        }
         users
     }
 
@@ -289,6 +314,62 @@ impl Follower {
                 Node::Remnant => self.cache.apply_remote(token, None),
                 Node::Unreadable => {}
             }
+        }
+    }
+}
+
+/// Reads from the database each user a snapshot lacked but the cache kept, and hands the
+/// answer to [`UserCache::settle_absent`]: a user the database does not hold is removed then.
+/// A removal made elsewhere before the snapshot brings no event after it, so only this read
+/// catches it.
+async fn settle_kept(rtdb: Rtdb, users_path: String, cache: Arc<UserCache>, kept: KeptAbsent) {
+    let snapshot = kept.snapshot;
+    let tokens = Arc::new(parking_lot::Mutex::new(kept.tokens));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..SETTLE_CONCURRENCY {
+        let (rtdb, users_path, cache, tokens) = (
+            rtdb.clone(),
+            users_path.clone(),
+            Arc::clone(&cache),
+            Arc::clone(&tokens),
+        );
+        workers.spawn(async move {
+            loop {
+                let Some(token) = tokens.lock().pop() else {
+                    return;
+                };
+                settle_one(&rtdb, &users_path, &cache, snapshot, &token).await;
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+}
+
+async fn settle_one(rtdb: &Rtdb, users_path: &str, cache: &UserCache, snapshot: u64, token: &str) {
+    let path = format!("{users_path}/{token}");
+    for attempt in 1..=SETTLE_ATTEMPTS {
+        let asked_at = cache.confirmations();
+        let answer = rtdb
+            .call(Request::new(Method::GET, &path))
+            .await
+            .and_then(|reply| reply.json());
+        let held = match answer {
+            Ok(value) => matches!(read_node(token, value, Report::Nothing), Node::User(_)),
+            Err(e) => {
+                if attempt == SETTLE_ATTEMPTS {
+                    warn!(
+                        "firebase stream: cannot read user {} from the database ({e}); it stays \
+                         cached until the next snapshot",
+                        token_id(token)
+                    );
+                    return;
+                }
+                tokio::time::sleep(backoff(attempt)).await;
+                continue;
+            }
+        };
+        if cache.settle_absent(token, snapshot, held, asked_at) == Settled::Done {
+            return;
         }
     }
 }
@@ -421,7 +502,9 @@ mod tests {
             data: serde_json::json!({"path": "/", "data": data}).to_string(),
         };
         let mut snapshot_seen = false;
-        assert!(follower.handle(event, mirror, &mut snapshot_seen).is_ok());
+        assert!(follower
+            .handle(event, mirror, &mut snapshot_seen, 0)
+            .is_ok());
         assert!(snapshot_seen);
     }
 

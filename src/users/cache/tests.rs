@@ -261,7 +261,12 @@ fn a_snapshot_given_user_by_user_removes_the_users_it_does_not_hold() {
     cache.load([user("old"), user("kept")]);
     cache.create(&user("fresh")).unwrap();
     cache.apply_remote("other", Some(&user("other")));
-    cache.remove_absent_remote(|token| matches!(token, "other" | "kept"));
+    let kept = cache.remove_absent_remote(|token| matches!(token, "other" | "kept"), 0);
+    assert_eq!(
+        kept.tokens,
+        [Arc::from("fresh")],
+        "kept until the store is asked"
+    );
     assert!(cache.get("old").is_none());
     for token in ["kept", "fresh", "other"] {
         assert!(cache.get(token).is_some(), "{token}");
@@ -271,6 +276,129 @@ fn a_snapshot_given_user_by_user_removes_the_users_it_does_not_hold() {
         1,
         "only the creation is queued"
     );
+}
+
+/// Writes `user`'s pending changes and has the store confirm them.
+fn write_and_confirm(cache: &UserCache) {
+    let taken = cache.take_changes(100);
+    assert!(!taken.changes.is_empty());
+    cache.acknowledge(&taken.changes, false);
+}
+
+/// A stream snapshot may be older than what the cache knows: a user whose write was confirmed
+/// after the connection was opened, or with an edit not confirmed yet, is kept when the
+/// snapshot lacks it, for the store to be asked about it; the store holding it keeps it.
+#[test]
+fn a_snapshot_keeps_users_it_may_be_older_than_until_the_store_is_asked() {
+    let cache = UserCache::default();
+    cache.load([user("edited"), user("old")]);
+    // Created and confirmed before the connection was opened: in any snapshot of it.
+    cache.create(&user("before")).unwrap();
+    write_and_confirm(&cache);
+    let opened_at = cache.confirmations();
+    cache.create(&user("created")).unwrap();
+    write_and_confirm(&cache);
+    let edited = cache.get("edited").unwrap();
+    cache.upsert("edited", &patch(r#"{"nickname":"new"}"#), 5);
+
+    let mut kept = cache.remove_absent_remote(|_| false, opened_at);
+    kept.tokens.sort();
+    assert_eq!(kept.tokens, [Arc::from("created"), Arc::from("edited")]);
+    assert!(cache.get("old").is_none(), "nothing newer: removed at once");
+    assert!(
+        cache.get("before").is_none(),
+        "confirmed before the connection opened"
+    );
+    let asked_at = cache.confirmations();
+    for token in ["created", "edited"] {
+        assert_eq!(
+            cache.settle_absent(token, kept.snapshot, true, asked_at),
+            Settled::Done
+        );
+        assert!(cache.get(token).is_some(), "{token}");
+    }
+    assert!(Arc::ptr_eq(&cache.get("edited").unwrap(), &edited));
+    assert_eq!(
+        cache.user("edited").unwrap().nickname.as_deref(),
+        Some("new")
+    );
+    assert!(only_upsert(&cache.take_changes(10))
+        .fields
+        .contains(Fields::NICKNAME));
+}
+
+/// A user kept after a snapshot that the store does not hold either was removed elsewhere
+/// before the snapshot: removed when the store's answer comes, unless a write of it was
+/// confirmed since the store was asked (asked again) or a store change settled it first.
+#[test]
+fn a_user_kept_after_a_snapshot_is_removed_when_the_store_lacks_it_too() {
+    let cache = UserCache::default();
+    let opened_at = cache.confirmations();
+    for token in ["gone", "raced", "changed", "created"] {
+        cache.create(&user(token)).unwrap();
+    }
+    write_and_confirm(&cache);
+    cache.create(&user("unwritten")).unwrap();
+    let kept = cache.remove_absent_remote(|_| false, opened_at);
+    assert_eq!(kept.tokens.len(), 5);
+    let asked_at = cache.confirmations();
+
+    assert_eq!(
+        cache.settle_absent("gone", kept.snapshot, false, asked_at),
+        Settled::Done
+    );
+    assert!(cache.get("gone").is_none());
+
+    // A store change after the snapshot is newer than the answer.
+    cache.apply_remote("changed", Some(&user("changed")));
+    assert_eq!(
+        cache.settle_absent("changed", kept.snapshot, false, asked_at),
+        Settled::Done
+    );
+    assert!(cache.get("changed").is_some());
+
+    // Created here and not written yet: its write settles it.
+    assert_eq!(
+        cache.settle_absent("unwritten", kept.snapshot, false, asked_at),
+        Settled::Done
+    );
+    assert!(cache.get("unwritten").is_some());
+
+    // A write confirmed after the store was asked may be missing from its answer.
+    cache.upsert("raced", &patch(r#"{"nickname":"n"}"#), 5);
+    write_and_confirm(&cache);
+    assert_eq!(
+        cache.settle_absent("raced", kept.snapshot, false, asked_at),
+        Settled::AskAgain
+    );
+    assert!(cache.get("raced").is_some());
+    let asked_again = cache.confirmations();
+    assert_eq!(
+        cache.settle_absent("raced", kept.snapshot, false, asked_again),
+        Settled::Done
+    );
+    assert!(cache.get("raced").is_none());
+
+    // A newer snapshot decides again: an answer to an older one's question is ignored.
+    let newer = cache.remove_absent_remote(|token| token != "created", asked_again);
+    assert_eq!(newer.tokens, Vec::<Arc<str>>::new());
+    assert!(
+        cache.get("created").is_none(),
+        "nothing confirmed since it opened"
+    );
+    let _ = cache.settle_absent("unwritten", kept.snapshot, false, asked_again);
+    assert!(cache.get("unwritten").is_some());
+}
+
+/// SQLite's full read is taken in one transaction with every change of this process
+/// confirmed or queued: never older than the cache, so the users it lacks go at once.
+#[test]
+fn a_full_read_back_removes_confirmed_users_it_lacks_at_once() {
+    let cache = UserCache::default();
+    cache.create(&user("a")).unwrap();
+    write_and_confirm(&cache);
+    cache.replace_all_remote(&HashMap::new());
+    assert!(cache.get("a").is_none());
 }
 
 #[test]
