@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use crate::support::tollgate::{binary, Tollgate, ADMIN_KEY};
 use crate::support::{client, wait_until, Origin, TollgateBuilder};
 
+mod soak;
+
 /// The database file relative to tollgate's working directory.
 const DB: &str = "data/tollgate.db";
 

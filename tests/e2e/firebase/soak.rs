@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rtdb_standin::LineEnding;
 
 use super::*;
+use crate::support::soak::{env_u64, normalized, Rng};
 
 /// Stream faults (besides outages and revocations) in one run. Every stream lost in a row
 /// lengthens tollgate's reconnect backoff (to 30 s; only a connection that lasts 30 s resets
@@ -28,34 +29,6 @@ const STREAM_FAULTS: u32 = 4;
 
 /// The seed the suite runs with.
 const DEFAULT_SEED: u64 = 0x5eed_2026;
-
-/// xorshift64*: small, deterministic, no crate needed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        // Never zero (a xorshift fixed point); spread small seeds.
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Writer {
@@ -544,37 +517,6 @@ fn apply_edit(
             admin(&instances[i], Method::PUT, &path, Some(body)).0
         }
     }
-}
-
-/// A user without the empty and null fields RTDB drops, and without the zero entries of
-/// family maps (tollgate does not keep them), for comparing views.
-fn normalized(user: &Value) -> Value {
-    let Some(map) = user.as_object() else {
-        return user.clone();
-    };
-    let empty = |v: &Value| {
-        v.is_null()
-            || v.as_array().is_some_and(Vec::is_empty)
-            || v.as_object().is_some_and(serde_json::Map::is_empty)
-    };
-    Value::Object(
-        map.iter()
-            .map(|(k, v)| match (k.as_str(), v.as_object()) {
-                ("tokenCounts" | "tokenLimits", Some(families)) => (
-                    k.clone(),
-                    Value::Object(
-                        families
-                            .iter()
-                            .filter(|(_, n)| n.as_f64() != Some(0.0))
-                            .map(|(f, n)| (f.clone(), n.clone()))
-                            .collect(),
-                    ),
-                ),
-                _ => (k.clone(), v.clone()),
-            })
-            .filter(|(_, v)| !empty(v))
-            .collect(),
-    )
 }
 
 fn soak_once(seed: u64, ops_time: Duration) {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod soak;
 pub mod sockets;
 pub mod tollgate;
 

@@ -1,0 +1,65 @@
+//! What the randomized soaks share: a small seeded PRNG, their knobs from the environment,
+//! and users normalized for comparing views.
+
+use serde_json::Value;
+
+/// xorshift64*: small, deterministic, no crate needed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // Never zero (a xorshift fixed point); spread small seeds.
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// A soak knob (`TOLLGATE_SOAK_SEED`, `…_ITERATIONS`, `…_OPS_SECONDS`), when set and a number.
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// A user without its empty and null fields (RTDB drops them; the SQLite `doc` may or may
+/// not have them) and without the zero entries of family maps (tollgate does not keep them),
+/// for comparing views.
+pub fn normalized(user: &Value) -> Value {
+    let Some(map) = user.as_object() else {
+        return user.clone();
+    };
+    let empty = |v: &Value| {
+        v.is_null()
+            || v.as_array().is_some_and(Vec::is_empty)
+            || v.as_object().is_some_and(serde_json::Map::is_empty)
+    };
+    Value::Object(
+        map.iter()
+            .map(|(k, v)| match (k.as_str(), v.as_object()) {
+                ("tokenCounts" | "tokenLimits", Some(families)) => (
+                    k.clone(),
+                    Value::Object(
+                        families
+                            .iter()
+                            .filter(|(_, n)| n.as_f64() != Some(0.0))
+                            .map(|(f, n)| (f.clone(), n.clone()))
+                            .collect(),
+                    ),
+                ),
+                _ => (k.clone(), v.clone()),
+            })
+            .filter(|(_, v)| !empty(v))
+            .collect(),
+    )
+}
