@@ -312,7 +312,16 @@ impl Soak {
         let mut old = self.tg.take().unwrap();
         let mut new = if self.rng.chance(50) {
             self.count("upgrade (--upgrade-from)");
-            old.spawn_upgrade_with(&["--upgrade-from", &old.pid().to_string()])
+            let new = old.spawn_upgrade_with(&["--upgrade-from", &old.pid().to_string()]);
+            // Edits racing the new process's load of the file and the hand-over.
+            self.tg = Some(old);
+            for _ in 0..self.rng.below(3) {
+                self.count("edit during an upgrade");
+                self.step += 1;
+                self.hand_only_edit();
+            }
+            old = self.tg.take().unwrap();
+            new
         } else {
             self.count("upgrade (SIGQUIT)");
             let new = old.spawn_upgrade();
@@ -323,10 +332,12 @@ impl Soak {
                 old.log()
             );
             self.tg = Some(old);
-            for _ in 0..self.rng.below(4) {
-                self.count("admin edit on the old process");
+            // Edits while the new process waits for the hand-over: the admin's go to the old
+            // process, and both must reach the new one.
+            for _ in 0..self.rng.below(5) {
+                self.count("edit during an upgrade");
                 self.step += 1;
-                self.admin_only_edit();
+                self.edit();
             }
             old = self.tg.take().unwrap();
             old.signal(libc::SIGQUIT);
@@ -345,27 +356,62 @@ impl Soak {
         self.tg = Some(new);
     }
 
-    /// An edit of a random user's field whose writer is the admin API, if there is one.
-    fn admin_only_edit(&mut self) {
+    /// An edit of a random user's field whose writer is the hand, if there is one.
+    fn hand_only_edit(&mut self) {
         let Some(token) = self.pick_user() else {
             return;
         };
         let field = FIELDS[self.rng.below(FIELDS.len())];
-        if self.users[&token].writers[field] != Writer::Admin {
+        if self.users[&token].writers[field] != Writer::Hand {
             return;
         }
         let value = self.value_for(field);
-        let status = admin_edit(self.tg(), &token, field, &value);
-        assert!(
-            status == 200 || status == 202,
-            "seed {}: {status}",
-            self.seed
-        );
+        run(&self.hand, &hand_edit(&token, field, &value, self.step));
         self.users
             .get_mut(&token)
             .unwrap()
             .last
             .insert(field, value);
+    }
+
+    /// Several fields of one user edited at once, each by its own writer: hand edits race
+    /// the admin's writes and the flushes.
+    fn burst(&mut self) {
+        let Some(token) = self.pick_user() else {
+            return;
+        };
+        self.count("burst");
+        let mut fields: Vec<&'static str> = FIELDS.to_vec();
+        let mut plan = Vec::new();
+        for _ in 0..2 + self.rng.below(3) {
+            let field = fields.remove(self.rng.below(fields.len()));
+            let value = self.value_for(field);
+            plan.push((field, value, self.users[&token].writers[field]));
+        }
+        let (tg, path, step, seed) = (self.tg(), &self.path, self.step, self.seed);
+        std::thread::scope(|scope| {
+            for (field, value, writer) in &plan {
+                let token = &token;
+                scope.spawn(move || match writer {
+                    Writer::Admin => {
+                        let status = admin_edit(tg, token, field, value);
+                        assert!(
+                            status == 200 || status == 202,
+                            "seed {seed}: admin {field}={value} on {token}: {status}"
+                        );
+                    }
+                    Writer::Hand => {
+                        let conn = operator(path);
+                        conn.busy_timeout(Duration::from_secs(20)).unwrap();
+                        run(&conn, &hand_edit(token, field, value, step));
+                    }
+                });
+            }
+        });
+        let user = self.users.get_mut(&token).unwrap();
+        for (field, value, _) in plan {
+            user.last.insert(field, value);
+        }
     }
 
     /// The write lock held for a while with nothing changed, or with several hand edits.
@@ -518,6 +564,28 @@ fn fail(seed: u64, what: &str, tg: &Tollgate, soak: &Soak) -> ! {
     );
 }
 
+/// Where the instance's admin view and the file differ; empty when they agree.
+fn view_vs_file(tg: &Tollgate, path: &Path) -> Vec<String> {
+    let file = file_users(path);
+    let (status, body) = admin(tg, Method::GET, "/admin/users", None);
+    if status != 200 {
+        return vec![format!("GET /admin/users: {status}")];
+    }
+    let seen: BTreeMap<String, Value> = body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| (u["token"].as_str().unwrap().to_string(), normalized(u)))
+        .collect();
+    file.keys()
+        .chain(seen.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|t| file.get(*t) != seen.get(*t))
+        .map(|t| format!("{t}: file {:?}, admin view {:?}", file.get(t), seen.get(t)))
+        .collect()
+}
+
 fn soak_once(seed: u64, ops_time: Duration) {
     let started = Instant::now();
     let origin = Origin::start();
@@ -592,7 +660,8 @@ fn soak_once(seed: u64, ops_time: Duration) {
         soak.step += 1;
         soak.admit_pending();
         match soak.rng.below(100) {
-            0..=49 => soak.edit(),
+            0..=39 => soak.edit(),
+            40..=49 => soak.burst(),
             50..=59 => soak.create(),
             60..=65 => soak.delete(),
             66..=68 => soak.lock_only(),
@@ -628,6 +697,24 @@ fn soak_once(seed: u64, ops_time: Duration) {
         soak.tg().log()
     );
 
+    // Everything written by hand is served within about a second (and flushed counters
+    // reach the file): the running instance's view converges on the file.
+    let mut differ = Vec::new();
+    let converged = wait_until(Duration::from_secs(10), || {
+        differ = view_vs_file(soak.tg(), &soak.path);
+        differ.is_empty()
+    });
+    if !converged {
+        fail(
+            seed,
+            &format!(
+                "the running instance's view does not converge on the file:\n  {}",
+                differ.join("\n  ")
+            ),
+            soak.tg(),
+            &soak,
+        );
+    }
     let answered = answered.lock().unwrap().clone();
     let mut tg = soak.tg.take().unwrap();
     let status = tg.stop();
@@ -643,25 +730,9 @@ fn soak_once(seed: u64, ops_time: Duration) {
             &soak,
         );
     }
-    let file = file_users(&soak.path);
     let tg = tg.restart();
-    let (status, body) = admin(&tg, Method::GET, "/admin/users", None);
-    assert_eq!(status, 200);
-    let seen: BTreeMap<String, Value> = body["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| (u["token"].as_str().unwrap().to_string(), normalized(u)))
-        .collect();
-    if seen != file {
-        let differ: Vec<String> = file
-            .keys()
-            .chain(seen.keys())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .filter(|t| file.get(*t) != seen.get(*t))
-            .map(|t| format!("{t}: file {:?}, admin view {:?}", file.get(t), seen.get(t)))
-            .collect();
+    let differ = view_vs_file(&tg, &soak.path);
+    if !differ.is_empty() {
         fail(
             seed,
             &format!(
