@@ -157,6 +157,12 @@ impl Soak {
                     self.tg().log()
                 );
             }
+            // A user created moments ago whose write is still queued (answered 202 while the
+            // write lock was held) has no row yet: the hand's UPDATE changes nothing.
+            Writer::Hand if !self.in_file(&token) => {
+                self.count("hand edit of a row not written yet");
+                return;
+            }
             Writer::Hand => {
                 let statement = hand_edit(&token, field, &value, self.step);
                 if self.lock.is_none() && self.rng.chance(15) {
@@ -164,7 +170,7 @@ impl Soak {
                     self.hold_lock(vec![statement]);
                 } else {
                     self.count("hand edit");
-                    run(&self.hand, &statement);
+                    assert_eq!(run(&self.hand, &statement), 1, "seed {}", self.seed);
                 }
             }
         }
@@ -173,6 +179,18 @@ impl Soak {
             .unwrap()
             .last
             .insert(field, value);
+    }
+
+    /// The file has the user's row (rows are removed only from this thread).
+    fn in_file(&self, token: &str) -> bool {
+        self.hand
+            .query_row(
+                "SELECT count(*) FROM users WHERE token = ?1",
+                [token],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 1
     }
 
     fn create(&mut self) {
@@ -272,6 +290,8 @@ impl Soak {
         self.lock = Some(std::thread::spawn(move || {
             let conn = operator(&path);
             conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            // (A delete from the soak's thread may take the lock first: then the user is
+            // gone and its edit does not matter.)
             for statement in &statements {
                 run(&conn, statement);
             }
@@ -366,7 +386,9 @@ impl Soak {
             return;
         }
         let value = self.value_for(field);
-        run(&self.hand, &hand_edit(&token, field, &value, self.step));
+        if run(&self.hand, &hand_edit(&token, field, &value, self.step)) == 0 {
+            return;
+        }
         self.users
             .get_mut(&token)
             .unwrap()
@@ -389,6 +411,8 @@ impl Soak {
             plan.push((field, value, self.users[&token].writers[field]));
         }
         let (tg, path, step, seed) = (self.tg(), &self.path, self.step, self.seed);
+        let in_file = self.in_file(&token);
+        plan.retain(|(_, _, writer)| *writer == Writer::Admin || in_file);
         std::thread::scope(|scope| {
             for (field, value, writer) in &plan {
                 let token = &token;
@@ -403,7 +427,7 @@ impl Soak {
                     Writer::Hand => {
                         let conn = operator(path);
                         conn.busy_timeout(Duration::from_secs(20)).unwrap();
-                        run(&conn, &hand_edit(token, field, value, step));
+                        assert_eq!(run(&conn, &hand_edit(token, field, value, step)), 1);
                     }
                 });
             }
@@ -511,9 +535,10 @@ fn hand_edit(token: &str, field: &str, value: &Value, step: u64) -> Statement {
     }
 }
 
-fn run(conn: &Connection, (sql, params): &Statement) {
+/// Runs a hand edit; the rows it changed.
+fn run(conn: &Connection, (sql, params): &Statement) -> usize {
     conn.execute(sql, rusqlite::params_from_iter(params.iter()))
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 fn admin(tg: &Tollgate, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
