@@ -131,6 +131,10 @@ fn run(mut opt: Opt, mut config: Config, upgrade_from: Option<i32>) -> Result<()
     let backend = store::open(&config.store)
         .map_err(|e| format!("store {}: {e}", config.store.kind.as_str()))?;
     let cache = Arc::new(store::load_at_startup(backend.as_ref()).map_err(|e| e.to_string())?);
+    if opt.upgrade {
+        // The hand-over may come much later; what others write meanwhile must be read.
+        backend.startup_read_may_be_stale();
+    }
     release_load_memory();
     let status = StoreStatus::new(backend.name(), Arc::clone(&cache));
     status.set_ready(true);

@@ -160,6 +160,13 @@ pub trait StoreBackend: Send + Sync + 'static {
         None
     }
 
+    /// The start-up read is not current when the engine starts: the new process of a
+    /// graceful upgrade read the store, then waited for the hand-over (for as long as the old
+    /// process took to get SIGQUIT), while others went on writing. A store that takes the
+    /// start-up read as its baseline for noticing other writers (SQLite) reads everything
+    /// again when its engine starts instead.
+    fn startup_read_may_be_stale(&self) {}
+
     /// The most users the engine puts in one batch (one write).
     fn batch_users(&self) -> usize {
         engine::DEFAULT_BATCH_USERS

@@ -969,3 +969,29 @@ fn edits_made_with_another_sqlite_client_are_served_and_not_written_over() {
     assert_eq!(tg.user("inserted-by-hand")["type"], "special");
     assert_eq!(proxied(&tg, &deleted), 401, "not written back");
 }
+
+/// The new process of a graceful upgrade reads the file at start-up, then waits for the
+/// hand-over: an edit made by hand in between is served by it, even when the old process has
+/// nothing left to write (whose last flush would otherwise make the new one read again).
+#[test]
+fn a_hand_edit_made_while_an_upgrade_waits_for_the_hand_over_is_served() {
+    let origin = Origin::start();
+    let mut old = sqlite(&origin, 1).start();
+    let token = old.create_user(json!({}));
+    let mut new = upgrade_once_loaded(&old);
+    operator(&db_path(&old))
+        .execute(
+            "UPDATE users SET doc = json_set(doc, '$.adminNote', 'by hand') WHERE token = ?1",
+            [&token],
+        )
+        .unwrap();
+    old.signal(libc::SIGQUIT);
+    new.wait_until_serving();
+    assert!(old.wait_exit(Duration::from_secs(20)).is_some());
+    assert!(
+        wait_until(Duration::from_secs(10), || new.user(&token)["adminNote"]
+            == "by hand"),
+        "{}",
+        new.log()
+    );
+}

@@ -276,6 +276,9 @@ struct WriterSlot {
     retired: Option<Writer>,
     /// A writer connection was made in this process before.
     connected: bool,
+    /// Start-up's read of every user is too old to be the first connection's baseline (see
+    /// [`StoreBackend::startup_read_may_be_stale`]).
+    startup_read_stale: bool,
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
@@ -288,6 +291,8 @@ fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
 /// start-up's read of every user as its baseline: an edit by another client in the moment
 /// between the two is not seen until the file changes again, where a second full read at
 /// every start would cost an instance of a million users about 8 s of CPU and 1 GB of memory.
+/// Not so when that read may be stale (the new process of a graceful upgrade, which waited for
+/// the hand-over since): `first` is false then, and the first check reads every user again.
 fn connect_writer(
     path: &Path,
     retired: Option<&Writer>,
@@ -760,6 +765,11 @@ impl StoreBackend for SqliteStore {
         BATCH_USERS
     }
 
+    /// Without a baseline, the first writer connection's check reads every user again.
+    fn startup_read_may_be_stale(&self) {
+        self.writer.lock().startup_read_stale = true;
+    }
+
     async fn load_all(&self) -> Result<Vec<User>, StoreError> {
         let (path, own, seen) = (
             self.path.clone(),
@@ -870,7 +880,8 @@ fn with_writer<T>(
         let writer = match slot.current.take() {
             Some(writer) => writer,
             None => {
-                let writer = connect_writer(path, slot.retired.as_ref(), !slot.connected)?;
+                let first = !slot.connected && !slot.startup_read_stale;
+                let writer = connect_writer(path, slot.retired.as_ref(), first)?;
                 slot.connected = true;
                 slot.retired = None;
                 writer
