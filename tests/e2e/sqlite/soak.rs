@@ -65,6 +65,8 @@ struct Soak {
     deleted: BTreeSet<String>,
     /// Tokens the traffic threads use.
     live: Arc<Mutex<Vec<String>>>,
+    /// The traffic threads wait while set.
+    paused: Arc<AtomicBool>,
     /// A thread holding the write lock (`BEGIN IMMEDIATE`) for a while.
     lock: Option<JoinHandle<()>>,
     step: u64,
@@ -329,6 +331,14 @@ impl Soak {
         self.release_lock();
         let loads = |tg: &Tollgate| tg.log().matches("users from the sqlite store").count();
         let before = loads(self.tg());
+        // Sometimes quiet: no traffic, and everything flushed, so that the old process has
+        // nothing left to write (its last write would make the new one read the file again).
+        let quiet = self.rng.chance(30);
+        if quiet {
+            self.count("quiet upgrade");
+            self.paused.store(true, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(2500));
+        }
         let mut old = self.tg.take().unwrap();
         let mut new = if self.rng.chance(50) {
             self.count("upgrade (--upgrade-from)");
@@ -354,10 +364,14 @@ impl Soak {
             self.tg = Some(old);
             // Edits while the new process waits for the hand-over: the admin's go to the old
             // process, and both must reach the new one.
-            for _ in 0..self.rng.below(5) {
+            for _ in 0..self.rng.below(5) + usize::from(quiet) {
                 self.count("edit during an upgrade");
                 self.step += 1;
-                self.edit();
+                if quiet {
+                    self.hand_only_edit();
+                } else {
+                    self.edit();
+                }
             }
             old = self.tg.take().unwrap();
             old.signal(libc::SIGQUIT);
@@ -374,17 +388,25 @@ impl Soak {
         );
         new.wait_until_serving();
         self.tg = Some(new);
+        self.paused.store(false, Ordering::Relaxed);
     }
 
-    /// An edit of a random user's field whose writer is the hand, if there is one.
+    /// An edit by hand of a random field whose writer is the hand, if there is one.
     fn hand_only_edit(&mut self) {
-        let Some(token) = self.pick_user() else {
-            return;
-        };
-        let field = FIELDS[self.rng.below(FIELDS.len())];
-        if self.users[&token].writers[field] != Writer::Hand {
+        let candidates: Vec<(String, &'static str)> = self
+            .users
+            .iter()
+            .flat_map(|(t, u)| {
+                u.writers
+                    .iter()
+                    .filter(|(_, w)| **w == Writer::Hand)
+                    .map(move |(f, _)| (t.clone(), *f))
+            })
+            .collect();
+        if candidates.is_empty() {
             return;
         }
+        let (token, field) = candidates[self.rng.below(candidates.len())].clone();
         let value = self.value_for(field);
         if run(&self.hand, &hand_edit(&token, field, &value, self.step)) == 0 {
             return;
@@ -630,6 +652,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
         pending: Vec::new(),
         deleted: BTreeSet::new(),
         live: Arc::clone(&live),
+        paused: Arc::new(AtomicBool::new(false)),
         lock: None,
         step: 0,
         restarts: 0,
@@ -646,8 +669,12 @@ fn soak_once(seed: u64, ops_time: Duration) {
     let traffic: Vec<_> = (0..2u64)
         .map(|n| {
             let url = soak.tg().url("/v1/models");
-            let (answered, stop, live) =
-                (Arc::clone(&answered), Arc::clone(&stop), Arc::clone(&live));
+            let (answered, stop, live, paused) = (
+                Arc::clone(&answered),
+                Arc::clone(&stop),
+                Arc::clone(&live),
+                Arc::clone(&soak.paused),
+            );
             let mut rng = Rng::new(seed ^ (0x1000 + n));
             std::thread::spawn(move || {
                 let http = client();
@@ -660,7 +687,7 @@ fn soak_once(seed: u64, ops_time: Duration) {
                             Some(live[rng.below(live.len())].clone())
                         }
                     };
-                    let Some(token) = token else {
+                    let Some(token) = token.filter(|_| !paused.load(Ordering::Relaxed)) else {
                         std::thread::sleep(Duration::from_millis(10));
                         continue;
                     };
