@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rtdb_standin::LineEnding;
 
 use super::*;
-use crate::support::soak::{env_u64, normalized, Rng};
+use crate::support::soak::{env_u64, mismatches, normalized, Rng};
 
 /// Stream faults (besides outages and revocations) in one run. Every stream lost in a row
 /// lengthens tollgate's reconnect backoff (to 30 s; only a connection that lasts 30 s resets
@@ -445,27 +445,7 @@ impl Soak {
                 ));
             }
             let want = answered.get(token).copied().unwrap_or(0);
-            if stored["promptCount"] != json!(want) {
-                out.push(format!(
-                    "{token}: promptCount {} stored, {want} answered",
-                    stored["promptCount"]
-                ));
-            }
-            for (field, value) in &user.last {
-                let value = &normalized(&json!({ *field: value }))[*field];
-                if &stored[*field] != value {
-                    out.push(format!(
-                        "{token}: {field} is {} stored, its writer {:?} last set {value}",
-                        stored[*field], user.writers[field]
-                    ));
-                }
-                if *field == "disabledReason" && stored["disabledAt"].is_null() != value.is_null() {
-                    out.push(format!(
-                        "{token}: disabledAt {} with disabledReason {value}",
-                        stored["disabledAt"]
-                    ));
-                }
-            }
+            out.extend(mismatches(token, stored, want, &user.last, &user.writers));
         }
         out
     }

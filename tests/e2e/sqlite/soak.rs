@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread::JoinHandle;
 
 use super::*;
-use crate::support::soak::{env_u64, normalized, Rng};
+use crate::support::soak::{env_u64, mismatches, normalized, Rng};
 
 /// The seed the suite runs with.
 const DEFAULT_SEED: u64 = 0x5eed_2026;
@@ -484,27 +484,7 @@ impl Soak {
                 continue;
             };
             let want = answered.get(token).copied().unwrap_or(0);
-            if stored["promptCount"] != json!(want) {
-                out.push(format!(
-                    "{token}: promptCount {} stored, {want} answered",
-                    stored["promptCount"]
-                ));
-            }
-            for (field, value) in &user.last {
-                let value = &normalized(&json!({ *field: value }))[*field];
-                if &stored[*field] != value {
-                    out.push(format!(
-                        "{token}: {field} is {} stored, its writer {:?} last set {value}",
-                        stored[*field], user.writers[field]
-                    ));
-                }
-                if *field == "disabledReason" && stored["disabledAt"].is_null() != value.is_null() {
-                    out.push(format!(
-                        "{token}: disabledAt {} with disabledReason {value}",
-                        stored["disabledAt"]
-                    ));
-                }
-            }
+            out.extend(mismatches(token, stored, want, &user.last, &user.writers));
         }
         out
     }

@@ -1,7 +1,11 @@
 //! What the randomized soaks share: a small seeded PRNG, their knobs from the environment,
-//! and users normalized for comparing views.
+//! users normalized for comparing views, and the check of a stored user against the soak's
+//! record of it.
 
-use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use serde_json::{json, Value};
 
 /// xorshift64*: small, deterministic, no crate needed.
 pub struct Rng(u64);
@@ -62,4 +66,40 @@ pub fn normalized(user: &Value) -> Value {
             .filter(|(_, v)| !empty(v))
             .collect(),
     )
+}
+
+/// How a stored user differs from what the soak expects of it: `promptCount` equal to the
+/// requests answered for it, each field edited the last value its single writer set
+/// (`writers` names who, for the message), and `disabledAt` set exactly when
+/// `disabledReason` is.
+pub fn mismatches<W: Debug>(
+    token: &str,
+    stored: &Value,
+    answered: u64,
+    last: &BTreeMap<&'static str, Value>,
+    writers: &BTreeMap<&'static str, W>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if stored["promptCount"] != json!(answered) {
+        out.push(format!(
+            "{token}: promptCount {} stored, {answered} answered",
+            stored["promptCount"]
+        ));
+    }
+    for (field, value) in last {
+        let value = &normalized(&json!({ *field: value }))[*field];
+        if &stored[*field] != value {
+            out.push(format!(
+                "{token}: {field} is {} stored, its writer {:?} last set {value}",
+                stored[*field], writers[field]
+            ));
+        }
+        if *field == "disabledReason" && stored["disabledAt"].is_null() != value.is_null() {
+            out.push(format!(
+                "{token}: disabledAt {} with disabledReason {value}",
+                stored["disabledAt"]
+            ));
+        }
+    }
+    out
 }
