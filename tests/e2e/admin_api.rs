@@ -10,16 +10,6 @@ use crate::support::sockets::tcp_queues;
 use crate::support::tollgate::{Tollgate, ADMIN_KEY};
 use crate::support::{client, error_type, Origin, TollgateBuilder};
 
-fn send(tg: &Tollgate, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = tg.admin_request(method, path);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
-}
-
 fn start() -> (Origin, Tollgate) {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr).start();
@@ -29,7 +19,7 @@ fn start() -> (Origin, Tollgate) {
 #[test]
 fn create_normal_special_and_temporary_users() {
     let (_o, tg) = start();
-    let (status, body) = send(&tg, Method::POST, "/admin/users", None);
+    let (status, body) = tg.admin_call(Method::POST, "/admin/users", None);
     assert_eq!(status, 200);
     let token = body["token"].as_str().unwrap();
     assert_eq!(token.len(), 36, "uuid v4");
@@ -39,8 +29,7 @@ fn create_normal_special_and_temporary_users() {
     assert_eq!(user["ip"], json!([]));
     assert_eq!(user["meta"], json!({}));
 
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::POST,
         "/admin/users",
         Some(json!({"type": "special"})),
@@ -48,9 +37,7 @@ fn create_normal_special_and_temporary_users() {
     assert_eq!(status, 200);
     assert_eq!(tg.user(body["token"].as_str().unwrap())["type"], "special");
 
-    let (status, body) = send(
-        &tg,
-        Method::POST,
+    let (status, body) = tg.admin_call(Method::POST,
         "/admin/users",
         Some(
             json!({"type": "temporary", "expiresAt": 4102444800000u64, "tokenLimits": {"gpt4": 1000}}),
@@ -77,8 +64,7 @@ fn create_normal_special_and_temporary_users() {
         .unwrap()
         .to_string();
     assert_eq!(tg.user(&token)["expiresAt"], 4102444800000u64);
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::PUT,
         &format!("/admin/users/{token}"),
         Some(json!({"expiresAt": 1.5})),
@@ -88,8 +74,7 @@ fn create_normal_special_and_temporary_users() {
         (400, Some("expiresAt"))
     );
 
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::POST,
         "/admin/users",
         Some(json!({"type": "temporary"})),
@@ -98,12 +83,8 @@ fn create_normal_special_and_temporary_users() {
         (status, body["error"]["field"].as_str()),
         (400, Some("expiresAt"))
     );
-    let (status, body) = send(
-        &tg,
-        Method::POST,
-        "/admin/users",
-        Some(json!({"type": "admin"})),
-    );
+    let (status, body) =
+        tg.admin_call(Method::POST, "/admin/users", Some(json!({"type": "admin"})));
     assert_eq!(
         (status, body["error"]["field"].as_str()),
         (400, Some("type"))
@@ -114,13 +95,12 @@ fn create_normal_special_and_temporary_users() {
 fn list_get_and_sort() {
     let (_o, tg) = start();
     let tokens: Vec<String> = (0..3).map(|_| tg.create_user(json!({}))).collect();
-    send(
-        &tg,
+    tg.admin_call(
         Method::PUT,
         &format!("/admin/users/{}", tokens[1]),
         Some(json!({"promptCount": 50})),
     );
-    let (status, body) = send(&tg, Method::GET, "/admin/users", None);
+    let (status, body) = tg.admin_call(Method::GET, "/admin/users", None);
     assert_eq!(status, 200);
     assert_eq!(body["count"], 3);
     assert_eq!(
@@ -128,17 +108,16 @@ fn list_get_and_sort() {
         tokens[1].as_str(),
         "default sort: promptCount descending"
     );
-    let (status, body) = send(&tg, Method::GET, "/admin/users?sort=createdAt", None);
+    let (status, body) = tg.admin_call(Method::GET, "/admin/users?sort=createdAt", None);
     assert_eq!(status, 200);
     assert_eq!(body["users"].as_array().unwrap().len(), 3);
-    let (status, body) = send(&tg, Method::GET, "/admin/users?sort=password", None);
+    let (status, body) = tg.admin_call(Method::GET, "/admin/users?sort=password", None);
     assert_eq!(
         (status, body["error"]["field"].as_str()),
         (400, Some("sort"))
     );
     // The older proxy answered a repeated `sort` with a 500; which one was meant is unknown.
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::GET,
         "/admin/users?sort=createdAt&sort=promptCount",
         None,
@@ -147,15 +126,14 @@ fn list_get_and_sort() {
         (status, body["error"]["field"].as_str()),
         (400, Some("sort"))
     );
-    let (status, body) = send(&tg, Method::GET, "/admin/users/nope", None);
+    let (status, body) = tg.admin_call(Method::GET, "/admin/users/nope", None);
     assert_eq!((status, error_type(&body)), (404, "not_found"));
 }
 
 #[test]
 fn put_is_a_partial_upsert_where_null_removes() {
     let (_o, tg) = start();
-    let (status, user) = send(
-        &tg,
+    let (status, user) = tg.admin_call(
         Method::PUT,
         "/admin/users/my-own-token",
         Some(json!({"nickname": "bob", "maxIps": 3, "adminNote": "vip"})),
@@ -165,8 +143,7 @@ fn put_is_a_partial_upsert_where_null_removes() {
         (user["token"].as_str(), user["type"].as_str()),
         (Some("my-own-token"), Some("normal"))
     );
-    let (_, user) = send(
-        &tg,
+    let (_, user) = tg.admin_call(
         Method::PUT,
         "/admin/users/my-own-token",
         Some(json!({"nickname": null, "type": "special"})),
@@ -290,7 +267,7 @@ fn bad_input_gets_a_precise_400() {
         .contains("maxIPs"));
     let long = "x".repeat(769);
     assert_eq!(put(&format!("/admin/users/{long}"), "{}").0, 400);
-    let (status, reply) = send(&tg, Method::POST, "/admin/users", Some(json!(["special"])));
+    let (status, reply) = tg.admin_call(Method::POST, "/admin/users", Some(json!(["special"])));
     assert_eq!(status, 400, "{reply}");
     assert!(
         reply["error"]["message"]
@@ -300,7 +277,7 @@ fn bad_input_gets_a_precise_400() {
         "{reply}"
     );
     assert_eq!(
-        send(&tg, Method::GET, "/admin/users", None).1["count"],
+        tg.admin_call(Method::GET, "/admin/users", None).1["count"],
         0,
         "nothing was applied"
     );
@@ -315,7 +292,7 @@ fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
          "createdAt": 1700000000000u64, "lastUsedAt": 1700000001000u64, "meta": {"refreshable": true}},
         {"token": "b2", "type": "special", "promptCount": 1, "createdAt": 1, "nickname": "n"}
     ]});
-    let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(export));
+    let (status, body) = tg.admin_call(Method::PUT, "/admin/users", Some(export));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["count"], 2);
     assert_eq!(body["upserted_users"][0]["promptCount"], 12);
@@ -332,19 +309,19 @@ fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
         .unwrap()
         .json()
         .unwrap();
-    let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(export));
+    let (status, body) = tg.admin_call(Method::PUT, "/admin/users", Some(export));
     assert_eq!((status, body["count"].as_u64()), (200, Some(2)), "{body}");
 
     let bad = json!({"users": [{"token": "c3"}, {"token": "c4", "createdAt": "yesterday"}]});
-    let (status, _) = send(&tg, Method::PUT, "/admin/users", Some(bad));
+    let (status, _) = tg.admin_call(Method::PUT, "/admin/users", Some(bad));
     assert_eq!(status, 400);
     assert_eq!(
-        send(&tg, Method::GET, "/admin/users/c3", None).0,
+        tg.admin_call(Method::GET, "/admin/users/c3", None).0,
         404,
         "valid entries of a refused import are not applied"
     );
     // A body without `users` (a single user sent to the bulk endpoint, say) names the field.
-    let (status, body) = send(&tg, Method::PUT, "/admin/users", Some(json!({})));
+    let (status, body) = tg.admin_call(Method::PUT, "/admin/users", Some(json!({})));
     assert_eq!(
         (status, body["error"]["field"].as_str()),
         (400, Some("users")),
@@ -356,8 +333,7 @@ fn bulk_import_is_all_or_nothing_and_takes_older_proxy_exports() {
 fn delete_disables_or_removes() {
     let (_o, tg) = start();
     let token = tg.create_user(json!({}));
-    let (status, user) = send(
-        &tg,
+    let (status, user) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?disabledReason=spam"),
         None,
@@ -365,8 +341,7 @@ fn delete_disables_or_removes() {
     assert_eq!(status, 200);
     assert_eq!(user["disabledReason"], "spam");
     assert_eq!(user["meta"]["refreshable"], false);
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?disabledReason=a&disabledReason=b"),
         None,
@@ -375,9 +350,11 @@ fn delete_disables_or_removes() {
         (status, body["error"]["field"].as_str()),
         (400, Some("disabledReason"))
     );
-    assert_eq!(send(&tg, Method::DELETE, "/admin/users/ghost", None).0, 404);
-    let (status, body) = send(
-        &tg,
+    assert_eq!(
+        tg.admin_call(Method::DELETE, "/admin/users/ghost", None).0,
+        404
+    );
+    let (status, body) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?hard=true&disabledReason=gone"),
         None,
@@ -387,8 +364,7 @@ fn delete_disables_or_removes() {
         (400, Some("disabledReason")),
         "a reason a removal would drop is refused"
     );
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?hard=yes"),
         None,
@@ -398,8 +374,7 @@ fn delete_disables_or_removes() {
         (400, Some("hard: must be true, false, 1 or 0")),
         "the message names every accepted value"
     );
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?hard=false&hard=true"),
         None,
@@ -410,19 +385,20 @@ fn delete_disables_or_removes() {
         "a removal does not hinge on which of two values wins"
     );
     assert_eq!(
-        send(&tg, Method::GET, &format!("/admin/users/{token}"), None).0,
+        tg.admin_call(Method::GET, &format!("/admin/users/{token}"), None)
+            .0,
         200,
         "a refused removal removed nothing"
     );
-    let (status, _) = send(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?hard=1"),
         None,
     );
     assert_eq!(status, 200);
     assert_eq!(
-        send(&tg, Method::GET, &format!("/admin/users/{token}"), None).0,
+        tg.admin_call(Method::GET, &format!("/admin/users/{token}"), None)
+            .0,
         404
     );
     let resp = client()
@@ -702,7 +678,7 @@ fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
         (json!({"meta": {"": 1}}), "meta."),
         (json!({"tokenCount": {"a/b": 1}}), "tokenCount.a/b"),
     ] {
-        let (status, resp) = send(&tg, Method::PUT, "/admin/users/meta-user", Some(body));
+        let (status, resp) = tg.admin_call(Method::PUT, "/admin/users/meta-user", Some(body));
         assert_eq!(
             (status, resp["error"]["field"].as_str()),
             (400, Some(field))
@@ -712,8 +688,7 @@ fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
     for _ in 0..17 {
         deep = json!({ "k": deep });
     }
-    let (status, resp) = send(
-        &tg,
+    let (status, resp) = tg.admin_call(
         Method::PUT,
         "/admin/users",
         Some(json!({"users": [{"token": "ok-user"}, {"token": "deep-user", "meta": deep}]})),
@@ -723,10 +698,9 @@ fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
         .as_str()
         .unwrap()
         .starts_with("users[1].meta.k.k"));
-    let (status, _) = send(&tg, Method::GET, "/admin/users/ok-user", None);
+    let (status, _) = tg.admin_call(Method::GET, "/admin/users/ok-user", None);
     assert_eq!(status, 404, "all-or-nothing");
-    let (status, _) = send(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::PUT,
         "/admin/users/meta-user",
         Some(json!({"meta": {"refreshable": true, "notes": {"a-b": [1, 2]}}})),
@@ -737,21 +711,21 @@ fn keys_inside_meta_and_token_count_must_be_firebase_keys() {
 #[test]
 fn path_tokens_keep_plus_and_refuse_invalid_utf8() {
     let (_o, tg) = start();
-    let (status, user) = send(&tg, Method::PUT, "/admin/users/a+b", Some(json!({})));
+    let (status, user) = tg.admin_call(Method::PUT, "/admin/users/a+b", Some(json!({})));
     assert_eq!((status, user["token"].as_str()), (200, Some("a+b")));
-    let (status, _) = send(&tg, Method::GET, "/admin/users/a%20b", None);
+    let (status, _) = tg.admin_call(Method::GET, "/admin/users/a%20b", None);
     assert_eq!(status, 404, "no user 'a b' was made");
-    let (status, user) = send(&tg, Method::GET, "/admin/users/a%2Bb", None);
+    let (status, user) = tg.admin_call(Method::GET, "/admin/users/a%2Bb", None);
     assert_eq!((status, user["token"].as_str()), (200, Some("a+b")));
     for method in [Method::GET, Method::PUT, Method::DELETE] {
-        let (status, body) = send(&tg, method.clone(), "/admin/users/a%FFb", Some(json!({})));
+        let (status, body) = tg.admin_call(method.clone(), "/admin/users/a%FFb", Some(json!({})));
         assert_eq!(
             (status, error_type(&body), body["error"]["field"].as_str()),
             (400, "invalid_request", Some("token")),
             "{method}"
         );
     }
-    let (_, list) = send(&tg, Method::GET, "/admin/users", None);
+    let (_, list) = tg.admin_call(Method::GET, "/admin/users", None);
     assert_eq!(list["count"], 1, "{list}");
 }
 
@@ -760,14 +734,14 @@ fn path_tokens_keep_plus_and_refuse_invalid_utf8() {
 #[test]
 fn admin_paths_match_as_the_older_proxys_router_did() {
     let (_o, tg) = start();
-    let (status, user) = send(&tg, Method::PUT, "/admin/users/MixedCase/", Some(json!({})));
+    let (status, user) = tg.admin_call(Method::PUT, "/admin/users/MixedCase/", Some(json!({})));
     assert_eq!((status, user["token"].as_str()), (200, Some("MixedCase")));
     for path in [
         "/admin/users/MixedCase/",
         "/Admin/Users/MixedCase",
         "/ADMIN/USERS/MixedCase/",
     ] {
-        let (status, user) = send(&tg, Method::GET, path, None);
+        let (status, user) = tg.admin_call(Method::GET, path, None);
         assert_eq!(
             (status, user["token"].as_str()),
             (200, Some("MixedCase")),
@@ -775,21 +749,21 @@ fn admin_paths_match_as_the_older_proxys_router_did() {
         );
     }
     for path in ["/admin/users/", "/Admin/Users", "/ADMIN/USERS/"] {
-        let (status, list) = send(&tg, Method::GET, path, None);
+        let (status, list) = tg.admin_call(Method::GET, path, None);
         assert_eq!((status, list["count"].as_u64()), (200, Some(1)), "{path}");
     }
     assert_eq!(
-        send(&tg, Method::GET, "/admin/users/mixedcase", None).0,
+        tg.admin_call(Method::GET, "/admin/users/mixedcase", None).0,
         404
     );
-    let (status, user) = send(&tg, Method::DELETE, "/admin/users/MixedCase/", None);
+    let (status, user) = tg.admin_call(Method::DELETE, "/admin/users/MixedCase/", None);
     assert_eq!((status, user["token"].as_str()), (200, Some("MixedCase")));
     for path in [
         "/admin/users//",
         "/admin/users/MixedCase//",
         "/admin/usersx",
     ] {
-        assert_eq!(send(&tg, Method::GET, path, None).0, 404, "{path}");
+        assert_eq!(tg.admin_call(Method::GET, path, None).0, 404, "{path}");
     }
 }
 
@@ -797,8 +771,7 @@ fn admin_paths_match_as_the_older_proxys_router_did() {
 fn create_strips_token_limits_for_normal_and_special_users() {
     let (_o, tg) = start();
     for user_type in ["normal", "special"] {
-        let (status, body) = send(
-            &tg,
+        let (status, body) = tg.admin_call(
             Method::POST,
             "/admin/users",
             Some(json!({"type": user_type, "tokenLimits": {"gpt4": 1000}})),
@@ -810,8 +783,7 @@ fn create_strips_token_limits_for_normal_and_special_users() {
             (&json!(user_type), &json!({}))
         );
     }
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::POST,
         "/admin/users",
         Some(
@@ -831,8 +803,7 @@ fn an_empty_sort_is_the_default_sort() {
     let mut tokens: Vec<String> = Vec::new();
     for prompts in 0..8 {
         let token = tg.create_user(json!({}));
-        send(
-            &tg,
+        tg.admin_call(
             Method::PUT,
             &format!("/admin/users/{token}"),
             Some(json!({"promptCount": prompts})),
@@ -841,7 +812,7 @@ fn an_empty_sort_is_the_default_sort() {
     }
     tokens.reverse();
     for query in ["", "?sort=", "?sort=,"] {
-        let (status, body) = send(&tg, Method::GET, &format!("/admin/users{query}"), None);
+        let (status, body) = tg.admin_call(Method::GET, &format!("/admin/users{query}"), None);
         assert_eq!(status, 200);
         let order: Vec<&str> = body["users"]
             .as_array()
@@ -1070,13 +1041,12 @@ fn all_read(stream: &std::net::TcpStream) -> bool {
 fn what_the_older_proxy_dropped_silently_is_a_400_naming_it() {
     let (_o, tg) = start();
     let token = tg.create_user(json!({}));
-    let (status, body) = send(&tg, Method::GET, "/admin/users?page=2", None);
+    let (status, body) = tg.admin_call(Method::GET, "/admin/users?page=2", None);
     assert_eq!(
         (status, body["error"]["field"].as_str()),
         (400, Some("page"))
     );
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?reason=spam"),
         None,
@@ -1086,8 +1056,7 @@ fn what_the_older_proxy_dropped_silently_is_a_400_naming_it() {
         (400, Some("reason"))
     );
     assert!(tg.user(&token).get("disabledAt").is_none(), "not disabled");
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::POST,
         "/admin/users",
         Some(json!({"type": "special", "nickname": "bob"})),
@@ -1096,7 +1065,10 @@ fn what_the_older_proxy_dropped_silently_is_a_400_naming_it() {
         (status, body["error"]["field"].as_str()),
         (400, Some("nickname"))
     );
-    assert_eq!(send(&tg, Method::GET, "/admin/users", None).1["count"], 1);
+    assert_eq!(
+        tg.admin_call(Method::GET, "/admin/users", None).1["count"],
+        1
+    );
 }
 
 /// The older proxy read a body only with a JSON (or form) content type and silently ignored
@@ -1135,16 +1107,13 @@ fn a_json_body_is_read_whatever_its_content_type() {
 fn put_replaces_family_maps_whole_token_refresh_included() {
     let (_o, tg) = start();
     let path = "/admin/users/maps";
-    send(
-        &tg,
-        Method::PUT,
+    tg.admin_call(Method::PUT,
         path,
         Some(
             json!({"tokenLimits": {"gpt4": 1000, "claude": 5}, "tokenRefresh": {"gpt4": 5, "claude": 3}}),
         ),
     );
-    let (status, user) = send(
-        &tg,
+    let (status, user) = tg.admin_call(
         Method::PUT,
         path,
         Some(json!({"tokenLimits": {"gpt4": 2000}, "tokenRefresh": {"gpt4": 0}})),
@@ -1164,8 +1133,7 @@ fn put_replaces_family_maps_whole_token_refresh_included() {
 #[test]
 fn delete_checks_its_reason_first_and_repeats_move_disabled_at() {
     let (_o, tg) = start();
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::DELETE,
         "/admin/users/ghost?disabledReason=a&disabledReason=b",
         None,
@@ -1175,7 +1143,7 @@ fn delete_checks_its_reason_first_and_repeats_move_disabled_at() {
         (400, Some("disabledReason"))
     );
     let token = tg.create_user(json!({}));
-    let (status, first) = send(&tg, Method::DELETE, &format!("/admin/users/{token}"), None);
+    let (status, first) = tg.admin_call(Method::DELETE, &format!("/admin/users/{token}"), None);
     assert_eq!(status, 200);
     assert!(first.get("disabledReason").is_none(), "{first}");
     let resp = client()
@@ -1189,8 +1157,7 @@ fn delete_checks_its_reason_first_and_repeats_move_disabled_at() {
         "Forbidden: User token disabled"
     );
     std::thread::sleep(Duration::from_millis(5));
-    let (_, second) = send(
-        &tg,
+    let (_, second) = tg.admin_call(
         Method::DELETE,
         &format!("/admin/users/{token}?disabledReason=again"),
         None,
@@ -1239,8 +1206,7 @@ fn unicode_nicknames_and_tokens_round_trip() {
     let (_o, tg) = start();
     let nick: String = "é😀日".repeat(26) + "ab";
     assert_eq!(nick.chars().count(), 80);
-    let (status, user) = send(
-        &tg,
+    let (status, user) = tg.admin_call(
         Method::PUT,
         "/admin/users/%C3%A9t%C3%A9",
         Some(json!({ "nickname": nick })),
@@ -1251,7 +1217,7 @@ fn unicode_nicknames_and_tokens_round_trip() {
         "{user}"
     );
     assert_eq!(user["nickname"].as_str(), Some(nick.as_str()));
-    let (_, list) = send(&tg, Method::GET, "/admin/users", None);
+    let (_, list) = tg.admin_call(Method::GET, "/admin/users", None);
     assert_eq!(list["users"][0]["nickname"].as_str(), Some(nick.as_str()));
     let resp = tg
         .admin_request(Method::PUT, "/admin/users/%C3%A9t%C3%A9")
@@ -1260,8 +1226,7 @@ fn unicode_nicknames_and_tokens_round_trip() {
         .send()
         .unwrap();
     assert_eq!(resp.json::<Value>().unwrap()["nickname"], "café 😀");
-    let (status, body) = send(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::PUT,
         "/admin/users/%C3%A9t%C3%A9",
         Some(json!({ "nickname": format!("{nick}x") })),

@@ -78,15 +78,6 @@ fn proxy(tg: &Tollgate, token: &str) -> StatusCode {
         .unwrap_or(StatusCode::BAD_GATEWAY)
 }
 
-fn admin(tg: &Tollgate, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = tg.admin_request(method, path);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().unwrap();
-    (resp.status().as_u16(), resp.json().unwrap_or(Value::Null))
-}
-
 fn stored(db: &StandIn, path: &str) -> Value {
     db.get(path).unwrap()
 }
@@ -322,8 +313,8 @@ fn admin_edits_on_one_instance_reach_the_other() {
 
     // Different fields edited on both at once: both edits stay (per-field last writer wins).
     let path = format!("/admin/users/{token}");
-    let (sa, _) = admin(&a, Method::PUT, &path, Some(json!({"nickname": "from-a"})));
-    let (sb, _) = admin(&b, Method::PUT, &path, Some(json!({"maxIps": 7})));
+    let (sa, _) = a.admin_call(Method::PUT, &path, Some(json!({"nickname": "from-a"})));
+    let (sb, _) = b.admin_call(Method::PUT, &path, Some(json!({"maxIps": 7})));
     assert_eq!((sa, sb), (200, 200));
     for tg in [&a, &b] {
         eventually(PROPAGATION, "both edits everywhere", tg, || {
@@ -332,25 +323,25 @@ fn admin_edits_on_one_instance_reach_the_other() {
         });
     }
     // The same field edited on both: the later write wins everywhere.
-    admin(&a, Method::PUT, &path, Some(json!({"adminNote": "first"})));
-    admin(&b, Method::PUT, &path, Some(json!({"adminNote": "second"})));
+    a.admin_call(Method::PUT, &path, Some(json!({"adminNote": "first"})));
+    b.admin_call(Method::PUT, &path, Some(json!({"adminNote": "second"})));
     for tg in [&a, &b] {
         eventually(PROPAGATION, "last writer wins", tg, || {
             tg.user(&token)["adminNote"] == "second"
         });
     }
     // An absolute promptCount set by an admin replaces the counter everywhere.
-    admin(&b, Method::PUT, &path, Some(json!({"promptCount": 100})));
+    b.admin_call(Method::PUT, &path, Some(json!({"promptCount": 100})));
     eventually(PROPAGATION, "admin count visible on A", &a, || {
         a.user(&token)["promptCount"] == 100
     });
     // Disable on A; B refuses the user; a hard delete removes it everywhere.
-    let (status, _) = admin(&a, Method::DELETE, &path, None);
+    let (status, _) = a.admin_call(Method::DELETE, &path, None);
     assert_eq!(status, 200);
     eventually(PROPAGATION, "disabled on B", &b, || {
         proxy(&b, &token) == StatusCode::FORBIDDEN
     });
-    let (status, _) = admin(&b, Method::DELETE, &format!("{path}?hard=true"), None);
+    let (status, _) = b.admin_call(Method::DELETE, &format!("{path}?hard=true"), None);
     assert_eq!(status, 200);
     eventually(PROPAGATION, "deleted on A", &a, || {
         proxy(&a, &token) == StatusCode::UNAUTHORIZED
@@ -387,8 +378,7 @@ fn clearing_an_ip_list_is_not_undone_by_another_instance() {
         .status();
     assert_eq!(status, StatusCode::OK);
     let path = "/admin/users/u";
-    let (status, _) = admin(
-        &b,
+    let (status, _) = b.admin_call(
         Method::PUT,
         path,
         Some(json!({"ip": [], "nickname": "reset"})),
@@ -399,7 +389,7 @@ fn clearing_an_ip_list_is_not_undone_by_another_instance() {
     });
     assert_eq!(a.user("u")["ip"], json!(["3.3.3.3"]), "{}", a.log());
     // Any admin write on A waits for a flush of everything queued, the ip merge included.
-    let (status, _) = admin(&a, Method::POST, "/admin/users", Some(json!({})));
+    let (status, _) = a.admin_call(Method::POST, "/admin/users", Some(json!({})));
     assert_eq!(status, 200);
     assert_eq!(stored(&db, "/users/u/ip"), json!(["3.3.3.3"]));
     eventually(PROPAGATION, "B sees only the new address", &b, || {
@@ -423,8 +413,7 @@ fn an_upsert_of_a_token_unknown_here_keeps_the_stored_user() {
         ),
     )
     .unwrap();
-    let (status, _) = admin(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::PUT,
         "/admin/users/quiet",
         Some(json!({"nickname": "n"})),
@@ -560,8 +549,7 @@ fn graceful_shutdown_writes_everything() {
     for _ in 0..25 {
         assert_eq!(proxy(&tg, "u"), StatusCode::OK);
     }
-    let (status, _) = admin(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::PUT,
         "/admin/users/u",
         Some(json!({"nickname": "n"})),
@@ -751,8 +739,7 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
     }
     // The whole batch is refused once: it is split and its halves go through.
     db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::status(400)).times(1));
-    let (status, _) = admin(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::PUT,
         "/admin/users/a",
         Some(json!({"nickname": "x"})),
@@ -769,8 +756,7 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
     // A change refused on its own is dropped and reported, to the log and to the admin write
     // that waited for it (not "persisted"); later changes still flow.
     db.add_fault(FaultRule::new("PATCH", "/.json", FaultAction::status(400)).times(1));
-    let (status, body) = admin(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::PUT,
         "/admin/users/b",
         Some(json!({"nickname": "y"})),
@@ -790,8 +776,7 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
         )
         .times(1),
     );
-    let (status, body) = admin(
-        &tg,
+    let (status, body) = tg.admin_call(
         Method::PUT,
         "/admin/users/refused-creation",
         Some(json!({"nickname": "new"})),
@@ -803,8 +788,7 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
         &tg,
         || proxy(&tg, "refused-creation") == StatusCode::UNAUTHORIZED,
     );
-    let (status, _) = admin(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::PUT,
         "/admin/users/b",
         Some(json!({"nickname": "z"})),
@@ -1097,8 +1081,7 @@ fn the_users_ref_name_is_where_users_load_from_and_go() {
     );
     assert_eq!(proxy(&tg, "old"), StatusCode::OK);
     assert_eq!(tg.user("old")["nickname"], "n");
-    let (status, _) = admin(
-        &tg,
+    let (status, _) = tg.admin_call(
         Method::PUT,
         "/admin/users/new",
         Some(json!({"nickname": "m"})),
@@ -1116,7 +1099,7 @@ fn the_users_ref_name_is_where_users_load_from_and_go() {
     });
     // A disable without a reason is written (the older proxy wrote `disabledReason:
     // undefined`, which made Firebase refuse the whole batch).
-    let (status, _) = admin(&tg, Method::DELETE, "/admin/users/new", None);
+    let (status, _) = tg.admin_call(Method::DELETE, "/admin/users/new", None);
     assert_eq!(status, 200);
     let new = stored(&db, "/proxy_users/new");
     assert!(new["disabledAt"].is_u64(), "{new}");

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rtdb_standin::LineEnding;
 
 use super::*;
-use crate::support::soak::{env_u64, mismatches, normalized, Rng};
+use crate::support::soak::{env_u64, field_value, mismatches, normalized, Rng};
 
 /// Stream faults (besides outages and revocations) in one run. Every stream lost in a row
 /// lengthens tollgate's reconnect backoff (to 30 s; only a connection that lasts 30 s resets
@@ -119,32 +119,12 @@ impl Soak {
     }
 
     fn pick_user(&mut self) -> Option<String> {
-        if self.users.is_empty() {
-            return None;
-        }
-        let i = self.rng.below(self.users.len());
-        self.users.keys().nth(i).cloned()
+        self.rng.pick_key(&self.users)
     }
 
+    /// `maxIps` above the traffic's addresses, so that it never disables a user by itself.
     fn value_for(&mut self, field: &str) -> Value {
-        let step = self.step;
-        match field {
-            "nickname" if self.rng.chance(15) => Value::Null,
-            "nickname" => json!(format!("nick-{step}")),
-            "type" => json!(["normal", "special"][self.rng.below(2)]),
-            "maxIps" if self.rng.chance(15) => Value::Null,
-            // At least the traffic's addresses: exceeding it disables the user (an auto-ban),
-            // which would be a second writer of `disabledReason`.
-            "maxIps" => json!(ADDRESSES.len() + 1 + self.rng.below(6)),
-            "adminNote" if self.rng.chance(15) => Value::Null,
-            "adminNote" => json!(format!("note-{step}")),
-            "tokenLimits" if self.rng.chance(20) => json!({}),
-            "tokenLimits" => json!({"gpt4": 1 + self.rng.below(1000)}),
-            "ip" => json!([]),
-            "disabledReason" if self.rng.chance(50) => Value::Null,
-            "disabledReason" => json!(format!("reason-{step}")),
-            _ => unreachable!("{field}"),
-        }
+        field_value(&mut self.rng, field, self.step, ADDRESSES.len() + 1)
     }
 
     fn edit(&mut self) {
@@ -237,8 +217,7 @@ impl Soak {
         let i = self.rng.below(self.instances.len());
         let token = if self.rng.chance(50) {
             self.count("admin create (POST)");
-            let (status, body) = admin(
-                &self.instances[i],
+            let (status, body) = self.instances[i].admin_call(
                 Method::POST,
                 "/admin/users",
                 Some(json!({"type": "normal"})),
@@ -252,8 +231,7 @@ impl Soak {
         } else {
             self.count("admin create (PUT)");
             let token = format!("put-{}-{}", self.seed, self.step);
-            let (status, _) = admin(
-                &self.instances[i],
+            let (status, _) = self.instances[i].admin_call(
                 Method::PUT,
                 &format!("/admin/users/{token}"),
                 Some(json!({})),
@@ -300,8 +278,7 @@ impl Soak {
         } else {
             self.count("admin delete");
             let i = self.rng.below(self.instances.len());
-            let (status, _) = admin(
-                &self.instances[i],
+            let (status, _) = self.instances[i].admin_call(
                 Method::DELETE,
                 &format!("/admin/users/{token}?hard=true"),
                 None,
@@ -400,7 +377,7 @@ impl Soak {
             .map(|(t, u)| (t, normalized(u)))
             .collect();
         for (n, tg) in self.instances.iter().enumerate() {
-            let (status, body) = admin(tg, Method::GET, "/admin/users", None);
+            let (status, body) = tg.admin_call(Method::GET, "/admin/users", None);
             if status != 200 {
                 out.push(format!("instance {n}: GET /admin/users {status}"));
                 continue;
@@ -486,15 +463,15 @@ fn apply_edit(
         (Writer::Instance(i), "disabledReason") if !value.is_null() => {
             let reason = value.as_str().unwrap();
             let query = format!("{path}?disabledReason={reason}");
-            admin(&instances[i], Method::DELETE, &query, None).0
+            instances[i].admin_call(Method::DELETE, &query, None).0
         }
         (Writer::Instance(i), "disabledReason") => {
             let body = json!({"disabledAt": null, "disabledReason": null});
-            admin(&instances[i], Method::PUT, &path, Some(body)).0
+            instances[i].admin_call(Method::PUT, &path, Some(body)).0
         }
         (Writer::Instance(i), _) => {
             let body = json!({ field: value });
-            admin(&instances[i], Method::PUT, &path, Some(body)).0
+            instances[i].admin_call(Method::PUT, &path, Some(body)).0
         }
     }
 }

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread::JoinHandle;
 
 use super::*;
-use crate::support::soak::{env_u64, mismatches, normalized, Rng};
+use crate::support::soak::{env_u64, field_value, mismatches, normalized, Rng};
 
 /// The seed the suite runs with.
 const DEFAULT_SEED: u64 = 0x5eed_2026;
@@ -109,29 +109,12 @@ impl Soak {
     }
 
     fn pick_user(&mut self) -> Option<String> {
-        if self.users.is_empty() {
-            return None;
-        }
-        let i = self.rng.below(self.users.len());
-        self.users.keys().nth(i).cloned()
+        self.rng.pick_key(&self.users)
     }
 
+    /// `maxIps` of at least 2: the traffic comes from one address.
     fn value_for(&mut self, field: &str) -> Value {
-        let step = self.step;
-        match field {
-            "nickname" if self.rng.chance(15) => Value::Null,
-            "nickname" => json!(format!("nick-{step}")),
-            "type" => json!(["normal", "special"][self.rng.below(2)]),
-            "maxIps" if self.rng.chance(15) => Value::Null,
-            "maxIps" => json!(2 + self.rng.below(6)),
-            "adminNote" if self.rng.chance(15) => Value::Null,
-            "adminNote" => json!(format!("note-{step}")),
-            "tokenLimits" if self.rng.chance(20) => json!({}),
-            "tokenLimits" => json!({"gpt4": 1 + self.rng.below(1000)}),
-            "disabledReason" if self.rng.chance(50) => Value::Null,
-            "disabledReason" => json!(format!("reason-{step}")),
-            _ => unreachable!("{field}"),
-        }
+        field_value(&mut self.rng, field, self.step, 2)
     }
 
     /// One edit of one field of a random user by that field's writer.
@@ -199,8 +182,7 @@ impl Soak {
         match self.rng.below(3) {
             0 => {
                 self.count("admin create (POST)");
-                let (status, body) = admin(
-                    self.tg(),
+                let (status, body) = self.tg().admin_call(
                     Method::POST,
                     "/admin/users",
                     Some(json!({"type": "normal"})),
@@ -216,7 +198,7 @@ impl Soak {
                 self.count("admin create (PUT)");
                 let token = format!("put-{}-{}", self.seed, self.step);
                 let path = format!("/admin/users/{token}");
-                let (status, _) = admin(self.tg(), Method::PUT, &path, Some(json!({})));
+                let (status, _) = self.tg().admin_call(Method::PUT, &path, Some(json!({})));
                 assert!(
                     status == 200 || status == 202,
                     "seed {}: PUT {status}",
@@ -243,7 +225,7 @@ impl Soak {
     fn admit_pending(&mut self) {
         for token in std::mem::take(&mut self.pending) {
             let path = format!("/admin/users/{token}");
-            if admin(self.tg(), Method::GET, &path, None).0 == 200 {
+            if self.tg().admin_call(Method::GET, &path, None).0 == 200 {
                 self.track(token);
             } else {
                 self.pending.push(token);
@@ -272,7 +254,7 @@ impl Soak {
         } else {
             self.count("admin delete");
             let path = format!("/admin/users/{token}?hard=true");
-            let (status, _) = admin(self.tg(), Method::DELETE, &path, None);
+            let (status, _) = self.tg().admin_call(Method::DELETE, &path, None);
             assert!(
                 status == 200 || status == 202,
                 "seed {}: hard delete {status}",
@@ -496,13 +478,16 @@ fn admin_edit(tg: &Tollgate, token: &str, field: &str, value: &Value) -> u16 {
     match field {
         "disabledReason" if !value.is_null() => {
             let query = format!("{path}?disabledReason={}", value.as_str().unwrap());
-            admin(tg, Method::DELETE, &query, None).0
+            tg.admin_call(Method::DELETE, &query, None).0
         }
         "disabledReason" => {
             let body = json!({"disabledAt": null, "disabledReason": null});
-            admin(tg, Method::PUT, &path, Some(body)).0
+            tg.admin_call(Method::PUT, &path, Some(body)).0
         }
-        _ => admin(tg, Method::PUT, &path, Some(json!({ field: value }))).0,
+        _ => {
+            tg.admin_call(Method::PUT, &path, Some(json!({ field: value })))
+                .0
+        }
     }
 }
 
@@ -541,15 +526,6 @@ fn hand_edit(token: &str, field: &str, value: &Value, step: u64) -> Statement {
 fn run(conn: &Connection, (sql, params): &Statement) -> usize {
     conn.execute(sql, rusqlite::params_from_iter(params.iter()))
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn admin(tg: &Tollgate, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = tg.admin_request(method, path);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().unwrap();
-    (resp.status().as_u16(), resp.json().unwrap_or(Value::Null))
 }
 
 /// Every user in the file as the API shows users (the counter columns as fields), normalized.
@@ -594,7 +570,7 @@ fn fail(seed: u64, what: &str, tg: &Tollgate, soak: &Soak) -> ! {
 /// Where the instance's admin view and the file differ; empty when they agree.
 fn view_vs_file(tg: &Tollgate, path: &Path) -> Vec<String> {
     let file = file_users(path);
-    let (status, body) = admin(tg, Method::GET, "/admin/users", None);
+    let (status, body) = tg.admin_call(Method::GET, "/admin/users", None);
     if status != 200 {
         return vec![format!("GET /admin/users: {status}")];
     }

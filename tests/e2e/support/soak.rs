@@ -29,6 +29,35 @@ impl Rng {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.next() % 100 < percent
     }
+    /// A key of `map` at random (`None` when it is empty).
+    pub fn pick_key<K: Clone, V>(&mut self, map: &BTreeMap<K, V>) -> Option<K> {
+        if map.is_empty() {
+            return None;
+        }
+        let i = self.below(map.len());
+        map.keys().nth(i).cloned()
+    }
+}
+
+/// A new value for one of the fields the soaks edit (`Null`: remove it), at edit `step`.
+/// `maxIps` is at least `min_max_ips`, so that the traffic's own addresses never disable a user
+/// (an auto-ban would be a second writer of `disabledReason`). `ip` is only ever cleared.
+pub fn field_value(rng: &mut Rng, field: &str, step: u64, min_max_ips: usize) -> Value {
+    match field {
+        "nickname" if rng.chance(15) => Value::Null,
+        "nickname" => json!(format!("nick-{step}")),
+        "type" => json!(["normal", "special"][rng.below(2)]),
+        "maxIps" if rng.chance(15) => Value::Null,
+        "maxIps" => json!(min_max_ips + rng.below(6)),
+        "adminNote" if rng.chance(15) => Value::Null,
+        "adminNote" => json!(format!("note-{step}")),
+        "tokenLimits" if rng.chance(20) => json!({}),
+        "tokenLimits" => json!({"gpt4": 1 + rng.below(1000)}),
+        "ip" => json!([]),
+        "disabledReason" if rng.chance(50) => Value::Null,
+        "disabledReason" => json!(format!("reason-{step}")),
+        _ => unreachable!("{field}"),
+    }
 }
 
 /// A soak knob (`TOLLGATE_SOAK_SEED`, `…_ITERATIONS`, `…_OPS_SECONDS`), when set and a number.

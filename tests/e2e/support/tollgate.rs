@@ -371,6 +371,23 @@ impl Tollgate {
             .bearer_auth(ADMIN_KEY)
     }
 
+    /// An admin API call with the admin key and an optional JSON body: its status and JSON
+    /// answer (`Null` when the answer is not JSON).
+    pub fn admin_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.admin_request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(serde_json::Value::Null))
+    }
+
     /// Creates a user over the admin API and returns its token.
     pub fn create_user(&self, body: serde_json::Value) -> String {
         let response = self
