@@ -117,6 +117,25 @@ async fn a_stored_ip_list_with_a_non_string_entry_keeps_its_addresses() {
     );
 }
 
+/// Starts following the database's change stream into `cache`, as the running proxy does:
+/// the store's status, the sender that stops it, and its task.
+fn follow(
+    store: &Arc<FirebaseStore>,
+    cache: &Arc<UserCache>,
+) -> (
+    Arc<crate::store::StoreStatus>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let status = crate::store::StoreStatus::new("firebase_rtdb", Arc::clone(cache));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let follower = {
+        let (store, cache, status) = (Arc::clone(store), Arc::clone(cache), Arc::clone(&status));
+        tokio::spawn(async move { store.follow(cache, status, shutdown).await })
+    };
+    (status, stop, follower)
+}
+
 fn patch(value: Value) -> crate::users::UserPatch {
     serde_json::from_value(value).unwrap()
 }
@@ -252,12 +271,7 @@ async fn a_store_edit_arriving_during_a_write_of_the_same_field_wins_after_it() 
     db.set("/users/y", stored_user("y", json!({}))).unwrap();
     let store = Arc::new(store(&db));
     let cache = Arc::new(loaded(&store).await);
-    let status = crate::store::StoreStatus::new("firebase_rtdb", Arc::clone(&cache));
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let follower = {
-        let (store, cache, status) = (Arc::clone(&store), Arc::clone(&cache), Arc::clone(&status));
-        tokio::spawn(async move { store.follow(cache, status, shutdown).await })
-    };
+    let (status, stop, follower) = follow(&store, &cache);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !status.cache_is_current() {
         assert!(
@@ -529,12 +543,7 @@ async fn a_snapshot_older_than_a_confirmed_creation_keeps_the_user_and_its_edit(
         )
         .times(1),
     );
-    let status = crate::store::StoreStatus::new("firebase_rtdb", Arc::clone(&cache));
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let follower = {
-        let (store, cache, status) = (Arc::clone(&store), Arc::clone(&cache), Arc::clone(&status));
-        tokio::spawn(async move { store.follow(cache, status, shutdown).await })
-    };
+    let (status, stop, follower) = follow(&store, &cache);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while db.open_streams() == 0 {
         assert!(tokio::time::Instant::now() < deadline, "the stream opens");
