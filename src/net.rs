@@ -210,6 +210,7 @@ mod tests {
             tcp_keepalive: true,
             header_timeout: None,
             body_timeout: None,
+            send_timeout: None,
             max_connections_per_ip: 0,
             max_body_bytes: None,
         };

@@ -66,6 +66,10 @@ pub struct ClientsConfig {
     /// Longest wait for the next bytes of a request body (`None`: no limit of its own), as
     /// nginx's `client_body_timeout`.
     pub body_timeout: Option<Duration>,
+    /// Longest wait for a client to take the next bytes of its answer (`None`: no limit, Pingora's
+    /// behaviour), as nginx's `send_timeout`: a client that stops reading otherwise held its
+    /// connection, and the upstream connection feeding it, for good.
+    pub send_timeout: Option<Duration>,
     /// Open proxy connections one address (an IPv6 /64) may hold; 0: no cap.
     pub max_connections_per_ip: u32,
     /// Largest proxied request body (`None`: no limit), as nginx's `client_max_body_size`.
@@ -448,11 +452,14 @@ impl Builder<'_> {
         at_most_a_year(self.origin, "clients.header_timeout_seconds", header)?;
         let body = raw.body_timeout_seconds;
         at_most_a_year(self.origin, "clients.body_timeout_seconds", body)?;
+        let send = raw.send_timeout_seconds;
+        at_most_a_year(self.origin, "clients.send_timeout_seconds", send)?;
         Ok(ClientsConfig {
             keepalive_timeout_seconds: seconds,
             tcp_keepalive: raw.tcp_keepalive,
             header_timeout: (header > 0).then(|| Duration::from_secs(header)),
             body_timeout: (body > 0).then(|| Duration::from_secs(body)),
+            send_timeout: (send > 0).then(|| Duration::from_secs(send)),
             max_connections_per_ip: raw.max_connections_per_ip,
             max_body_bytes: (raw.max_body_bytes > 0).then_some(raw.max_body_bytes),
         })

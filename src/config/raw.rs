@@ -330,6 +330,8 @@ pub struct RawClients {
     pub header_timeout_seconds: u64,
     #[serde(default = "default_client_body_timeout")]
     pub body_timeout_seconds: u64,
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout_seconds: u64,
     #[serde(default)]
     pub max_connections_per_ip: u32,
     #[serde(default = "default_client_max_body")]
@@ -350,6 +352,11 @@ fn default_client_body_timeout() -> u64 {
     60
 }
 
+/// nginx's `send_timeout`.
+fn default_send_timeout() -> u64 {
+    60
+}
+
 fn default_client_keepalive() -> u64 {
     60
 }
@@ -361,6 +368,7 @@ impl Default for RawClients {
             tcp_keepalive: true,
             header_timeout_seconds: default_header_timeout(),
             body_timeout_seconds: default_client_body_timeout(),
+            send_timeout_seconds: default_send_timeout(),
             max_connections_per_ip: 0,
             max_body_bytes: default_client_max_body(),
         }

@@ -664,6 +664,7 @@ fn client_connection_settings_have_defaults_and_bounds() {
     assert!(c.clients.tcp_keepalive);
     assert_eq!(c.clients.header_timeout, Some(Duration::from_secs(60)));
     assert_eq!(c.clients.body_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(c.clients.send_timeout, Some(Duration::from_secs(60)));
     assert_eq!(c.clients.max_connections_per_ip, 0);
     assert_eq!(c.clients.max_body_bytes, Some(100 * 1024 * 1024));
     let c = load(&format!("{MINIMAL}clients: {{max_body_bytes: 0}}\n"), &[]).unwrap();
@@ -671,13 +672,14 @@ fn client_connection_settings_have_defaults_and_bounds() {
     let c = load(
         &format!(
             "{MINIMAL}clients: {{header_timeout_seconds: 0, body_timeout_seconds: 0, \
-             max_connections_per_ip: 64}}\n"
+             send_timeout_seconds: 0, max_connections_per_ip: 64}}\n"
         ),
         &[],
     )
     .unwrap();
     assert_eq!(c.clients.header_timeout, None);
     assert_eq!(c.clients.body_timeout, None);
+    assert_eq!(c.clients.send_timeout, None);
     assert_eq!(c.clients.max_connections_per_ip, 64);
     let err = load(
         &format!("{MINIMAL}clients: {{header_timeout_seconds: 31536001}}\n"),
@@ -691,6 +693,12 @@ fn client_connection_settings_have_defaults_and_bounds() {
     )
     .unwrap_err();
     assert_eq!(err.key, "clients.body_timeout_seconds");
+    let err = load(
+        &format!("{MINIMAL}clients: {{send_timeout_seconds: 31536001}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "clients.send_timeout_seconds");
     let err = load(
         &format!("{MINIMAL}clients: {{max_connections_per_ip: -1}}\n"),
         &[],

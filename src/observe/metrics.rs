@@ -25,7 +25,8 @@ pub enum Outcome {
     UpstreamError,
     /// A CORS preflight answered by tollgate itself.
     Preflight,
-    /// The client went away before its answer was complete.
+    /// The client went away before its answer was complete, or stopped reading it
+    /// (`clients.send_timeout_seconds`).
     ClientClosed,
 }
 
@@ -78,6 +79,7 @@ pub struct Metrics {
     connect_failures: IntCounter,
     connections_refused: IntCounter,
     header_timeouts: IntCounter,
+    send_timeouts: IntCounter,
     /// Clients refused with 429 lately, by their limit key.
     limited_clients: RecentClients,
     limited_clients_gauge: IntGauge,
@@ -152,6 +154,12 @@ impl Metrics {
                  clients.header_timeout_seconds",
             )
             .expect("valid metric"),
+            send_timeouts: IntCounter::new(
+                "tollgate_client_send_timeouts_total",
+                "Proxied requests ended because the client took none of its answer for \
+                 clients.send_timeout_seconds",
+            )
+            .expect("valid metric"),
             limited_clients: RecentClients::default(),
             limited_clients_gauge: IntGauge::new(
                 "tollgate_rate_limited_clients",
@@ -169,6 +177,7 @@ impl Metrics {
             Box::new(metrics.connect_failures.clone()),
             Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.header_timeouts.clone()),
+            Box::new(metrics.send_timeouts.clone()),
             Box::new(metrics.limited_clients_gauge.clone()),
             Box::new(metrics.users.clone()),
             Box::new(metrics.pending.clone()),
@@ -210,6 +219,10 @@ impl Metrics {
 
     pub fn record_header_timeout(&self) {
         self.header_timeouts.inc();
+    }
+
+    pub fn record_send_timeout(&self) {
+        self.send_timeouts.inc();
     }
 
     /// The text exposition, with gauges refreshed from `gauges`.

@@ -6,7 +6,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::support::tollgate::Tollgate;
-use crate::support::{closed_within, one_exchange, wait_until, Origin, TollgateBuilder};
+use crate::support::{
+    closed_within, metric_sample, one_exchange, wait_until, Origin, TollgateBuilder,
+};
 
 fn metric(tg: &Tollgate, name: &str) -> u64 {
     tg.metrics()
@@ -195,4 +197,98 @@ fn a_fresh_connection_that_sends_nothing_is_closed_after_the_keepalive_timeout()
         "a silent new admin connection still open"
     );
     assert_eq!(metric(&tg, "tollgate_client_header_timeouts_total"), 0);
+}
+
+/// Sends a GET for an answer of `bytes` bytes on a new connection and never reads it.
+fn request_without_reading(tg: &Tollgate, bytes: usize) -> TcpStream {
+    let mut conn = tg.proxy_connection();
+    write!(
+        conn,
+        "GET /big HTTP/1.1\r\nHost: tollgate\r\nx-origin-body-bytes: {bytes}\r\n\r\n"
+    )
+    .unwrap();
+    conn
+}
+
+/// Pingora waits without limit for a client to take its answer: a client that stopped reading
+/// held its connection and the upstream connection feeding it (two descriptors) for good,
+/// whatever the other timeouts said. After `clients.send_timeout_seconds` both are closed and
+/// the request counts as `client_closed`; other clients are served meanwhile and after.
+#[test]
+fn a_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  send_timeout_seconds: 1\n")
+        .start();
+    let before = tg.open_fds();
+    // Far more than the loopback sockets' buffers take.
+    let stalled: Vec<TcpStream> = (0..4)
+        .map(|_| request_without_reading(&tg, 32 << 20))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || origin.count() == 4),
+        "the origin saw {} requests",
+        origin.count()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || tg.open_fds() <= before),
+        "{} descriptors held by 4 clients that stopped reading ({before} before)",
+        tg.open_fds()
+    );
+    let scrape = tg.metrics();
+    assert_eq!(
+        metric_sample(&scrape, "tollgate_client_send_timeouts_total"),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric_sample(
+            &scrape,
+            r#"tollgate_requests_total{mode="none",result="client_closed"}"#
+        ),
+        Some(4.0),
+        "{scrape}"
+    );
+    assert!(one_exchange(&mut tg.proxy_connection(), "/after").starts_with("HTTP/1.1 200"));
+    drop(stalled);
+}
+
+/// The admin listener alike: a client that stops reading a full user list (here 16 MB) does
+/// not hold the list and its connection for good.
+#[test]
+fn an_admin_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("clients:\n  send_timeout_seconds: 1\n")
+        .start();
+    let note = "n".repeat(1000);
+    let users: Vec<serde_json::Value> = (0..16_000)
+        .map(|i| serde_json::json!({"token": format!("user-{i:05}"), "adminNote": note}))
+        .collect();
+    let (status, _) = tg.admin_call(
+        reqwest::Method::PUT,
+        "/admin/users",
+        Some(serde_json::json!({ "users": users })),
+    );
+    assert_eq!(status, 200);
+    let before = tg.open_fds();
+    let mut conn = tg.admin_connection();
+    write!(
+        conn,
+        "GET /admin/users HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {}\r\n\r\n",
+        crate::support::tollgate::ADMIN_KEY
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || tg.open_fds() > before),
+        "the admin connection was accepted"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || tg.open_fds() <= before),
+        "{} descriptors held by an admin client that stopped reading ({before} before)",
+        tg.open_fds()
+    );
+    let (status, _) = tg.admin_call(reqwest::Method::GET, "/admin/users/user-00001", None);
+    assert_eq!(status, 200);
+    drop(conn);
 }

@@ -13,5 +13,6 @@ mod openapi;
 mod operations;
 mod proxying;
 mod rate_limit;
+mod resources;
 mod scripts;
 mod sqlite;
