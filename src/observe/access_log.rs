@@ -1,14 +1,14 @@
 //! The optional access log: one JSON line per request, on stdout or appended to a file.
 //! Requests only push a line into a bounded channel; a background service writes them, so a
 //! slow terminal, pipe or disk never slows the proxy (lines are dropped and counted when the
-//! channel is full).
+//! channel is full, or holds [`QUEUED_BYTES_MAX`]).
 
 use std::fs::File;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,15 @@ use tokio::sync::mpsc;
 use crate::users::UserRecord;
 
 const CHANNEL_LINES: usize = 65_536;
+/// Most bytes of lines waiting for the writer. The line count alone let a client that chose
+/// long paths (a request target may be 64 KiB) queue gigabytes while the output was stuck;
+/// 16 MiB is the 65,536 lines' worth at about 250 bytes a line, as ordinary requests write.
+const QUEUED_BYTES_MAX: usize = 16 << 20;
+/// The batch buffer's capacity kept between batches.
+const BATCH_CAPACITY: usize = 64 * 1024;
+/// A batch is written once it holds this much, so that lines taken from the queue while
+/// requests keep adding to it do not pile up in the buffer instead.
+const BATCH_MAX: usize = 1 << 20;
 /// How often a log file's path is checked for rotation.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
@@ -47,6 +56,8 @@ struct Line<'a> {
 pub struct AccessLog {
     sender: mpsc::Sender<String>,
     dropped: Arc<AtomicU64>,
+    /// Bytes of the lines in the channel.
+    queued: Arc<AtomicUsize>,
 }
 
 /// The writer side: a Pingora background service while the process serves, and
@@ -62,6 +73,7 @@ struct WriterInner {
     receiver: tokio::sync::Mutex<mpsc::Receiver<String>>,
     sink: parking_lot::Mutex<Sink>,
     dropped: Arc<AtomicU64>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl AccessLog {
@@ -73,14 +85,23 @@ impl AccessLog {
         });
         let (sender, receiver) = mpsc::channel(CHANNEL_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicUsize::new(0));
         let writer = AccessLogWriter {
             inner: Arc::new(WriterInner {
                 receiver: tokio::sync::Mutex::new(receiver),
                 sink: parking_lot::Mutex::new(sink),
                 dropped: Arc::clone(&dropped),
+                queued: Arc::clone(&queued),
             }),
         };
-        Ok((Self { sender, dropped }, writer))
+        Ok((
+            Self {
+                sender,
+                dropped,
+                queued,
+            },
+            writer,
+        ))
     }
 
     pub fn write(
@@ -106,7 +127,15 @@ impl AccessLog {
         let Ok(json) = serde_json::to_string(&line) else {
             return;
         };
-        if self.sender.try_send(json).is_err() {
+        self.enqueue(json);
+    }
+
+    /// Queues `line` unless the queue is full (in lines or bytes); a dropped line is counted.
+    fn enqueue(&self, line: String) {
+        let len = line.len();
+        let queued = self.queued.fetch_add(len, Ordering::Relaxed);
+        if queued + len > QUEUED_BYTES_MAX || self.sender.try_send(line).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -125,7 +154,10 @@ impl AccessLogWriter {
     /// reports lines dropped along the way. Call once every service has stopped.
     pub fn finish(&self) {
         if let Ok(mut receiver) = self.inner.receiver.try_lock() {
-            self.inner.sink.lock().write_queued(None, &mut receiver);
+            self.inner
+                .sink
+                .lock()
+                .write_queued(None, &mut receiver, &self.inner.queued);
         }
         let dropped = self.inner.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
@@ -145,7 +177,7 @@ impl BackgroundService for AccessLogWriter {
             self.inner
                 .sink
                 .lock()
-                .write_queued(Some(line), &mut receiver);
+                .write_queued(Some(line), &mut receiver, &self.inner.queued);
         }
     }
 }
@@ -164,18 +196,28 @@ enum Target {
 impl Sink {
     fn new(target: Target) -> Self {
         Self {
-            buffer: Vec::with_capacity(64 * 1024),
+            buffer: Vec::with_capacity(BATCH_CAPACITY),
             target,
         }
     }
 
-    /// `first`, then every line already queued, written with one call.
-    fn write_queued(&mut self, first: Option<String>, receiver: &mut mpsc::Receiver<String>) {
+    /// `first`, then every line already queued, written with one call per [`BATCH_MAX`]
+    /// bytes (whole lines); `queued` counts the bytes of the lines still in the channel.
+    fn write_queued(
+        &mut self,
+        first: Option<String>,
+        receiver: &mut mpsc::Receiver<String>,
+        queued: &AtomicUsize,
+    ) {
         for line in first
             .into_iter()
             .chain(std::iter::from_fn(|| receiver.try_recv().ok()))
         {
+            queued.fetch_sub(line.len(), Ordering::Relaxed);
             self.write_line(&line);
+            if self.buffer.len() >= BATCH_MAX {
+                self.flush();
+            }
         }
         self.flush();
     }
@@ -186,6 +228,9 @@ impl Sink {
     }
 
     fn flush(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
         match &mut self.target {
             Target::Stdout => {
                 let mut out = std::io::stdout().lock();
@@ -194,6 +239,7 @@ impl Sink {
             Target::File(file) => file.append(&self.buffer),
         }
         self.buffer.clear();
+        self.buffer.shrink_to(BATCH_CAPACITY);
     }
 }
 

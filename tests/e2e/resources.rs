@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::support::tollgate::Tollgate;
-use crate::support::{wait_until, Origin, TollgateBuilder};
+use crate::support::{read_answer, wait_until, Origin, TollgateBuilder};
 
 /// The largest resident memory seen while sampling for `window`.
 fn peak_rss_kib(tg: &Tollgate, window: Duration) -> u64 {
@@ -46,4 +46,57 @@ fn clients_that_do_not_read_large_answers_do_not_make_tollgate_hold_them() {
         "{grown_kib} KiB more resident memory with 8 clients not reading 64 MiB answers"
     );
     drop(stalled);
+}
+
+/// Sends `count` GETs of `path` on one connection (answers of 2 bytes), each answer read
+/// before the next request.
+fn requests_on_one_connection(tg: &Tollgate, path: &str, count: usize) {
+    let conn = tg.proxy_connection();
+    conn.set_nodelay(true).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(conn);
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: tollgate\r\nx-origin-body-bytes: 2\r\n\r\n");
+    for _ in 0..count {
+        writer.write_all(request.as_bytes()).unwrap();
+        let answer = read_answer(&mut reader);
+        assert!(answer.status.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
+}
+
+/// Access log lines wait in a queue for the writer. With the output stuck (a pipe nobody
+/// reads, a hung disk) the queue was bounded by its 65,536 lines only, and a client chooses
+/// how long its lines are: a path may be 64 KiB, so gigabytes could wait. The queue holds a
+/// bounded number of bytes; lines past it are dropped and counted.
+#[test]
+fn a_stuck_access_log_output_queues_a_bounded_amount_of_lines() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("access.pipe");
+    let c_path = std::ffi::CString::new(pipe.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // Opened for reading (so that tollgate's open for writing does not wait) and never read.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&pipe)
+        .unwrap();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .dir(dir)
+        .yaml("access_log:\n  enabled: true\n  path: access.pipe\n")
+        .yaml("rate_limit:\n  requests_per_minute: 0\n")
+        .start();
+    let before = tg.rss_kib();
+    let path = format!("/{}", "p".repeat(60_000));
+    // 120 MB of lines.
+    requests_on_one_connection(&tg, &path, 2_000);
+    let grown_kib = tg.rss_kib().saturating_sub(before);
+    assert!(
+        grown_kib < 64 << 10,
+        "{grown_kib} KiB more resident memory after 120 MB of access log lines nobody took"
+    );
+    requests_on_one_connection(&tg, "/after", 1);
 }
