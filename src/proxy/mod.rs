@@ -912,10 +912,26 @@ fn remove_forwarding_headers(req: &mut RequestHeader) {
     }
 }
 
-/// Method and path without the query string, which may carry `key=<token>`.
+/// Longest path logged in full: a request target may be 64 KiB, and every upstream failure
+/// logs one (nginx cuts its error lines at 2 KiB).
+const LOGGED_PATH_MAX: usize = 512;
+
+/// Method and path without the query string, which may carry `key=<token>`; a path over
+/// [`LOGGED_PATH_MAX`] bytes is cut, with its length said.
 fn redacted_path(session: &Session) -> String {
     let req = session.req_header();
-    format!("{} {}", req.method, req.uri.path())
+    format!("{} {}", req.method, logged_path(req.uri.path()))
+}
+
+fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= LOGGED_PATH_MAX {
+        return path.into();
+    }
+    let mut end = LOGGED_PATH_MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &path[..end], path.len()).into()
 }
 
 #[cfg(test)]
@@ -943,6 +959,15 @@ mod tests {
         ] {
             assert!(!readable(target), "{}", String::from_utf8_lossy(target));
         }
+    }
+
+    #[test]
+    fn long_paths_are_cut_for_the_log() {
+        assert_eq!(logged_path("/v1/chat"), "/v1/chat");
+        let long = format!("/{}", "é".repeat(400));
+        let logged = logged_path(&long);
+        assert!(logged.len() < LOGGED_PATH_MAX + 20, "{logged}");
+        assert!(logged.ends_with("... (801 bytes)"), "{logged}");
     }
 
     #[test]

@@ -100,3 +100,29 @@ fn a_stuck_access_log_output_queues_a_bounded_amount_of_lines() {
     );
     requests_on_one_connection(&tg, "/after", 1);
 }
+
+/// Every upstream failure is logged with its request's path, which a client chooses and may
+/// make 64 KiB long: a line that size per request (a log shipper may drop or split it). The
+/// path is cut to 512 bytes in the log.
+#[test]
+fn log_lines_about_a_request_do_not_carry_its_whole_long_path() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let tg = TollgateBuilder::new(dead).mode("none").start();
+    let path = format!("/{}", "p".repeat(60_000));
+    let mut conn = tg.proxy_connection();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+    let answer = read_answer(&mut std::io::BufReader::new(conn));
+    assert!(answer.status.starts_with("HTTP/1.1 502"), "{answer:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || tg
+            .log()
+            .contains("upstream failure")),
+        "{}",
+        tg.log()
+    );
+    let longest = tg.log().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2048, "a log line of {longest} bytes");
+}
