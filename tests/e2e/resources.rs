@@ -165,7 +165,7 @@ fn series(tg: &Tollgate) -> Vec<String> {
 
 /// A distinct client address for `i`: IPv4, or an IPv6 address in a /64 of its own.
 fn client_ip(i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
     } else {
         format!("2001:db8:{:x}:{:x}::1", i >> 16, i & 0xffff)
