@@ -55,9 +55,6 @@ pub struct AdminService {
     body_read_timeout: Duration,
     /// `clients.keepalive_timeout_seconds` (0: no limit); Pingora's own is 60 s.
     keepalive_timeout_seconds: u64,
-    /// `clients.send_timeout_seconds`: a client that stops reading its answer (a full user
-    /// list can be hundreds of megabytes) does not hold it, and its connection, for good.
-    send_timeout: Option<Duration>,
 }
 
 enum Route<'a> {
@@ -91,7 +88,6 @@ impl AdminService {
             max_body_bytes: admin.max_body_bytes,
             body_read_timeout: admin.body_read_timeout,
             keepalive_timeout_seconds: config.clients.keepalive_timeout_seconds,
-            send_timeout: config.clients.send_timeout,
         }
     }
 
@@ -247,7 +243,6 @@ impl ServeHttp for AdminService {
             session.set_keepalive(Some(self.keepalive_timeout_seconds));
         }
         connection::header_received(session);
-        session.set_write_timeout(self.send_timeout);
         let response = self.handle(session).await;
         // Reads from here on are the next request's header, or a body left unread that Pingora
         // drains before it reuses the connection: both under the header deadline.

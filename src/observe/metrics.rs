@@ -156,8 +156,8 @@ impl Metrics {
             .expect("valid metric"),
             send_timeouts: IntCounter::new(
                 "tollgate_client_send_timeouts_total",
-                "Proxied requests ended because the client took none of its answer for \
-                 clients.send_timeout_seconds",
+                "Client connections (proxy and admin listeners) closed because the client \
+                 took none of its answer for clients.send_timeout_seconds",
             )
             .expect("valid metric"),
             limited_clients: RecentClients::default(),

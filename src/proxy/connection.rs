@@ -14,6 +14,11 @@
 //!   byte whatever `clients.keepalive_timeout_seconds` says (it applies that setting from the
 //!   second request on); a connection that sends nothing is closed after the keep-alive
 //!   timeout instead.
+//! - a **send deadline** (proxy and admin listeners): a client that takes none of its answer
+//!   for `clients.send_timeout_seconds` is disconnected (nginx's `send_timeout`). Pingora's own
+//!   write timeout times a whole write (a 64 KiB piece of a proxied answer, a whole admin
+//!   answer of maybe hundreds of megabytes), so a slow reader making progress would be cut; this
+//!   one restarts whenever any bytes are taken.
 //! - a **per-address connection cap** (proxy listener, `clients.max_connections_per_ip`; an
 //!   IPv6 /64 counts as one address): a connection over it is answered `429` and closed, before any request is
 //!   read. Trusted proxies carry many clients' connections and are exempt.
@@ -69,6 +74,7 @@ impl ConnectionLimits {
             timeouts: Timeouts {
                 header: config.clients.header_timeout,
                 first_byte: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
+                send: config.clients.send_timeout,
             },
             max_per_ip: config.clients.max_connections_per_ip,
             trusted_proxies: config.trusted_proxies.clone(),
@@ -93,11 +99,13 @@ pub struct Timeouts {
     pub header: Option<Duration>,
     /// A new connection's wait for its first byte (`None`: Pingora's 60 s).
     pub first_byte: Option<Duration>,
+    /// A write's wait for the client to take any bytes (`None`: no deadline).
+    pub send: Option<Duration>,
 }
 
 impl Timeouts {
     fn any(self) -> bool {
-        self.header.is_some() || self.first_byte.is_some()
+        self.header.is_some() || self.first_byte.is_some() || self.send.is_some()
     }
 }
 
@@ -263,6 +271,8 @@ pub struct GuardedStream {
     header_started: bool,
     /// The armed deadline: the header's, or a new connection's wait for its first byte.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Armed while a write waits for the client to take bytes ([`Timeouts::send`]).
+    send_deadline: Option<Pin<Box<Sleep>>>,
     _slot: Option<ConcurrencySlot>,
     metrics: Arc<Metrics>,
 }
@@ -291,6 +301,7 @@ impl GuardedStream {
             seen_phase: 0,
             header_started: false,
             deadline: None,
+            send_deadline: None,
             _slot: slot,
             metrics,
         }
@@ -330,6 +341,36 @@ impl GuardedStream {
     }
 }
 
+impl GuardedStream {
+    /// A write's outcome `written`: a write that waits arms the send deadline, and fails once
+    /// it passed; any bytes taken disarm it.
+    fn poll_sent(
+        &mut self,
+        written: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if !written.is_pending() {
+            self.send_deadline = None;
+            return written;
+        }
+        let Some(timeout) = self.timeouts.send else {
+            return Poll::Pending;
+        };
+        let deadline = self
+            .send_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.send_deadline = None;
+        self.metrics.record_send_timeout();
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took none of its answer for {timeout:?}"),
+        )))
+    }
+}
+
 impl AsyncRead for GuardedStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -364,19 +405,23 @@ impl AsyncRead for GuardedStream {
 
 impl AsyncWrite for GuardedStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.poll_sent(written, cx)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.poll_sent(written, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

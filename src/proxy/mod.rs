@@ -62,9 +62,6 @@ pub struct Proxy {
     too_large: ErrorReply,
     /// Longest wait for a request body's next bytes (`clients.body_timeout_seconds`).
     body_timeout: Option<Duration>,
-    /// Longest wait for the client to take the next bytes of its answer
-    /// (`clients.send_timeout_seconds`).
-    send_timeout: Option<Duration>,
     /// Set once `X-Forwarded-For` was seen from a peer outside `trusted_proxies` (logged once).
     untrusted_forwarding_seen: AtomicBool,
     /// Says when this process hands its listeners over or stops ([`StoreStatus::is_leaving`]).
@@ -251,7 +248,6 @@ impl Proxy {
                 ),
             ),
             body_timeout: config.clients.body_timeout,
-            send_timeout: config.clients.send_timeout,
             untrusted_forwarding_seen: AtomicBool::new(false),
             status,
             metrics,
@@ -532,9 +528,6 @@ impl ProxyHttp for Proxy {
         // Pingora times each body read with this; the header is read by now, and the next
         // request on the connection gets a new session.
         session.set_read_timeout(self.body_timeout);
-        // Pingora waits without limit for a client to take its answer: one that stops reading
-        // held its connection and the upstream connection feeding it for good.
-        session.set_write_timeout(self.send_timeout);
         Ok(())
     }
 
@@ -766,16 +759,6 @@ impl ProxyHttp for Proxy {
                 ),
             ),
             ErrorSource::Downstream => {
-                if e.etype() == &ErrorType::WriteTimedout {
-                    // The client took none of its answer for `clients.send_timeout_seconds`:
-                    // there is nobody reading to answer.
-                    self.metrics.record_send_timeout();
-                    ctx.outcome = Outcome::ClientClosed;
-                    return FailToProxy {
-                        error_code: 0,
-                        can_reuse_downstream: false,
-                    };
-                }
                 if matches!(
                     e.etype(),
                     ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed

@@ -253,16 +253,10 @@ fn a_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
     drop(stalled);
 }
 
-/// The admin listener alike: a client that stops reading a full user list (here 16 MB) does
-/// not hold the list and its connection for good.
-#[test]
-fn an_admin_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
-    let origin = Origin::start();
-    let tg = TollgateBuilder::new(origin.addr)
-        .yaml("clients:\n  send_timeout_seconds: 1\n")
-        .start();
+/// Imports `count` users with a 1,000-byte note each: a user list of about a kilobyte per user.
+fn import_users_with_notes(tg: &Tollgate, count: usize) {
     let note = "n".repeat(1000);
-    let users: Vec<serde_json::Value> = (0..16_000)
+    let users: Vec<serde_json::Value> = (0..count)
         .map(|i| serde_json::json!({"token": format!("user-{i:05}"), "adminNote": note}))
         .collect();
     let (status, _) = tg.admin_call(
@@ -271,7 +265,10 @@ fn an_admin_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout()
         Some(serde_json::json!({ "users": users })),
     );
     assert_eq!(status, 200);
-    let before = tg.open_fds();
+}
+
+/// Asks for the whole user list on a new admin connection.
+fn list_users(tg: &Tollgate) -> TcpStream {
     let mut conn = tg.admin_connection();
     write!(
         conn,
@@ -279,6 +276,20 @@ fn an_admin_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout()
         crate::support::tollgate::ADMIN_KEY
     )
     .unwrap();
+    conn
+}
+
+/// The admin listener alike: a client that stops reading a full user list (here 16 MB) does
+/// not hold the list and its connection for good.
+#[test]
+fn an_admin_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("clients:\n  send_timeout_seconds: 1\n")
+        .start();
+    import_users_with_notes(&tg, 16_000);
+    let before = tg.open_fds();
+    let conn = list_users(&tg);
     assert!(
         wait_until(Duration::from_secs(10), || tg.open_fds() > before),
         "the admin connection was accepted"
@@ -288,7 +299,57 @@ fn an_admin_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout()
         "{} descriptors held by an admin client that stopped reading ({before} before)",
         tg.open_fds()
     );
+    assert_eq!(metric(&tg, "tollgate_client_send_timeouts_total"), 1);
     let (status, _) = tg.admin_call(reqwest::Method::GET, "/admin/users/user-00001", None);
     assert_eq!(status, 200);
     drop(conn);
+}
+
+/// The send timeout bounds a wait without progress, not the answer: a client reading an 8 MB
+/// user list slowly (64 KiB every 30 ms, through a 64 KiB receive buffer: seconds, far past the
+/// 1 s timeout) gets all of it. Pingora's own write timeout, which times a whole write, cut it.
+#[test]
+fn a_client_reading_slowly_gets_its_whole_answer() {
+    use std::os::fd::AsRawFd;
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .yaml("clients:\n  send_timeout_seconds: 1\n")
+        .start();
+    import_users_with_notes(&tg, 8_000);
+    let conn = list_users(&tg);
+    let size: libc::c_int = 64 * 1024;
+    // SAFETY: setsockopt(2) on an open socket with a c_int option value.
+    let set = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, conn);
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+    }
+    let length = length.expect("a content-length");
+    assert!(length > 8_000_000, "{length}");
+    let mut received = 0;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while received < length {
+        std::thread::sleep(Duration::from_millis(30));
+        let n = reader.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed after {received} of {length} bytes");
+        received += n;
+    }
+    assert_eq!(metric(&tg, "tollgate_client_send_timeouts_total"), 0);
 }
