@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::support::tollgate::{Tollgate, ADMIN_KEY};
-use crate::support::{metric_sample, read_answer, wait_until, Origin, TollgateBuilder};
+use crate::support::{client, metric_sample, read_answer, wait_until, Origin, TollgateBuilder};
 
 /// The largest resident memory seen while sampling for `window`.
 fn peak_rss_kib(tg: &Tollgate, window: Duration) -> u64 {
@@ -284,4 +284,40 @@ fn pingoras_request_header_limits_hold() {
     );
     assert!(status("/a", &within).starts_with("HTTP/1.1 200"));
     assert_eq!(origin.count(), 1);
+}
+
+/// At the process's descriptor limit (here lowered to 64) Pingora cannot accept: it logs
+/// `Too many open files` and pauses that listener's accepting for a second at a time, on the
+/// admin listener too (health probes fail meanwhile; docs/operations.md, Sizing). Once the
+/// idle connections that held the descriptors close, both listeners serve again.
+#[test]
+fn at_the_descriptor_limit_tollgate_pauses_accepting_and_recovers() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    let limit = libc::rlimit {
+        rlim_cur: 64,
+        rlim_max: 64,
+    };
+    // SAFETY: prlimit(2) on our own child, with a valid rlimit and no old value asked for.
+    let set = unsafe { libc::prlimit(tg.pid(), libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(set, 0);
+    let idle: Vec<TcpStream> = (0..80).map(|_| tg.proxy_connection()).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || tg
+            .log()
+            .contains("Too many open files")),
+        "{}",
+        tg.log()
+    );
+    drop(idle);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let mut conn = Conn::open(&tg);
+            conn.send("GET", "/after", "x-origin-body-bytes: 2\r\n")
+                .starts_with("HTTP/1.1 200")
+        }),
+        "not serving after the idle connections closed"
+    );
+    let health = client().get(tg.admin_url("/health")).send().unwrap();
+    assert_eq!(health.status(), 200);
 }
