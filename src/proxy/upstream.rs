@@ -31,6 +31,9 @@ impl Upstreams {
                 let mut peer = HttpPeer::new(upstream.addr, config.tls, upstream.sni.clone());
                 peer.options.connection_timeout = Some(config.connect_timeout);
                 peer.options.read_timeout = Some(config.read_timeout);
+                // Without it an upstream that never takes the request body held the request
+                // (both connections, its slot) for good: reads are timed only once it is sent.
+                peer.options.write_timeout = Some(config.read_timeout);
                 peer.options.idle_timeout = Some(config.idle_timeout);
                 peer.options.verify_cert = config.verify_cert;
                 peer.options.verify_hostname = config.verify_cert;

@@ -321,3 +321,68 @@ fn at_the_descriptor_limit_tollgate_pauses_accepting_and_recovers() {
     let health = client().get(tg.admin_url("/health")).send().unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// An upstream that accepts a request and never reads its body: tollgate stops reading the
+/// client's body too (nothing piles up), but it waited for that upstream without limit, with
+/// the client's connection, the upstream connection and the request's slot held, whatever
+/// `upstream.read_timeout_ms` said (read timeouts run only once a body is written). The
+/// upstream now gets `read_timeout_ms` to take each piece of the body, then the request ends
+/// as an upstream timeout.
+#[test]
+fn an_upstream_that_never_reads_the_request_body_is_given_up_on() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let (_held, _) = upstream.accept().unwrap();
+        let _ = released.recv();
+    });
+    let tg = TollgateBuilder::new(addr)
+        .mode("none")
+        .upstream_yaml("read_timeout_ms: 1000\n")
+        .start();
+    let before_rss = tg.rss_kib();
+    let mut conn = tg.proxy_connection();
+    conn.set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let total: usize = 64 << 20;
+    write!(
+        conn,
+        "POST /upload HTTP/1.1\r\nHost: tollgate\r\nContent-Length: {total}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    // Until the buffers between the client and the silent upstream are full.
+    while sent < total {
+        match conn.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < total,
+        "the whole body was taken by an upstream that reads nothing"
+    );
+    let grown_kib = tg.rss_kib().saturating_sub(before_rss);
+    assert!(grown_kib < 32 << 10, "{grown_kib} KiB more resident memory");
+    let upstream_failures = || {
+        metric_sample(
+            &tg.metrics(),
+            r#"tollgate_requests_total{mode="none",result="502"}"#,
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || upstream_failures() == Some(1.0)),
+        "the request still waits for the upstream: {:?}",
+        upstream_failures()
+    );
+    assert!(
+        tg.log()
+            .contains("upstream failure: WriteTimedout (POST /upload)"),
+        "{}",
+        tg.log()
+    );
+    drop(release);
+    holder.join().unwrap();
+}
