@@ -348,6 +348,24 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_holds_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, writer) = AccessLog::new(Some(&dir.path().join("a.log"))).unwrap();
+        let line = "x".repeat(1 << 20);
+        for _ in 0..20 {
+            log.enqueue(line.clone());
+        }
+        assert_eq!(log.queued.load(Ordering::Relaxed), QUEUED_BYTES_MAX);
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 4);
+        writer.finish();
+        assert_eq!(log.queued.load(Ordering::Relaxed), 0, "written, so room again");
+        let written = std::fs::read(dir.path().join("a.log")).unwrap();
+        assert_eq!(written.len(), 16 * ((1 << 20) + 1));
+        log.enqueue(line);
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
     fn token_id_is_short_and_stable() {
         let id = token_id("5d7c4c1e-2a55-4f6e-9d7a-0d1c2b3a4f5e");
         assert_eq!(id.len(), 16);
