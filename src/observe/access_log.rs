@@ -358,7 +358,11 @@ mod tests {
         assert_eq!(log.queued.load(Ordering::Relaxed), QUEUED_BYTES_MAX);
         assert_eq!(log.dropped.load(Ordering::Relaxed), 4);
         writer.finish();
-        assert_eq!(log.queued.load(Ordering::Relaxed), 0, "written, so room again");
+        assert_eq!(
+            log.queued.load(Ordering::Relaxed),
+            0,
+            "written, so room again"
+        );
         let written = std::fs::read(dir.path().join("a.log")).unwrap();
         assert_eq!(written.len(), 16 * ((1 << 20) + 1));
         log.enqueue(line);
