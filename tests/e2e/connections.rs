@@ -212,14 +212,15 @@ fn request_without_reading(tg: &Tollgate, bytes: usize) -> TcpStream {
 
 /// Pingora waits without limit for a client to take its answer: a client that stopped reading
 /// held its connection and the upstream connection feeding it (two descriptors) for good,
-/// whatever the other timeouts said. After `clients.send_timeout_seconds` both are closed and
-/// the request counts as `client_closed`; other clients are served meanwhile and after.
+/// whatever the other timeouts said. After `clients.send_timeout_seconds` both are closed, the
+/// request counts as `client_closed` and gives its `max_inflight` slot back.
 #[test]
 fn a_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
     let origin = Origin::start();
     let tg = TollgateBuilder::new(origin.addr)
         .mode("none")
         .yaml("clients:\n  send_timeout_seconds: 1\n")
+        .yaml("rate_limit:\n  max_inflight: 4\n")
         .start();
     let before = tg.open_fds();
     // Far more than the loopback sockets' buffers take.
@@ -249,7 +250,10 @@ fn a_client_that_stops_reading_its_answer_is_cut_after_the_send_timeout() {
         Some(4.0),
         "{scrape}"
     );
-    assert!(one_exchange(&mut tg.proxy_connection(), "/after").starts_with("HTTP/1.1 200"));
+    assert!(
+        one_exchange(&mut tg.proxy_connection(), "/after").starts_with("HTTP/1.1 200"),
+        "the address's 4 slots are free again"
+    );
     drop(stalled);
 }
 
