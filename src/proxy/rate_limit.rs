@@ -60,7 +60,7 @@ pub enum RateDecision {
 pub struct SlidingWindowLimiter {
     sketch: WindowSketch,
     limit: u32,
-    window_ms: f64,
+    window_ms: u64,
     /// 1 + the newest sketch generation an event was counted in; 0 once none can be left
     /// (see [`check_rare`](Self::check_rare)).
     latest_event: AtomicU64,
@@ -72,7 +72,7 @@ impl SlidingWindowLimiter {
         Self {
             sketch: WindowSketch::new(window, slots),
             limit,
-            window_ms: window.as_millis() as f64,
+            window_ms: window_ms(window),
             latest_event: AtomicU64::new(0),
         }
     }
@@ -166,9 +166,9 @@ impl SlidingWindowLimiter {
     #[inline]
     fn window(&self, counts: Counts) -> Window {
         Window {
-            previous: f64::from(counts.previous),
-            current: f64::from(counts.current),
-            elapsed: counts.elapsed.clamp(0.0, 1.0),
+            previous: u64::from(counts.previous),
+            current: u64::from(counts.current),
+            elapsed_ms: counts.elapsed_ms.min(self.window_ms - 1),
             length_ms: self.window_ms,
         }
     }
@@ -215,12 +215,18 @@ impl Slot {
 }
 
 /// A key's counts in the previous and current windows, and how far into the current window
-/// we are (0..1).
+/// we are (ms, below the window's length).
 #[derive(Clone, Copy, Debug)]
 struct Counts {
     previous: u32,
     current: u32,
-    elapsed: f64,
+    elapsed_ms: u64,
+}
+
+/// The window's length in ms: at least 1, and at most 2^30 (12 days; the configuration allows
+/// an hour), so that the window arithmetic (counts below 2^32 times this) fits in a `u64`.
+fn window_ms(window: Duration) -> u64 {
+    (window.as_millis() as u64).clamp(1, 1 << 30)
 }
 
 /// Two count-min sketches, one per window, that rotate like pingora-limits' `Rate` (the
@@ -251,7 +257,7 @@ impl WindowSketch {
                 .map(|_| Block(std::array::from_fn(|_| AtomicU32::new(0))))
                 .collect(),
             generation: AtomicU64::new(0),
-            interval_ms: (window.as_millis() as u64).max(1),
+            interval_ms: window_ms(window),
             last_reset_ms: AtomicU64::new(0),
         }
     }
@@ -376,7 +382,7 @@ impl WindowSketch {
             previous,
             current: current_count,
             // Time since the (grid-aligned) start of the window `now` is in.
-            elapsed: (past % self.interval_ms) as f64 / self.interval_ms as f64,
+            elapsed_ms: past % self.interval_ms,
         };
         (counts, slot)
     }
@@ -395,64 +401,65 @@ impl WindowSketch {
     }
 }
 
-/// The two windows' counts and how far into the current one we are (0..1).
+/// The two windows' counts and how far into the current one we are. In integers, so that
+/// waits and resets are exact: in floating point, 70% into a 10 s window left 3000.0000000000005
+/// ms, announced as a 4 s wait.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Window {
-    previous: f64,
-    current: f64,
-    elapsed: f64,
-    length_ms: f64,
+    previous: u64,
+    current: u64,
+    /// Below `length_ms`.
+    elapsed_ms: u64,
+    length_ms: u64,
 }
 
 impl Window {
-    /// Events in the last window-length, assuming the previous window's were spread evenly.
-    fn estimate(&self) -> f64 {
-        self.previous * (1.0 - self.elapsed) + self.current
+    /// Events in the last window-length, assuming the previous window's were spread evenly,
+    /// times `length_ms` (exact: no division).
+    fn scaled_estimate(&self) -> u64 {
+        self.previous * (self.length_ms - self.elapsed_ms) + self.current * self.length_ms
     }
 
-    /// Milliseconds until the estimate falls to `target` if no more events arrive.
-    fn ms_until_at_most(&self, target: f64) -> f64 {
-        if self.estimate() <= target {
-            return 0.0;
+    /// Milliseconds (rounded up) until the estimate falls to `target` if no more events arrive.
+    fn ms_until_at_most(&self, target: u64) -> u64 {
+        let length = self.length_ms;
+        if self.scaled_estimate() <= target * length {
+            return 0;
         }
-        let rest_of_window = (1.0 - self.elapsed) * self.length_ms;
-        if self.current <= target && self.previous > 0.0 {
-            // Still inside this window: the previous minute's weight decays linearly.
-            let needed_elapsed = 1.0 - (target - self.current) / self.previous;
-            return ((needed_elapsed - self.elapsed) * self.length_ms).clamp(0.0, rest_of_window);
-        }
-        // Only after the boundary, when this window's events start decaying in turn.
-        let needed_fraction = if self.current > 0.0 {
-            1.0 - target / self.current
+        let rest_of_window = length - self.elapsed_ms;
+        if self.current <= target {
+            // Still inside this window (`previous` > 0, or the estimate would be at most
+            // `target`): the previous window's weight decays linearly; it is below the target
+            // by the end of this window.
+            (rest_of_window * self.previous - (target - self.current) * length)
+                .div_ceil(self.previous)
         } else {
-            0.0
-        };
-        rest_of_window + needed_fraction.clamp(0.0, 1.0) * self.length_ms
+            // Only after the boundary, when this window's events start decaying in turn.
+            rest_of_window + ((self.current - target) * length).div_ceil(self.current)
+        }
     }
 }
 
 /// Refuses when one more event would exceed `limit`; otherwise the budget left, after this
 /// event when it is `counted`.
 fn decide(window: Window, limit: u32, now_ms: u64, counted: bool) -> RateDecision {
-    let limit_f = f64::from(limit);
-    let estimate = window.estimate();
-    if estimate + 1.0 > limit_f {
-        let wait_ms = window.ms_until_at_most(limit_f - 1.0);
-        let reset_at_ms = now_ms + window.ms_until_at_most(0.0).ceil() as u64;
+    let scaled_limit = u64::from(limit) * window.length_ms;
+    if window.scaled_estimate() + window.length_ms > scaled_limit {
+        let wait_ms = window.ms_until_at_most(u64::from(limit).saturating_sub(1));
         return RateDecision::Limited {
             limit,
-            retry_after_secs: ((wait_ms / 1000.0).ceil() as u64).max(1),
-            reset_at_ms,
+            retry_after_secs: wait_ms.div_ceil(1000).max(1),
+            reset_at_ms: now_ms + window.ms_until_at_most(0),
         };
     }
     let after = Window {
-        current: window.current + if counted { 1.0 } else { 0.0 },
+        current: window.current + u64::from(counted),
         ..window
     };
     RateDecision::Allowed {
         limit,
-        remaining: (limit_f - after.estimate()).floor().max(0.0) as u32,
-        reset_at_ms: now_ms + after.ms_until_at_most(0.0).ceil() as u64,
+        remaining: (scaled_limit.saturating_sub(after.scaled_estimate()) / window.length_ms) as u32,
+        reset_at_ms: now_ms + after.ms_until_at_most(0),
     }
 }
 
@@ -512,27 +519,28 @@ impl Drop for ConcurrencySlot {
 mod tests {
     use super::*;
 
-    fn w(previous: f64, current: f64, elapsed: f64) -> Window {
+    /// A 60 s window, `elapsed` of the way into it.
+    fn w(previous: u64, current: u64, elapsed: f64) -> Window {
         Window {
             previous,
             current,
-            elapsed,
-            length_ms: 60_000.0,
+            elapsed_ms: (elapsed * 60_000.0).round() as u64,
+            length_ms: 60_000,
         }
     }
 
     #[test]
     fn allows_up_to_the_limit_and_reports_remaining() {
-        match decide(w(0.0, 3.0, 0.5), 5, 1000, true) {
+        match decide(w(0, 3, 0.5), 5, 1000, true) {
             RateDecision::Allowed { remaining, .. } => assert_eq!(remaining, 1),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            decide(w(0.0, 4.0, 0.5), 5, 0, true),
+            decide(w(0, 4, 0.5), 5, 0, true),
             RateDecision::Allowed { remaining: 0, .. }
         ));
         assert!(matches!(
-            decide(w(0.0, 5.0, 0.5), 5, 0, true),
+            decide(w(0, 5, 0.5), 5, 0, true),
             RateDecision::Limited { .. }
         ));
     }
@@ -542,18 +550,18 @@ mod tests {
         // 10 requests in the last minute, limit 10, 10% into this one: 9 of them still weigh
         // in, so one more fits and the next is refused (a fixed window would allow 10).
         assert!(matches!(
-            decide(w(10.0, 0.0, 0.1), 10, 0, true),
+            decide(w(10, 0, 0.1), 10, 0, true),
             RateDecision::Allowed { remaining: 0, .. }
         ));
         assert!(matches!(
-            decide(w(10.0, 1.0, 0.1), 10, 0, true),
+            decide(w(10, 1, 0.1), 10, 0, true),
             RateDecision::Limited { .. }
         ));
         // Half-way through, half the weight is gone: 5 fit.
-        let mut window = w(10.0, 0.0, 0.5);
+        let mut window = w(10, 0, 0.5);
         let mut allowed = 0;
         while let RateDecision::Allowed { .. } = decide(window, 10, 0, true) {
-            window.current += 1.0;
+            window.current += 1;
             allowed += 1;
         }
         assert_eq!(allowed, 5);
@@ -563,14 +571,14 @@ mod tests {
     fn retry_after_is_when_one_more_fits() {
         // Previous 10, current 1, 10% in, limit 10: need estimate <= 9, so the previous
         // weight must drop by 1, i.e. elapsed 0.1 -> 0.2: 6 s.
-        match decide(w(10.0, 1.0, 0.1), 10, 0, true) {
+        match decide(w(10, 1, 0.1), 10, 0, true) {
             RateDecision::Limited {
                 retry_after_secs, ..
             } => assert_eq!(retry_after_secs, 6),
             other => panic!("{other:?}"),
         }
         // Current window alone is full: wait for the boundary plus decay.
-        match decide(w(0.0, 10.0, 0.5), 10, 0, true) {
+        match decide(w(0, 10, 0.5), 10, 0, true) {
             RateDecision::Limited {
                 retry_after_secs,
                 reset_at_ms,
@@ -585,7 +593,7 @@ mod tests {
 
     #[test]
     fn retry_after_is_at_least_one_second() {
-        match decide(w(10.0, 1.0, 0.1999), 10, 0, true) {
+        match decide(w(10, 1, 0.1999), 10, 0, true) {
             RateDecision::Limited {
                 retry_after_secs, ..
             } => assert_eq!(retry_after_secs, 1),
@@ -766,6 +774,39 @@ mod tests {
             limiter.count(key, GRID + 9_000);
         }
         assert!(!allowed(&limiter.check(key, GRID + 1_000)));
+    }
+
+    /// Found by the decision model (`decision_model.rs`): the window arithmetic was done in
+    /// floating point, so `1 - 0.7` of a 10 s window came to 3000.0000000000005 ms and a wait
+    /// of exactly 3 s was announced as `Retry-After: 4`, and `X-RateLimit-Reset` (epoch ms)
+    /// came a millisecond late in most windows (999 ms into a 1 s window: 1.0000000000000009
+    /// ms left, rounded up to 2).
+    #[test]
+    fn waits_and_resets_are_exact_at_whole_seconds_and_milliseconds() {
+        let limiter = SlidingWindowLimiter::new(1, Duration::from_secs(10), 1024);
+        let key = 3;
+        limiter.count(key, GRID + 500);
+        // 7 s into the next window: 30% of the one event still weighs, for exactly 3 s more.
+        let now = GRID + 17_000;
+        assert_eq!(
+            limiter.check(key, now),
+            RateDecision::Limited {
+                limit: 1,
+                retry_after_secs: 3,
+                reset_at_ms: GRID + 20_000,
+            }
+        );
+        let limiter = SlidingWindowLimiter::new(1, Duration::from_secs(1), 1024);
+        let now = GRID + 999;
+        assert_eq!(
+            limiter.check_and_count(key, now),
+            RateDecision::Allowed {
+                limit: 1,
+                remaining: 0,
+                // The event weighs in full until GRID + 1 s, then decays for a window.
+                reset_at_ms: GRID + 2_000,
+            }
+        );
     }
 
     #[test]
