@@ -170,6 +170,7 @@ impl SlidingWindowLimiter {
             current: u64::from(counts.current),
             elapsed_ms: counts.elapsed_ms.min(self.window_ms - 1),
             length_ms: self.window_ms,
+            behind_ms: counts.behind_ms,
         }
     }
 }
@@ -221,6 +222,9 @@ struct Counts {
     previous: u32,
     current: u32,
     elapsed_ms: u64,
+    /// How far `now` is behind the start of the current window (a clock stepped back by less
+    /// than a window): the window lasts that much longer.
+    behind_ms: u64,
 }
 
 /// The window's length in ms: at least 1, and at most 2^30 (12 days; the configuration allows
@@ -383,6 +387,14 @@ impl WindowSketch {
             current: current_count,
             // Time since the (grid-aligned) start of the window `now` is in.
             elapsed_ms: past % self.interval_ms,
+            // 0 unless `now` is at or before the window's start (read again only then).
+            behind_ms: if past == 0 {
+                self.last_reset_ms
+                    .load(Ordering::Acquire)
+                    .saturating_sub(now)
+            } else {
+                0
+            },
         };
         (counts, slot)
     }
@@ -411,6 +423,9 @@ struct Window {
     /// Below `length_ms`.
     elapsed_ms: u64,
     length_ms: u64,
+    /// How far the clock is behind the window's start (stepped back by less than a window):
+    /// waits and resets count from the start, when the window really begins to pass.
+    behind_ms: u64,
 }
 
 impl Window {
@@ -446,10 +461,11 @@ fn decide(window: Window, limit: u32, now_ms: u64, counted: bool) -> RateDecisio
     let scaled_limit = u64::from(limit) * window.length_ms;
     if window.scaled_estimate() + window.length_ms > scaled_limit {
         let wait_ms = window.ms_until_at_most(u64::from(limit).saturating_sub(1));
+        let behind = window.behind_ms;
         return RateDecision::Limited {
             limit,
-            retry_after_secs: wait_ms.div_ceil(1000).max(1),
-            reset_at_ms: now_ms + window.ms_until_at_most(0),
+            retry_after_secs: (behind + wait_ms).div_ceil(1000).max(1),
+            reset_at_ms: now_ms + behind + window.ms_until_at_most(0),
         };
     }
     let after = Window {
@@ -459,7 +475,7 @@ fn decide(window: Window, limit: u32, now_ms: u64, counted: bool) -> RateDecisio
     RateDecision::Allowed {
         limit,
         remaining: (scaled_limit.saturating_sub(after.scaled_estimate()) / window.length_ms) as u32,
-        reset_at_ms: now_ms + after.ms_until_at_most(0),
+        reset_at_ms: now_ms + after.behind_ms + after.ms_until_at_most(0),
     }
 }
 
@@ -526,6 +542,7 @@ mod tests {
             current,
             elapsed_ms: (elapsed * 60_000.0).round() as u64,
             length_ms: 60_000,
+            behind_ms: 0,
         }
     }
 
@@ -805,6 +822,37 @@ mod tests {
                 remaining: 0,
                 // The event weighs in full until GRID + 1 s, then decays for a window.
                 reset_at_ms: GRID + 2_000,
+            }
+        );
+    }
+
+    /// Found by the decision model: after the clock stepped back by less than a window (into
+    /// the window before the one the limiter is in), the limiter stays in its window until the
+    /// clock catches up, but `Retry-After` and `X-RateLimit-Reset` were counted from the
+    /// clock's time as if the window started now, so a client that waited as told was refused
+    /// again.
+    #[test]
+    fn behind_the_window_waits_and_resets_count_from_its_start() {
+        let limiter = SlidingWindowLimiter::new(1, Duration::from_secs(10), 1024);
+        let (key, other) = (3, 4);
+        limiter.count(key, GRID + 9_000);
+        // A second back behind the window [GRID, GRID + 10 s) the event is in: it weighs in
+        // full until GRID + 10 s, then decays over the next window.
+        let now = GRID - 1_000;
+        assert_eq!(
+            limiter.check(key, now),
+            RateDecision::Limited {
+                limit: 1,
+                retry_after_secs: 21,
+                reset_at_ms: GRID + 20_000,
+            }
+        );
+        assert_eq!(
+            limiter.check_and_count(other, now),
+            RateDecision::Allowed {
+                limit: 1,
+                remaining: 0,
+                reset_at_ms: GRID + 20_000,
             }
         );
     }
