@@ -51,13 +51,24 @@ pub fn bearer(value: &[u8]) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-/// The first non-empty `key=` parameter, percent-decoded.
+/// The first `key=` parameter that is not empty once percent-decoded and trimmed (presented
+/// tokens are trimmed wherever they come from).
 fn query_key(query: &str) -> Option<Cow<'_, str>> {
     query
         .split('&')
         .filter_map(|pair| pair.strip_prefix("key="))
+        .map(|value| trimmed(percent_decode(value)))
         .find(|v| !v.is_empty())
-        .map(percent_decode)
+}
+
+/// `value` without leading and trailing white space; allocates only when a decoded value
+/// (already owned) had some.
+fn trimmed(value: Cow<'_, str>) -> Cow<'_, str> {
+    match value {
+        Cow::Borrowed(v) => Cow::Borrowed(v.trim()),
+        Cow::Owned(v) if v.trim().len() == v.len() => Cow::Owned(v),
+        Cow::Owned(v) => Cow::Owned(v.trim().to_string()),
+    }
 }
 
 /// Removes the credential the client used from the upstream request.
@@ -212,6 +223,18 @@ mod tests {
         assert_eq!(token(&req("/?key=&key=second", &[])).unwrap().1, "second");
         // As express's query parser read it: `+` is a space in a query string.
         assert_eq!(token(&req("/?key=a+b", &[])).unwrap().1, "a b");
+    }
+
+    /// Found by the decision model: presented tokens are trimmed (docs/user-management.md),
+    /// as `Authorization` and `x-api-key` are, but a `key` query parameter was not, so
+    /// `?key=<token>+` (a trailing space) was refused as an unknown token, and `?key=%20`
+    /// counted as a wrong token rather than none.
+    #[test]
+    fn query_key_is_trimmed_like_the_headers() {
+        assert_eq!(token(&req("/?key=%20t1+", &[])).unwrap().1, "t1");
+        assert_eq!(token(&req("/?key=t1%09", &[])).unwrap().1, "t1");
+        assert_eq!(token(&req("/?key=+&key=%20t2", &[])).unwrap().1, "t2");
+        assert_eq!(token(&req("/?key=%20", &[])), None);
     }
 
     #[test]
