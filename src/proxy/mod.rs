@@ -814,15 +814,7 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         connection::request_finished(session);
         let upstream_latency = ctx.upstream_started.map(|t| t.elapsed());
-        if let Some(Identity::User(user)) = &ctx.identity {
-            // `promptCount` is successful generations, as the older proxy counted them after a
-            // successful upstream response; `lastUsedAt` moves with every authenticated request.
-            if ctx.upstream_status.is_some_and(|s| (200..300).contains(&s)) {
-                self.cache.count_request(user, now_ms());
-            } else {
-                self.cache.touch(user, now_ms());
-            }
-        }
+        self.account(ctx, now_ms());
         self.metrics.record_request(
             ctx.outcome,
             upstream_latency.filter(|_| ctx.upstream_status.is_some()),
@@ -855,6 +847,19 @@ impl ProxyHttp for Proxy {
 }
 
 impl Proxy {
+    /// What a finished request changes on its user: `promptCount` is successful generations,
+    /// as the older proxy counted them after a successful upstream response; `lastUsedAt`
+    /// moves with every authenticated request (refused by a limit or failed upstream too).
+    fn account(&self, ctx: &RequestCtx, now: u64) {
+        if let Some(Identity::User(user)) = &ctx.identity {
+            if ctx.upstream_status.is_some_and(|s| (200..300).contains(&s)) {
+                self.cache.count_request(user, now);
+            } else {
+                self.cache.touch(user, now);
+            }
+        }
+    }
+
     /// The older proxy trusted one `X-Forwarded-For` hop by default; tollgate trusts none
     /// until `trusted_proxies` is set. Behind a load balancer every client would then be the
     /// balancer's address (one rate limit, one lockout, one IP for every user), so the first
@@ -916,6 +921,9 @@ fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
     }
     format!("{}... ({} bytes)", &path[..end], path.len()).into()
 }
+
+#[cfg(test)]
+mod decision_model;
 
 #[cfg(test)]
 mod tests {
