@@ -1133,7 +1133,11 @@ impl Run {
                 let ips: Vec<&str> = (0..n).map(|_| *self.rng.pick(&pool)).collect();
                 json!({ "ip": ips })
             }
-            5 => json!({"disabledAt": null, "disabledReason": null}),
+            5 => match self.rng.below(3) {
+                0 => json!({"disabledAt": null}),
+                1 => json!({"disabledReason": *self.rng.pick(&["later", ""])}),
+                _ => json!({"disabledAt": null, "disabledReason": null}),
+            },
             6 => json!({"disabledAt": now, "disabledReason": *self.rng.pick(&["", "manual"])}),
             7 => json!({"promptCount": self.rng.below(50)}),
             _ => json!({"type": "temporary", "expiresAt": now + self.rng.below(3000)}),
