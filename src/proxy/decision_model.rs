@@ -4,13 +4,14 @@
 //! contract where docs/migration.md keeps it) is driven by a seeded random sequence of
 //! requests (each gatekeeper mode; credentials from every source, padded or not; IPv4, mapped
 //! and IPv6 clients, through a trusted proxy or not), admin edits (type, `maxIps`, `expiresAt`,
-//! `ip`, disabling, re-enabling, removal), requests that stay in flight under `max_inflight`,
+//! `ip`, disabling, re-enabling, removal; the same edits arriving from the store), requests
+//! refused for their target or declared size, requests that stay in flight under `max_inflight`,
 //! and clock moves (window boundaries, steps back). Every decision (status, error type and
 //! message, `Retry-After` and `X-RateLimit-*`) and every side effect (the user's `ip` list,
 //! `promptCount`, `lastUsedAt`, auto-ban, the auth-failure lockout) must equal the model's.
 //!
 //! `TOLLGATE_MODEL_SEED=N` replays one run; `TOLLGATE_MODEL_RUNS` and `TOLLGATE_MODEL_STEPS`
-//! size the search (defaults: 150 runs of 400 steps, a few seconds in a debug build).
+//! size the search (defaults: 150 runs of 400 steps, about 4 s in a debug build).
 //!
 //! The model computes the sliding-window arithmetic exactly (integers and fractions); where the
 //! documents are silent (when a limiter of rare events looks at the clock) it follows
@@ -37,6 +38,8 @@ const PROXY_KEY: &str = "model-proxy-key";
 /// A multiple of every window length used (1 s, 10 s, 60 s).
 const GRID: u64 = 1_700_000_040_000;
 const USERS: [&str; 4] = ["u0", "u1", "u2", "u3"];
+/// `clients.max_body_bytes`: a request declaring more is refused before the gatekeeper.
+const MAX_BODY: u64 = 1000;
 const TRUSTED_PROXY: &str = "10.9.9.9";
 const BLOCKED: &str = "192.0.2.66";
 /// TCP peers: IPv4, the same as IPv4-mapped IPv6, two addresses of one /64 and one of
@@ -159,6 +162,7 @@ impl Setup {
              rate_limit:\n  estimator_slots: 1024\n  max_inflight: {}\n  requests_per_minute: {}\n  auth_failures_per_minute: {}\n  window_seconds: {}\n\
              trusted_proxies: [{}]\n\
              ip_blocklist: [\"{BLOCKED}\"]\n\
+             clients:\n  max_body_bytes: {MAX_BODY}\n\
              store:\n  kind: memory\n",
             self.max_ips,
             self.auto_ban,
@@ -400,6 +404,32 @@ impl ModelUser {
         self.not_refreshable = true;
     }
 
+    /// An admin's partial update (`null` removes).
+    fn apply(&mut self, patch: &Value) {
+        let user = self;
+        for (name, value) in patch.as_object().unwrap() {
+            match name.as_str() {
+                "type" => {
+                    user.user_type = serde_json::from_value(value.clone()).unwrap();
+                }
+                "maxIps" => user.max_ips = value.as_u64().map(|v| v as u32),
+                "expiresAt" => user.expires_at = value.as_u64(),
+                "ip" => {
+                    user.ip = value
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap().to_string())
+                        .collect()
+                }
+                "disabledAt" => user.disabled_at = value.as_u64(),
+                "disabledReason" => user.disabled_reason = value.as_str().map(str::to_string),
+                "promptCount" => user.prompt_count = value.as_u64().unwrap(),
+                other => unreachable!("{other}"),
+            }
+        }
+    }
+
     fn touch(&mut self, now: u64) {
         self.last_used_at = Some(self.last_used_at.unwrap_or(0).max(now));
     }
@@ -454,10 +484,14 @@ impl Credential {
         .filter(|t| !t.is_empty())
     }
 
-    fn request(&self, forwarded: Option<&str>) -> RequestHeader {
+    fn request(&self, forwarded: Option<&str>, shape: Shape) -> RequestHeader {
+        let base = match shape {
+            Shape::Unreadable => "v1/models",
+            _ => "/v1/models",
+        };
         let path = match self {
-            Credential::Query(t) => format!("/v1/models?a=1&key={t}"),
-            _ => "/v1/models".to_string(),
+            Credential::Query(t) => format!("{base}?a=1&key={t}"),
+            _ => base.to_string(),
         };
         let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
         req.append_header("host", "api.example.com").unwrap();
@@ -477,8 +511,22 @@ impl Credential {
         if let Some(value) = forwarded {
             req.append_header("x-forwarded-for", value).unwrap();
         }
+        if shape == Shape::TooLarge {
+            req.append_header("content-length", (MAX_BODY + 1).to_string())
+                .unwrap();
+        }
         req
     }
+}
+
+/// What the request itself shows before its credential is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    Plain,
+    /// A target that is not a path (`v1/models?key=…`): 400 in every mode.
+    Unreadable,
+    /// A declared body over `clients.max_body_bytes`: 413, before the gatekeeper.
+    TooLarge,
 }
 
 /// An answer as the client sees its status line and the headers this test is about.
@@ -650,25 +698,19 @@ impl Model {
     }
 
     /// The answer to a request, and who it was (see [`Admitted`]).
-    fn decide(&mut self, credential: &Credential, client: IpAddr, now: u64) -> (Answer, Admitted) {
-        if client == BLOCKED.parse::<IpAddr>().unwrap() {
-            return (
-                Answer::refused(403, "forbidden", Some("Forbidden (by IP blocklist)".into())),
-                Admitted::default(),
-            );
+    fn decide(
+        &mut self,
+        credential: &Credential,
+        shape: Shape,
+        client: IpAddr,
+        now: u64,
+    ) -> (Answer, Admitted) {
+        if let Some(answer) = Self::screen(shape, client) {
+            return (answer, Admitted::default());
         }
         let ip_key = format!("ip:{}", subscriber(client));
-        if let Some(failures) = &mut self.failures {
-            if let Some(Rate::Limited { retry_after, .. }) = failures.check_rare(&ip_key, now) {
-                let message = format!(
-                    "Too many failed authentication attempts from this IP. Please try again in {retry_after} seconds."
-                );
-                return (
-                    Answer::refused(429, "proxy_rate_limited", Some(message))
-                        .with("retry-after", retry_after),
-                    Admitted::default(),
-                );
-            }
+        if let Some(answer) = self.locked_out(&ip_key, now) {
+            return (answer, Admitted::default());
         }
         let token = credential.token();
         let user = match self.gatekeeper(token.as_deref(), client, now) {
@@ -682,20 +724,67 @@ impl Model {
                 return (answer, Admitted::default());
             }
         };
-        let mut admitted = Admitted {
-            user: user
-                .as_ref()
-                .map(|t| (t.clone(), self.incarnations[t.as_str()])),
-            slot: None,
+        let user = user.map(|t| {
+            let incarnation = self.incarnations[t.as_str()];
+            (t, incarnation)
+        });
+        self.limits(user, ip_key, now)
+    }
+
+    /// The block list, then what the request itself shows: refused before the credential is
+    /// read, at no cost to any budget.
+    fn screen(shape: Shape, client: IpAddr) -> Option<Answer> {
+        if client == BLOCKED.parse::<IpAddr>().unwrap() {
+            let message = "Forbidden (by IP blocklist)";
+            return Some(Answer::refused(403, "forbidden", Some(message.into())));
+        }
+        match shape {
+            Shape::Plain => None,
+            Shape::Unreadable => {
+                let message = "The request target must be a path (/...) or an http(s) URL";
+                Some(Answer::refused(400, "bad_request", Some(message.into())))
+            }
+            Shape::TooLarge => {
+                let message = format!(
+                    "The request body is larger than this proxy accepts ({MAX_BODY} bytes)"
+                );
+                Some(Answer::refused(413, "request_too_large", Some(message)))
+            }
+        }
+    }
+
+    /// The auth-failure lockout of the client's IP (or /64): 429 with only `Retry-After`.
+    fn locked_out(&mut self, ip_key: &str, now: u64) -> Option<Answer> {
+        let Rate::Limited { retry_after, .. } = self.failures.as_mut()?.check_rare(ip_key, now)?
+        else {
+            return None;
         };
+        let message = format!(
+            "Too many failed authentication attempts from this IP. Please try again in {retry_after} seconds."
+        );
+        Some(
+            Answer::refused(429, "proxy_rate_limited", Some(message))
+                .with("retry-after", retry_after),
+        )
+    }
+
+    /// The request rate and `max_inflight` of an admitted request: per user (`special` users
+    /// exempt from the rate only), else per IP. A request the concurrency cap refuses is not
+    /// counted against the rate.
+    fn limits(
+        &mut self,
+        user: Option<(String, u64)>,
+        ip_key: String,
+        now: u64,
+    ) -> (Answer, Admitted) {
         let (key, applies) = match &user {
-            Some(token) => (
+            Some((token, _)) => (
                 format!("user:{token}"),
                 self.users[token].user_type != UserType::Special,
             ),
             None => (ip_key, true),
         };
-        // A request the concurrency cap refuses is not counted against the rate.
+        let mut admitted = Admitted { user, slot: None };
         let max = self.setup.max_inflight;
         let slot_free = (max > 0).then(|| self.inflight.get(&key).copied().unwrap_or(0) < max);
         let rate = match &mut self.requests {
@@ -710,25 +799,11 @@ impl Model {
                 limit,
                 retry_after,
                 reset,
-            }) => {
-                let per = match self.setup.window_s {
-                    60 => "per minute".to_string(),
-                    1 => "per second".to_string(),
-                    n => format!("per {n} seconds"),
-                };
-                let message = format!(
-                    "This proxy is rate limited to {limit} requests {per}. Please try again in {retry_after} seconds."
-                );
-                let mut answer = Answer::refused(429, "proxy_rate_limited", Some(message))
-                    .with("retry-after", retry_after);
-                for (name, value) in rate_headers(limit, 0, reset) {
-                    answer = answer.with(&name, value);
-                }
-                answer
-            }
+            }) => self.rate_limited(limit, retry_after, reset),
             _ if slot_free == Some(false) => {
-                let message =
-                    format!("Too many concurrent requests: at most {max} at a time. Wait for one to finish.");
+                let message = format!(
+                    "Too many concurrent requests: at most {max} at a time. Wait for one to finish."
+                );
                 let mut answer = Answer::refused(429, "proxy_concurrency_limited", Some(message))
                     .with("retry-after", 1);
                 answer.headers.extend(Answer::admitted(rate).headers);
@@ -744,6 +819,22 @@ impl Model {
             }
         };
         (answer, admitted)
+    }
+
+    fn rate_limited(&self, limit: u32, retry_after: u64, reset: u64) -> Answer {
+        let per = match self.setup.window_s {
+            60 => "per minute".to_string(),
+            1 => "per second".to_string(),
+            n => format!("per {n} seconds"),
+        };
+        let message = format!(
+            "This proxy is rate limited to {limit} requests {per}. Please try again in {retry_after} seconds."
+        );
+        let mut answer = Answer::refused(429, "proxy_rate_limited", Some(message))
+            .with("retry-after", retry_after);
+        answer.headers.extend(rate_headers(limit, 0, reset));
+        answer.headers.sort();
+        answer
     }
 
     /// `Ok(Some(token))`: a user; `Ok(None)`: anonymous.
@@ -1005,16 +1096,21 @@ impl Run {
                 10
             })
             .then(|| *self.rng.pick(&FORWARDED));
-        let req = credential.request(forwarded);
+        let shape = match self.rng.below(100) {
+            0..=2 => Shape::Unreadable,
+            3..=6 => Shape::TooLarge,
+            _ => Shape::Plain,
+        };
+        let req = credential.request(forwarded, shape);
         let now = self.now;
         let mut ctx = self.proxy.new_ctx();
         let result = self.proxy.decide(&req, peer, now, &mut ctx);
         let actual = observed(&result, &ctx);
         let client = self.model.client(peer, forwarded);
-        let (expected, admitted) = self.model.decide(&credential, client, now);
+        let (expected, admitted) = self.model.decide(&credential, shape, client, now);
         let success = result.is_ok() && self.rng.chance(70);
         self.trace.push(format!(
-            "request {credential:?} peer {peer} xff {forwarded:?} at {now} -> {} {:?} {:?}{}",
+            "request {credential:?} {shape:?} peer {peer} xff {forwarded:?} at {now} -> {} {:?} {:?}{}",
             actual.status,
             actual.message,
             actual.headers,
@@ -1065,7 +1161,7 @@ impl Run {
         let token = self.rng.pick(&USERS).to_string();
         let now = self.now;
         let exists = self.model.users.contains_key(&token);
-        match self.rng.below(11) {
+        match self.rng.below(13) {
             0 if exists => {
                 let reason = match self.rng.below(3) {
                     0 => None,
@@ -1080,6 +1176,10 @@ impl Run {
                     .get_mut(&token)
                     .unwrap()
                     .disable(reason.as_deref(), now);
+            }
+            2 | 3 if exists => {
+                let patch = self.patch();
+                self.remote(&token, patch);
             }
             1 if exists => {
                 self.trace.push(format!("remove {token}"));
@@ -1161,28 +1261,21 @@ impl Run {
             .users
             .entry(token.to_string())
             .or_insert_with(ModelUser::new);
-        let fields = patch.as_object().unwrap();
-        for (name, value) in fields {
-            match name.as_str() {
-                "type" => {
-                    user.user_type = serde_json::from_value(value.clone()).unwrap();
-                }
-                "maxIps" => user.max_ips = value.as_u64().map(|v| v as u32),
-                "expiresAt" => user.expires_at = value.as_u64(),
-                "ip" => {
-                    user.ip = value
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.as_str().unwrap().to_string())
-                        .collect()
-                }
-                "disabledAt" => user.disabled_at = value.as_u64(),
-                "disabledReason" => user.disabled_reason = value.as_str().map(str::to_string),
-                "promptCount" => user.prompt_count = value.as_u64().unwrap(),
-                other => unreachable!("{other}"),
-            }
-        }
+        user.apply(&patch);
+    }
+
+    /// The same edit made elsewhere (another instance, the database console) and brought by
+    /// the store's change stream, once this instance's own changes are written.
+    fn remote(&mut self, token: &str, patch: Value) {
+        self.trace
+            .push(format!("remote edit {token} {patch} at {}", self.now));
+        let taken = self.cache.take_changes(usize::MAX);
+        self.cache.acknowledge(&taken.changes, true);
+        let parsed: UserPatch = serde_json::from_value(patch.clone()).unwrap();
+        let mut remote = self.cache.user(token).unwrap();
+        parsed.apply_to(&mut remote);
+        self.cache.apply_remote(token, Some(&remote));
+        self.model.users.get_mut(token).unwrap().apply(&patch);
     }
 
     fn compare_users(&self) {
