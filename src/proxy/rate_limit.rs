@@ -455,6 +455,10 @@ impl Window {
             // by the end of this window.
             (rest_of_window * self.previous - (target - self.current) * length)
                 .div_ceil(self.previous)
+        } else if target == 0 {
+            // Every event must pass (the reset): this window's weigh in full until the
+            // boundary, then decay over the next window. No division on the admitted path.
+            rest_of_window + length
         } else {
             // Only after the boundary, when this window's events start decaying in turn.
             rest_of_window + ((self.current - target) * length).div_ceil(self.current)
