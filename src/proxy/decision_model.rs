@@ -66,34 +66,27 @@ const FORWARDED: [&str; 7] = [
     "[2001:db8:0:2::9]:443",
 ];
 
-/// xorshift64*, as tests/e2e/support/soak.rs (unit tests cannot reach that module).
-struct Rng(u64);
+/// The soaks' seeded generator and knobs (tests/e2e/support/soak.rs), shared rather than
+/// copied; its other helpers are for stored users and unused here.
+#[allow(dead_code)]
+#[path = "../../tests/e2e/support/soak.rs"]
+mod soak;
 
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
+use soak::{env_u64, Rng};
+
+/// What the model draws from the soaks' generator.
+trait Draw {
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T;
+    fn below_u64(&mut self, n: u64) -> u64;
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
+impl Draw for Rng {
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+    fn below_u64(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
 }
 
 // ------------------------------------------------------------------------------- the setup
@@ -131,12 +124,12 @@ impl Setup {
             max_recorded: *rng.pick(&[0, 2, 1000]),
             window_s,
             budget: if rng.chance(85) {
-                1 + rng.below(5) as u32
+                1 + rng.below_u64(5) as u32
             } else {
                 0
             },
             fail_budget: if rng.chance(85) {
-                1 + rng.below(4) as u32
+                1 + rng.below_u64(4) as u32
             } else {
                 0
             },
@@ -988,7 +981,7 @@ impl Run {
             }
         };
         let model = Model::new(&setup);
-        let now = GRID + rng.below(3 * setup.window_s * 1000);
+        let now = GRID + rng.below_u64(3 * setup.window_s * 1000);
         Self {
             held: Vec::new(),
             rng,
@@ -1022,7 +1015,7 @@ impl Run {
     }
 
     fn step(&mut self) {
-        match self.rng.below(100) {
+        match self.rng.below_u64(100) {
             0..=54 => self.request(),
             55..=59 => self.release(),
             60..=79 => self.admin(),
@@ -1034,18 +1027,20 @@ impl Run {
     fn clock(&mut self) {
         let w = self.w();
         let before = self.now;
-        self.now = match self.rng.below(8) {
+        self.now = match self.rng.below_u64(8) {
             0 => self.now + 1,
-            1..=2 => self.now + self.rng.below(1500),
+            1..=2 => self.now + self.rng.below_u64(1500),
             3 => {
                 // Just before, at or just after the next window boundary.
                 let next = self.now - self.now % w + w;
-                next + self.rng.below(3) - 1
+                next + self.rng.below_u64(3) - 1
             }
-            4 => self.now + w + self.rng.below(2 * w),
-            5 => self.now + self.rng.below(w / 4 + 1),
-            6 => self.now.saturating_sub(1 + self.rng.below(w)),
-            _ => self.now.saturating_sub(2 * w + 1 + self.rng.below(5 * w)),
+            4 => self.now + w + self.rng.below_u64(2 * w),
+            5 => self.now + self.rng.below_u64(w / 4 + 1),
+            6 => self.now.saturating_sub(1 + self.rng.below_u64(w)),
+            _ => self
+                .now
+                .saturating_sub(2 * w + 1 + self.rng.below_u64(5 * w)),
         };
         self.trace.push(format!(
             "clock {before} -> {} ({:+})",
@@ -1055,7 +1050,7 @@ impl Run {
     }
 
     fn token(&mut self) -> String {
-        match self.rng.below(10) {
+        match self.rng.below_u64(10) {
             0..=5 => self.rng.pick(&USERS).to_string(),
             6 => "nobody".to_string(),
             7 => ADMIN_KEY.to_string(),
@@ -1074,7 +1069,7 @@ impl Run {
                 token.clone()
             }
         };
-        match self.rng.below(12) {
+        match self.rng.below_u64(12) {
             0 => Credential::None,
             1 => Credential::Basic,
             2 => Credential::BearerLower(pad(" ", " ")),
@@ -1096,7 +1091,7 @@ impl Run {
                 10
             })
             .then(|| *self.rng.pick(&FORWARDED));
-        let shape = match self.rng.below(100) {
+        let shape = match self.rng.below_u64(100) {
             0..=2 => Shape::Unreadable,
             3..=6 => Shape::TooLarge,
             _ => Shape::Plain,
@@ -1145,7 +1140,7 @@ impl Run {
         if self.held.is_empty() {
             return;
         }
-        let i = self.rng.below(self.held.len() as u64) as usize;
+        let i = self.rng.below_u64(self.held.len() as u64) as usize;
         let held = self.held.swap_remove(i);
         self.trace.push(format!(
             "end of request {:?} at {}",
@@ -1161,12 +1156,12 @@ impl Run {
         let token = self.rng.pick(&USERS).to_string();
         let now = self.now;
         let exists = self.model.users.contains_key(&token);
-        match self.rng.below(13) {
+        match self.rng.below_u64(13) {
             0 if exists => {
-                let reason = match self.rng.below(3) {
+                let reason = match self.rng.below_u64(3) {
                     0 => None,
                     1 => Some(String::new()),
-                    _ => Some(format!("reason-{}", self.rng.below(100))),
+                    _ => Some(format!("reason-{}", self.rng.below_u64(100))),
                 };
                 self.trace
                     .push(format!("disable {token} {reason:?} at {now}"));
@@ -1196,14 +1191,14 @@ impl Run {
 
     fn patch(&mut self) -> Value {
         let now = self.now;
-        match self.rng.below(9) {
+        match self.rng.below_u64(9) {
             0 => json!({}),
             1 => json!({"type": *self.rng.pick(&["normal", "special", "temporary"])}),
             2 => {
                 if self.rng.chance(25) {
                     json!({"maxIps": null})
                 } else {
-                    json!({"maxIps": self.rng.below(4)})
+                    json!({"maxIps": self.rng.below_u64(4)})
                 }
             }
             3 => {
@@ -1211,11 +1206,11 @@ impl Run {
                     json!({"expiresAt": null})
                 } else {
                     // Often exactly at, or a millisecond either side of, the clock's time.
-                    let at = match self.rng.below(4) {
+                    let at = match self.rng.below_u64(4) {
                         0 => now,
                         1 => now + 1,
                         2 => now - 1,
-                        _ => (now + self.rng.below(8000)).saturating_sub(2000),
+                        _ => (now + self.rng.below_u64(8000)).saturating_sub(2000),
                     };
                     json!({ "expiresAt": at })
                 }
@@ -1229,18 +1224,18 @@ impl Run {
                     "risu1-198.51.100.3",
                     "203.0.113.5",
                 ];
-                let n = self.rng.below(4);
+                let n = self.rng.below_u64(4);
                 let ips: Vec<&str> = (0..n).map(|_| *self.rng.pick(&pool)).collect();
                 json!({ "ip": ips })
             }
-            5 => match self.rng.below(3) {
+            5 => match self.rng.below_u64(3) {
                 0 => json!({"disabledAt": null}),
                 1 => json!({"disabledReason": *self.rng.pick(&["later", ""])}),
                 _ => json!({"disabledAt": null, "disabledReason": null}),
             },
             6 => json!({"disabledAt": now, "disabledReason": *self.rng.pick(&["", "manual"])}),
-            7 => json!({"promptCount": self.rng.below(50)}),
-            _ => json!({"type": "temporary", "expiresAt": now + self.rng.below(3000)}),
+            7 => json!({"promptCount": self.rng.below_u64(50)}),
+            _ => json!({"type": "temporary", "expiresAt": now + self.rng.below_u64(3000)}),
         }
     }
 
