@@ -56,8 +56,9 @@ const PEERS: [&str; 9] = [
     TRUSTED_PROXY,
 ];
 /// `X-Forwarded-For` values (read only from a trusted peer).
-const FORWARDED: [&str; 7] = [
+const FORWARDED: [&str; 8] = [
     "198.51.100.3",
+    "::ffff:198.51.100.2",
     "203.0.113.5, 10.9.9.8",
     "2001:db8:0:1::7",
     "junk, 198.51.100.2",
