@@ -168,6 +168,25 @@ fn declared_body_length(req: &RequestHeader) -> Option<u64> {
         .ok()
 }
 
+/// Whether the request's body has a transfer coding besides `chunked` (`gzip, chunked`), or
+/// `chunked` twice. Pingora reads such a body as chunked and sends it on with
+/// `Transfer-Encoding: chunked` alone: the upstream would take the still gzip-coded bytes for
+/// the body itself. Refused as nginx does (it answers 501), since tollgate does not decode
+/// them. (Pingora refuses a request whose last coding is not `chunked` itself.)
+fn other_transfer_coding(req: &RequestHeader) -> bool {
+    let mut codings = req
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => false,
+        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
+    }
+}
+
 fn is_chunked(response: &ResponseHeader) -> bool {
     response
         .headers
@@ -325,6 +344,9 @@ impl Proxy {
     fn screen_request(&self, req: &RequestHeader) -> Result<(), (ErrorReply, Outcome)> {
         if !readable_target(req) {
             return Err((self.replies.unreadable_target.clone(), Outcome::BadRequest));
+        }
+        if other_transfer_coding(req) {
+            return Err((self.replies.unsupported_coding.clone(), Outcome::BadRequest));
         }
         if let Some(limit) = self.max_body_bytes {
             if declared_body_length(req).is_some_and(|length| length > limit) {
@@ -959,6 +981,29 @@ mod tests {
         let logged = logged_path(&long);
         assert!(logged.len() < LOGGED_PATH_MAX + 20, "{logged}");
         assert!(logged.ends_with("... (801 bytes)"), "{logged}");
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_accepted() {
+        let coded = |values: &[&str]| {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for v in values {
+                req.append_header("transfer-encoding", *v).unwrap();
+            }
+            other_transfer_coding(&req)
+        };
+        for ok in [&[][..], &["chunked"], &["Chunked"], &[" chunked ,"]] {
+            assert!(!coded(ok), "{ok:?}");
+        }
+        for refused in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["identity"],
+        ] {
+            assert!(coded(refused), "{refused:?}");
+        }
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub struct StockReplies {
     pub ip_limit_banned: ErrorReply,
     pub expired: ErrorReply,
     pub unreadable_target: ErrorReply,
+    pub unsupported_coding: ErrorReply,
 }
 
 impl Default for StockReplies {
@@ -139,6 +140,11 @@ impl Default for StockReplies {
                 400,
                 "bad_request",
                 "The request target must be a path (/...) or an http(s) URL",
+            ),
+            unsupported_coding: ErrorReply::new(
+                400,
+                "bad_request",
+                "The request body's Transfer-Encoding must be chunked alone",
             ),
         }
     }

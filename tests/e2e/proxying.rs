@@ -1104,3 +1104,45 @@ fn pipelined_requests_are_all_answered_in_order() {
     assert_eq!(paths, ["/first", "/second", "/third", "/fifth"]);
     drop(tg);
 }
+
+/// A request body in another transfer coding besides chunked (`gzip, chunked`) reached the
+/// upstream with `Transfer-Encoding: chunked` alone: Pingora decodes the chunks and drops the
+/// other codings, so the upstream took the gzip-coded bytes for the body itself. tollgate does
+/// not decode them and refuses the request (nginx answers 501), before the gatekeeper.
+#[test]
+fn a_request_body_in_another_transfer_coding_than_chunked_is_refused() {
+    use std::io::{BufReader, Write};
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    for codings in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked, chunked\r\n",
+    ] {
+        let mut conn = tg.proxy_connection();
+        write!(
+            conn,
+            "POST /coded HTTP/1.1\r\nHost: tollgate\r\n{codings}\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        .unwrap();
+        let answer = read_answer(&mut BufReader::new(conn));
+        assert!(
+            answer.status.starts_with("HTTP/1.1 400"),
+            "{codings}: {answer:?}"
+        );
+        let body: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(error_type(&body), "bad_request", "{codings}: {body}");
+    }
+    assert_eq!(origin.count(), 0, "{:?}", origin.seen());
+    // A chunked body alone passes.
+    let mut conn = tg.proxy_connection();
+    write!(
+        conn,
+        "POST /chunked HTTP/1.1\r\nHost: tollgate\r\nTransfer-Encoding: chunked\r\n\r\n\
+         3\r\nabc\r\n0\r\n\r\n"
+    )
+    .unwrap();
+    let answer = read_answer(&mut BufReader::new(conn));
+    assert!(answer.status.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(origin.last().uri, "/chunked");
+}
