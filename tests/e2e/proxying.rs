@@ -1146,3 +1146,5 @@ fn a_request_body_in_another_transfer_coding_than_chunked_is_refused() {
     assert!(answer.status.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert_eq!(origin.last().uri, "/chunked");
 }
+
+mod soak;

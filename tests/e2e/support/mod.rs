@@ -6,6 +6,7 @@ pub mod origin;
 pub mod soak;
 pub mod sockets;
 pub mod tollgate;
+pub mod wire;
 
 pub use origin::Origin;
 pub use tollgate::TollgateBuilder;

@@ -218,3 +218,134 @@ async fn handle(
         .body(Full::new(body))
         .unwrap())
 }
+
+/// How [`ScriptedOrigin`] answers one request.
+#[derive(Clone, Debug, Default)]
+pub struct Script {
+    /// The answer's bytes, written piece by piece (interim answers, head, body parts).
+    pub pieces: Vec<Vec<u8>>,
+    /// A pause before each piece after the first: a slow upstream.
+    pub pause: Duration,
+    /// A pause before the request body is read: an upstream slow to take it.
+    pub read_pause: Duration,
+    /// Close the connection once the pieces are written (else it serves the next request).
+    pub close: bool,
+}
+
+/// What [`ScriptedOrigin`] received: the head as it came and the body unframed.
+#[derive(Clone, Debug)]
+pub struct RawRequest {
+    pub head: super::wire::Head,
+    pub body: super::wire::Body,
+}
+
+type Scripts = Arc<Mutex<std::collections::HashMap<Vec<u8>, Script>>>;
+
+/// An origin on raw sockets that records each request byte for byte and answers it with the
+/// [`Script`] registered for the value of its `x-exchange` header (an empty `200`
+/// otherwise), so that a test controls every byte of the answer, framing and errors included.
+pub struct ScriptedOrigin {
+    pub addr: SocketAddr,
+    scripts: Scripts,
+    seen: Arc<Mutex<Vec<RawRequest>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ScriptedOrigin {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scripts: Scripts = Arc::default();
+        let seen: Arc<Mutex<Vec<RawRequest>>> = Arc::default();
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (scripts_srv, seen_srv, stop_srv) =
+            (Arc::clone(&scripts), Arc::clone(&seen), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop_srv.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let (scripts, seen) = (Arc::clone(&scripts_srv), Arc::clone(&seen_srv));
+                std::thread::spawn(move || serve_scripted(stream, &scripts, &seen));
+            }
+        });
+        Self {
+            addr,
+            scripts,
+            seen,
+            stop,
+        }
+    }
+
+    /// How the request carrying `x-exchange: <exchange>` is answered.
+    pub fn script(&self, exchange: &str, script: Script) {
+        self.scripts
+            .lock()
+            .unwrap()
+            .insert(exchange.as_bytes().to_vec(), script);
+    }
+
+    /// Every request received with `x-exchange: <exchange>` (a retried one more than once).
+    pub fn received(&self, exchange: &str) -> Vec<RawRequest> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.head.get("x-exchange") == Some(exchange.as_bytes()))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for ScriptedOrigin {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+fn serve_scripted(stream: std::net::TcpStream, scripts: &Scripts, seen: &Mutex<Vec<RawRequest>>) {
+    use std::io::Write;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = std::io::BufReader::new(stream);
+    while let Ok(Some(head)) = super::wire::read_head(&mut reader) {
+        let exchange = head.get("x-exchange").unwrap_or_default().to_vec();
+        let script = scripts
+            .lock()
+            .unwrap()
+            .get(&exchange)
+            .cloned()
+            .unwrap_or_else(|| Script {
+                pieces: vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()],
+                ..Script::default()
+            });
+        std::thread::sleep(script.read_pause);
+        let body = super::wire::read_request_body(&mut reader, &head);
+        let truncated = body.truncated;
+        seen.lock().unwrap().push(RawRequest { head, body });
+        if truncated {
+            return;
+        }
+        for (i, piece) in script.pieces.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(script.pause);
+            }
+            if writer
+                .write_all(piece)
+                .and_then(|_| writer.flush())
+                .is_err()
+            {
+                return;
+            }
+        }
+        if script.close {
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            return;
+        }
+    }
+}
