@@ -129,6 +129,32 @@ fn frame_for_the_client(session: &mut Session, response: &mut ResponseHeader) {
     }
 }
 
+/// Removes the header fields an upstream's final answer names in its `Connection` header:
+/// they describe the upstream's connection, not the client's, and a proxy must not pass them
+/// on (RFC 9110, 7.6.1; Pingora does so for requests only, and replaces `Connection` itself).
+/// Framing fields stay: Pingora frames the client's body by them. Interim answers are left
+/// alone: a `101`'s `Connection: upgrade` names the `Upgrade` it must keep.
+fn remove_connection_nominated(response: &mut ResponseHeader) {
+    if response.status.is_informational() {
+        return;
+    }
+    let named: Vec<HeaderName> = response
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| {
+            name != http::header::CONTENT_LENGTH
+                && name != http::header::TRANSFER_ENCODING
+                && name != http::header::CONNECTION
+        })
+        .collect();
+    for name in named {
+        response.remove_header(&name);
+    }
+}
+
 /// The budget left after a counted request, on every answer it gets (proxied or not).
 fn add_rate_headers(response: &mut ResponseHeader, rate: Option<RateDecision>) -> Result<()> {
     if let Some(RateDecision::Allowed {
@@ -705,6 +731,9 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         frame_for_the_client(session, response);
+        if response.headers.contains_key(http::header::CONNECTION) {
+            remove_connection_nominated(response);
+        }
         if self.cors {
             cors::allow_any_origin(response)?;
         }
@@ -981,6 +1010,30 @@ mod tests {
         let logged = logged_path(&long);
         assert!(logged.len() < LOGGED_PATH_MAX + 20, "{logged}");
         assert!(logged.ends_with("... (801 bytes)"), "{logged}");
+    }
+
+    #[test]
+    fn fields_the_upstream_connection_names_are_removed_but_framing_stays() {
+        let mut response = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in [
+            ("Connection", "keep-alive, X-Hop"),
+            ("connection", "close ,Content-Length, transfer-encoding"),
+            ("X-Hop", "1"),
+            ("x-hop", "2"),
+            ("Keep-Alive", "timeout=5"),
+            ("Content-Length", "2"),
+            ("X-Kept", "3"),
+        ] {
+            response.append_header(name, value).unwrap();
+        }
+        remove_connection_nominated(&mut response);
+        let left: Vec<_> = response.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["connection", "content-length", "x-kept"]);
+        let mut upgrade = ResponseHeader::build(101, None).unwrap();
+        upgrade.append_header("Connection", "upgrade").unwrap();
+        upgrade.append_header("Upgrade", "websocket").unwrap();
+        remove_connection_nominated(&mut upgrade);
+        assert!(upgrade.headers.contains_key("upgrade"));
     }
 
     #[test]

@@ -1147,4 +1147,41 @@ fn a_request_body_in_another_transfer_coding_than_chunked_is_refused() {
     assert_eq!(origin.last().uri, "/chunked");
 }
 
+/// The header fields an upstream's answer names in its `Connection` header describe the
+/// upstream's connection: they were passed on to the client (Pingora removes them from
+/// requests only). They are removed; the answer's framing and other fields stay, and the
+/// client's connection serves its next request.
+#[test]
+fn fields_named_by_the_upstreams_connection_header_are_not_passed_on() {
+    use crate::support::origin::{Script, ScriptedOrigin};
+    use std::io::{BufReader, Write};
+    let origin = ScriptedOrigin::start();
+    origin.script(
+        "1",
+        Script {
+            pieces: vec![
+                b"HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\nX-Hop: secret\r\n\
+                           X-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
+                    .to_vec(),
+            ],
+            ..Script::default()
+        },
+    );
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    let mut conn = tg.proxy_connection();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    write!(
+        conn,
+        "GET /a HTTP/1.1\r\nHost: tollgate\r\nx-exchange: 1\r\n\r\n"
+    )
+    .unwrap();
+    let answer = read_answer(&mut reader);
+    assert!(answer.status.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(!answer.head.contains("x-hop"), "{answer:?}");
+    assert!(answer.head.contains("x-kept: 1"), "{answer:?}");
+    assert_eq!(answer.body, b"ok");
+    write!(conn, "GET /b HTTP/1.1\r\nHost: tollgate\r\n\r\n").unwrap();
+    assert!(read_answer(&mut reader).status.starts_with("HTTP/1.1 200"));
+}
+
 mod soak;

@@ -3,17 +3,18 @@
 //! raw sockets sends randomized requests through tollgate (mode `none`, and `proxy_key` where
 //! credentials are stripped), on kept-alive connections, sometimes pipelined. Per exchange:
 //!
-//! - the origin got the client's request (method, target, every header line in order and case,
+//! - the origin got the client's request (method, target, each header's lines in order and case,
 //!   body bytes) except the documented changes: the credential removed (all of them in
 //!   `proxy_key`, the one read in `none`), `Host` the upstream's own, one `X-Forwarded-For`
 //!   that tollgate set, forwarding headers from an untrusted peer removed, hop-by-hop headers
 //!   (and those `Connection` names) removed, a chunked body re-chunked (extensions and
 //!   trailers dropped: Pingora's);
-//! - the client got the origin's answer (interim `100`/`103` answers, status, every header
-//!   line in order, `Set-Cookie` lines apart, body bytes, the `Content-Length` of `HEAD` and
-//!   `304` answers) except the documented changes: `Access-Control-Allow-Origin`, the rate
-//!   headers, `Date` (Pingora's own, as nginx's), `Connection`/`Keep-Alive`, and a body the
-//!   origin ended by closing sent chunked;
+//! - the client got the origin's answer (interim `100`/`103` answers, status, each header's
+//!   lines in order and case, `Set-Cookie` lines apart, body bytes, the `Content-Length` of
+//!   `HEAD` and `304` answers) except the documented changes: `Access-Control-Allow-Origin`,
+//!   the rate headers, `Date` (Pingora's own, as nginx's), `Connection`, `Keep-Alive` and the
+//!   fields the origin's `Connection` names, and a body the origin ended by closing sent
+//!   chunked;
 //! - an origin that closes mid-body leaves the client a visibly cut answer (never a complete
 //!   one); one that closes without answering a `502`; the client's connection then serves the
 //!   next request, and the answer to every request carries that request's own number.
@@ -466,6 +467,14 @@ fn answer(rng: &mut Rng, method: &str, id: &str) -> Answer {
     if rng.chance(5) {
         headers.push((b"Keep-Alive".to_vec(), b"timeout=5, max=100".to_vec()));
     }
+    if rng.chance(8) {
+        // About the origin's connection only: not for the client.
+        headers.push((
+            spelled(rng, "Connection").into_bytes(),
+            b"keep-alive, X-Hop-Answer".to_vec(),
+        ));
+        headers.push((b"X-Hop-Answer".to_vec(), b"for tollgate only".to_vec()));
+    }
     for i in (1..headers.len()).rev() {
         let j = rng.below(i + 1);
         headers.swap(i, j);
@@ -723,7 +732,15 @@ fn check_head(id: &str, what: &str, sent: &Head, got: &Head, out: &mut Vec<Strin
         "date",
     ];
     let got_headers = without(&without(&got.headers, &ADDED), &own);
-    let sent_headers = without(&sent.headers, &own);
+    // Nor does any field the origin's `Connection` names.
+    let named: Vec<String> = sent
+        .all("connection")
+        .iter()
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|name| lower(name.trim_ascii()))
+        .collect();
+    let named: Vec<&str> = named.iter().map(String::as_str).collect();
+    let sent_headers = without(&without(&sent.headers, &own), &named);
     if grouped(&got_headers) != grouped(&sent_headers) {
         out.push(format!(
             "#{id}: {what}: client got headers\n    {}\n  origin sent\n    {}",
