@@ -155,6 +155,21 @@ fn remove_connection_nominated(response: &mut ResponseHeader) {
     }
 }
 
+/// The single value of a `Content-Length` sent as a list of one number (`3, 3`) or on several
+/// lines, which Pingora accepts and frames the body by (it refuses differing values) but
+/// passes on as it came: such a field is invalid, and a proxy must send one value instead
+/// (RFC 9110, 8.6); an upstream or client may refuse the message (Node.js does). `None`: a
+/// single value (or none), to be left as it is.
+fn collapsed_content_length(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return None;
+    }
+    let number = first.as_bytes().split(|&b| b == b',').next()?.trim_ascii();
+    HeaderValue::from_bytes(number).ok()
+}
+
 /// The budget left after a counted request, on every answer it gets (proxied or not).
 fn add_rate_headers(response: &mut ResponseHeader, rate: Option<RateDecision>) -> Result<()> {
     if let Some(RateDecision::Allowed {
@@ -679,6 +694,9 @@ impl ProxyHttp for Proxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(length) = collapsed_content_length(&upstream.headers) {
+            upstream.insert_header(http::header::CONTENT_LENGTH, length)?;
+        }
         if self.gatekeeper.mode() == GatekeeperMode::None {
             // Nothing is protected: only the credential read goes, as in the older proxy.
             if let Some(source) = ctx.credential {
@@ -731,6 +749,9 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         frame_for_the_client(session, response);
+        if let Some(length) = collapsed_content_length(&response.headers) {
+            response.insert_header(http::header::CONTENT_LENGTH, length)?;
+        }
         if response.headers.contains_key(http::header::CONNECTION) {
             remove_connection_nominated(response);
         }
@@ -1034,6 +1055,22 @@ mod tests {
         upgrade.append_header("Upgrade", "websocket").unwrap();
         remove_connection_nominated(&mut upgrade);
         assert!(upgrade.headers.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn a_content_length_list_is_collapsed_to_its_value() {
+        let collapsed = |values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for v in values {
+                headers.append(http::header::CONTENT_LENGTH, v.parse().unwrap());
+            }
+            collapsed_content_length(&headers).map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(collapsed(&[]), None);
+        assert_eq!(collapsed(&["3"]), None);
+        assert_eq!(collapsed(&["3, 3"]), Some("3".into()));
+        assert_eq!(collapsed(&["3", "3"]), Some("3".into()));
+        assert_eq!(collapsed(&[" 12 ,12,12"]), Some("12".into()));
     }
 
     #[test]

@@ -1184,4 +1184,58 @@ fn fields_named_by_the_upstreams_connection_header_are_not_passed_on() {
     assert!(read_answer(&mut reader).status.starts_with("HTTP/1.1 200"));
 }
 
+/// A `Content-Length` sent as a list of one number (`3, 3`) or on two lines is accepted by
+/// Pingora, which frames the body by it, but was passed on as it came: the upstream got (and
+/// the client, from an upstream) an invalid field that Node.js, for one, refuses. Each side
+/// gets the single value instead (RFC 9110, 8.6).
+#[test]
+fn a_repeated_content_length_reaches_each_side_as_one_value() {
+    use crate::support::origin::{Script, ScriptedOrigin};
+    use crate::support::wire;
+    use std::io::{BufReader, Write};
+    let origin = ScriptedOrigin::start();
+    let answers = [
+        "Content-Length: 2, 2\r\n",
+        "Content-Length: 2\r\ncontent-length: 2\r\n",
+    ];
+    for (i, lengths) in answers.iter().enumerate() {
+        origin.script(
+            &i.to_string(),
+            Script {
+                pieces: vec![format!("HTTP/1.1 200 OK\r\n{lengths}\r\nok").into_bytes()],
+                ..Script::default()
+            },
+        );
+    }
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    let mut conn = tg.proxy_connection();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let requests = [
+        "Content-Length: 3, 3\r\n",
+        "Content-Length: 3\r\nContent-Length: 3\r\n",
+    ];
+    for (i, lengths) in requests.iter().enumerate() {
+        write!(
+            conn,
+            "POST /upload HTTP/1.1\r\nHost: tollgate\r\nx-exchange: {i}\r\n{lengths}\r\nabc"
+        )
+        .unwrap();
+        let head = wire::read_head(&mut reader).unwrap().unwrap();
+        assert_eq!(head.status(), 200, "{lengths}: {head:?}");
+        assert_eq!(head.all("content-length"), [b"2"], "{lengths}: {head:?}");
+        assert_eq!(
+            wire::read_response_body(&mut reader, &head, "POST").bytes,
+            b"ok"
+        );
+        let received = origin.received(&i.to_string());
+        let seen = &received[0];
+        assert_eq!(
+            seen.head.all("content-length"),
+            [b"3"],
+            "{lengths}: {seen:?}"
+        );
+        assert_eq!(seen.body.bytes, b"abc");
+    }
+}
+
 mod soak;

@@ -337,7 +337,8 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
     match framing {
         ReqFraming::None => request.extend_from_slice(b"\r\n"),
         ReqFraming::Length => {
-            request.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+            request.extend_from_slice(content_length(rng, body.len()).as_bytes());
+            request.extend_from_slice(b"\r\n");
             request.extend_from_slice(&body);
         }
         ReqFraming::Chunked => {
@@ -375,6 +376,16 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         resp_body,
         end,
         script,
+    }
+}
+
+/// `Content-Length` header lines for `length`: mostly one, sometimes the same number twice,
+/// as a list or on two lines (the upstream and the client must get one value).
+fn content_length(rng: &mut Rng, length: usize) -> String {
+    match rng.below(20) {
+        0 => format!("Content-Length: {length}, {length}\r\n"),
+        1 => format!("Content-Length: {length}\r\ncontent-length: {length}\r\n"),
+        _ => format!("Content-Length: {length}\r\n"),
     }
 }
 
@@ -502,10 +513,15 @@ fn answer(rng: &mut Rng, method: &str, id: &str) -> Answer {
         _ => End::Complete,
     };
     match resp_framing {
-        RespFraming::Length => headers.push((
-            spelled(rng, "Content-Length").into_bytes(),
-            body.len().to_string().into_bytes(),
-        )),
+        RespFraming::Length => {
+            let name = spelled(rng, "Content-Length").into_bytes();
+            let length = body.len().to_string().into_bytes();
+            match rng.below(20) {
+                0 => headers.push((name, [&length[..], b", ", &length].concat())),
+                1 => headers.extend([(name.clone(), length.clone()), (name, length)]),
+                _ => headers.push((name, length)),
+            }
+        }
         RespFraming::Chunked => headers.push((
             spelled(rng, "Transfer-Encoding").into_bytes(),
             b"chunked".to_vec(),
@@ -833,7 +849,7 @@ fn check_answer(ex: &Exchange, got: Option<Received>, stale: bool, out: &mut Vec
     );
     let framing_ok = match ex.resp_framing {
         RespFraming::Bodiless => cl == sent_cl && te == sent_te,
-        RespFraming::Length => cl == sent_cl && te.is_empty(),
+        RespFraming::Length => cl == [ex.resp_body.len().to_string().as_bytes()] && te.is_empty(),
         RespFraming::Chunked | RespFraming::Close => te == [b"chunked"] && cl.is_empty(),
     };
     if !framing_ok {
