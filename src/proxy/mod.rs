@@ -199,14 +199,12 @@ fn readable_target(req: &RequestHeader) -> bool {
     raw.first() == Some(&b'/') || raw == b"*" || has_scheme(b"http://") || has_scheme(b"https://")
 }
 
-/// The request's `Content-Length`, when it declares a valid one.
+/// The request's `Content-Length`, when it declares a valid one. A list of one number
+/// (`3, 3`), which Pingora accepts, declares that number.
 fn declared_body_length(req: &RequestHeader) -> Option<u64> {
     let value = req.headers.get(http::header::CONTENT_LENGTH)?;
-    std::str::from_utf8(value.as_bytes())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    let first = value.as_bytes().split(|&b| b == b',').next()?;
+    std::str::from_utf8(first).ok()?.trim().parse().ok()
 }
 
 /// Whether the request's body has a transfer coding besides `chunked` (`gzip, chunked`), or

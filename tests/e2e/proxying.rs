@@ -1238,4 +1238,33 @@ fn a_repeated_content_length_reaches_each_side_as_one_value() {
     }
 }
 
+/// A declared length over `clients.max_body_bytes` is answered 413 without reading the body;
+/// a `Content-Length` that repeats the number as a list (`2000, 2000`, which Pingora accepts)
+/// was not read as a declaration: the request went upstream, and the 413 came only once the
+/// body had streamed past the limit.
+#[test]
+fn a_content_length_list_over_the_limit_is_refused_before_the_body() {
+    use std::io::{BufReader, Write};
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("clients:\n  max_body_bytes: 1000\n")
+        .start();
+    for lengths in ["2000", "2000, 2000"] {
+        let mut conn = tg.proxy_connection();
+        // The header alone: the answer must not wait for the body.
+        write!(
+            conn,
+            "POST /big HTTP/1.1\r\nHost: tollgate\r\nContent-Length: {lengths}\r\n\r\n"
+        )
+        .unwrap();
+        let answer = read_answer(&mut BufReader::new(conn));
+        assert!(
+            answer.status.starts_with("HTTP/1.1 413"),
+            "{lengths}: {answer:?}"
+        );
+    }
+    assert_eq!(origin.count(), 0, "{:?}", origin.seen());
+}
+
 mod soak;
