@@ -170,6 +170,16 @@ fn collapsed_content_length(headers: &http::HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_bytes(number).ok()
 }
 
+/// An HTTP/1.0 client knows no interim answers and would take an upstream's `103 Early
+/// Hints` or `100 Continue` for the final one (RFC 9110, 15.2: a server must not send it one);
+/// Pingora relayed them whatever the client's version. It drops them on request (a `101`
+/// still goes through).
+fn no_interim_answers(session: &mut Session) {
+    if let pingora::protocols::http::ServerSession::H1(h1) = &mut *session.downstream_session {
+        h1.set_ignore_info_resp(true);
+    }
+}
+
 /// The budget left after a counted request, on every answer it gets (proxied or not).
 fn add_rate_headers(response: &mut ResponseHeader, rate: Option<RateDecision>) -> Result<()> {
     if let Some(RateDecision::Allowed {
@@ -589,6 +599,9 @@ impl ProxyHttp for Proxy {
         // Pingora times each body read with this; the header is read by now, and the next
         // request on the connection gets a new session.
         session.set_read_timeout(self.body_timeout);
+        if session.req_header().version < http::Version::HTTP_11 {
+            no_interim_answers(session);
+        }
         Ok(())
     }
 

@@ -1267,4 +1267,48 @@ fn a_content_length_list_over_the_limit_is_refused_before_the_body() {
     assert_eq!(origin.count(), 0, "{:?}", origin.seen());
 }
 
+/// An HTTP/1.0 client knows no interim answers: an upstream's `103 Early Hints` or unasked
+/// `100 Continue` was relayed to it, and it took the first for the final answer. It gets the
+/// final answer alone; an HTTP/1.1 client still gets them all.
+#[test]
+fn an_http_10_client_gets_no_interim_answers() {
+    use crate::support::origin::{Script, ScriptedOrigin};
+    use crate::support::wire;
+    use std::io::{BufReader, Write};
+    let origin = ScriptedOrigin::start();
+    let tg = TollgateBuilder::new(origin.addr).mode("none").start();
+    for (version, expected) in [("1.0", vec![200]), ("1.1", vec![103, 100, 200])] {
+        origin.script(
+            version,
+            Script {
+                pieces: vec![
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+                               HTTP/1.1 100 Continue\r\n\r\n\
+                               HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                        .to_vec(),
+                ],
+                ..Script::default()
+            },
+        );
+        let mut conn = tg.proxy_connection();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        write!(
+            conn,
+            "GET /a HTTP/{version}\r\nHost: tollgate\r\nx-exchange: {version}\r\n\r\n"
+        )
+        .unwrap();
+        let mut statuses = Vec::new();
+        loop {
+            let head = wire::read_head(&mut reader).unwrap().expect("an answer");
+            statuses.push(head.status());
+            if head.status() >= 200 {
+                let body = wire::read_response_body(&mut reader, &head, "GET");
+                assert_eq!(body.bytes, b"ok", "HTTP/{version}");
+                break;
+            }
+        }
+        assert_eq!(statuses, expected, "HTTP/{version}");
+    }
+}
+
 mod soak;

@@ -81,8 +81,15 @@ enum End {
 struct Exchange {
     id: String,
     method: &'static str,
-    /// What the client writes.
+    /// What the client writes, its body from `body_at` on.
     request: Vec<u8>,
+    body_at: usize,
+    /// The client waits for `100 Continue` before it sends the body.
+    expect_continue: bool,
+    /// The client says `Connection: close`: the answer ends its connection.
+    close: bool,
+    /// An HTTP/1.0 client (the upstream still gets HTTP/1.1).
+    http10: bool,
     /// What the origin must get: target, header lines (without `Host`, `X-Forwarded-For`
     /// and the framing headers, checked apart), body.
     target: Vec<u8>,
@@ -316,18 +323,34 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         sent.swap(i, j);
     }
 
+    // Sometimes an HTTP/1.0 client: no chunked body, and a body ended by the close is all
+    // it can be sent.
+    let http10 = rng.chance(6);
     let framing = match (method, rng.below(10)) {
         ("POST" | "PUT" | "PATCH", 0) | ("GET" | "HEAD" | "DELETE" | "OPTIONS", 0..=6) => {
             ReqFraming::None
         }
-        (_, n) if n % 2 == 0 => ReqFraming::Chunked,
+        (_, n) if n % 2 == 0 && !http10 => ReqFraming::Chunked,
         _ => ReqFraming::Length,
     };
     let body = match framing {
         ReqFraming::None => Vec::new(),
         _ => body_bytes(rng),
     };
-    let mut request = format!("{method} {path}{} HTTP/1.1\r\n", query_string(&query)).into_bytes();
+    // tollgate answers `100 Continue` itself; the origin gets no `Expect`.
+    let expect_continue = !http10 && !body.is_empty() && rng.chance(8);
+    if expect_continue {
+        sent.push(("Expect".into(), b"100-continue".to_vec()));
+        removed.push("expect".into());
+    }
+    let close = !removed.iter().any(|r| r == "connection") && rng.chance(5);
+    if close {
+        sent.push((spelled(rng, "Connection"), b"close".to_vec()));
+        removed.push("connection".into());
+    }
+    let version = if http10 { "1.0" } else { "1.1" };
+    let mut request =
+        format!("{method} {path}{} HTTP/{version}\r\n", query_string(&query)).into_bytes();
     for (name, v) in &sent {
         request.extend_from_slice(name.as_bytes());
         request.extend_from_slice(b": ");
@@ -335,14 +358,18 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         request.extend_from_slice(b"\r\n");
     }
     match framing {
-        ReqFraming::None => request.extend_from_slice(b"\r\n"),
+        ReqFraming::None => {}
         ReqFraming::Length => {
             request.extend_from_slice(content_length(rng, body.len()).as_bytes());
-            request.extend_from_slice(b"\r\n");
-            request.extend_from_slice(&body);
         }
+        ReqFraming::Chunked => request.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+    }
+    request.extend_from_slice(b"\r\n");
+    let body_at = request.len();
+    match framing {
+        ReqFraming::None => {}
+        ReqFraming::Length => request.extend_from_slice(&body),
         ReqFraming::Chunked => {
-            request.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
             let extension = if rng.chance(30) { ";ext=1" } else { "" };
             let trailers: &[(&str, &str)] = if rng.chance(30) {
                 &[("X-Trailer", "t")]
@@ -366,6 +393,10 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         id,
         method,
         request,
+        body_at,
+        expect_continue,
+        close,
+        http10,
         target: format!("{path}{}", query_string(&expected_query)).into_bytes(),
         headers,
         framing,
@@ -821,7 +852,9 @@ fn check_answer(ex: &Exchange, got: Option<Received>, stale: bool, out: &mut Vec
         return false;
     }
     let interim_lines: Vec<_> = got.interim.iter().map(|h| wire::show(&h.line)).collect();
-    if got.interim.len() != ex.interim.len() {
+    // HTTP/1.0 has no interim answers: its clients get none.
+    let expected_interim = if ex.http10 { 0 } else { ex.interim.len() };
+    if got.interim.len() != expected_interim {
         out.push(format!(
             "#{id}: interim answers {interim_lines:?}, the origin sent {}",
             ex.interim.len()
@@ -848,8 +881,11 @@ fn check_answer(ex: &Exchange, got: Option<Received>, stale: bool, out: &mut Vec
         ex.head.all("transfer-encoding"),
     );
     let framing_ok = match ex.resp_framing {
+        RespFraming::Bodiless if ex.http10 => cl == sent_cl && te.is_empty(),
         RespFraming::Bodiless => cl == sent_cl && te == sent_te,
         RespFraming::Length => cl == [ex.resp_body.len().to_string().as_bytes()] && te.is_empty(),
+        // An HTTP/1.0 client cannot read chunks: the body ends with the connection.
+        RespFraming::Chunked | RespFraming::Close if ex.http10 => te.is_empty() && cl.is_empty(),
         RespFraming::Chunked | RespFraming::Close => te == [b"chunked"] && cl.is_empty(),
     };
     if !framing_ok {
@@ -859,8 +895,11 @@ fn check_answer(ex: &Exchange, got: Option<Received>, stale: bool, out: &mut Vec
         ));
     }
     let body = &got.body;
+    // A cut body ended by the close looks complete to an HTTP/1.0 client: HTTP/1.0 has no way
+    // to tell it (nor has any proxy).
+    let cut_visible = !(ex.http10 && ex.resp_framing != RespFraming::Length);
     if ex.end == End::Truncated {
-        if !body.truncated {
+        if !body.truncated && cut_visible {
             out.push(format!(
                 "#{id}: the origin cut its body, the client got a complete one of {} bytes",
                 body.bytes.len()
@@ -882,11 +921,19 @@ fn check_answer(ex: &Exchange, got: Option<Received>, stale: bool, out: &mut Vec
         ));
         return false;
     }
-    if got
+    let closing = got
         .head
         .get("connection")
-        .is_some_and(|c| c.eq_ignore_ascii_case(b"close"))
-    {
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"close"));
+    if ex.close || ex.http10 {
+        if !closing {
+            out.push(format!(
+                "#{id}: the client said Connection: close, the answer did not"
+            ));
+        }
+        return false;
+    }
+    if closing {
         out.push(format!(
             "#{id}: the client connection was closed after a complete answer"
         ));
@@ -927,7 +974,12 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
                 batch.push(exchange(&mut rng, mode, n + batch.len()));
             }
             if batch.iter().any(|ex| {
-                ex.end != End::Complete || ex.request.len() > 16_384 || ex.resp_body.len() > 16_384
+                ex.end != End::Complete
+                    || ex.expect_continue
+                    || ex.close
+                    || ex.http10
+                    || ex.request.len() > 16_384
+                    || ex.resp_body.len() > 16_384
             }) {
                 batch.truncate(1);
             }
@@ -937,6 +989,19 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
         for ex in &batch {
             origin.script(&ex.id, ex.script.clone());
             wire.extend_from_slice(&ex.request);
+        }
+        let first = &batch[0];
+        if first.expect_continue {
+            // The head, tollgate's `100 Continue`, then the body.
+            let continued = conn.stream.write_all(&wire[..first.body_at]).is_ok()
+                && wire::read_head(&mut conn.reader)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|head| head.status() == 100);
+            if !continued {
+                out.push(format!("#{}: no 100 Continue from tollgate", first.id));
+            }
+            wire.drain(..first.body_at);
         }
         if conn.stream.write_all(&wire).is_err() {
             out.push(format!(
