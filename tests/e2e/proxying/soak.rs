@@ -1,7 +1,9 @@
 //! A seeded, randomized differential check of what passes through tollgate: a scripted origin
 //! records every request byte for byte and answers with a randomly chosen shape; a client on
 //! raw sockets sends randomized requests through tollgate (mode `none`, and `proxy_key` where
-//! credentials are stripped), on kept-alive connections, sometimes pipelined. Per exchange:
+//! credentials are stripped), on kept-alive connections, sometimes pipelined, sometimes as an
+//! HTTP/1.0 client, with `Expect: 100-continue` or `Connection: close`, or giving up halfway
+//! through its body. Per exchange:
 //!
 //! - the origin got the client's request (method, target, each header's lines in order and case,
 //!   body bytes) except the documented changes: the credential removed (all of them in
@@ -14,10 +16,11 @@
 //!   `HEAD` and `304` answers) except the documented changes: `Access-Control-Allow-Origin`,
 //!   the rate headers, `Date` (Pingora's own, as nginx's), `Connection`, `Keep-Alive` and the
 //!   fields the origin's `Connection` names, and a body the origin ended by closing sent
-//!   chunked;
+//!   chunked (to an HTTP/1.0 client: as it came, without interim answers);
 //! - an origin that closes mid-body leaves the client a visibly cut answer (never a complete
 //!   one); one that closes without answering a `502`; the client's connection then serves the
-//!   next request, and the answer to every request carries that request's own number.
+//!   next request, and the answer to every request carries that request's own number (no
+//!   pooled upstream connection carries what is left of another request or answer).
 //!
 //! The suite runs one seed (a few seconds per mode). To soak:
 //! `TOLLGATE_SOAK_SEED=<n> TOLLGATE_SOAK_ITERATIONS=<k> TOLLGATE_SOAK_EXCHANGES=<m> cargo
@@ -90,6 +93,8 @@ struct Exchange {
     close: bool,
     /// An HTTP/1.0 client (the upstream still gets HTTP/1.1).
     http10: bool,
+    /// The client closes its connection halfway through the body.
+    abort: bool,
     /// What the origin must get: target, header lines (without `Host`, `X-Forwarded-For`
     /// and the framing headers, checked apart), body.
     target: Vec<u8>,
@@ -343,6 +348,8 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         sent.push(("Expect".into(), b"100-continue".to_vec()));
         removed.push("expect".into());
     }
+    // Sometimes the client gives up halfway through its body and closes.
+    let abort = !expect_continue && body.len() > 10 && rng.chance(3);
     let close = !removed.iter().any(|r| r == "connection") && rng.chance(5);
     if close {
         sent.push((spelled(rng, "Connection"), b"close".to_vec()));
@@ -397,6 +404,7 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         expect_continue,
         close,
         http10,
+        abort,
         target: format!("{path}{}", query_string(&expected_query)).into_bytes(),
         headers,
         framing,
@@ -978,6 +986,7 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
                     || ex.expect_continue
                     || ex.close
                     || ex.http10
+                    || ex.abort
                     || ex.request.len() > 16_384
                     || ex.resp_body.len() > 16_384
             }) {
@@ -991,6 +1000,16 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
             wire.extend_from_slice(&ex.request);
         }
         let first = &batch[0];
+        if first.abort {
+            // Half the body, then the connection is gone: what tollgate does with the upstream
+            // connection that got the head is checked by the exchanges that follow (a pooled
+            // connection with half a body on it would garble the next request).
+            let half = first.body_at + (wire.len() - first.body_at) / 2;
+            let _ = conn.stream.write_all(&wire[..half]);
+            reconnects += 1;
+            conn = Conn::open(&tg);
+            continue;
+        }
         if first.expect_continue {
             // The head, tollgate's `100 Continue`, then the body.
             let continued = conn.stream.write_all(&wire[..first.body_at]).is_ok()
