@@ -1,14 +1,14 @@
 //! A seeded, randomized differential check of what passes through tollgate: a scripted origin
 //! records every request byte for byte and answers with a randomly chosen shape; a client on
-//! raw sockets sends randomized requests through tollgate (mode `none`, and `proxy_key` where
-//! credentials are stripped), on kept-alive connections, sometimes pipelined, sometimes as an
-//! HTTP/1.0 client, with `Expect: 100-continue` or `Connection: close`, or giving up halfway
-//! through its body. Per exchange:
+//! raw sockets sends randomized requests through tollgate (mode `none`, and `proxy_key` and
+//! `user_token` where every credential is stripped), on kept-alive connections, sometimes
+//! pipelined, sometimes as an HTTP/1.0 client, with `Expect: 100-continue` or
+//! `Connection: close`, or giving up halfway through its body. Per exchange:
 //!
-//! - the origin got the client's request (method, target, each header's lines in order and case,
-//!   body bytes) except the documented changes: the credential removed (all of them in
-//!   `proxy_key`, the one read in `none`), `Host` the upstream's own, one `X-Forwarded-For`
-//!   that tollgate set, forwarding headers from an untrusted peer removed, hop-by-hop headers
+//! - the origin got the client's request (method, target, each header's lines in order and
+//!   case, body bytes) except the documented changes: the credential removed (all of them in
+//!   `proxy_key` and `user_token`, the one read in `none`), `Host` the upstream's own, one
+//!   `X-Forwarded-For` that tollgate set, forwarding headers from an untrusted peer removed, hop-by-hop headers
 //!   (and those `Connection` names) removed, a chunked body re-chunked (extensions and
 //!   trailers dropped: Pingora's);
 //! - the client got the origin's answer (interim `100`/`103` answers, status, each header's
@@ -41,12 +41,13 @@ use crate::support::TollgateBuilder;
 /// The seed the suite runs with.
 const DEFAULT_SEED: u64 = 0x7011_6a7e;
 /// Exchanges per mode and seed in the suite.
-const DEFAULT_EXCHANGES: u64 = 250;
+const DEFAULT_EXCHANGES: u64 = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     None,
     ProxyKey,
+    UserToken,
 }
 
 /// How the request body is framed by the client.
@@ -211,7 +212,8 @@ fn query_string(params: &[String]) -> String {
 }
 
 /// A random request and the origin's answer to it, with what each side must see.
-fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
+/// `key`: the credential a protected mode takes (the proxy key, a user's token).
+fn exchange(rng: &mut Rng, mode: Mode, key: &str, n: usize) -> Exchange {
     let id = format!("{n}");
     let method = pick(
         rng,
@@ -274,11 +276,11 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
     // Credentials: in proxy_key mode at least one place holds the key and every place is
     // stripped; in none mode any junk, and only the place read (the first) is stripped.
     let key = match mode {
-        Mode::ProxyKey => PROXY_KEY.to_string(),
         Mode::None => format!("junk-{n}"),
+        _ => key.to_string(),
     };
     let mut places: Vec<usize> = (0..3).filter(|_| rng.chance(40)).collect();
-    if mode == Mode::ProxyKey && places.is_empty() {
+    if mode != Mode::None && places.is_empty() {
         places.push(rng.below(3));
     }
     let bearer = places.contains(&0);
@@ -310,8 +312,8 @@ fn exchange(rng: &mut Rng, mode: Mode, n: usize) -> Exchange {
         2
     };
     let strip = |place: usize| match mode {
-        Mode::ProxyKey => true,
         Mode::None => place == read,
+        _ => true,
     };
     if bearer && strip(0) {
         removed.push("authorization".into());
@@ -963,8 +965,15 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
             .mode("proxy_key")
             .env("PROXY_KEY", PROXY_KEY)
             .yaml("rate_limit:\n  requests_per_minute: 10000000\n"),
+        Mode::UserToken => builder
+            .mode("user_token")
+            .yaml("rate_limit:\n  requests_per_minute: 10000000\n"),
     };
     let tg = builder.start();
+    let key = match mode {
+        Mode::UserToken => tg.create_user(serde_json::json!({})),
+        _ => PROXY_KEY.to_string(),
+    };
     let upstream_host = origin.addr.to_string();
     let mut out = Vec::new();
     let mut conn = Conn::open(&tg);
@@ -974,12 +983,12 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
     let mut logged = 0;
     while n < exchanges {
         // Sometimes a pipeline of requests that all end cleanly.
-        let mut batch = vec![exchange(&mut rng, mode, n)];
+        let mut batch = vec![exchange(&mut rng, mode, &key, n)];
         // Not right after a stale connection: a refused first request (502) closes the
         // client's connection under the others.
         if rng.chance(15) && previous != End::SilentClose {
             while batch.len() < 4 && rng.chance(60) {
-                batch.push(exchange(&mut rng, mode, n + batch.len()));
+                batch.push(exchange(&mut rng, mode, &key, n + batch.len()));
             }
             if batch.iter().any(|ex| {
                 ex.end != End::Complete
@@ -1089,7 +1098,7 @@ fn soak_mode(seed: u64, mode: Mode, exchanges: usize) -> (Vec<String>, usize) {
 }
 
 fn soak_once(seed: u64, exchanges: usize) {
-    for mode in [Mode::None, Mode::ProxyKey] {
+    for mode in [Mode::None, Mode::ProxyKey, Mode::UserToken] {
         let started = Instant::now();
         let (mismatches, reconnects) = soak_mode(seed, mode, exchanges);
         eprintln!(
