@@ -8,9 +8,9 @@
 //! - the origin got the client's request (method, target, each header's lines in order and
 //!   case, body bytes) except the documented changes: the credential removed (all of them in
 //!   `proxy_key` and `user_token`, the one read in `none`), `Host` the upstream's own, one
-//!   `X-Forwarded-For` that tollgate set, forwarding headers from an untrusted peer removed, hop-by-hop headers
-//!   (and those `Connection` names) removed, a chunked body re-chunked (extensions and
-//!   trailers dropped: Pingora's);
+//!   `X-Forwarded-For` that tollgate set, forwarding headers from an untrusted peer removed,
+//!   hop-by-hop headers (and those `Connection` names) removed, a chunked body re-chunked
+//!   (extensions and trailers dropped: Pingora's);
 //! - the client got the origin's answer (interim `100`/`103` answers, status, each header's
 //!   lines in order and case, `Set-Cookie` lines apart, body bytes, the `Content-Length` of
 //!   `HEAD` and `304` answers) except the documented changes: `Access-Control-Allow-Origin`,
