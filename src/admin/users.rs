@@ -420,7 +420,11 @@ impl UsersApi {
         ticket: ChangeTicket,
         tokens: impl IntoIterator<Item = &'a str>,
     ) -> Result<(u16, &'static str), ApiError> {
-        let durable = self.status.wait_durable(ticket, self.persist_timeout).await;
+        let tokens: Vec<&str> = tokens.into_iter().collect();
+        let durable = self
+            .status
+            .wait_written(ticket, &tokens, self.persist_timeout)
+            .await;
         let refusals = self.status.refusals_since(ticket);
         if !refusals.is_empty() {
             let refused: HashMap<&str, &str> = refusals

@@ -65,6 +65,8 @@ impl Outcome {
 pub struct StoreGauges {
     pub users_in_cache: usize,
     pub pending_changes: usize,
+    /// Users whose change the store held back while writing the others' (see `ApplyReport`).
+    pub held_back_users: u64,
     pub last_flush_epoch_ms: u64,
     pub flush_failures: u64,
     pub stream_connected: bool,
@@ -85,6 +87,7 @@ pub struct Metrics {
     limited_clients_gauge: IntGauge,
     users: IntGauge,
     pending: IntGauge,
+    held_back: IntGauge,
     last_flush: IntGauge,
     flush_failures: IntGauge,
     stream_connected: IntGauge,
@@ -125,6 +128,10 @@ impl Metrics {
         let metrics = Self {
             users: IntGauge::new("tollgate_users_cached", "Users in the in-process cache").expect("valid metric"),
             pending: gauge("tollgate_store_pending_changes", "Users with changes not yet written to the store"),
+            held_back: gauge(
+                "tollgate_store_held_back_users",
+                "Users whose change could not be written while the others' were; retried with every write",
+            ),
             last_flush: gauge(
                 "tollgate_store_last_flush_timestamp_seconds",
                 "When the store last confirmed a write (0 = never)",
@@ -181,6 +188,7 @@ impl Metrics {
             Box::new(metrics.limited_clients_gauge.clone()),
             Box::new(metrics.users.clone()),
             Box::new(metrics.pending.clone()),
+            Box::new(metrics.held_back.clone()),
             Box::new(metrics.last_flush.clone()),
             Box::new(metrics.flush_failures.clone()),
             Box::new(metrics.stream_connected.clone()),
@@ -230,6 +238,7 @@ impl Metrics {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.users.set(as_i64(gauges.users_in_cache as u64));
         self.pending.set(as_i64(gauges.pending_changes as u64));
+        self.held_back.set(as_i64(gauges.held_back_users));
         self.last_flush
             .set(as_i64(gauges.last_flush_epoch_ms / 1000));
         self.flush_failures.set(as_i64(gauges.flush_failures));

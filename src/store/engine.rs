@@ -16,7 +16,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::{Batch, StoreBackend, StoreError};
+use super::{Batch, HeldBack, StoreBackend, StoreError, Unwritten};
 use crate::clock::now_ms;
 use crate::observe::StoreGauges;
 use crate::users::{Change, ChangeTicket, User, UserCache};
@@ -46,6 +46,11 @@ pub struct StoreStatus {
     /// Changes the store refused for good, newest last (at most [`REFUSALS_KEPT`]), so an
     /// admin write that waited for the store is not reported persisted when it was dropped.
     refusals: Mutex<VecDeque<Refusal>>,
+    /// Users whose change the store held back ([`super::ApplyReport::held_back`]) and that
+    /// are not written yet: their edits are not durable, whatever the ticket says.
+    held_back: watch::Sender<HashSet<Arc<str>>>,
+    /// Users held back, including those with only `ip` additions left (the metric).
+    held_back_users: AtomicU64,
 }
 
 /// A change the store refused: its user, the newest ticket it included, and why.
@@ -72,6 +77,8 @@ impl StoreStatus {
             ready: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             refusals: Mutex::new(VecDeque::new()),
+            held_back: watch::channel(HashSet::new()).0,
+            held_back_users: AtomicU64::new(0),
         })
     }
 
@@ -115,6 +122,27 @@ impl StoreStatus {
         tokio::time::timeout(timeout, rx.wait_for(|done| *done >= ticket))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// [`wait_durable`](Self::wait_durable), and then until none of `tokens` has a change the
+    /// store held back: those users' edits are not written although later tickets are.
+    pub async fn wait_written(
+        &self,
+        ticket: ChangeTicket,
+        tokens: &[&str],
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        if !self.wait_durable(ticket, timeout).await {
+            return false;
+        }
+        let mut rx = self.held_back.subscribe();
+        tokio::time::timeout_at(
+            deadline,
+            rx.wait_for(|held| tokens.iter().all(|t| !held.contains(*t))),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 
     pub fn durable_ticket(&self) -> ChangeTicket {
@@ -169,6 +197,7 @@ impl StoreStatus {
             users_in_cache: self.cache.len(),
             pending_changes: self.cache.queued_len()
                 + self.in_flight_users.load(Ordering::Relaxed) as usize,
+            held_back_users: self.held_back_users.load(Ordering::Relaxed),
             last_flush_epoch_ms: self.last_flush_ms.load(Ordering::Relaxed),
             flush_failures: self.flush_failures.load(Ordering::Relaxed),
             stream_connected: self.stream_connected.load(Ordering::Relaxed),
@@ -196,6 +225,12 @@ struct EngineState {
     failures_in_a_row: u32,
     /// The last check for other writers failed (logged once until it works again).
     read_back_failing: bool,
+    /// Changes the store held back, to go with the next batch (see [`HeldBack`]).
+    held: Vec<Change>,
+    /// Attempts so far for each user held back, for the log.
+    held_attempts: HashMap<Arc<str>, u32>,
+    /// The users in `held` with nothing of their change written ([`Unwritten::Whole`]).
+    held_whole: HashSet<Arc<str>>,
 }
 
 impl SyncEngine {
@@ -237,9 +272,18 @@ impl SyncEngine {
         // A batch kept from a failed attempt was taken before this call: whatever was queued
         // since it was taken is part of this flush's work too.
         let mut retrying = state.in_flight.is_some();
+        // Changes held back go with the first batch taken here, once per call, so a user whose
+        // write keeps failing is tried once per flush, not again and again in one. They stay
+        // in the state until then: a retried batch that fails first returns without them.
+        let mut held_taken = false;
         loop {
             if state.in_flight.is_none() {
-                let taken = self.cache.take_changes(self.batch_users);
+                let held = if std::mem::replace(&mut held_taken, true) {
+                    Vec::new()
+                } else {
+                    std::mem::take(&mut state.held)
+                };
+                let taken = self.cache.take_changes_after(held, self.batch_users);
                 if taken.changes.is_empty() {
                     if let Some(ticket) = taken.covers {
                         self.status.confirm(ticket);
@@ -273,20 +317,40 @@ impl SyncEngine {
                         self.status.record_refusal(token, taken_at, reason);
                     }
                     let fold = !self.backend.echoes_counters();
-                    if refused.is_empty() {
-                        self.cache.acknowledge(&batch.changes, fold);
-                    } else {
-                        // A refused change's requests were not stored: not added to the count.
-                        let (dropped, written): (Vec<Change>, Vec<Change>) = batch
-                            .changes
-                            .iter()
-                            .cloned()
-                            .partition(|c| refused.contains(c.token()));
-                        self.cache.acknowledge(&written, fold);
-                        self.cache.acknowledge(&dropped, false);
-                        self.restore(&batch, &refused).await;
+                    let held_back: HashMap<Arc<str>, Unwritten> = report
+                        .held_back
+                        .iter()
+                        .map(|h| (Arc::clone(&h.token), h.part))
+                        .collect();
+                    let (mut written, mut dropped, mut ips_left) =
+                        (Vec::new(), Vec::new(), Vec::new());
+                    for change in &batch.changes {
+                        if refused.contains(change.token()) {
+                            dropped.push(change.clone());
+                            continue;
+                        }
+                        match held_back.get(change.token()) {
+                            None => written.push(change.clone()),
+                            Some(Unwritten::IpAdditions) => ips_left.push(change.clone()),
+                            // Not acknowledged: still in flight, carried to the next batch.
+                            Some(Unwritten::Whole) => state.held.push(change.clone()),
+                        }
                     }
-                    self.status.in_flight_users.store(0, Ordering::Relaxed);
+                    self.cache.acknowledge(&written, fold);
+                    self.cache.acknowledge_except_ips(&ips_left, fold);
+                    state
+                        .held
+                        .extend(ips_left.iter().filter_map(Change::ip_additions_only));
+                    if !dropped.is_empty() {
+                        // A refused change's requests were not stored: not added to the count.
+                        self.cache.acknowledge(&dropped, false);
+                        self.restore(&dropped).await;
+                    }
+                    // Before `confirm`: a waiter woken by it must see who is still held back.
+                    self.note_held_back(&mut state, &report.held_back, &batch);
+                    self.status
+                        .in_flight_users
+                        .store(state.held.len() as u64, Ordering::Relaxed);
                     self.status.last_flush_ms.store(now_ms(), Ordering::Relaxed);
                     if state.failures_in_a_row > 0 {
                         info!("{} store writes recovered", self.backend.name());
@@ -317,15 +381,57 @@ impl SyncEngine {
         }
     }
 
+    /// Logs the users the store held back (at the first attempt and then at powers of two)
+    /// and those written after being held back, and publishes who is held back now.
+    fn note_held_back(&self, state: &mut EngineState, held: &[HeldBack], batch: &Batch) {
+        for change in &batch.changes {
+            if held.iter().any(|h| h.token == *change.token()) {
+                continue;
+            }
+            state.held_whole.remove(change.token());
+            if let Some(attempts) = state.held_attempts.remove(change.token()) {
+                info!(
+                    "{} store: user {} is no longer held back, after {attempts} attempts",
+                    self.backend.name(),
+                    crate::observe::token_id(change.token())
+                );
+            }
+        }
+        for h in held {
+            if h.part == Unwritten::Whole {
+                state.held_whole.insert(Arc::clone(&h.token));
+            } else {
+                state.held_whole.remove(&h.token);
+            }
+            let attempts = state.held_attempts.entry(Arc::clone(&h.token)).or_insert(0);
+            *attempts += 1;
+            if *attempts == 1 || attempts.is_power_of_two() {
+                let what = match h.part {
+                    Unwritten::Whole => "its change",
+                    Unwritten::IpAdditions => "the addresses its requests added",
+                };
+                warn!(
+                    "{} store: cannot write {what} for user {} ({} attempts): {}; the other \
+                     users' changes are written, and this one is kept and tried again with \
+                     the next write",
+                    self.backend.name(),
+                    crate::observe::token_id(&h.token),
+                    attempts,
+                    h.reason
+                );
+            }
+        }
+        self.status.held_back.send_replace(state.held_whole.clone());
+        self.status
+            .held_back_users
+            .store(state.held_attempts.len() as u64, Ordering::Relaxed);
+    }
+
     /// The store's values of users whose change it refused, back into the cache. A store that
     /// cannot be read now leaves them as they are here (logged); its next change, or a
     /// restart, brings them in line.
-    async fn restore(&self, batch: &Batch, refused: &HashSet<Arc<str>>) {
-        let changes: Vec<&Change> = batch
-            .changes
-            .iter()
-            .filter(|c| refused.contains(c.token()))
-            .collect();
+    async fn restore(&self, refused: &[Change]) {
+        let changes: Vec<&Change> = refused.iter().collect();
         if let Err(e) = self.backend.restore(&self.cache, &changes).await {
             warn!(
                 "{} store: cannot read back the {} users whose change it refused; this \
@@ -383,6 +489,7 @@ impl SyncEngine {
     /// False when changes were left unwritten (logged): they are lost when the process exits.
     pub async fn final_flush(&self) -> bool {
         let deadline = Instant::now() + self.shutdown_deadline;
+        let mut held_attempts = 0;
         loop {
             // One attempt may not outlast the deadline (a store request can take 30 s); a
             // write cut off here stays in flight and is resolved by the next attempt.
@@ -394,12 +501,28 @@ impl SyncEngine {
                 )),
             };
             match attempt {
-                Ok(()) => {
+                Ok(()) if self.state.lock().await.held.is_empty() => {
                     info!(
                         "{} store: all changes written before shutdown",
                         self.backend.name()
                     );
                     return true;
+                }
+                // Users held back: the rest is written; theirs is tried again until the
+                // deadline.
+                Ok(()) if Instant::now() < deadline => {
+                    held_attempts += 1;
+                    let wait = backoff_for(held_attempts).min(deadline - Instant::now());
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(()) => {
+                    error!(
+                        "{} store: {} users' changes were held back and could not be written \
+                         before shutdown",
+                        self.backend.name(),
+                        self.status.gauges().pending_changes
+                    );
+                    return false;
                 }
                 Err(_) if Instant::now() < deadline => {
                     let wait = self.backoff().await.min(deadline - Instant::now());

@@ -108,6 +108,29 @@ pub struct ApplyReport {
     /// Changes the backend can never write (e.g. a key Firebase refuses), with the reason.
     /// They are dropped from the queue and logged, not retried forever.
     pub rejected: Vec<(Arc<str>, String)>,
+    /// Changes the backend could not write this time for a reason of their own user (its
+    /// node kept changing under a compare-and-set, or a request about that user alone was
+    /// refused) while the batch's other changes were written. They are kept and written with
+    /// the next batch, so one user cannot hold back everyone else's counts and edits.
+    pub held_back: Vec<HeldBack>,
+}
+
+/// A change of [`ApplyReport::held_back`].
+#[derive(Debug, Clone)]
+pub struct HeldBack {
+    pub token: Arc<str>,
+    pub reason: String,
+    /// What is left to write of it.
+    pub part: Unwritten,
+}
+
+/// What a held-back change has left to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unwritten {
+    /// All of it: nothing of it was written.
+    Whole,
+    /// Only the addresses requests added to the user's `ip` list: the rest is written.
+    IpAdditions,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -49,6 +49,23 @@ impl Change {
     pub fn is_creation(&self) -> bool {
         matches!(self, Change::Upsert(c) if c.fields.contains(Fields::CREATED))
     }
+
+    /// What is left of this change once all of it but the addresses requests added to the
+    /// `ip` list is written ([`UserCache::acknowledge_except_ips`]): those addresses alone.
+    pub fn ip_additions_only(&self) -> Option<Change> {
+        let Change::Upsert(c) = self else {
+            return None;
+        };
+        (!c.ip_added.is_empty()).then(|| {
+            Change::Upsert(Box::new(UserChange {
+                record: Arc::clone(&c.record),
+                user: c.user.clone(),
+                fields: Fields::IP,
+                prompt_delta: 0,
+                ip_added: c.ip_added.clone(),
+            }))
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -670,9 +687,22 @@ impl UserCache {
 
     /// Takes up to `max_users` users' pending changes for one store write.
     pub fn take_changes(&self, max_users: usize) -> TakenChanges {
+        self.take_changes_after(Vec::new(), max_users)
+    }
+
+    /// [`take_changes`](Self::take_changes), after `held`: changes taken for an earlier write
+    /// that the store held back (their user's write failed alone, the rest were written),
+    /// still in flight and not acknowledged. A user's held change and its newer changes
+    /// become one, as a user queued twice in one take does; up to `max_users` more users are
+    /// taken, so held changes never crowd out the others.
+    pub fn take_changes_after(&self, held: Vec<Change>, max_users: usize) -> TakenChanges {
         let covers = self.tickets.load(Ordering::Acquire);
         let mut changes: Vec<Change> = Vec::new();
         let mut index: HashMap<Arc<str>, usize> = HashMap::new();
+        for change in held {
+            merge_into(&mut changes, &mut index, change);
+        }
+        let max_users = changes.len().saturating_add(max_users);
         while changes.len() < max_users {
             let Some(item) = self.queue.pop() else {
                 return TakenChanges {
@@ -731,6 +761,17 @@ impl UserCache {
 
     /// The store confirmed `changes`; `fold_counters` is false for stores that echo totals.
     pub fn acknowledge(&self, changes: &[Change], fold_counters: bool) {
+        self.acknowledge_with(changes, fold_counters, false);
+    }
+
+    /// The store wrote `changes` except the addresses requests added to their users' `ip`
+    /// lists (a merge that failed for that user alone): those stay in flight, for
+    /// [`Change::ip_additions_only`] to carry to the next write.
+    pub fn acknowledge_except_ips(&self, changes: &[Change], fold_counters: bool) {
+        self.acknowledge_with(changes, fold_counters, true);
+    }
+
+    fn acknowledge_with(&self, changes: &[Change], fold_counters: bool, keep_ips: bool) {
         let mut deleting = self.deleting.lock();
         let mut rereads = Vec::new();
         let mut confirmation = None;
@@ -743,7 +784,7 @@ impl UserCache {
                     });
                     c.record.set_confirmed_at(n);
                     if c.record
-                        .acknowledge(c.fields, c.prompt_delta, fold_counters)
+                        .acknowledge(c.fields, c.prompt_delta, fold_counters, keep_ips)
                     {
                         rereads.push(Reread {
                             token: Arc::clone(c.record.token()),

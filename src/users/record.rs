@@ -469,7 +469,14 @@ impl UserRecord {
     /// The store confirmed a change: counters move from flight into the base (unless the
     /// store echoes its totals back, as Firebase does), and the fields stop being in flight.
     /// True when a store change was kept out meanwhile: the store's value must be read again.
-    pub(super) fn acknowledge(&self, fields: Fields, delta: u64, fold_counters: bool) -> bool {
+    /// `keep_ips`: the addresses in flight were not written; they stay in flight.
+    pub(super) fn acknowledge(
+        &self,
+        fields: Fields,
+        delta: u64,
+        fold_counters: bool,
+        keep_ips: bool,
+    ) -> bool {
         // The counters move under the lock an admin's `promptCount` set takes: a set in
         // between would otherwise get the acknowledged requests added on top of it.
         let mut slot = self.ip_added.lock();
@@ -489,7 +496,7 @@ impl UserRecord {
             Ordering::AcqRel,
         );
         // The change carried every address in flight (one batch at a time).
-        if let Some(adds) = slot.as_deref_mut() {
+        if let Some(adds) = slot.as_deref_mut().filter(|_| !keep_ips) {
             adds.inflight.clear();
             if adds.pending.is_empty() {
                 *slot = None;
@@ -652,7 +659,7 @@ mod tests {
                 for _ in 0..50_000 {
                     start.wait();
                     let (fields, delta, _) = record.take_pending();
-                    record.acknowledge(fields, delta, true);
+                    record.acknowledge(fields, delta, true, false);
                     done.wait();
                 }
             })
@@ -691,7 +698,7 @@ mod tests {
         assert_eq!((delta, base), (3, 0));
         r.count_request(11);
         assert_eq!(r.prompt_count(), 4, "in-flight requests still count");
-        r.acknowledge(Fields::NONE, delta, true);
+        r.acknowledge(Fields::NONE, delta, true, false);
         assert_eq!(r.prompt_count(), 4);
         let (_, delta, base) = r.take_pending();
         assert_eq!((delta, base), (1, 3));
@@ -702,7 +709,7 @@ mod tests {
         let r = record();
         r.count_request(10);
         let (_, delta, _) = r.take_pending();
-        r.acknowledge(Fields::NONE, delta, false);
+        r.acknowledge(Fields::NONE, delta, false, false);
         assert_eq!(r.prompt_count(), 0, "until the echo arrives");
         let mut remote = r.to_user();
         remote.prompt_count = 1;
@@ -727,7 +734,7 @@ mod tests {
         let (fields, _, _) = r.take_pending();
         r.apply_remote(&remote);
         assert_eq!(r.to_user().max_ips, Some(3), "still in flight");
-        r.acknowledge(fields, 0, true);
+        r.acknowledge(fields, 0, true, false);
         r.apply_remote(&remote);
         assert_eq!(
             r.to_user().max_ips,
@@ -750,7 +757,7 @@ mod tests {
             "not yet written: the local time stays"
         );
         let (fields, delta, _) = r.take_pending();
-        r.acknowledge(fields, delta, false);
+        r.acknowledge(fields, delta, false, false);
         // Another instance's write of an older time landed after this one's.
         r.apply_remote(&remote);
         assert_eq!(
@@ -841,7 +848,7 @@ mod tests {
         // ...and one that removes it: the address is no longer known (once its addition was
         // written; until then a store change keeps it).
         r.take_ip_additions();
-        r.acknowledge(Fields::IP, 0, true);
+        r.acknowledge(Fields::IP, 0, true, false);
         let mut remote = r.to_user();
         remote.ip = vec!["9.9.9.9".into()];
         r.apply_remote(&remote);
@@ -956,7 +963,7 @@ mod ip_tests {
         r.apply_remote(&remote);
         assert_eq!(r.to_user().ip, vec!["4.4.4.4", "3.3.3.3"]);
         // Confirmed: the store's list is the list.
-        r.acknowledge(fields, 0, true);
+        r.acknowledge(fields, 0, true, false);
         assert!(r.take_ip_additions().is_empty());
         r.apply_remote(&remote);
         assert_eq!(r.to_user().ip, vec!["4.4.4.4"]);
@@ -968,7 +975,7 @@ mod ip_tests {
         r.admit_ip(ip("::ffff:2.2.2.2"), 0, 0);
         r.admit_ip(ip("3.3.3.3"), 0, 0);
         assert_eq!(r.take_ip_additions(), vec!["2.2.2.2", "3.3.3.3"]);
-        r.acknowledge(Fields::IP, 0, true);
+        r.acknowledge(Fields::IP, 0, true, false);
         // An admin replaces the list: an address added before it is not merged back.
         r.admit_ip(ip("4.4.4.4"), 0, 0);
         r.protect(Fields::IP | Fields::IP_REPLACED);
@@ -986,7 +993,7 @@ mod ip_tests {
         assert!(r.take_ip_additions().is_empty());
         r.apply_remote(&remote);
         assert_eq!(r.to_user().ip, vec!["9.9.9.9"], "still in flight");
-        r.acknowledge(fields, 0, true);
+        r.acknowledge(fields, 0, true, false);
         r.apply_remote(&remote);
         assert_eq!(r.to_user().ip, vec!["1.1.1.1"]);
     }

@@ -14,7 +14,7 @@ use rtdb_standin::{
 use serde_json::{json, Value};
 
 use crate::support::tollgate::Tollgate;
-use crate::support::{client, wait_until, Origin, TollgateBuilder};
+use crate::support::{client, metric_sample, wait_until, Origin, TollgateBuilder};
 
 mod soak;
 
@@ -795,6 +795,95 @@ fn a_refused_write_is_split_and_the_rest_applied_once() {
     );
     assert_eq!(status, 200);
     assert_eq!(stored(&db, "/users/b/nickname"), json!("z"));
+}
+
+/// One user's write keeps failing on its own (its `ip` list, and another's creation, keep
+/// changing under tollgate's compare-and-set): every other user's counts and edits are
+/// written all the while, the failing users' changes are kept and written once their nodes
+/// settle, and the operator sees who and why. Before, the whole batch was retried, and every
+/// later change of every user queued behind it.
+#[test]
+fn one_users_failing_write_holds_back_only_that_user() {
+    let db = standin();
+    let origin = Origin::start();
+    for t in ["a", "b"] {
+        db.set_silently(&format!("/users/{t}"), older_user(t, json!({})))
+            .unwrap();
+    }
+    // A deleted user's leftovers, which an upsert replaces by compare-and-set.
+    db.set_silently("/users/n", json!({"promptCount": 5}))
+        .unwrap();
+    let tg = start_streaming(
+        builder(&origin, &db).admin_yaml("persist_timeout_ms: 1500"),
+        &db,
+    );
+    let races = [
+        db.add_fault(FaultRule::new(
+            "PUT",
+            "/users/b/ip.json",
+            FaultAction::status(412),
+        )),
+        db.add_fault(FaultRule::new(
+            "PUT",
+            "/users/n.json",
+            FaultAction::status(412),
+        )),
+    ];
+    // b's first request adds this client's address to its list.
+    assert_eq!(proxy(&tg, "b"), StatusCode::OK);
+    let (status, _) = tg.admin_call(
+        Method::PUT,
+        "/admin/users/n",
+        Some(json!({"type": "special"})),
+    );
+    assert_eq!(status, 202, "n is not written: {}", tg.log());
+    for _ in 0..3 {
+        assert_eq!(proxy(&tg, "a"), StatusCode::OK);
+    }
+    let (status, _) = tg.admin_call(
+        Method::PUT,
+        "/admin/users/a",
+        Some(json!({"nickname": "written"})),
+    );
+    assert_eq!(status, 200, "{}", tg.log());
+    assert_eq!(stored(&db, "/users/a/promptCount"), json!(3));
+    assert_eq!(stored(&db, "/users/a/nickname"), json!("written"));
+    eventually(PROPAGATION, "b's count written", &tg, || {
+        stored(&db, "/users/b/promptCount") == json!(1)
+    });
+    let held = metric_sample(
+        &tg.metrics(),
+        r#"tollgate_store_held_back_users{store="firebase_rtdb"}"#,
+    );
+    assert_eq!(held, Some(2.0), "{}", tg.metrics());
+    assert!(
+        tg.log().contains("tried again with the next write"),
+        "{}",
+        tg.log()
+    );
+    assert_eq!(stored(&db, "/users/b/ip"), Value::Null);
+    assert_eq!(stored(&db, "/users/n"), json!({"promptCount": 5}));
+
+    for race in races {
+        db.remove_fault(race);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "held-back changes written",
+        &tg,
+        || {
+            stored(&db, "/users/b/ip") == json!(["127.0.0.1"])
+                && stored(&db, "/users/n/type") == json!("special")
+        },
+    );
+    assert_eq!(stored(&db, "/users/b/promptCount"), json!(1), "once");
+    assert_eq!(stored(&db, "/users/n/promptCount"), json!(0));
+    eventually(Duration::from_secs(5), "no user held back", &tg, || {
+        metric_sample(
+            &tg.metrics(),
+            r#"tollgate_store_held_back_users{store="firebase_rtdb"}"#,
+        ) == Some(0.0)
+    });
 }
 
 #[test]

@@ -248,7 +248,10 @@ impl StoreBackend for Refusing {
             .iter()
             .map(|c| (Arc::clone(c.token()), "invalid data".to_string()))
             .collect();
-        Ok(ApplyReport { rejected })
+        Ok(ApplyReport {
+            rejected,
+            ..Default::default()
+        })
     }
     async fn restore(&self, cache: &UserCache, refused: &[&Change]) -> Result<(), StoreError> {
         if self.unreadable {
@@ -360,4 +363,134 @@ fn backoff_grows_and_caps() {
     assert!(first >= Duration::from_millis(375) && first <= Duration::from_millis(625));
     assert!(backoff_for(30) <= Duration::from_secs(75));
     assert!(backoff_for(30) >= Duration::from_secs(45));
+}
+
+/// A backend that holds back user `b`'s change the first `hold` times it sees it, and
+/// records the requests each user's written changes carried.
+struct Holding {
+    hold: AtomicUsize,
+    /// Batches with user `a` fail this many times.
+    fail_a: AtomicUsize,
+    written: Mutex<HashMap<String, u64>>,
+}
+
+impl Holding {
+    fn new(hold: usize, fail_a: usize) -> Arc<Self> {
+        Arc::new(Self {
+            hold: AtomicUsize::new(hold),
+            fail_a: AtomicUsize::new(fail_a),
+            written: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn engine(self: &Arc<Self>) -> (SyncEngine, Arc<UserCache>, Arc<StoreStatus>) {
+        let cache = Arc::new(UserCache::default());
+        let status = StoreStatus::new("holding", Arc::clone(&cache));
+        let engine = SyncEngine::new(
+            Arc::clone(self) as Arc<dyn StoreBackend>,
+            Arc::clone(&status),
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+        );
+        cache.load([
+            User::new("a".into(), UserType::Normal, 1),
+            User::new("b".into(), UserType::Normal, 1),
+        ]);
+        (engine, cache, status)
+    }
+}
+
+#[async_trait]
+impl StoreBackend for Holding {
+    fn name(&self) -> &'static str {
+        "holding"
+    }
+    async fn load_all(&self) -> Result<Vec<User>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn apply(&self, batch: &Batch) -> Result<ApplyReport, StoreError> {
+        if batch.changes.iter().any(|c| &**c.token() == "a")
+            && self
+                .fail_a
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        let mut report = ApplyReport::default();
+        for change in &batch.changes {
+            let Change::Upsert(c) = change else { continue };
+            let held = &**change.token() == "b"
+                && self
+                    .hold
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok();
+            if held {
+                report.held_back.push(crate::store::HeldBack {
+                    token: Arc::clone(change.token()),
+                    reason: "its node keeps changing".into(),
+                    part: crate::store::Unwritten::Whole,
+                });
+            } else {
+                *self
+                    .written
+                    .lock()
+                    .entry(change.token().to_string())
+                    .or_default() += c.prompt_delta;
+            }
+        }
+        Ok(report)
+    }
+    async fn restore(&self, _: &UserCache, _: &[&Change]) -> Result<(), StoreError> {
+        unreachable!("this store refuses nothing")
+    }
+}
+
+/// A change the store held back is kept (not acknowledged, its requests not lost), goes with
+/// the next flush merged with the user's newer changes, and the last flush at shutdown tries
+/// it again until it is written.
+#[tokio::test(start_paused = true)]
+async fn a_held_back_change_is_kept_until_written() {
+    let backend = Holding::new(3, 0);
+    let (engine, cache, status) = backend.engine();
+    let (a, b) = (cache.get("a").unwrap(), cache.get("b").unwrap());
+    cache.count_request(&a, 1);
+    cache.count_request(&b, 1);
+    engine.flush().await.unwrap();
+    cache.count_request(&b, 2);
+    engine.flush().await.unwrap();
+    assert_eq!(*backend.written.lock(), HashMap::from([("a".into(), 1)]));
+    assert_eq!(status.gauges().held_back_users, 1);
+    assert_eq!(status.gauges().pending_changes, 1);
+    assert_eq!(b.prompt_count(), 2);
+    assert!(engine.final_flush().await);
+    assert_eq!(
+        *backend.written.lock(),
+        HashMap::from([("a".into(), 1), ("b".into(), 2)]),
+        "b's two requests, once"
+    );
+    assert_eq!(status.gauges().held_back_users, 0);
+    assert_eq!(status.gauges().pending_changes, 0);
+}
+
+/// A held-back change waits for the first batch taken by a later flush. A flush that first
+/// retried a failed batch, and failed again, used to return without it: the change (and the
+/// requests it counted) was gone.
+#[tokio::test(start_paused = true)]
+async fn a_held_back_change_survives_a_failed_retry_before_it() {
+    let backend = Holding::new(1, 2);
+    let (engine, cache, status) = backend.engine();
+    let engine = engine.with_batch_users(1);
+    let (a, b) = (cache.get("a").unwrap(), cache.get("b").unwrap());
+    cache.count_request(&b, 1);
+    cache.count_request(&a, 1);
+    // b's batch is held back, a's then fails; the retry of a's batch fails again.
+    assert!(engine.flush().await.is_err());
+    assert!(engine.flush().await.is_err());
+    assert!(engine.final_flush().await);
+    assert_eq!(
+        *backend.written.lock(),
+        HashMap::from([("a".into(), 1), ("b".into(), 1)])
+    );
+    assert_eq!(status.gauges().pending_changes, 0);
 }

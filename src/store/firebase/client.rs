@@ -139,6 +139,25 @@ impl RtdbError {
         }
     }
 
+    /// The database (or the way to it) failed, not the request: every other request would
+    /// fail now too, so a batch is kept whole and retried with backoff. Other failures of a
+    /// request about one user (a compare-and-set that keeps losing, a refusal) are that
+    /// user's, and are kept apart from the rest of the batch.
+    pub fn is_database_wide(&self) -> bool {
+        match self {
+            RtdbError::Auth(_)
+            | RtdbError::Connect(_)
+            | RtdbError::Ambiguous(_)
+            | RtdbError::Server { .. }
+            | RtdbError::Redirect(_) => true,
+            RtdbError::Other { status, .. } => *status == 408 || *status == 429,
+            RtdbError::Denied { .. }
+            | RtdbError::BadRequest(_)
+            | RtdbError::Precondition { .. }
+            | RtdbError::Contended(_) => false,
+        }
+    }
+
     /// A write that failed this way may have been applied.
     pub fn is_ambiguous(&self) -> bool {
         matches!(self, RtdbError::Ambiguous(_) | RtdbError::Server { .. })

@@ -44,7 +44,7 @@ const MAX_WRITE_BYTES: usize = 16 * 1024 * 1024;
 use self::auth::TokenSource;
 use self::batch::{Bisection, Layout};
 use self::client::{Request, Rtdb, RtdbError, Target, REQUEST_TIMEOUT};
-use super::{ApplyReport, Batch, StoreBackend, StoreError, StoreStatus};
+use super::{ApplyReport, Batch, HeldBack, StoreBackend, StoreError, StoreStatus, Unwritten};
 use crate::config::FirebaseConfig;
 use crate::observe::token_id;
 use crate::users::{Change, Reread, User, UserCache};
@@ -86,6 +86,18 @@ struct Progress {
     /// A PATCH that failed ambiguously, to be settled by reading the marker before anything
     /// else is sent.
     unresolved: Option<Unresolved>,
+    /// Changes whose own request failed in this attempt, with why (not a failure of the
+    /// database: see [`RtdbError::is_database_wide`]): the others are written without them,
+    /// and they go back to the engine for the next batch. Found afresh by every attempt.
+    held: Vec<(usize, String, Unwritten)>,
+}
+
+impl Progress {
+    fn is_held(&self, i: usize) -> bool {
+        self.held
+            .iter()
+            .any(|(j, _, part)| *j == i && *part == Unwritten::Whole)
+    }
 }
 
 /// A PATCH whose outcome is unknown.
@@ -343,7 +355,13 @@ impl FirebaseStore {
                         progress.created.insert(i, batch::Creation::Existed);
                     }
                     Err(RtdbError::BadRequest(message)) => progress.rejected.push((i, message)),
-                    Err(e) => failure = Some(e),
+                    Err(e) if e.is_database_wide() => failure = Some(e),
+                    // This user's own trouble: the others are written without it.
+                    Err(e) => {
+                        progress
+                            .held
+                            .push((i, format!("creating the user: {e}"), Unwritten::Whole))
+                    }
                 }
             }
         }
@@ -516,6 +534,7 @@ impl StoreBackend for FirebaseStore {
                 ..Progress::default()
             };
         }
+        progress.held.clear();
         if let Some(unresolved) = progress.unresolved.as_mut() {
             let settles_at = *unresolved
                 .settles_at
@@ -533,7 +552,10 @@ impl StoreBackend for FirebaseStore {
         self.create_upserted(rtdb, batch, &mut progress).await?;
         let mut to_write = Vec::new();
         for (i, change) in batch.changes.iter().enumerate() {
-            if progress.done.contains(&i) || progress.rejected.iter().any(|(j, _)| *j == i) {
+            if progress.done.contains(&i)
+                || progress.rejected.iter().any(|(j, _)| *j == i)
+                || progress.is_held(i)
+            {
                 continue;
             }
             if batch::entries(&self.layout, change, progress.created.get(&i).copied()).is_empty() {
@@ -570,11 +592,21 @@ impl StoreBackend for FirebaseStore {
             let Change::Upsert(c) = change else { continue };
             match self.merge_ip(rtdb, c.record.token(), &c.ip_added).await {
                 Ok(()) => {}
-                Err(e) if e.is_permanent() => warn!(
+                Err(RtdbError::BadRequest(e)) => warn!(
                     "firebase: the ip list of user {} cannot be written: {e}",
                     token_id(c.record.token())
                 ),
-                Err(e) => return Err(StoreError::Unavailable(format!("ip list: {e}"))),
+                Err(e) if e.is_database_wide() => {
+                    return Err(StoreError::Unavailable(format!("ip list: {e}")))
+                }
+                // The user's list alone: its addresses go with the next batch, and the other
+                // users' lists are merged now.
+                Err(e) => {
+                    progress
+                        .held
+                        .push((i, format!("ip list: {e}"), Unwritten::IpAdditions));
+                    continue;
+                }
             }
             progress.ips_done.insert(i);
         }
@@ -583,7 +615,19 @@ impl StoreBackend for FirebaseStore {
             .iter()
             .map(|(i, message)| (Arc::clone(batch.changes[*i].token()), message.clone()))
             .collect();
-        Ok(ApplyReport { rejected })
+        let held_back = progress
+            .held
+            .iter()
+            .map(|(i, reason, part)| HeldBack {
+                token: Arc::clone(batch.changes[*i].token()),
+                reason: reason.clone(),
+                part: *part,
+            })
+            .collect();
+        Ok(ApplyReport {
+            rejected,
+            held_back,
+        })
     }
 
     fn echoes_counters(&self) -> bool {

@@ -55,26 +55,138 @@ pub(super) async fn loaded(store: &FirebaseStore) -> UserCache {
     store.load_cache().await.unwrap()
 }
 
+/// The sync engine over `store`, as the running proxy has it (flushes by hand here).
+fn engine(
+    store: FirebaseStore,
+    cache: UserCache,
+) -> (
+    crate::store::SyncEngine,
+    Arc<UserCache>,
+    Arc<crate::store::StoreStatus>,
+) {
+    let cache = Arc::new(cache);
+    let status = crate::store::StoreStatus::new("firebase_rtdb", Arc::clone(&cache));
+    let engine = crate::store::SyncEngine::new(
+        Arc::new(store),
+        Arc::clone(&status),
+        Duration::from_secs(3600),
+        Duration::from_secs(5),
+    );
+    (engine, cache, status)
+}
+
+/// One user's `ip` list kept changing under its compare-and-set (25 lost races in a row):
+/// the whole batch used to fail and be retried, and every other user's later counts and
+/// edits queued behind it for as long as the race went on. Now that user's addresses alone
+/// are held back, and written once the list settles.
 #[tokio::test]
-async fn an_ip_list_that_keeps_changing_is_retried_not_dropped() {
+async fn an_ip_list_that_keeps_changing_holds_back_only_its_user() {
     let db = standin();
-    db.set("/users/t", stored_user("t", json!({"ip": ["1.1.1.1"]})))
+    db.set("/users/a", stored_user("a", json!({}))).unwrap();
+    db.set("/users/b", stored_user("b", json!({"ip": ["1.1.1.1"]})))
         .unwrap();
     let store = store(&db);
-    let cache = loaded(&store).await;
-    let record = cache.get("t").unwrap();
-    cache.admit_ip(&record, "2.2.2.2".parse().unwrap(), 0, 0);
-    let batch = take(&cache, 1);
-    db.add_fault(FaultRule::new("PUT", "/users/t/ip.json", FaultAction::status(412)).times(25));
-    match store.apply(&batch).await {
-        Err(StoreError::Unavailable(_)) => {}
-        other => panic!("a lost race must be retried, got {other:?}"),
-    }
-    store.apply(&batch).await.unwrap();
+    let loaded = loaded(&store).await;
+    let (engine, cache, status) = engine(store, loaded);
+    let (a, b) = (cache.get("a").unwrap(), cache.get("b").unwrap());
+    let race = db.add_fault(FaultRule::new(
+        "PUT",
+        "/users/b/ip.json",
+        FaultAction::status(412),
+    ));
+    cache.count_request(&a, 1);
+    cache.admit_ip(&b, "2.2.2.2".parse().unwrap(), 0, 0);
+    cache.count_request(&b, 1);
+    engine.flush().await.unwrap();
+    cache.count_request(&a, 2);
+    let ticket = cache.upsert("a", &patch(json!({"nickname": "later"})), 3).1;
+    engine.flush().await.unwrap();
+    assert_eq!(db.get("/users/a/promptCount").unwrap(), 2);
+    assert_eq!(db.get("/users/a/nickname").unwrap(), "later");
     assert_eq!(
-        db.get("/users/t/ip").unwrap(),
+        db.get("/users/b/promptCount").unwrap(),
+        1,
+        "b's count is written"
+    );
+    assert_eq!(db.get("/users/b/ip").unwrap(), json!(["1.1.1.1"]));
+    assert!(
+        status
+            .wait_written(ticket, &["a"], Duration::from_secs(5))
+            .await
+    );
+    assert_eq!(status.gauges().held_back_users, 1);
+    assert!(
+        status.gauges().pending_changes >= 1,
+        "b's address is not written"
+    );
+
+    db.remove_fault(race);
+    engine.flush().await.unwrap();
+    assert_eq!(
+        db.get("/users/b/ip").unwrap(),
         json!(["1.1.1.1", "2.2.2.2"])
     );
+    assert_eq!(db.get("/users/b/promptCount").unwrap(), 1, "counted once");
+    assert_eq!(status.gauges().held_back_users, 0);
+    assert_eq!(status.gauges().pending_changes, 0);
+}
+
+/// An upsert of a token whose node is a deleted user's leftovers, which keeps changing while
+/// tollgate replaces it: its creation failed for its own reason, and the whole batch with
+/// every other user's counts used to wait for it. Now it alone is held back, with the
+/// requests counted for it, its admin write is not reported persisted until it is written,
+/// and it is created, counted once, when the node settles.
+#[tokio::test]
+async fn a_creation_that_keeps_failing_holds_back_only_its_user() {
+    let db = standin();
+    db.set("/users/a", stored_user("a", json!({}))).unwrap();
+    db.set("/users/n", json!({"promptCount": 5})).unwrap();
+    let store = store(&db);
+    let loaded = loaded(&store).await;
+    let (engine, cache, status) = engine(store, loaded);
+    let a = cache.get("a").unwrap();
+    let race = db.add_fault(FaultRule::new(
+        "PUT",
+        "/users/n.json",
+        FaultAction::status(412),
+    ));
+    let created = cache.upsert("n", &patch(json!({"type": "special"})), 1).1;
+    let n = cache.get("n").unwrap();
+    cache.count_request(&n, 2);
+    cache.count_request(&a, 2);
+    engine.flush().await.unwrap();
+    cache.count_request(&n, 3);
+    let ticket = cache.upsert("a", &patch(json!({"nickname": "later"})), 3).1;
+    cache.count_request(&a, 3);
+    engine.flush().await.unwrap();
+    assert_eq!(db.get("/users/a/promptCount").unwrap(), 2);
+    assert_eq!(db.get("/users/a/nickname").unwrap(), "later");
+    assert!(
+        status
+            .wait_written(ticket, &["a"], Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        !status
+            .wait_written(created, &["n"], Duration::from_millis(50))
+            .await,
+        "n is not written"
+    );
+    assert_eq!(db.get("/users/n").unwrap(), json!({"promptCount": 5}));
+    assert_eq!(status.gauges().held_back_users, 1);
+    assert_eq!(n.prompt_count(), 2, "its requests are kept");
+
+    db.remove_fault(race);
+    engine.flush().await.unwrap();
+    assert!(
+        status
+            .wait_written(created, &["n"], Duration::from_secs(5))
+            .await
+    );
+    let stored = db.get("/users/n").unwrap();
+    assert_eq!(stored["type"], "special");
+    assert_eq!(stored["promptCount"], 2, "counted once: {stored}");
+    assert_eq!(status.gauges().held_back_users, 0);
 }
 
 /// Admin on another instance cleared the list (`ip: []`, to reset maxIps); this instance still
