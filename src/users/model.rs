@@ -40,6 +40,9 @@ pub struct JsNumber(pub f64);
 /// Integers beyond 2^53 are not exact in JavaScript either.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
+/// The largest count or time the API takes (2^53 - 1), so the largest one it may show.
+pub const MAX_SAFE_COUNT: u64 = MAX_SAFE_INTEGER as u64;
+
 /// The longest string a user holds (`adminNote`, `disabledReason`, any string inside `meta` or
 /// `tokenCount`): far above any note, far below what a store refuses (Firebase: 10 MB per
 /// string), so a write the API accepted is never dropped by the store.

@@ -9,7 +9,7 @@ use arc_swap::{ArcSwap, Guard};
 use parking_lot::Mutex;
 
 use super::fields::Fields;
-use super::model::{User, UserType};
+use super::model::{User, UserType, MAX_SAFE_COUNT};
 use super::profile::{IpEntry, Profile};
 
 /// Set in `pending` while the record sits in the change queue.
@@ -245,11 +245,15 @@ impl UserRecord {
         }
     }
 
-    /// `promptCount` as clients and admins see it: stored value plus what is on its way.
+    /// `promptCount` as clients and admins see it: stored value plus what is on its way, at
+    /// most 2^53 - 1. The API takes no larger count, so a count requests pushed past it made
+    /// tollgate's own export one its import refused.
     pub fn prompt_count(&self) -> u64 {
-        self.prompt_base.load(Ordering::Acquire)
-            + self.prompt_inflight.load(Ordering::Acquire)
-            + self.prompt_pending.load(Ordering::Acquire)
+        self.prompt_base
+            .load(Ordering::Acquire)
+            .saturating_add(self.prompt_inflight.load(Ordering::Acquire))
+            .saturating_add(self.prompt_pending.load(Ordering::Acquire))
+            .min(MAX_SAFE_COUNT)
     }
 
     pub fn last_used_at(&self) -> Option<u64> {
@@ -686,6 +690,15 @@ mod tests {
         assert_eq!(r.admit_ip(b, 1, 0), IpAdmission::OverLimit);
         assert_eq!(r.to_user().ip, vec!["1.1.1.1"]);
         assert_eq!(r.admit_ip(b, 0, 0), IpAdmission::Added);
+    }
+
+    #[test]
+    fn the_count_shown_stops_at_the_largest_the_api_takes() {
+        let r = record();
+        r.set_prompt_count(MAX_SAFE_COUNT);
+        r.count_request(10);
+        assert_eq!(r.prompt_count(), MAX_SAFE_COUNT);
+        assert_eq!(r.to_user().validate(""), Ok(()));
     }
 
     #[test]
