@@ -102,7 +102,7 @@ pub struct UserRecord {
     prompt_pending: AtomicU64,
     /// Requests in the batch being written now.
     prompt_inflight: AtomicU64,
-    /// Epoch ms; 0 = never used.
+    /// `lastUsedAt` as [`stored_time`] keeps it: 0 = never used, else epoch ms + 1.
     last_used_at: AtomicU64,
     /// Fields changed since the last flush took them, plus `QUEUED`.
     pending: AtomicU32,
@@ -158,7 +158,7 @@ impl UserRecord {
             prompt_base: AtomicU64::new(prompt_count),
             prompt_pending: AtomicU64::new(0),
             prompt_inflight: AtomicU64::new(0),
-            last_used_at: AtomicU64::new(last_used_at.unwrap_or(0)),
+            last_used_at: AtomicU64::new(stored_time(last_used_at)),
             pending: AtomicU32::new(0),
             inflight: AtomicU32::new(0),
             ip_added: Mutex::new(None),
@@ -257,7 +257,7 @@ impl UserRecord {
     }
 
     pub fn last_used_at(&self) -> Option<u64> {
-        Some(self.last_used_at.load(Ordering::Relaxed)).filter(|&t| t != 0)
+        shown_time(self.last_used_at.load(Ordering::Relaxed))
     }
 
     pub fn to_user(&self) -> User {
@@ -280,8 +280,9 @@ impl UserRecord {
 
     /// `lastUsedAt = now` (never backwards).
     pub(super) fn touch(&self, now_ms: u64) -> Fields {
-        if self.last_used_at.load(Ordering::Relaxed) < now_ms {
-            self.last_used_at.fetch_max(now_ms, Ordering::Relaxed);
+        let now = stored_time(Some(now_ms));
+        if self.last_used_at.load(Ordering::Relaxed) < now {
+            self.last_used_at.fetch_max(now, Ordering::Relaxed);
         }
         Fields::LAST_USED_AT
     }
@@ -399,7 +400,7 @@ impl UserRecord {
 
     pub(super) fn set_last_used_at(&self, value: Option<u64>) {
         self.last_used_at
-            .store(value.unwrap_or(0), Ordering::Relaxed);
+            .store(stored_time(value), Ordering::Relaxed);
     }
 
     /// Marks fields as edited locally before the edit lands, without queueing the record: a
@@ -570,9 +571,21 @@ impl UserRecord {
             // counted between the check above and this store loses its time here; its write
             // then carries the store's time, so all agree, off by at most one flush.
             self.last_used_at
-                .store(remote.last_used_at.unwrap_or(0), Ordering::Relaxed);
+                .store(stored_time(remote.last_used_at), Ordering::Relaxed);
         }
     }
+}
+
+/// An optional time in one atomic word: 0 is "none", so a time `t` is kept as `t + 1`. Keeping
+/// `t` itself made a `lastUsedAt` of 0 (the epoch, which the API takes and an import may
+/// carry) read back as absent.
+fn stored_time(time: Option<u64>) -> u64 {
+    time.map_or(0, |t| t.saturating_add(1))
+}
+
+/// The time [`stored_time`] kept.
+fn shown_time(word: u64) -> Option<u64> {
+    word.checked_sub(1)
 }
 
 /// For each `BIT => field`: `$out.field` becomes `$local.field` when `$keep` has the bit.
@@ -690,6 +703,21 @@ mod tests {
         assert_eq!(r.admit_ip(b, 1, 0), IpAdmission::OverLimit);
         assert_eq!(r.to_user().ip, vec!["1.1.1.1"]);
         assert_eq!(r.admit_ip(b, 0, 0), IpAdmission::Added);
+    }
+
+    #[test]
+    fn a_last_used_time_of_zero_is_kept() {
+        let r = record();
+        assert_eq!(r.last_used_at(), None);
+        r.set_last_used_at(Some(0));
+        assert_eq!(r.last_used_at(), Some(0));
+        r.touch(5);
+        assert_eq!(r.last_used_at(), Some(5));
+        r.set_last_used_at(None);
+        assert_eq!(r.last_used_at(), None);
+        let mut user = User::new("tok".into(), UserType::Normal, 1);
+        user.last_used_at = Some(0);
+        assert_eq!(UserRecord::from_user(&user).to_user().last_used_at, Some(0));
     }
 
     #[test]

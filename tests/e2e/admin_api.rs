@@ -1375,3 +1375,18 @@ fn an_export_imports_back_after_requests_counted_at_the_largest_count() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// `lastUsedAt: 0` (the epoch) is a time the API takes, and an import may carry it: it must
+/// come back as set, not as absent (found by the model test: it read back as absent).
+#[test]
+fn a_last_used_time_of_zero_is_kept() {
+    let (_o, tg) = start();
+    let (status, user) = tg.admin_call(
+        Method::PUT,
+        "/admin/users/epoch",
+        Some(json!({ "lastUsedAt": 0 })),
+    );
+    assert_eq!((status, &user["lastUsedAt"]), (200, &json!(0)), "{user}");
+    assert_eq!(tg.user("epoch")["lastUsedAt"], 0);
+    let (_, list) = tg.admin_call(Method::GET, "/admin/users", None);
+    assert_eq!(list["users"][0]["lastUsedAt"], 0, "{list}");
+}
