@@ -1390,3 +1390,5 @@ fn a_last_used_time_of_zero_is_kept() {
     let (_, list) = tg.admin_call(Method::GET, "/admin/users", None);
     assert_eq!(list["users"][0]["lastUsedAt"], 0, "{list}");
 }
+
+mod model;
