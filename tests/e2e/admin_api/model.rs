@@ -57,6 +57,8 @@ struct Call {
     path: String,
     query: Option<String>,
     body: Option<String>,
+    /// `application/json` unless set.
+    content_type: Option<&'static str>,
     auth: Auth,
 }
 
@@ -67,6 +69,7 @@ impl Call {
             path: path.into(),
             query: None,
             body: None,
+            content_type: None,
             auth: Auth::Key,
         }
     }
@@ -76,6 +79,10 @@ impl Call {
     }
     fn raw(mut self, body: &str) -> Self {
         self.body = Some(body.to_string());
+        self
+    }
+    fn labelled(mut self, content_type: &'static str) -> Self {
+        self.content_type = Some(content_type);
         self
     }
     fn query(mut self, query: String) -> Self {
@@ -235,7 +242,20 @@ const IPS: &[&str] = &[
     "2001:DB8::1",
     "risu123-1.2.3.4",
     "127.0.0.1",
+    "::ffff:127.0.0.1",
+    "::FFFF:1.2.3.4",
+    " 1.2.3.4",
 ];
+
+/// Whether an `ip` list already holds the test's own address (an IPv4-mapped spelling is
+/// the same client).
+fn holds_loopback(ips: &[Value]) -> bool {
+    ips.iter().any(|ip| {
+        ip.as_str()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .is_some_and(|ip| ip.to_canonical() == std::net::IpAddr::from([127, 0, 0, 1]))
+    })
+}
 /// Fields a patch may touch (`token` aside).
 const PATCH_FIELDS: &[&str] = &[
     "ip",
@@ -314,8 +334,14 @@ fn valid_value(rng: &mut Rng, field: &str) -> Value {
     }
     match field {
         "ip" => {
-            let mut ips: Vec<&str> = IPS.iter().copied().filter(|_| rng.chance(30)).collect();
-            ips.dedup();
+            let mut ips: Vec<String> = IPS
+                .iter()
+                .filter(|_| rng.chance(30))
+                .map(|ip| ip.to_string())
+                .collect();
+            if rng.chance(5) {
+                ips.push("x".repeat(256));
+            }
             json!(ips)
         }
         "nickname" if rng.chance(10) => json!("é😀日".repeat(26) + "ab"),
@@ -342,6 +368,13 @@ fn valid_value(rng: &mut Rng, field: &str) -> Value {
             1 => json!(4_294_967_295u64),
             _ => json!(rng.below(4)),
         },
+        "meta" if rng.chance(5) => {
+            let mut deep = json!({ "k".repeat(768): "at the limits" });
+            for _ in 0..15 {
+                deep = json!({ "k": deep });
+            }
+            deep
+        }
         "meta" => [
             json!({}),
             json!({"refreshable": true}),
@@ -389,7 +422,25 @@ fn invalid_value(rng: &mut Rng) -> (&'static str, Value, String) {
         ("maxIPs", json!(3), "maxIPs"),
         ("nickName", json!("x"), "nickName"),
         ("password", json!("x"), "password"),
+        ("nickname", json!("a\u{7f}b"), "nickname"),
+        ("nickname", json!("a\u{85}b"), "nickname"),
+        ("ip", json!(["x".repeat(257)]), "ip[0]"),
+        ("maxIps", json!("3.5"), "maxIps"),
+        ("createdAt", json!(1e300), "createdAt"),
+        ("disabledAt", json!(1.5), "disabledAt"),
+        ("tokenLimits", json!({"": 1}), "tokenLimits."),
     ];
+    if rng.chance(5) {
+        let mut deep = json!(1);
+        for _ in 0..17 {
+            deep = json!({ "k": deep });
+        }
+        return ("meta", deep, format!("meta{}", ".k".repeat(17)));
+    }
+    if rng.chance(5) {
+        let key = "k".repeat(769);
+        return ("meta", json!({ key.clone(): 1 }), format!("meta.{key}"));
+    }
     if rng.chance(3) {
         // Over the 1 MiB bound on notes.
         return (
@@ -490,7 +541,10 @@ impl Run {
         };
         if let Some(body) = &call.body {
             request = request
-                .header("content-type", "application/json")
+                .header(
+                    "content-type",
+                    call.content_type.unwrap_or("application/json"),
+                )
                 .body(body.clone());
         }
         let shown_body = call.body.as_deref().map(|b| {
@@ -706,7 +760,11 @@ impl Run {
 
     fn get_one(&mut self) {
         self.count("get");
-        let token = self.token(80);
+        let mut token = self.token(80);
+        if self.rng.chance(10) {
+            // Tokens are case-sensitive (only the path's literal part is not).
+            token = token.to_uppercase();
+        }
         let path = self.user_path(&token);
         let head = self.rng.chance(10);
         let expect = match self.users.get(&token) {
@@ -731,14 +789,15 @@ impl Run {
     /// The list with a random sort: the model's users, ordered as documented.
     fn list(&mut self) {
         self.count("list");
-        let sort = match self.rng.below(6) {
+        let sort = match self.rng.below(7) {
             0 => None,
-            1 => Some(String::new()),
+            1 => Some([String::new(), ",".into(), " , ".into()][self.rng.below(3)].clone()),
             _ => {
                 let n = 1 + self.rng.below(3);
                 let fields: Vec<&str> =
                     (0..n).map(|_| SORTS[self.rng.below(SORTS.len())]).collect();
-                Some(fields.join(","))
+                let comma = [",", ",", " , "][self.rng.below(3)];
+                Some(fields.join(comma))
             }
         };
         let mut call = Call::new(Method::GET, self.users_path());
@@ -747,10 +806,17 @@ impl Run {
         }
         let reply = self.send(&call);
         self.check_list(&reply);
-        let fields: Vec<&str> = match sort.as_deref() {
-            None | Some("") => vec!["promptCount", "lastUsedAt"],
-            Some(s) => s.split(',').collect(),
-        };
+        // Fields are trimmed; no field at all is the default.
+        let fields: Vec<&str> = sort
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|f| !f.is_empty())
+                    .collect()
+            })
+            .filter(|f: &Vec<&str>| !f.is_empty())
+            .unwrap_or_else(|| vec!["promptCount", "lastUsedAt"]);
         let users = reply.body["users"].as_array().unwrap();
         for pair in users.windows(2) {
             let order = fields
@@ -1077,10 +1143,19 @@ impl Run {
             (r#"{"users": null}"#, Some("users")),
             (r#"{"users": [["t"]]}"#, Some("users[0]")),
             (r#"{"users": [], "extra": 1}"#, Some("extra")),
+            (
+                r#"{"users": [{"token": "a", "token": "b"}]}"#,
+                Some("users[0].token"),
+            ),
+            (r#"{"users": [{"token": 5}]}"#, Some("users[0].token")),
+            (
+                r#"{"users": [{"token": "ok"}], "users": []}"#,
+                Some("users"),
+            ),
             ("[]", None),
             (r#"{"users": ["#, None),
             ("", None),
-        ][self.rng.below(8)];
+        ][self.rng.below(11)];
         let call = Call::new(Method::PUT, self.users_path()).raw(body);
         self.check(call, err(400, "invalid_request", field));
     }
@@ -1109,7 +1184,14 @@ impl Run {
             _ => Call::new(Method::GET, self.user_path(&token)),
         };
         call.auth = auth;
-        self.check(call, err(401, "unauthorized", None));
+        let reply = self.check(call, err(401, "unauthorized", None));
+        let message = match auth {
+            Auth::Wrong => "the admin key is not valid",
+            _ => "send the admin key as 'Authorization: Bearer <ADMIN_KEY>'",
+        };
+        if reply.body["error"]["message"] != message {
+            self.fail(format!("401 message {}, expected {message:?}", reply.body));
+        }
     }
 
     /// The scheme is case-insensitive: `bearer` works as `Bearer`.
@@ -1167,6 +1249,11 @@ impl Run {
         let token = self.token(90);
         let user = self.users.get(&token).cloned();
         let now = now_ms();
+        let disabled =
+            |u: &Map<String, Value>| match u.get("disabledReason").and_then(Value::as_str) {
+                Some(r) if !r.is_empty() => format!("Forbidden: {r}"),
+                _ => "Forbidden: User token disabled".to_string(),
+            };
         let expected = match &user {
             None => 401,
             Some(u) if u.contains_key("disabledAt") => 403,
@@ -1188,7 +1275,7 @@ impl Run {
                 let capped = u["type"] != "special"
                     && limit > 0
                     && ips.len() as u64 >= limit
-                    && !ips.contains(&json!("127.0.0.1"));
+                    && !holds_loopback(ips);
                 if capped {
                     403
                 } else {
@@ -1198,11 +1285,28 @@ impl Run {
         };
         let url = self.tg().url(&format!("/model?key={}", enc(&token)));
         let sent = now_ms();
-        let status = client().get(url).send().unwrap().status().as_u16();
+        let response = client().get(url).send().unwrap();
+        let status = response.status().as_u16();
+        let message = response.json::<Value>().unwrap_or_default()["error"]["message"].clone();
         self.trail
             .push(format!("  {} proxy GET for {token:?}: {status}", self.step));
         if status != expected {
             self.fail(format!("proxy: {status} for {user:?}, expected {expected}"));
+        }
+        // The 403's message says why (checked where only one reason applies).
+        let why = user.as_ref().filter(|_| status == 403).and_then(|u| {
+            let expired = u["type"] == "temporary" && u.get("expiresAt").is_some();
+            match (u.contains_key("disabledAt"), expired) {
+                (true, false) => Some(disabled(u)),
+                (false, true) => Some("Forbidden: Temporary token expired.".to_string()),
+                (false, false) => {
+                    Some("Forbidden: no more IP addresses allowed for this user token".to_string())
+                }
+                (true, true) => None,
+            }
+        });
+        if let Some(why) = why.filter(|w| message != json!(w)) {
+            self.fail(format!("proxy 403 message {message}, expected {why:?}"));
         }
         let Some(mut before) = user else {
             return;
@@ -1232,7 +1336,7 @@ impl Run {
                 json!((count + 1).min(9_007_199_254_740_991)),
             );
             let ips = before["ip"].as_array_mut().unwrap();
-            if !ips.contains(&json!("127.0.0.1")) {
+            if !holds_loopback(ips) {
                 ips.push(json!("127.0.0.1"));
             }
             before.insert("lastUsedAt".into(), json!(later.unwrap_or(0)));
@@ -1247,6 +1351,102 @@ impl Run {
             ));
         }
         self.adopt(&after);
+    }
+
+    /// The same edits spelled as the older proxy's clients may send them: form bodies, JSON
+    /// labelled as a form or as text, integral floats for times, `maxIps` in a string, an
+    /// empty body, a repeated key inside `meta` (the last wins), `hard=false`, a raw `+` in
+    /// the path, `+` for a space in the query.
+    fn spellings(&mut self) {
+        self.count("spellings");
+        let token = self.token(70);
+        let path = self.user_path(&token);
+        let base = self
+            .users
+            .get(&token)
+            .cloned()
+            .unwrap_or_else(|| new_user(&token, "normal"));
+        let put =
+            |body: &str, patch: Value| (Call::new(Method::PUT, path.clone()).raw(body), patch);
+        let (call, patch) = match self.rng.below(9) {
+            0 => {
+                let (call, patch) = put(
+                    "nickname=b%C3%B6b+x&maxIps=+3+&adminNote=a%26b",
+                    json!({"nickname": "böb x", "maxIps": 3, "adminNote": "a&b"}),
+                );
+                (call.labelled("application/x-www-form-urlencoded"), patch)
+            }
+            1 => {
+                let (call, patch) = put(r#"{"type":"special"}"#, json!({"type": "special"}));
+                (call.labelled("application/x-www-form-urlencoded"), patch)
+            }
+            2 => {
+                let (call, patch) = put(r#"{"adminNote":"text"}"#, json!({"adminNote": "text"}));
+                (call.labelled("text/plain"), patch)
+            }
+            3 => put(
+                r#"{"expiresAt": 1.7e12, "lastUsedAt": 1700000000001.0, "promptCount": 1e2}"#,
+                json!({"expiresAt": 1_700_000_000_000u64, "lastUsedAt": 1_700_000_000_001u64, "promptCount": 100}),
+            ),
+            4 => put(r#"{"maxIps": " 2 "}"#, json!({"maxIps": 2})),
+            5 => put(" \n", json!({})),
+            6 => put(
+                r#"{"meta": {"k": 1, "k": 2, "refreshable": true}}"#,
+                json!({"meta": {"k": 2, "refreshable": true}}),
+            ),
+            7 => {
+                let Some(mut user) = self.users.get(&token).cloned() else {
+                    return;
+                };
+                let value = ["false", "0"][self.rng.below(2)];
+                disable(&mut user, Some("a b+c"));
+                let call = Call::new(Method::DELETE, path)
+                    .query(format!("hard={value}&disabledReason=a+b%2Bc"));
+                let reply = self.check(call, Expect::Ok(Value::Object(user)));
+                self.adopt(&reply.body);
+                return;
+            }
+            _ => {
+                // A `+` in a path segment is a plus.
+                let token = format!("p{}+q", self.step);
+                let mut user = new_user(&token, "normal");
+                apply(&mut user, json!({"nickname": "plus"}).as_object().unwrap());
+                let call = Call::new(Method::PUT, format!("/admin/users/{token}"))
+                    .json(&json!({"nickname": "plus"}));
+                let reply = self.check(call, Expect::Ok(Value::Object(user)));
+                self.adopt(&reply.body);
+                return;
+            }
+        };
+        let mut user = base;
+        apply(&mut user, patch.as_object().unwrap());
+        let reply = self.check(call, Expect::Ok(Value::Object(user)));
+        self.adopt(&reply.body);
+    }
+
+    /// Form bodies carry strings only: a number field, or a field given twice, is a 400.
+    fn spellings_invalid(&mut self) {
+        self.count("spellings_invalid");
+        if self.rng.chance(30) {
+            let call = Call::new(Method::POST, self.users_path())
+                .raw("type=temporary&expiresAt=4102444800000")
+                .labelled("application/x-www-form-urlencoded");
+            self.check(call, bad("expiresAt"));
+            return;
+        }
+        let token = self.token(70);
+        let path = self.user_path(&token);
+        let (body, field) = [
+            ("promptCount=3", "promptCount"),
+            ("nickname=a&nickname=b", "nickname"),
+            ("maxIps=", "maxIps"),
+            ("maxIps=many", "maxIps"),
+            ("nick=x", "nick"),
+        ][self.rng.below(5)];
+        let call = Call::new(Method::PUT, path)
+            .raw(body)
+            .labelled("application/x-www-form-urlencoded");
+        self.check(call, bad(field));
     }
 
     fn step_once(&mut self) {
@@ -1268,8 +1468,10 @@ impl Run {
             79 => self.export_reimport(),
             80..=83 => self.unauthorized(),
             84 => self.lower_scheme(),
-            85..=87 => self.wrong_method(),
-            88 => self.no_such_endpoint(),
+            85..=86 => self.wrong_method(),
+            87 => self.no_such_endpoint(),
+            88..=90 => self.spellings(),
+            91 => self.spellings_invalid(),
             _ => self.proxy(),
         }
         if self.step.is_multiple_of(10) {
