@@ -309,6 +309,9 @@ fn family_map(rng: &mut Rng) -> Value {
         json!(2.5),
         json!(1e15),
         json!(0.30000000000000004),
+        json!(1e300),
+        json!(5e-324),
+        json!(1_152_921_504_606_846_976.0),
     ];
     let mut map = Map::new();
     for _ in 0..rng.below(4) {
@@ -356,10 +359,15 @@ fn valid_value(rng: &mut Rng, field: &str) -> Value {
             json!(17),
             json!({"a": [1, {"b": null}]}),
             json!("x"),
-        ][rng.below(4)]
+            json!(u64::MAX),
+            json!(-5),
+            json!(1.5),
+            json!([]),
+        ][rng.below(8)]
         .clone(),
         "tokenCounts" | "tokenLimits" | "tokenRefresh" => family_map(rng),
         "createdAt" | "lastUsedAt" | "disabledAt" | "expiresAt" => time(rng),
+        "adminNote" if rng.chance(2) => json!("ü".repeat(1 << 19)),
         "disabledReason" | "adminNote" => {
             json!(["spam", "", "abuse — ñ 😀", "a\nmultiline\tnote"][rng.below(4)])
         }
@@ -379,7 +387,8 @@ fn valid_value(rng: &mut Rng, field: &str) -> Value {
             json!({}),
             json!({"refreshable": true}),
             json!({"k": {"nested": [1, 2, {"x": "y"}]}, "refreshable": false}),
-        ][rng.below(3)]
+            json!({"n": null, "arr": [], "obj": {}, "big": u64::MAX, "neg": -1.5}),
+        ][rng.below(4)]
         .clone(),
         _ => unreachable!("{field}"),
     }
