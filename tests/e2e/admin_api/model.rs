@@ -511,8 +511,13 @@ struct Run {
     seed: u64,
     store: &'static str,
     rng: Rng,
-    /// `None` only while it restarts.
-    tg: Option<Tollgate>,
+    /// The admin and proxy listeners' base URLs.
+    admin: String,
+    proxy: String,
+    /// Runs sharing one tollgate each keep to their own users: the tokens they make start
+    /// with this, or are in `created`; other users in a list are not theirs to check.
+    prefix: String,
+    created: std::collections::BTreeSet<String>,
     users: BTreeMap<String, Map<String, Value>>,
     step: u64,
     /// The last calls, for the panic message.
@@ -521,8 +526,25 @@ struct Run {
 }
 
 impl Run {
-    fn tg(&self) -> &Tollgate {
-        self.tg.as_ref().expect("running")
+    fn new(seed: u64, store: &'static str, rng_seed: u64, tg: &Tollgate, prefix: &str) -> Self {
+        Run {
+            seed,
+            store,
+            rng: Rng::new(rng_seed),
+            admin: tg.admin.clone(),
+            proxy: tg.proxy.clone(),
+            prefix: prefix.to_string(),
+            created: Default::default(),
+            users: BTreeMap::new(),
+            step: 0,
+            trail: Vec::new(),
+            ops: BTreeMap::new(),
+        }
+    }
+
+    /// Whether a user in a list is this run's.
+    fn mine(&self, token: &str) -> bool {
+        token.starts_with(&self.prefix) || self.created.contains(token)
     }
 
     fn fail(&self, what: String) -> ! {
@@ -536,7 +558,7 @@ impl Run {
     }
 
     fn send(&mut self, call: &Call) -> Reply {
-        let mut url = self.tg().admin_url(&call.path);
+        let mut url = format!("{}{}", self.admin, call.path);
         if let Some(q) = &call.query {
             url = format!("{url}?{q}");
         }
@@ -651,7 +673,12 @@ impl Run {
             }
         }
         let suffix = ["", "ü", "日本", "a b", "+plus", "~", "%", "CaSe"][self.rng.below(8)];
-        format!("t{}-{}{suffix}", self.step, self.rng.below(1000))
+        format!(
+            "{}t{}-{}{suffix}",
+            self.prefix,
+            self.step,
+            self.rng.below(1000)
+        )
     }
 
     /// The path of one user, sometimes spelled as the older proxy's router also took it.
@@ -720,6 +747,7 @@ impl Run {
         {
             self.fail(format!("create answered {}", reply.body));
         }
+        self.created.insert(token.clone());
         let mut user = new_user(&token, user_type);
         user.insert("tokenLimits".into(), limits);
         if let Some(at) = body.as_ref().and_then(|b| b.get("expiresAt")) {
@@ -860,16 +888,23 @@ impl Run {
         else {
             self.fail(format!("list: {} {}", reply.status, reply.body));
         };
-        let got: BTreeMap<String, Value> = users
+        let all: BTreeMap<String, Value> = users
             .iter()
             .map(|u| (u["token"].as_str().unwrap().to_string(), u.clone()))
             .collect();
+        if all.len() != users.len() || reply.body["count"] != json!(users.len()) {
+            self.fail(format!(
+                "a token listed twice, or a wrong count: {}",
+                reply.body
+            ));
+        }
+        let got: BTreeMap<String, Value> = all.into_iter().filter(|(t, _)| self.mine(t)).collect();
         let want: BTreeMap<String, Value> = self
             .users
             .iter()
             .map(|(t, u)| (t.clone(), Value::Object(u.clone())))
             .collect();
-        if got.len() != users.len() || reply.body["count"] != json!(users.len()) || got != want {
+        if got != want {
             let missing: Vec<&String> = want.keys().filter(|t| !got.contains_key(*t)).collect();
             let extra: Vec<&String> = got.keys().filter(|t| !want.contains_key(*t)).collect();
             let differ: Vec<String> = want
@@ -904,17 +939,17 @@ impl Run {
 
     /// After a restart: the purge runs as the process starts; the list must reach the
     /// model's purged users.
-    fn restart(&mut self) {
+    fn restart(&mut self, tg: Tollgate) -> Tollgate {
         self.full_check();
-        self.tg = self.tg.take().map(Tollgate::restart);
+        let tg = tg.restart();
         self.trail.push("  -- restarted --".into());
         self.purge();
         let want = self.users.len();
-        let tg = self.tg();
         wait_until(Duration::from_secs(5), || {
             tg.admin_call(Method::GET, "/admin/users", None).1["count"] == json!(want)
         });
         self.full_check();
+        tg
     }
 
     fn full_check(&mut self) {
@@ -1292,7 +1327,7 @@ impl Run {
                 }
             }
         };
-        let url = self.tg().url(&format!("/model?key={}", enc(&token)));
+        let url = format!("{}/model?key={}", self.proxy, enc(&token));
         let sent = now_ms();
         let response = client().get(url).send().unwrap();
         let status = response.status().as_u16();
@@ -1417,7 +1452,7 @@ impl Run {
             }
             _ => {
                 // A `+` in a path segment is a plus.
-                let token = format!("p{}+q", self.step);
+                let token = format!("{}p{}+q", self.prefix, self.step);
                 let mut user = new_user(&token, "normal");
                 apply(&mut user, json!({"nickname": "plus"}).as_object().unwrap());
                 let call = Call::new(Method::PUT, format!("/admin/users/{token}"))
@@ -1474,7 +1509,9 @@ impl Run {
             64..=67 => self.reenable(),
             68..=75 => self.import(),
             76..=78 => self.import_invalid_shape(),
-            79 => self.export_reimport(),
+            // Sent back, another run's export would undo that run's changes since.
+            79 if self.prefix.is_empty() => self.export_reimport(),
+            79 => self.list(),
             80..=83 => self.unauthorized(),
             84 => self.lower_scheme(),
             85..=86 => self.wrong_method(),
@@ -1502,51 +1539,97 @@ fn builder(origin: &Origin) -> TollgateBuilder {
 /// minute (400 steps take a few seconds).
 const STEPS_PER_PROCESS: u64 = 400;
 
+fn sqlite_builder(origin: &Origin) -> TollgateBuilder {
+    builder(origin).yaml(
+        "store:\n  kind: sqlite\n  flush_interval_seconds: 1\n  sqlite:\n    path: data/users.db\n",
+    )
+}
+
+fn report(run: &Run) {
+    eprintln!(
+        "admin API model, seed {}, {}: {} users at the end; {:?}",
+        run.seed,
+        run.store,
+        run.users.len(),
+        run.ops
+    );
+}
+
 /// The memory store (its process lives at most [`STEPS_PER_PROCESS`]), then SQLite, restarted
-/// half-way and every [`STEPS_PER_PROCESS`] steps: each restart must keep every user.
+/// half-way and every [`STEPS_PER_PROCESS`] steps: each restart must keep every user. Then
+/// [`CONCURRENT_RUNS`] runs at once on one SQLite tollgate, each with its own users.
 fn run_once(seed: u64, steps: u64) {
     let origin = Origin::start();
-    let stores: [(&'static str, TollgateBuilder); 2] = [
-        ("memory", builder(&origin)),
-        (
-            "sqlite",
-            builder(&origin).yaml(
-                "store:\n  kind: sqlite\n  flush_interval_seconds: 1\n  sqlite:\n    path: data/users.db\n",
-            ),
-        ),
-    ];
-    for (i, (store, builder)) in stores.into_iter().enumerate() {
-        let mut run = Run {
-            seed,
-            store,
-            rng: Rng::new(seed ^ ((i as u64) << 32)),
-            tg: Some(builder.start()),
-            users: BTreeMap::new(),
-            step: 0,
-            trail: Vec::new(),
-            ops: BTreeMap::new(),
-        };
-        let steps = if store == "memory" {
-            steps.min(STEPS_PER_PROCESS)
-        } else {
-            steps
-        };
-        let mut since_start = 0;
-        for step in 0..steps {
-            if store == "sqlite" && (step == steps / 2 || since_start == STEPS_PER_PROCESS) {
-                run.restart();
-                since_start = 0;
-            }
-            run.step_once();
-            since_start += 1;
-        }
-        run.full_check();
-        eprintln!(
-            "admin API model, seed {seed}, {store}: {} users at the end; {:?}",
-            run.users.len(),
-            run.ops
-        );
+    let tg = builder(&origin).start();
+    let mut run = Run::new(seed, "memory", seed, &tg, "");
+    for _ in 0..steps.min(STEPS_PER_PROCESS) {
+        run.step_once();
     }
+    run.full_check();
+    report(&run);
+    drop(tg);
+
+    let mut tg = sqlite_builder(&origin).start();
+    let mut run = Run::new(seed, "sqlite", seed ^ (1 << 32), &tg, "");
+    let mut since_start = 0;
+    for step in 0..steps {
+        if step == steps / 2 || since_start == STEPS_PER_PROCESS {
+            tg = run.restart(tg);
+            since_start = 0;
+        }
+        run.step_once();
+        since_start += 1;
+    }
+    run.full_check();
+    report(&run);
+    drop(tg);
+
+    run_concurrently(seed, steps, &origin);
+}
+
+/// Runs sharing one SQLite tollgate at once; each checks its own users as it goes, and after
+/// a restart the list must hold all of theirs.
+const CONCURRENT_RUNS: u64 = 3;
+
+fn run_concurrently(seed: u64, steps: u64, origin: &Origin) {
+    let tg = sqlite_builder(origin).start();
+    let steps = (steps / CONCURRENT_RUNS).min(STEPS_PER_PROCESS / CONCURRENT_RUNS);
+    let runs: Vec<Run> = (0..CONCURRENT_RUNS)
+        .map(|i| {
+            let prefix = format!("r{i}-");
+            Run::new(
+                seed,
+                "sqlite, runs at once",
+                seed ^ ((2 + i) << 32),
+                &tg,
+                &prefix,
+            )
+        })
+        .collect();
+    let runs: Vec<Run> = std::thread::scope(|scope| {
+        let threads: Vec<_> = runs
+            .into_iter()
+            .map(|mut run| {
+                scope.spawn(move || {
+                    for _ in 0..steps {
+                        run.step_once();
+                    }
+                    run.full_check();
+                    run
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut all = Run::new(seed, "sqlite, after the runs at once", seed, &tg, "");
+    for run in &runs {
+        report(run);
+        all.users.extend(run.users.clone());
+    }
+    drop(all.restart(tg));
 }
 
 #[test]
