@@ -1430,10 +1430,7 @@ impl Run {
             if !holds_loopback(ips) {
                 ips.push(json!("127.0.0.1"));
             }
-            before.insert("lastUsedAt".into(), json!(later.unwrap_or(0)));
-            if later.is_none() {
-                before.insert("lastUsedAt".into(), json!(NOW));
-            }
+            before.insert("lastUsedAt".into(), later.map_or(json!(NOW), |t| json!(t)));
         }
         if !matches(&Value::Object(before.clone()), &after, sent, answered) {
             self.fail(format!(
