@@ -299,7 +299,7 @@ impl Soak {
 
     fn fault(&mut self) {
         let times = 1 + self.rng.below(3) as u32;
-        let rule = match self.rng.below(14) {
+        let rule = match self.rng.below(16) {
             0 => FaultRule::new("PATCH", "/.json", FaultAction::status(503)),
             1 => FaultRule::new("PATCH", "/.json", FaultAction::ApplyThenDrop),
             2 => FaultRule::new("PATCH", "/.json", FaultAction::DropBeforeApply),
@@ -359,6 +359,17 @@ impl Soak {
             }
             // The access token refused: a new one, and the write again.
             13 => FaultRule::new("PATCH", "/.json", FaultAction::status(401)),
+            // Requests about one user alone failing (its conditional create, its `ip` list's
+            // merge): refused, or losing every compare-and-set until the instance gives up on
+            // it. That user's change is held back while the others' are written.
+            14 => FaultRule::new("PUT", "/users/*", FaultAction::status(403)),
+            15 => {
+                self.count("held back");
+                let rule = FaultRule::new("PUT", "/users/*/ip.json", FaultAction::status(412));
+                self.db
+                    .add_fault(rule.times(26 + self.rng.below(10) as u32));
+                return;
+            }
             _ => return,
         };
         self.count("fault rule");
