@@ -67,6 +67,13 @@ pub fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
         line: trim_eol(&line).to_vec(),
         headers: Vec::new(),
     };
+    read_fields(reader, &mut head.headers)?;
+    Ok(Some(head))
+}
+
+/// Reads field lines (a head's headers, or a chunked body's trailers) up to the empty line.
+fn read_fields(reader: &mut impl BufRead, fields: &mut Lines) -> io::Result<()> {
+    let mut line = Vec::new();
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
@@ -74,13 +81,13 @@ pub fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
         }
         let text = trim_eol(&line);
         if text.is_empty() {
-            return Ok(Some(head));
+            return Ok(());
         }
         let colon = text
             .iter()
             .position(|&b| b == b':')
             .ok_or(io::ErrorKind::InvalidData)?;
-        head.headers.push((
+        fields.push((
             text[..colon].to_vec(),
             text[colon + 1..].trim_ascii().to_vec(),
         ));
@@ -159,24 +166,7 @@ fn read_chunks(reader: &mut impl BufRead, body: &mut Body) -> io::Result<()> {
             return Err(io::ErrorKind::InvalidData.into());
         }
     }
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let text = trim_eol(&line);
-        if text.is_empty() {
-            return Ok(());
-        }
-        let colon = text
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(io::ErrorKind::InvalidData)?;
-        body.trailers.push((
-            text[..colon].to_vec(),
-            text[colon + 1..].trim_ascii().to_vec(),
-        ));
-    }
+    read_fields(reader, &mut body.trailers)
 }
 
 /// Reads a request's body as its head frames it (no length and not chunked: none).
