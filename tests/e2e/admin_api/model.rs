@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Map;
 
 use super::*;
-use crate::support::soak::{env_u64, Rng};
+use crate::support::soak::{env_u64, for_each_seed, Rng};
 use crate::support::wait_until;
 
 /// The seed the suite runs with.
@@ -1681,10 +1681,6 @@ fn run_concurrently(seed: u64, steps: u64, origin: &Origin) {
 
 #[test]
 fn randomized_admin_api_against_a_model() {
-    let seed = env_u64("TOLLGATE_SOAK_SEED").unwrap_or(DEFAULT_SEED);
-    let iterations = env_u64("TOLLGATE_SOAK_ITERATIONS").unwrap_or(1);
     let steps = env_u64("TOLLGATE_SOAK_STEPS").unwrap_or(DEFAULT_STEPS);
-    for i in 0..iterations {
-        run_once(seed.wrapping_add(i), steps);
-    }
+    for_each_seed(DEFAULT_SEED, |seed| run_once(seed, steps));
 }

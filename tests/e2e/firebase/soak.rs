@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rtdb_standin::LineEnding;
 
 use super::*;
-use crate::support::soak::{env_u64, field_value, mismatches, normalized, Rng};
+use crate::support::soak::{env_u64, field_value, for_each_seed, mismatches, normalized, Rng};
 
 /// Stream faults (besides outages and revocations) in one run. Every stream lost in a row
 /// lengthens tollgate's reconnect backoff (to 30 s; only a connection that lasts 30 s resets
@@ -660,10 +660,6 @@ fn soak_once(seed: u64, ops_time: Duration) {
 
 #[test]
 fn randomized_multi_instance_soak_converges() {
-    let seed = env_u64("TOLLGATE_SOAK_SEED").unwrap_or(DEFAULT_SEED);
-    let iterations = env_u64("TOLLGATE_SOAK_ITERATIONS").unwrap_or(1);
     let ops_time = Duration::from_secs(env_u64("TOLLGATE_SOAK_OPS_SECONDS").unwrap_or(15));
-    for i in 0..iterations {
-        soak_once(seed.wrapping_add(i), ops_time);
-    }
+    for_each_seed(DEFAULT_SEED, |seed| soak_once(seed, ops_time));
 }

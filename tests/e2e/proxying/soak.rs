@@ -33,7 +33,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::support::origin::{RawRequest, Script, ScriptedOrigin};
-use crate::support::soak::{env_u64, Rng};
+use crate::support::soak::{env_u64, for_each_seed, Rng};
 use crate::support::tollgate::{Tollgate, PROXY_KEY};
 use crate::support::wire::{self, Body, Head, Lines};
 use crate::support::TollgateBuilder;
@@ -1121,10 +1121,6 @@ fn soak_once(seed: u64, exchanges: usize) {
 
 #[test]
 fn randomized_exchanges_pass_through_as_the_origin_and_client_sent_them() {
-    let seed = env_u64("TOLLGATE_SOAK_SEED").unwrap_or(DEFAULT_SEED);
-    let iterations = env_u64("TOLLGATE_SOAK_ITERATIONS").unwrap_or(1);
     let exchanges = env_u64("TOLLGATE_SOAK_EXCHANGES").unwrap_or(DEFAULT_EXCHANGES) as usize;
-    for i in 0..iterations {
-        soak_once(seed.wrapping_add(i), exchanges);
-    }
+    for_each_seed(DEFAULT_SEED, |seed| soak_once(seed, exchanges));
 }

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::thread::JoinHandle;
 
 use super::*;
-use crate::support::soak::{env_u64, field_value, mismatches, normalized, Rng};
+use crate::support::soak::{env_u64, field_value, for_each_seed, mismatches, normalized, Rng};
 
 /// The seed the suite runs with.
 const DEFAULT_SEED: u64 = 0x5eed_2026;
@@ -764,10 +764,6 @@ fn soak_once(seed: u64, ops_time: Duration) {
 
 #[test]
 fn randomized_sqlite_soak_across_restarts_upgrades_and_hand_edits() {
-    let seed = env_u64("TOLLGATE_SOAK_SEED").unwrap_or(DEFAULT_SEED);
-    let iterations = env_u64("TOLLGATE_SOAK_ITERATIONS").unwrap_or(1);
     let ops_time = Duration::from_secs(env_u64("TOLLGATE_SOAK_OPS_SECONDS").unwrap_or(12));
-    for i in 0..iterations {
-        soak_once(seed.wrapping_add(i), ops_time);
-    }
+    for_each_seed(DEFAULT_SEED, |seed| soak_once(seed, ops_time));
 }

@@ -65,6 +65,15 @@ pub fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// Runs `run` once per seed: `TOLLGATE_SOAK_ITERATIONS` (1) seeds from `TOLLGATE_SOAK_SEED`
+/// (`default_seed`) on, so a failing seed is replayed alone and a soak is made longer.
+pub fn for_each_seed(default_seed: u64, mut run: impl FnMut(u64)) {
+    let seed = env_u64("TOLLGATE_SOAK_SEED").unwrap_or(default_seed);
+    for i in 0..env_u64("TOLLGATE_SOAK_ITERATIONS").unwrap_or(1) {
+        run(seed.wrapping_add(i));
+    }
+}
+
 /// A user without its empty and null fields (RTDB drops them; the SQLite `doc` may or may
 /// not have them) and without the zero entries of family maps (tollgate does not keep them),
 /// for comparing views.
