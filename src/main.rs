@@ -277,7 +277,13 @@ fn flush_after_shutdown(engine: &SyncEngine) -> bool {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(engine.final_flush()),
+        Ok(runtime) => {
+            let written = runtime.block_on(engine.final_flush());
+            // A write cut off by the deadline may still wait on a lock another program holds
+            // (SQLite's busy timeout, 5 s): dropping the runtime would wait for it.
+            runtime.shutdown_background();
+            written
+        }
         Err(e) => {
             error!("cannot start the runtime for the last store flush: {e}");
             false
