@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::fields::Fields;
 use super::model::User;
@@ -101,7 +101,7 @@ pub struct TakenChanges {
     /// `None`: the queue held more than was taken.
     pub covers: Option<ChangeTicket>,
     /// The newest ticket issued when these were taken: a change in `changes` includes every
-    /// edit of its user with a ticket up to this one.
+    /// edit of its user with a ticket up to this one, and none with a later one.
     pub taken_at: ChangeTicket,
 }
 
@@ -132,6 +132,12 @@ pub struct UserCache {
     queue: SegQueue<Queued>,
     /// Bumped (after queueing) by every change someone may wait for.
     tickets: AtomicU64,
+    /// Edits that take a ticket hold this shared, a take holds it alone: an edit is then
+    /// wholly before a take (taken with it, its ticket covered by the take's `taken_at`) or
+    /// wholly after it. An edit landing in the middle of a take was taken with it under a
+    /// later ticket, and the store's refusal of it never reached the admin waiting on that
+    /// ticket, who was answered "persisted". Proxy requests never take it.
+    edits: RwLock<()>,
     /// Serialises inserts and removals between admin and sync; readers never take it.
     structure: Mutex<()>,
     /// Tokens removed locally whose removal the store has not confirmed yet.
@@ -231,6 +237,7 @@ impl UserCache {
             map: RecordTable::with_capacity(capacity),
             queue: SegQueue::new(),
             tickets: AtomicU64::new(0),
+            edits: RwLock::new(()),
             structure: Mutex::new(()),
             deleting: Mutex::new(HashSet::new()),
             rereads: Mutex::new(Vec::new()),
@@ -346,23 +353,18 @@ impl UserCache {
         outcome
     }
 
-    /// Auto-ban: records the IP and disables the user with `reason`.
-    pub fn ban_for_ips(
-        &self,
-        record: &Arc<UserRecord>,
-        ip: IpAddr,
-        reason: &str,
-        now_ms: u64,
-    ) -> ChangeTicket {
+    /// Auto-ban: records the IP and disables the user with `reason`. No ticket: nobody waits
+    /// for it to be written, and a proxy request must not wait for a take ([`Self::edits`]).
+    pub fn ban_for_ips(&self, record: &Arc<UserRecord>, ip: IpAddr, reason: &str, now_ms: u64) {
         let fields = Fields::IP | Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META;
         record.protect(fields);
         record.admit_ip(ip, 0, 0);
         self.edit_marked(record, fields, |p| disable_profile(p, Some(reason), now_ms));
-        self.ticket()
     }
 
     /// Adds a new user; refuses an existing token.
     pub fn create(&self, user: &User) -> Result<ChangeTicket, CacheError> {
+        let _edit = self.edits.read();
         let _guard = self.structure.lock();
         if self.map.contains(user.token.as_str()) {
             return Err(CacheError::Exists);
@@ -388,6 +390,7 @@ impl UserCache {
     /// Partial upsert (`PUT`): creates the user from defaults when missing. The patch must be
     /// validated already.
     pub fn upsert(&self, token: &str, patch: &UserPatch, now_ms: u64) -> (User, ChangeTicket) {
+        let _edit = self.edits.read();
         let user = self.upsert_one(token, patch, now_ms);
         (user, self.ticket())
     }
@@ -398,6 +401,7 @@ impl UserCache {
         items: &[(String, UserPatch)],
         now_ms: u64,
     ) -> (Vec<User>, ChangeTicket) {
+        let _edit = self.edits.read();
         let users = items
             .iter()
             .map(|(token, patch)| self.upsert_one(token, patch, now_ms))
@@ -459,6 +463,7 @@ impl UserCache {
         reason: Option<&str>,
         now_ms: u64,
     ) -> Result<(User, ChangeTicket), CacheError> {
+        let _edit = self.edits.read();
         let record = self.get(token).ok_or(CacheError::NotFound)?;
         let user = self.disable_record(&record, reason, now_ms)?;
         Ok((user, self.ticket()))
@@ -496,6 +501,7 @@ impl UserCache {
         token: &str,
         still: impl FnOnce(&UserRecord) -> bool,
     ) -> Result<ChangeTicket, CacheError> {
+        let _edit = self.edits.read();
         let _guard = self.structure.lock();
         let current = self.map.get(token).ok_or(CacheError::NotFound)?;
         if !still(&current) {
@@ -696,6 +702,7 @@ impl UserCache {
     /// become one, as a user queued twice in one take does; up to `max_users` more users are
     /// taken, so held changes never crowd out the others.
     pub fn take_changes_after(&self, held: Vec<Change>, max_users: usize) -> TakenChanges {
+        let _no_edits = self.edits.write();
         let covers = self.tickets.load(Ordering::Acquire);
         let mut changes: Vec<Change> = Vec::new();
         let mut index: HashMap<Arc<str>, usize> = HashMap::new();

@@ -638,3 +638,51 @@ fn a_user_taken_twice_in_one_take_writes_its_whole_count() {
     cache.acknowledge(&changes, true);
     assert_eq!(rec.prompt_count(), 13);
 }
+
+/// An edit made while a write is being taken belongs wholly to that write or to a later one:
+/// taken with it, its ticket is covered by the write's `taken_at`, or the store's refusal of
+/// it would not reach the admin waiting on that ticket (who was answered "persisted"). Edits
+/// race takes of many queued users; the edited user is queued last.
+#[test]
+fn an_edit_made_during_a_take_is_in_it_exactly_when_its_ticket_is_covered() {
+    let cache = Arc::new(UserCache::default());
+    let others: Vec<String> = (0..2_000).map(|i| format!("u{i}")).collect();
+    for token in &others {
+        cache
+            .create(&User::new(token.clone(), UserType::Normal, 1))
+            .unwrap();
+    }
+    cache
+        .create(&User::new("edited".into(), UserType::Normal, 1))
+        .unwrap();
+    for round in 0..40 {
+        cache.take_changes(usize::MAX);
+        for token in &others {
+            cache.touch(&cache.get(token).unwrap(), 2 + round);
+        }
+        cache.upsert("edited", &patch(r#"{"nickname":"queued"}"#), 1);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let taker = std::thread::spawn({
+            let (cache, barrier) = (Arc::clone(&cache), Arc::clone(&barrier));
+            move || {
+                barrier.wait();
+                cache.take_changes(usize::MAX)
+            }
+        });
+        barrier.wait();
+        let nickname = format!("round {round}");
+        let edit = patch(&format!(r#"{{"nickname":"{nickname}"}}"#));
+        let (_, ticket) = cache.upsert("edited", &edit, 1);
+        let taken = taker.join().unwrap();
+        let in_take = taken.changes.iter().any(|c| match c {
+            Change::Upsert(u) => u.user.nickname.as_deref() == Some(nickname.as_str()),
+            Change::Delete { .. } => false,
+        });
+        assert_eq!(
+            in_take,
+            ticket <= taken.taken_at,
+            "round {round}: edit ticket {ticket}, taken at {}",
+            taken.taken_at
+        );
+    }
+}
