@@ -151,7 +151,7 @@ fn is_leaving(phase: &ExecutionPhase) -> bool {
 /// main process across a reload.
 ///
 /// The launcher does not rely on Pingora's wait to hear that signal: it exits from its own
-/// handler (see [`on_ready_signal`]).
+/// handler (`on_ready_signal`).
 pub struct DaemonReady {
     launcher: u32,
 }
@@ -183,7 +183,7 @@ extern "C" fn on_ready_signal(_: libc::c_int) {
 
 impl DaemonReady {
     /// Call in the launching process, before Pingora daemonizes. From here a SIGUSR1 ends the
-    /// launcher ([`on_ready_signal`]); only the daemon sends one, once it serves. (Until
+    /// launcher (`on_ready_signal`); only the daemon sends one, once it serves. (Until
     /// Pingora's launcher listened, a signal's default action would have killed it.)
     pub fn install() -> Self {
         let launcher = std::process::id();

@@ -3,7 +3,7 @@
 //! twice the limit across a boundary; this does not.
 //!
 //! Keys are hashed once per request (a keyed SipHash); the counts live in a count-min sketch
-//! ([`WindowSketch`]) whose counters for one key, in both windows, share one cache line, so a
+//! (`WindowSketch`) whose counters for one key, in both windows, share one cache line, so a
 //! check and its count touch one line of memory however many clients there are.
 //!
 //! Time is the caller's `now_ms` (epoch milliseconds, read once per request): windows start

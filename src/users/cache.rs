@@ -354,7 +354,7 @@ impl UserCache {
     }
 
     /// Auto-ban: records the IP and disables the user with `reason`. No ticket: nobody waits
-    /// for it to be written, and a proxy request must not wait for a take ([`Self::edits`]).
+    /// for it to be written, and a proxy request must not wait for a take (the `edits` lock).
     pub fn ban_for_ips(&self, record: &Arc<UserRecord>, ip: IpAddr, reason: &str, now_ms: u64) {
         let fields = Fields::IP | Fields::DISABLED_AT | Fields::DISABLED_REASON | Fields::META;
         record.protect(fields);
