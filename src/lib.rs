@@ -12,3 +12,10 @@ pub mod secret;
 pub mod store;
 pub mod upgrade;
 pub mod users;
+
+/// The soaks' seeded generator and knobs (tests/e2e/support/soak.rs), shared by the unit-level
+/// models rather than copied; its other helpers are for stored users.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/e2e/support/soak.rs"]
+mod soak;

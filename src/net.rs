@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::str::FromStr;
 use std::time::Duration;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use pingora::http::RequestHeader;
 use pingora::listeners::TcpSocketOptions;
 use pingora::protocols::http::ServerSession;
@@ -26,8 +26,13 @@ pub struct CidrParseError {
 }
 
 impl CidrSet {
+    /// An IPv4-mapped IPv6 entry (`::ffff:10.0.0.1`, `::ffff:10.0.0.0/104`) is kept as the
+    /// IPv4 network it names: addresses are compared in their IPv4 form, so as written it
+    /// would match nothing.
     pub fn new(nets: Vec<IpNet>) -> Self {
-        Self { nets }
+        Self {
+            nets: nets.into_iter().map(canonical_net).collect(),
+        }
     }
 
     /// Parses one entry: `10.0.0.0/8`, `192.168.1.7`, `::1`, `2001:db8::/32`.
@@ -59,6 +64,20 @@ impl CidrSet {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.nets.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// `net` as an IPv4 network when it lies within `::ffff:0:0/96`.
+fn canonical_net(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else {
+        return net;
+    };
+    match (
+        v6.prefix_len().checked_sub(96),
+        v6.network().to_ipv4_mapped(),
+    ) {
+        (Some(prefix), Some(v4)) => Ipv4Net::new(v4, prefix).map_or(net, IpNet::V4),
+        _ => net,
     }
 }
 
@@ -200,6 +219,9 @@ pub fn client_socket_options(clients: &crate::config::ClientsConfig) -> TcpSocke
 }
 
 #[cfg(test)]
+mod client_ip_model;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -294,6 +316,31 @@ mod tests {
     #[test]
     fn mapped_ipv4_matches_ipv4_networks() {
         assert!(set("10.0.0.0/8").contains(ip("::ffff:10.0.0.1")));
+    }
+
+    #[test]
+    fn mapped_entries_are_their_ipv4_networks() {
+        let s = set("::ffff:10.0.0.1, ::ffff:192.168.0.0/112");
+        for hit in [
+            "10.0.0.1",
+            "::ffff:10.0.0.1",
+            "192.168.7.7",
+            "::ffff:192.168.0.1",
+        ] {
+            assert!(s.contains(ip(hit)), "{hit}");
+        }
+        for miss in ["10.0.0.2", "192.169.0.1", "::1"] {
+            assert!(!s.contains(ip(miss)), "{miss}");
+        }
+        assert!(
+            set("::ffff:0:0/96").contains(ip("203.0.113.1")),
+            "all of IPv4"
+        );
+        assert!(
+            !set("::/0").contains(ip("203.0.113.1")),
+            "::/0 is IPv6 only"
+        );
+        assert_eq!(set("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
     }
 
     #[test]

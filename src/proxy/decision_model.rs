@@ -67,13 +67,7 @@ const FORWARDED: [&str; 8] = [
     "[2001:db8:0:2::9]:443",
 ];
 
-/// The soaks' seeded generator and knobs (tests/e2e/support/soak.rs), shared rather than
-/// copied; its other helpers are for stored users and unused here.
-#[allow(dead_code)]
-#[path = "../../tests/e2e/support/soak.rs"]
-mod soak;
-
-use soak::{env_u64, Rng};
+use crate::soak::{env_u64, Rng};
 
 /// What the model draws from the soaks' generator.
 trait Draw {

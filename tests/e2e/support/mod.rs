@@ -2,6 +2,7 @@
 //! HTTP client. Everything talks over loopback sockets.
 #![allow(dead_code)]
 
+pub mod forwarding;
 pub mod origin;
 pub mod soak;
 pub mod sockets;
