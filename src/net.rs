@@ -2,7 +2,7 @@
 //! socket options.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -141,11 +141,16 @@ pub fn request_client_ip(peer: IpAddr, req: &RequestHeader, trusted: &CidrSet) -
     resolve_client_ip(peer, forwarded, trusted)
 }
 
-/// Parses one `X-Forwarded-For` hop; tolerates spaces and a `:port` or `[v6]:port` suffix.
+/// Parses one `X-Forwarded-For` hop; tolerates spaces, a `:port` suffix and an IPv6 address
+/// in brackets with or without a port (`[v6]`, `[v6]:port`; nginx's realip reads both).
 fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
     let text = std::str::from_utf8(hop).ok()?.trim();
     if let Ok(ip) = IpAddr::from_str(text) {
         return Some(ip.to_canonical());
+    }
+    let bracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+    if let Some(Ok(v6)) = bracketed.map(Ipv6Addr::from_str) {
+        return Some(IpAddr::V6(v6).to_canonical());
     }
     if let Ok(sock) = std::net::SocketAddr::from_str(text) {
         return Some(sock.ip().to_canonical());
@@ -410,6 +415,34 @@ mod tests {
         assert_eq!(
             resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
             ip("2001:db8::1")
+        );
+    }
+
+    #[test]
+    fn bracketed_ipv6_hops_parse_with_or_without_a_port() {
+        let trusted = set("10.0.0.0/8");
+        for hop in [
+            "[2001:db8::1]",
+            " [2001:db8::1]:80 ",
+            "[::ffff:203.0.113.1]",
+        ] {
+            let xff: [&[u8]; 1] = [hop.as_bytes()];
+            let want = if hop.contains("ffff") {
+                "203.0.113.1"
+            } else {
+                "2001:db8::1"
+            };
+            assert_eq!(
+                resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+                ip(want),
+                "{hop}"
+            );
+        }
+        // Brackets are for IPv6 only.
+        let xff: [&[u8]; 1] = [b"[1.2.3.4]"];
+        assert_eq!(
+            resolve_client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("10.0.0.1")
         );
     }
 

@@ -150,10 +150,11 @@ pub fn random_hop(rng: &mut Rng, pool: &[IpAddr]) -> Hop {
             }
             _ => v4.to_string(),
         },
-        IpAddr::V6(v6) => match rng.below(4) {
+        IpAddr::V6(v6) => match rng.below(5) {
             0 => format!("[{v6}]:{port}"),
-            1 => v6.to_string().to_uppercase(),
-            2 => full_form(v6),
+            1 => format!("[{v6}]"),
+            2 => v6.to_string().to_uppercase(),
+            3 => full_form(v6),
             _ => v6.to_string(),
         },
     };
