@@ -4,6 +4,7 @@
 mod support;
 
 mod admin_api;
+mod client_identity;
 mod config_cli;
 mod connections;
 mod deploy;

@@ -59,3 +59,27 @@ pub fn tcp_queues(local: u16, remote: u16) -> Option<(u64, u64)> {
         .find(|r| r.0 == local && r.1 == remote)
         .map(|r| (r.3, r.4))
 }
+
+/// A connection to `to` from the local address `from` (any of 127.0.0.0/8 on loopback, or
+/// `::1`), so that tests can be several clients. 10 s read timeout.
+pub fn connect_from(from: std::net::IpAddr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("a runtime");
+    let stream = runtime
+        .block_on(async {
+            let socket = match from {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind((from, 0).into())?;
+            socket.connect(to).await?.into_std()
+        })
+        .unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"));
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    stream
+}

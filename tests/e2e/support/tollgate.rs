@@ -22,6 +22,8 @@ pub struct TollgateBuilder {
     upstream: Vec<String>,
     upstream_extra: Vec<String>,
     admin_extra: Vec<String>,
+    /// A second proxy listener on `[::]` (see [`Self::dual_stack_listener`]).
+    dual_stack_port: Option<u16>,
     mode: String,
     sections: Vec<String>,
     env: HashMap<String, String>,
@@ -42,6 +44,7 @@ impl TollgateBuilder {
             upstream: vec![upstream.to_string()],
             upstream_extra: Vec::new(),
             admin_extra: Vec::new(),
+            dual_stack_port: None,
             mode: "user_token".to_string(),
             sections: Vec::new(),
             env,
@@ -67,6 +70,13 @@ impl TollgateBuilder {
     /// Extra keys under `admin:`, e.g. `lockout_seconds: 2`.
     pub fn admin_yaml(mut self, lines: &str) -> Self {
         self.admin_extra.extend(lines.lines().map(str::to_string));
+        self
+    }
+
+    /// A second proxy listener on `[::]` ([`Tollgate::dual_stack_port`]): dual stack, so IPv4
+    /// clients arrive there as IPv4-mapped IPv6 peers, and `::1` can connect.
+    pub fn dual_stack_listener(mut self) -> Self {
+        self.dual_stack_port = Some(free_dual_stack_port());
         self
     }
 
@@ -118,8 +128,11 @@ impl TollgateBuilder {
             .to_path_buf();
         let path = dir.join("tollgate.yaml");
         let mut yaml = format!(
-            "listen: [\"127.0.0.1:{}\"]\nupstream:\n  addrs: [{}]\n",
+            "listen: [\"127.0.0.1:{}\"{}]\nupstream:\n  addrs: [{}]\n",
             self.proxy_port,
+            self.dual_stack_port
+                .map(|port| format!(", \"[::]:{port}\""))
+                .unwrap_or_default(),
             self.upstream
                 .iter()
                 .map(|a| format!("\"{a}\""))
@@ -213,6 +226,9 @@ impl TollgateBuilder {
                     if attempt < ATTEMPTS && self.ports_chosen_here && port_was_taken(&log) =>
                 {
                     [self.proxy_port, self.admin_port] = free_ports();
+                    if let Some(port) = &mut self.dual_stack_port {
+                        *port = free_dual_stack_port();
+                    }
                 }
                 Err(log) => panic!("tollgate did not come up:\n{log}"),
             }
@@ -247,12 +263,21 @@ impl TollgateBuilder {
             admin: format!("http://127.0.0.1:{}", self.admin_port),
             proxy_port: self.proxy_port,
             admin_port: self.admin_port,
+            dual_stack_port: self.dual_stack_port,
             config,
             log_path,
             dir: std::sync::Arc::new(self.dir.take().expect("the directory")),
             env: self.env.clone(),
         })
     }
+}
+
+/// A port free on every address a moment ago (bound on `[::]`, dual stack).
+fn free_dual_stack_port() -> u16 {
+    std::net::TcpListener::bind("[::]:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind [::]:0")
+        .port()
 }
 
 /// Whether a start-up failed because a port was in use (tollgate's own check, or Pingora's
@@ -308,6 +333,8 @@ pub struct Tollgate {
     pub admin: String,
     pub proxy_port: u16,
     pub admin_port: u16,
+    /// The `[::]` proxy listener's port, if the builder asked for one.
+    pub dual_stack_port: Option<u16>,
     pub config: PathBuf,
     pub log_path: PathBuf,
     /// Shared with processes started by `spawn_upgrade`.
@@ -512,6 +539,7 @@ impl Tollgate {
             admin: self.admin.clone(),
             proxy_port: self.proxy_port,
             admin_port: self.admin_port,
+            dual_stack_port: self.dual_stack_port,
             config: self.config.clone(),
             log_path: self.log_path.clone(),
             dir: std::sync::Arc::clone(&self.dir),
