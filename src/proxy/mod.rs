@@ -727,8 +727,8 @@ impl ProxyHttp for Proxy {
             {
                 self.warn_untrusted_forwarding(ctx.client_ip);
             }
-            remove_forwarding_headers(upstream);
         }
+        remove_forwarding_headers(upstream, !ctx.peer_trusted);
         // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
         // The upstream's own name, as the older proxy (`changeOrigin`) and nginx send it: a
@@ -973,14 +973,36 @@ static FORWARDING_HEADERS: [HeaderName; 7] = [
     HeaderName::from_static("true-client-ip"),
 ];
 
-/// Removes [`FORWARDING_HEADERS`]; one pass over the header names when there are none.
-fn remove_forwarding_headers(req: &mut RequestHeader) {
-    if !req.headers.keys().any(|k| FORWARDING_HEADERS.contains(k)) {
+/// Removes [`FORWARDING_HEADERS`] (`untrusted`: the peer is no trusted proxy) and, from any
+/// peer, every forwarding header spelled with underscores (`X_Real_IP`, `X_Forwarded_For`):
+/// CGI and WSGI servers read those as the real one (`HTTP_X_REAL_IP`), so a client could name
+/// its own address to an upstream that way, and no proxy writes them. One pass over the header
+/// names when there is nothing to remove.
+fn remove_forwarding_headers(req: &mut RequestHeader, untrusted: bool) {
+    let doomed = |name: &HeaderName| {
+        (untrusted && FORWARDING_HEADERS.contains(name)) || underscored_forwarding(name.as_str())
+    };
+    if !req.headers.keys().any(doomed) {
         return;
     }
-    for name in FORWARDING_HEADERS.iter() {
-        req.remove_header(name);
+    let names: Vec<HeaderName> = req.headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in names {
+        req.remove_header(&name);
     }
+}
+
+/// Whether `name` (lower case, as header names are kept) is `X-Forwarded-For` or one of
+/// [`FORWARDING_HEADERS`] with one or more of its dashes written as underscores.
+fn underscored_forwarding(name: &str) -> bool {
+    let same = |real: &str| {
+        real.len() == name.len()
+            && real
+                .bytes()
+                .zip(name.bytes())
+                .all(|(r, n)| r == n || (r == b'-' && n == b'_'))
+    };
+    name.contains('_')
+        && (same("x-forwarded-for") || FORWARDING_HEADERS.iter().any(|h| same(h.as_str())))
 }
 
 /// Longest path logged in full: a request target may be 64 KiB, and every upstream failure
@@ -1120,11 +1142,38 @@ mod tests {
         ] {
             req.append_header(name, value).unwrap();
         }
-        remove_forwarding_headers(&mut req);
+        remove_forwarding_headers(&mut req, true);
         let left: Vec<_> = req.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["x-request-id"]);
         // Nothing to remove: untouched.
-        remove_forwarding_headers(&mut req);
+        remove_forwarding_headers(&mut req, true);
         assert_eq!(req.headers.len(), 1);
+    }
+
+    #[test]
+    fn underscored_forwarding_headers_are_removed_from_any_peer() {
+        for untrusted in [false, true] {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            for (name, value) in [
+                ("X_Forwarded_For", "6.6.6.6"),
+                ("x-forwarded_for", "6.6.6.6"),
+                ("X_Real_IP", "6.6.6.6"),
+                ("true_client_ip", "6.6.6.6"),
+                ("x_forwarded_proto", "https"),
+                ("X-Real-IP", "10.0.0.1"),
+                ("x_request_id", "r1"),
+                ("x_forwarded_fo", "r2"),
+            ] {
+                req.append_header(name, value).unwrap();
+            }
+            remove_forwarding_headers(&mut req, untrusted);
+            let mut left: Vec<_> = req.headers.keys().map(|k| k.as_str()).collect();
+            left.sort_unstable();
+            let mut want = vec!["x-real-ip", "x_forwarded_fo", "x_request_id"];
+            if untrusted {
+                want.remove(0);
+            }
+            assert_eq!(left, want, "untrusted: {untrusted}");
+        }
     }
 }

@@ -404,3 +404,35 @@ fn the_admin_lockout_is_per_client_and_ends() {
     );
     assert_eq!(list("127.0.0.2", ADMIN_KEY), 200);
 }
+
+/// CGI and WSGI servers (and the frameworks on them) read `X_Real_IP` as `X-Real-IP`: both
+/// become `HTTP_X_REAL_IP`. A forwarding header spelled with underscores is the client's, from
+/// any peer, and must not reach the upstream as a second source of the client address.
+#[test]
+fn forwarding_headers_spelled_with_underscores_never_reach_the_upstream() {
+    let origin = Origin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .yaml("trusted_proxies: [\"127.0.0.2\"]")
+        .start();
+    let head = b"X_Forwarded_For: 6.6.6.6\r\nx-forwarded_for: 6.6.6.7\r\nX_Real_IP: 6.6.6.6\r\n\
+        Forwarded: for=7.7.7.7\r\nX_Forwarded_Host: evil.example\r\nX_Forwarded_Proto: https\r\n\
+        X_Forwarded_Port: 1\r\nX_Client_IP: 6.6.6.6\r\nTrue_Client_IP: 6.6.6.6\r\n\
+        X_Request_Id: kept\r\n";
+    for (peer, forwarded) in [
+        ("127.0.0.1", Value::Null),
+        ("127.0.0.2", json!(["for=7.7.7.7"])),
+    ] {
+        let (status, body) = request_from(peer, proxy_v4(&tg), head);
+        assert_eq!(status, 200);
+        let names: Vec<&String> = body["headers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|name| name.contains('_'))
+            .collect();
+        assert_eq!(names, ["x_request_id"], "from {peer}");
+        assert_eq!(forwarded_seen(&body), json!([peer]));
+        assert_eq!(body["headers"]["forwarded"], forwarded, "from {peer}");
+    }
+}
