@@ -416,6 +416,31 @@ mod tests {
         assert!(a.authorize(ip(), Some(b"Bearer sekrit"), later).is_ok());
     }
 
+    /// Failures add up while they keep coming less than a lockout apart, however long ago the
+    /// first was (a slow guesser is still locked out); a quiet lockout forgets them.
+    #[test]
+    fn failures_are_forgotten_after_a_quiet_period_not_one_by_one() {
+        let a = auth("");
+        let t0 = Instant::now();
+        let at = |minutes: u64| t0 + Duration::from_secs(60 * minutes);
+        for i in 0..5 {
+            let _ = a.authorize(ip(), Some(b"Bearer x"), at(14 * i));
+        }
+        assert_eq!(
+            a.authorize(ip(), Some(b"Bearer sekrit"), at(56))
+                .unwrap_err()
+                .status,
+            429,
+            "five failures 14 minutes apart"
+        );
+        let b = auth("");
+        for i in 0..4 {
+            let _ = b.authorize(ip(), Some(b"Bearer x"), at(i));
+        }
+        let _ = b.authorize(ip(), Some(b"Bearer x"), at(18));
+        assert!(b.authorize(ip(), Some(b"Bearer sekrit"), at(18)).is_ok());
+    }
+
     #[test]
     fn success_resets_the_count() {
         let a = auth("");
