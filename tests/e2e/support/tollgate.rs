@@ -76,7 +76,7 @@ impl TollgateBuilder {
     /// A second proxy listener on `[::]` ([`Tollgate::dual_stack_port`]): dual stack, so IPv4
     /// clients arrive there as IPv4-mapped IPv6 peers, and `::1` can connect.
     pub fn dual_stack_listener(mut self) -> Self {
-        self.dual_stack_port = Some(free_dual_stack_port());
+        self.dual_stack_port = Some(free_dual_stack_port([self.proxy_port, self.admin_port]));
         self
     }
 
@@ -227,7 +227,7 @@ impl TollgateBuilder {
                 {
                     [self.proxy_port, self.admin_port] = free_ports();
                     if let Some(port) = &mut self.dual_stack_port {
-                        *port = free_dual_stack_port();
+                        *port = free_dual_stack_port([self.proxy_port, self.admin_port]);
                     }
                 }
                 Err(log) => panic!("tollgate did not come up:\n{log}"),
@@ -272,12 +272,18 @@ impl TollgateBuilder {
     }
 }
 
-/// A port free on every address a moment ago (bound on `[::]`, dual stack).
-fn free_dual_stack_port() -> u16 {
-    std::net::TcpListener::bind("[::]:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind [::]:0")
-        .port()
+/// A port free on every address a moment ago (bound on `[::]`, dual stack), other than
+/// `taken` (released by `free_ports`, so the kernel may hand them out again).
+fn free_dual_stack_port(taken: [u16; 2]) -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("[::]:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind [::]:0")
+            .port();
+        if !taken.contains(&port) {
+            return port;
+        }
+    }
 }
 
 /// Whether a start-up failed because a port was in use (tollgate's own check, or Pingora's
