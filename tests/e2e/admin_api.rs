@@ -573,6 +573,14 @@ fn allow_list_refuses_other_addresses() {
     );
 }
 
+/// An entry written IPv4-mapped (as Node.js reported addresses) is the IPv4 address it maps:
+/// before, it matched nobody.
+#[test]
+fn a_mapped_allow_list_entry_allows_its_ipv4_address() {
+    let (_origin, _tg, resp) = list_users_with_allow_list("10.0.0.0/8, ::ffff:127.0.0.1");
+    assert_eq!(resp.status(), 200);
+}
+
 /// The admin listener believes `X-Forwarded-For` only from its own `admin.trusted_proxies`:
 /// trusting a proxy in front of the proxy listener must not let any process at that address
 /// pick the address the allow list and the lockout see.
