@@ -728,7 +728,7 @@ impl ProxyHttp for Proxy {
                 self.warn_untrusted_forwarding(ctx.client_ip);
             }
         }
-        remove_forwarding_headers(upstream, !ctx.peer_trusted);
+        remove_forwarding_headers(upstream, !ctx.peer_trusted, &self.set_headers);
         // Never forward the client's own X-Forwarded-For: it is whatever they wanted it to be.
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
         // The upstream's own name, as the older proxy (`changeOrigin`) and nginx send it: a
@@ -976,11 +976,21 @@ static FORWARDING_HEADERS: [HeaderName; 7] = [
 /// Removes [`FORWARDING_HEADERS`] (`untrusted`: the peer is no trusted proxy) and, from any
 /// peer, every forwarding header spelled with underscores (`X_Real_IP`, `X_Forwarded_For`):
 /// CGI and WSGI servers read those as the real one (`HTTP_X_REAL_IP`), so a client could name
-/// its own address to an upstream that way, and no proxy writes them. One pass over the header
-/// names when there is nothing to remove.
-fn remove_forwarding_headers(req: &mut RequestHeader, untrusted: bool) {
+/// its own address to an upstream that way, and no proxy writes them. The same goes for the
+/// headers tollgate `sets` (`upstream.set_headers`: an `X_Api_Key` would be merged into the
+/// operator's `X-Api-Key`). One pass over the header names when there is nothing to remove.
+fn remove_forwarding_headers(
+    req: &mut RequestHeader,
+    untrusted: bool,
+    sets: &[(HeaderName, HeaderValue)],
+) {
     let doomed = |name: &HeaderName| {
-        (untrusted && FORWARDING_HEADERS.contains(name)) || underscored_forwarding(name.as_str())
+        (untrusted && FORWARDING_HEADERS.contains(name))
+            || name.as_str().contains('_')
+                && (underscored_forwarding(name.as_str())
+                    || sets
+                        .iter()
+                        .any(|(set, _)| underscored(name.as_str(), set.as_str())))
     };
     if !req.headers.keys().any(doomed) {
         return;
@@ -994,15 +1004,21 @@ fn remove_forwarding_headers(req: &mut RequestHeader, untrusted: bool) {
 /// Whether `name` (lower case, as header names are kept) is `X-Forwarded-For` or one of
 /// [`FORWARDING_HEADERS`] with one or more of its dashes written as underscores.
 fn underscored_forwarding(name: &str) -> bool {
-    let same = |real: &str| {
-        real.len() == name.len()
-            && real
-                .bytes()
-                .zip(name.bytes())
-                .all(|(r, n)| r == n || (r == b'-' && n == b'_'))
-    };
-    name.contains('_')
-        && (same("x-forwarded-for") || FORWARDING_HEADERS.iter().any(|h| same(h.as_str())))
+    underscored(name, "x-forwarded-for")
+        || FORWARDING_HEADERS
+            .iter()
+            .any(|h| underscored(name, h.as_str()))
+}
+
+/// Whether `name` is `real` with one or more of its dashes written as underscores (both lower
+/// case).
+fn underscored(name: &str, real: &str) -> bool {
+    name.len() == real.len()
+        && name != real
+        && real
+            .bytes()
+            .zip(name.bytes())
+            .all(|(r, n)| r == n || (r == b'-' && n == b'_'))
 }
 
 /// Longest path logged in full: a request target may be 64 KiB, and every upstream failure
@@ -1142,11 +1158,11 @@ mod tests {
         ] {
             req.append_header(name, value).unwrap();
         }
-        remove_forwarding_headers(&mut req, true);
+        remove_forwarding_headers(&mut req, true, &[]);
         let left: Vec<_> = req.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["x-request-id"]);
         // Nothing to remove: untouched.
-        remove_forwarding_headers(&mut req, true);
+        remove_forwarding_headers(&mut req, true, &[]);
         assert_eq!(req.headers.len(), 1);
     }
 
@@ -1166,7 +1182,7 @@ mod tests {
             ] {
                 req.append_header(name, value).unwrap();
             }
-            remove_forwarding_headers(&mut req, untrusted);
+            remove_forwarding_headers(&mut req, untrusted, &[]);
             let mut left: Vec<_> = req.headers.keys().map(|k| k.as_str()).collect();
             left.sort_unstable();
             let mut want = vec!["x-real-ip", "x_forwarded_fo", "x_request_id"];
@@ -1175,5 +1191,24 @@ mod tests {
             }
             assert_eq!(left, want, "untrusted: {untrusted}");
         }
+    }
+
+    /// A header tollgate sets for the upstream (`upstream.set_headers`) wins over the client's
+    /// spellings of it with underscores too: a CGI or WSGI upstream merges `X_Api_Key` into
+    /// the operator's `X-Api-Key`.
+    #[test]
+    fn underscored_spellings_of_set_headers_are_removed() {
+        let sets = [(
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_static("operator"),
+        )];
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for name in ["X_Api_Key", "x-api_key", "x_api_keys", "x-api-key"] {
+            req.append_header(name, "client").unwrap();
+        }
+        remove_forwarding_headers(&mut req, false, &sets);
+        let mut left: Vec<_> = req.headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-api-key", "x_api_keys"]);
     }
 }
