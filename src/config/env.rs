@@ -124,12 +124,12 @@ pub(super) fn cidrs(env: &dyn EnvSource, name: &str) -> Result<Option<CidrSet>, 
 
 /// A comma-separated CIDR list where an explicitly empty value (`""`, `","`) is an empty list,
 /// not "unset": the older proxy allowed no admin requests with an empty `ADMIN_WHITELIST`.
-/// `None` only when the variable is absent.
+/// `None` only when the variable is absent. Double quotes are removed as for every variable.
 pub(super) fn explicit_cidrs(
     env: &dyn EnvSource,
     name: &str,
 ) -> Result<Option<CidrSet>, ConfigError> {
-    env.var(name)
+    unquoted(env, name)
         .map(|v| CidrSet::parse_csv(&v).map_err(|e| error(name, e.to_string())))
         .transpose()
 }

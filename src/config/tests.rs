@@ -803,3 +803,16 @@ fn double_quoted_env_values_are_read_as_the_older_proxy_json_parsed_them() {
     let err = load(MINIMAL, &[("ADMIN_KEY", "\"abc \"")]).unwrap_err();
     assert!(err.problem.contains("whitespace"), "{err}");
 }
+
+/// Found by the model test: `ADMIN_WHITELIST` alone kept its double quotes, so
+/// `ADMIN_WHITELIST="10.0.0.0/8"` (quotes included, as `docker run --env-file` passes it) was a
+/// configuration error and `""` was not the empty list the older proxy read.
+#[test]
+fn a_double_quoted_admin_whitelist_is_read_without_its_quotes() {
+    let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"10.0.0.0/8\"")]).unwrap();
+    let allow = config.admin.allow.unwrap();
+    assert!(allow.contains("10.1.2.3".parse().unwrap()));
+    assert!(!allow.contains("192.0.2.1".parse().unwrap()));
+    let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"\"")]).unwrap();
+    assert!(config.admin.allow.unwrap().is_empty(), "nobody");
+}
