@@ -693,9 +693,16 @@ impl Builder<'_> {
         ] {
             // A window holds a whole number of events: a rate too small for the window would
             // be rounded up, e.g. 1 per minute in windows of 1 s allows 60 per minute.
+            // Exactly (allowed per minute = per_window × 60 / window, more than 1.1 × the
+            // rate is refused): rounding the allowed rate down first let 30 per minute in 9 s
+            // windows (33.3 per minute) through.
             let per_window = config.per_window(per_minute);
-            let allowed = u64::from(per_window) * 60 / raw.window_seconds;
-            if u64::from(per_minute) * 11 < allowed * 10 {
+            let tenths = u64::from(per_window) * 600 / raw.window_seconds;
+            let allowed = match tenths % 10 {
+                0 => format!("{}", tenths / 10),
+                tenth => format!("{}.{tenth}", tenths / 10),
+            };
+            if u64::from(per_window) * 600 > u64::from(per_minute) * 11 * raw.window_seconds {
                 return Err(self.err(
                     key,
                     format!(

@@ -816,3 +816,35 @@ fn a_double_quoted_admin_whitelist_is_read_without_its_quotes() {
     let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"\"")]).unwrap();
     assert!(config.admin.allow.unwrap().is_empty(), "nobody");
 }
+
+/// Found by the model test: the allowed rate was rounded down before the comparison, so 30 per
+/// minute in 9 s windows (5 per window, 33.3 per minute: 11 % more) and 1 per minute in 50 s
+/// windows (1.2 per minute) passed although docs/configuration.md refuses more than a tenth.
+#[test]
+fn a_rate_raised_by_more_than_a_tenth_is_refused_exactly() {
+    let err = load(
+        &format!("{MINIMAL}rate_limit: {{window_seconds: 9}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "rate_limit.auth_failures_per_minute", "{err}");
+    assert!(err.problem.contains("33.3 per minute"), "{err}");
+    let err = load(
+        &format!(
+            "{MINIMAL}rate_limit: {{requests_per_minute: 1, auth_failures_per_minute: 0, \
+             window_seconds: 50}}\n"
+        ),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "rate_limit.requests_per_minute", "{err}");
+    // Exactly a tenth more is kept: 10 per minute in 66 s windows (11 per window, 10 per 60 s).
+    load(
+        &format!(
+            "{MINIMAL}rate_limit: {{requests_per_minute: 10, auth_failures_per_minute: 0, \
+             window_seconds: 66}}\n"
+        ),
+        &[],
+    )
+    .unwrap();
+}
