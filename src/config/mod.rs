@@ -332,14 +332,54 @@ fn parse_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, Config
     let value: serde_yaml::Value = if text.trim().is_empty() {
         serde_yaml::Value::Mapping(Default::default())
     } else {
-        serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::new(origin, "(document)", format!("invalid YAML: {e}")))?
+        serde_yaml::from_str(text).map_err(|e| document_error::<T>(text, origin, e))?
     };
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let problem = without_type_names(e.into_inner().to_string());
-        ConfigError::new(origin, error_key(&path, &problem), problem)
-    })
+    serde_path_to_error::deserialize(value).map_err(|e| path_error(origin, e))
+}
+
+/// A document serde_yaml could not read as a YAML value. Some of these are about one key (a
+/// number beyond any integer type, a key given twice), which reading the document straight
+/// into the file format names; the rest (syntax, aliases) are about the document.
+fn document_error<T: DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    error: serde_yaml::Error,
+) -> ConfigError {
+    let document = || {
+        let problem = without_type_names(format!("invalid YAML: {error}"));
+        ConfigError::new(origin, "(document)", problem)
+    };
+    // Read straight into the file format, a syntax error further on would go unseen.
+    if serde_yaml::from_str::<serde::de::IgnoredAny>(text).is_err() {
+        return document();
+    }
+    let direct: Result<T, _> =
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text));
+    match direct.map_err(|e| path_error(origin, e)) {
+        Err(e) if e.key != "(document)" && is_about_a_value(&e.problem) => e,
+        _ => document(),
+    }
+}
+
+/// serde's words for a value or key that is wrong (rather than YAML syntax).
+fn is_about_a_value(problem: &str) -> bool {
+    ["invalid ", "duplicate ", "unknown field", "missing field"]
+        .iter()
+        .any(|prefix| problem.starts_with(prefix))
+}
+
+fn path_error(origin: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    let problem = e.into_inner().to_string();
+    // Read straight from the text, serde_yaml puts (part of) the path in front of the message.
+    let problem = path
+        .match_indices('.')
+        .map(|(i, _)| &path[..i])
+        .chain([path.as_str()])
+        .find_map(|prefix| problem.strip_prefix(&format!("{prefix}: ")))
+        .map_or(problem.clone(), str::to_string);
+    let problem = without_type_names(problem);
+    ConfigError::new(origin, error_key(&path, &problem), problem)
 }
 
 /// serde names the Rust type a value is read into ("expected struct RawRateLimit", "expected
@@ -370,18 +410,36 @@ pub(crate) fn without_type_names(problem: String) -> String {
             problem = format!("{before}expected {plain}{}", &rest[name_len..]);
         }
     }
-    problem.replace("invalid type: unit value", "invalid type: null")
+    let wide = ["` as u128", "` as i128"]
+        .into_iter()
+        .find(|w| problem.contains(w));
+    if let Some((before, rest)) = wide.and_then(|w| problem.split_once(w)) {
+        // A number beyond 64 bits: its size, not its type, is the problem.
+        let before = before.replacen("invalid type: integer", "invalid value: integer", 1);
+        let rest = rest.replacen(", expected any YAML value", ", too large", 1);
+        problem = format!("{before}`{rest}");
+    }
+    problem
+        .replace("invalid type: unit value", "invalid type: null")
+        .replace("expected field identifier", "expected a key name")
 }
 
-/// The key an error is about. serde reports a missing field at its parent, so the field's
-/// name is taken from the message.
+/// The key an error is about. serde reports a missing or repeated field at its parent, so the
+/// field's name is taken from the message; a key that is not a name (`1: x`) is reported at its
+/// mapping.
 fn error_key(path: &str, problem: &str) -> String {
-    let missing = problem
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next());
-    match (path, missing) {
-        (".", Some(field)) => field.to_string(),
-        (".", None) => "(document)".to_string(),
+    let path = path.trim_end_matches('?').trim_end_matches('.');
+    let field = [
+        "missing field `",
+        "duplicate field `",
+        "duplicate entry with key \"",
+    ]
+    .iter()
+    .find_map(|prefix| problem.strip_prefix(prefix))
+    .and_then(|rest| rest.split(['`', '"']).next());
+    match (path, field) {
+        ("", Some(field)) => field.to_string(),
+        ("", None) => "(document)".to_string(),
         (parent, Some(field)) => format!("{parent}.{field}"),
         (parent, None) => parent.to_string(),
     }

@@ -848,3 +848,51 @@ fn a_rate_raised_by_more_than_a_tenth_is_refused_exactly() {
     )
     .unwrap();
 }
+
+/// Found by the model test: a number beyond 64 bits or a key given twice failed serde_yaml's
+/// reading of the document, reported as `(document)` with Rust's words (`as u128, expected any
+/// YAML value`); a key that is not a name was reported at `?`, "expected field identifier".
+#[test]
+fn huge_numbers_repeated_keys_and_odd_keys_are_named() {
+    for (yaml, key, problem) in [
+        (
+            "rate_limit: {requests_per_minute: 99999999999999999999999}",
+            "rate_limit.requests_per_minute",
+            "invalid value: integer `99999999999999999999999`, expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "clients: {max_body_bytes: -99999999999999999999999}",
+            "clients.max_body_bytes",
+            "invalid value: integer `-99999999999999999999999`",
+        ),
+        (
+            "pingora: {grace_period_seconds: 99999999999999999999999}",
+            "pingora.grace_period_seconds",
+            "invalid value: integer `99999999999999999999999`, too large",
+        ),
+        (
+            "rate_limit:\n  max_inflight: 1\n  max_inflight: 2",
+            "rate_limit.max_inflight",
+            "duplicate field `max_inflight`",
+        ),
+        (
+            "store:\n  firebase: {startup_timeout_seconds: 1, startup_timeout_seconds: 2}",
+            "store.firebase.startup_timeout_seconds",
+            "duplicate field `startup_timeout_seconds`",
+        ),
+        ("1: x", "(document)", "expected a key name"),
+        ("rate_limit: {[1]: 2}", "rate_limit", "expected a key name"),
+    ] {
+        let err = load(&format!("{MINIMAL}{yaml}\n"), &[]).unwrap_err();
+        assert_eq!(err.key, key, "{yaml}: {err}");
+        assert!(err.problem.contains(problem), "{yaml}: {err}");
+        assert!(!err.problem.contains("128"), "{yaml}: {err}");
+    }
+    // A syntax error stays a syntax error of the document.
+    let err = load(
+        &format!("{MINIMAL}rate_limit: {{max_inflight: 99999999999999999999999\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "(document)", "{err}");
+}
