@@ -462,10 +462,10 @@ impl Builder<'_> {
         let gatekeeper = self.gatekeeper(raw.gatekeeper)?;
         let rate_limit = self.rate_limit(raw.rate_limit)?;
         let trusted_proxies = self.cidrs("trusted_proxies", &raw.trusted_proxies)?;
-        let ip_blocklist = match env::cidrs(self.env, "IP_BLACKLIST")? {
-            Some(set) => set,
-            None => self.cidrs("ip_blocklist", &raw.ip_blocklist)?,
-        };
+        // The file's list is checked even when the environment replaces it: `-t` vouches for
+        // the file, which may be used without that variable later.
+        let file_blocklist = self.cidrs("ip_blocklist", &raw.ip_blocklist)?;
+        let ip_blocklist = env::cidrs(self.env, "IP_BLACKLIST")?.unwrap_or(file_blocklist);
         let admin = self.admin(raw.admin, &listen)?;
         let store = self.store(raw.store)?;
         let secrets = Secrets {
@@ -697,6 +697,13 @@ impl Builder<'_> {
     }
 
     fn gatekeeper(&self, raw: raw::RawGatekeeper) -> Result<GatekeeperConfig, ConfigError> {
+        // The file's value is checked even when the environment overrides it.
+        let file_mode = GatekeeperMode::parse(&raw.mode).ok_or_else(|| {
+            self.err(
+                "gatekeeper.mode",
+                format!("'{}' is not one of none, proxy_key, user_token", raw.mode),
+            )
+        })?;
         let mode = match env::string(self.env, "GATEKEEPER") {
             Some(value) => GatekeeperMode::parse(&value).ok_or_else(|| {
                 env::error(
@@ -704,12 +711,7 @@ impl Builder<'_> {
                     format!("'{value}' is not one of none, proxy_key, user_token"),
                 )
             })?,
-            None => GatekeeperMode::parse(&raw.mode).ok_or_else(|| {
-                self.err(
-                    "gatekeeper.mode",
-                    format!("'{}' is not one of none, proxy_key, user_token", raw.mode),
-                )
-            })?,
+            None => file_mode,
         };
         Ok(GatekeeperConfig {
             mode,
@@ -801,14 +803,12 @@ impl Builder<'_> {
             .collect();
         listeners.push(("admin.listen".to_string(), listen));
         self.check_overlaps(&listeners)?;
-        let allow = match env::explicit_cidrs(self.env, "ADMIN_WHITELIST")? {
-            Some(set) => Some(set),
-            None => raw
-                .allow
-                .as_deref()
-                .map(|entries| self.cidrs("admin.allow", entries))
-                .transpose()?,
-        };
+        let file_allow = raw
+            .allow
+            .as_deref()
+            .map(|entries| self.cidrs("admin.allow", entries))
+            .transpose()?;
+        let allow = env::explicit_cidrs(self.env, "ADMIN_WHITELIST")?.or(file_allow);
         if raw.max_body_bytes == 0 {
             return Err(self.err("admin.max_body_bytes", "must be greater than 0"));
         }
@@ -852,6 +852,13 @@ impl Builder<'_> {
     }
 
     fn store(&self, raw: raw::RawStore) -> Result<StoreConfig, ConfigError> {
+        // The file's value is checked even when the environment overrides it.
+        let file_kind = StoreKind::parse(&raw.kind).ok_or_else(|| {
+            self.err(
+                "store.kind",
+                format!("'{}' is not one of memory, sqlite, firebase_rtdb", raw.kind),
+            )
+        })?;
         let kind = match env::string(self.env, "GATEKEEPER_STORE") {
             Some(value) => StoreKind::parse(&value).ok_or_else(|| {
                 env::error(
@@ -859,12 +866,7 @@ impl Builder<'_> {
                     format!("'{value}' is not one of memory, sqlite, firebase_rtdb"),
                 )
             })?,
-            None => StoreKind::parse(&raw.kind).ok_or_else(|| {
-                self.err(
-                    "store.kind",
-                    format!("'{}' is not one of memory, sqlite, firebase_rtdb", raw.kind),
-                )
-            })?,
+            None => file_kind,
         };
         if raw.flush_interval_seconds == 0 {
             return Err(self.err("store.flush_interval_seconds", "must be at least 1"));

@@ -896,3 +896,42 @@ fn huge_numbers_repeated_keys_and_odd_keys_are_named() {
     .unwrap_err();
     assert_eq!(err.key, "(document)", "{err}");
 }
+
+/// Found by the model test: a file value the environment overrides went unchecked, so `-t`
+/// passed a file that fails as soon as the variable is gone.
+#[test]
+fn file_values_are_checked_even_when_the_environment_overrides_them() {
+    for (yaml, var, value, key) in [
+        (
+            "gatekeeper: {mode: open}",
+            "GATEKEEPER",
+            "none",
+            "gatekeeper.mode",
+        ),
+        (
+            "store: {kind: redis}",
+            "GATEKEEPER_STORE",
+            "memory",
+            "store.kind",
+        ),
+        (
+            "ip_blocklist: [\"10.0.0.0/33\"]",
+            "IP_BLACKLIST",
+            "10.0.0.0/8",
+            "ip_blocklist[0]",
+        ),
+        (
+            "admin: {allow: [localhost]}",
+            "ADMIN_WHITELIST",
+            "10.0.0.0/8",
+            "admin.allow[0]",
+        ),
+    ] {
+        let err = load(&format!("{MINIMAL}{yaml}\n"), &[(var, value)]).unwrap_err();
+        assert_eq!(
+            (err.origin.as_str(), err.key.as_str()),
+            ("test.yaml", key),
+            "{err}"
+        );
+    }
+}
