@@ -8,7 +8,12 @@ use crate::secret::Secret;
 
 /// Where environment variables come from (the process, or a map in tests).
 pub trait EnvSource {
+    /// The value, `None` when unset (or not UTF-8: see [`EnvSource::is_not_unicode`]).
     fn var(&self, name: &str) -> Option<String>;
+    /// Whether the variable is set to bytes that are not UTF-8 (only a real environment can).
+    fn is_not_unicode(&self, _name: &str) -> bool {
+        false
+    }
     /// Every variable name (to find the older proxy's `TOKEN_QUOTA_<FAMILY>` family).
     fn names(&self) -> Vec<String>;
 }
@@ -19,6 +24,10 @@ pub struct ProcessEnv;
 impl EnvSource for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+
+    fn is_not_unicode(&self, name: &str) -> bool {
+        matches!(std::env::var(name), Err(std::env::VarError::NotUnicode(_)))
     }
 
     fn names(&self) -> Vec<String> {
@@ -40,6 +49,37 @@ impl EnvSource for HashMap<String, String> {
 
 pub(super) fn error(name: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::new("environment", name, problem)
+}
+
+/// Every variable tollgate reads (besides `RUST_LOG` and `${NAME}` references).
+pub(super) const READ: &[&str] = &[
+    "ADMIN_KEY",
+    "PROXY_KEY",
+    "GATEKEEPER",
+    "GATEKEEPER_STORE",
+    "MAX_IPS_PER_USER",
+    "MAX_IPS_AUTO_BAN",
+    "IP_BLACKLIST",
+    "ADMIN_WHITELIST",
+    "POW_TOKEN_PURGE_HOURS",
+    "FIREBASE_RTDB_URL",
+    "FIREBASE_KEY",
+    "FIREBASE_USERS_REF_NAME",
+    "FIREBASE_DATABASE_EMULATOR_HOST",
+];
+
+/// A variable set to bytes that are not UTF-8 read as unset: `GATEKEEPER=user_token` with a
+/// stray byte ran the file's mode (by default `none`, an open proxy), an `ADMIN_KEY` was
+/// dropped. Refused instead, naming the variable and never the value.
+pub(super) fn check_unicode(env: &dyn EnvSource) -> Result<(), ConfigError> {
+    match READ.iter().find(|name| env.is_not_unicode(name)) {
+        Some(name) => Err(not_unicode(name)),
+        None => Ok(()),
+    }
+}
+
+fn not_unicode(name: &str) -> ConfigError {
+    error(name, "is not valid UTF-8 text")
 }
 
 /// The value as the older proxy read it where that matters: it JSON-parsed every variable, so a
@@ -195,6 +235,11 @@ pub(super) fn interpolate(env: &dyn EnvSource, template: &str) -> Result<String,
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!(
                 "'${{{name}}}' is not a valid environment variable reference"
+            ));
+        }
+        if env.is_not_unicode(name) {
+            return Err(format!(
+                "environment variable {name} is not valid UTF-8 text"
             ));
         }
         let value = env

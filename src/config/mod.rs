@@ -456,6 +456,7 @@ impl Builder<'_> {
     }
 
     fn build(&self, raw: raw::RawConfig) -> Result<Config, ConfigError> {
+        env::check_unicode(self.env)?;
         let server = pingora_section::build(raw.pingora, self.origin)?;
         let listen = self.listen(&raw.listen)?;
         let upstream = self.upstream(raw.upstream)?;

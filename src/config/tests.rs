@@ -804,19 +804,6 @@ fn double_quoted_env_values_are_read_as_the_older_proxy_json_parsed_them() {
     assert!(err.problem.contains("whitespace"), "{err}");
 }
 
-/// Found by the model test: `ADMIN_WHITELIST` alone kept its double quotes, so
-/// `ADMIN_WHITELIST="10.0.0.0/8"` (quotes included, as `docker run --env-file` passes it) was a
-/// configuration error and `""` was not the empty list the older proxy read.
-#[test]
-fn a_double_quoted_admin_whitelist_is_read_without_its_quotes() {
-    let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"10.0.0.0/8\"")]).unwrap();
-    let allow = config.admin.allow.unwrap();
-    assert!(allow.contains("10.1.2.3".parse().unwrap()));
-    assert!(!allow.contains("192.0.2.1".parse().unwrap()));
-    let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"\"")]).unwrap();
-    assert!(config.admin.allow.unwrap().is_empty(), "nobody");
-}
-
 /// Found by the model test: the allowed rate was rounded down before the comparison, so 30 per
 /// minute in 9 s windows (5 per window, 33.3 per minute: 11 % more) and 1 per minute in 50 s
 /// windows (1.2 per minute) passed although docs/configuration.md refuses more than a tenth.
@@ -897,6 +884,19 @@ fn huge_numbers_repeated_keys_and_odd_keys_are_named() {
     assert_eq!(err.key, "(document)", "{err}");
 }
 
+/// Found by the model test: `ADMIN_WHITELIST` alone kept its double quotes, so
+/// `ADMIN_WHITELIST="10.0.0.0/8"` (quotes included, as `docker run --env-file` passes it) was a
+/// configuration error and `""` was not the empty list the older proxy read.
+#[test]
+fn a_double_quoted_admin_whitelist_is_read_without_its_quotes() {
+    let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"10.0.0.0/8\"")]).unwrap();
+    let allow = config.admin.allow.unwrap();
+    assert!(allow.contains("10.1.2.3".parse().unwrap()));
+    assert!(!allow.contains("192.0.2.1".parse().unwrap()));
+    let config = load(MINIMAL, &[("ADMIN_WHITELIST", "\"\"")]).unwrap();
+    assert!(config.admin.allow.unwrap().is_empty(), "nobody");
+}
+
 /// Found by the model test: a file value the environment overrides went unchecked, so `-t`
 /// passed a file that fails as soon as the variable is gone.
 #[test]
@@ -934,4 +934,37 @@ fn file_values_are_checked_even_when_the_environment_overrides_them() {
             "{err}"
         );
     }
+}
+
+/// An environment where one variable holds bytes that are not UTF-8.
+struct NotUnicode(&'static str);
+
+impl EnvSource for NotUnicode {
+    fn var(&self, _name: &str) -> Option<String> {
+        None
+    }
+    fn is_not_unicode(&self, name: &str) -> bool {
+        name == self.0
+    }
+    fn names(&self) -> Vec<String> {
+        vec![self.0.to_string()]
+    }
+}
+
+/// A variable that is not UTF-8 was read as unset: `GATEKEEPER` with a stray byte ran the
+/// file's mode (`none` by default: an open proxy). tests/e2e/config_cli.rs runs the binary so.
+#[test]
+fn a_variable_that_is_not_utf8_is_refused_not_ignored() {
+    for name in env::READ {
+        let err = Config::from_yaml(MINIMAL, "t.yaml", &NotUnicode(name)).unwrap_err();
+        assert_eq!(
+            (err.origin.as_str(), err.key.as_str()),
+            ("environment", *name)
+        );
+        assert!(err.problem.contains("UTF-8"), "{err}");
+    }
+    let yaml = format!("{MINIMAL}  set_headers: {{authorization: \"Bearer ${{UP_KEY}}\"}}\n");
+    let err = Config::from_yaml(&yaml, "t.yaml", &NotUnicode("UP_KEY")).unwrap_err();
+    assert_eq!(err.key, "upstream.set_headers.authorization");
+    assert!(err.problem.contains("UP_KEY is not valid UTF-8"), "{err}");
 }

@@ -340,3 +340,24 @@ fn help_describes_each_flag() {
     assert!(help.contains("graceful upgrade"), "{help}");
     assert!(!help.to_lowercase().contains("pingora"), "{help}");
 }
+
+/// A variable holding bytes that are not UTF-8 was read as unset: `GATEKEEPER=user_token` with
+/// a stray byte ran the file's `none` mode, an open proxy, and `-t` called it valid.
+#[test]
+fn a_variable_that_is_not_utf8_is_refused_by_name() {
+    let origin = Origin::start();
+    let builder = TollgateBuilder::new(origin.addr)
+        .mode("none")
+        .env_bytes("GATEKEEPER", b"user_token\xff");
+    let (code, output) = check(builder);
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.contains("environment: GATEKEEPER: is not valid UTF-8"),
+        "{output}"
+    );
+    let builder = TollgateBuilder::new(origin.addr).env_bytes("ADMIN_KEY", b"hidden-key-\xfe");
+    let (code, output) = check(builder);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("environment: ADMIN_KEY:"), "{output}");
+    assert!(!output.contains("hidden-key"), "never the value: {output}");
+}

@@ -27,6 +27,8 @@ pub struct TollgateBuilder {
     mode: String,
     sections: Vec<String>,
     env: HashMap<String, String>,
+    /// Variables whose value is not UTF-8 (which `env` cannot hold).
+    env_bytes: Vec<(String, std::ffi::OsString)>,
     dir: Option<tempfile::TempDir>,
     proxy_port: u16,
     admin_port: u16,
@@ -48,6 +50,7 @@ impl TollgateBuilder {
             mode: "user_token".to_string(),
             sections: Vec::new(),
             env,
+            env_bytes: Vec::new(),
             dir: None,
             proxy_port,
             admin_port,
@@ -93,6 +96,17 @@ impl TollgateBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// A variable set to raw bytes (e.g. not UTF-8), as a broken env file can leave it.
+    pub fn env_bytes(mut self, key: &str, value: &[u8]) -> Self {
+        use std::os::unix::ffi::OsStringExt;
+        self.env.remove(key);
+        self.env_bytes.push((
+            key.to_string(),
+            std::ffi::OsString::from_vec(value.to_vec()),
+        ));
         self
     }
 
@@ -209,6 +223,7 @@ impl TollgateBuilder {
             .env_clear();
         cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
         cmd.envs(&self.env);
+        cmd.envs(self.env_bytes.iter().map(|(k, v)| (k, v)));
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     }
