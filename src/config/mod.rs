@@ -1003,4 +1003,8 @@ fn collect_keys(value: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) 
 }
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod reference_tests;
+#[cfg(test)]
 mod tests;

@@ -361,3 +361,144 @@ fn a_variable_that_is_not_utf8_is_refused_by_name() {
     assert!(output.contains("environment: ADMIN_KEY:"), "{output}");
     assert!(!output.contains("hidden-key"), "never the value: {output}");
 }
+
+/// Secrets in the environment are named in errors, never shown: a malformed Firebase
+/// service-account key, a database URL carrying a password, keys with stray whitespace.
+#[test]
+fn secrets_in_errors_are_named_never_shown() {
+    let origin = Origin::start();
+    let firebase = |key: &str, url: &str| {
+        TollgateBuilder::new(origin.addr)
+            .yaml("store:\n  kind: firebase_rtdb")
+            .env("FIREBASE_KEY", key)
+            .env("FIREBASE_RTDB_URL", url)
+    };
+    let url = "https://example-db.firebaseio.com";
+    let json_key =
+        r#"{"type":"service_account","private_key":"sekrit-pem-body-77","client_email":"a@b.c"}"#;
+    for (builder, variable, secret) in [
+        (
+            firebase("sekrit-not-base64-77!", url),
+            "FIREBASE_KEY",
+            "sekrit",
+        ),
+        (firebase(json_key, url), "FIREBASE_KEY", "sekrit"),
+        (
+            firebase(
+                json_key,
+                "https://user:sekrit-pass-77@example-db.firebaseio.com",
+            ),
+            "FIREBASE_RTDB_URL",
+            "sekrit",
+        ),
+        (
+            TollgateBuilder::new(origin.addr).env("ADMIN_KEY", " sekrit-admin-77"),
+            "ADMIN_KEY",
+            "sekrit",
+        ),
+        (
+            TollgateBuilder::new(origin.addr)
+                .mode("proxy_key")
+                .env("PROXY_KEY", "sekrit-proxy-77\r\n"),
+            "PROXY_KEY",
+            "sekrit",
+        ),
+    ] {
+        let (code, output) = check(builder);
+        assert_eq!(code, 2, "{output}");
+        assert!(
+            output.contains(&format!("configuration error: environment: {variable}")),
+            "{output}"
+        );
+        assert!(!output.contains(secret), "the value is shown: {output}");
+    }
+}
+
+/// Odd files end in one line naming the file and the key: never a panic, a backtrace or a
+/// Rust `Debug` dump, whatever `RUST_BACKTRACE` says.
+#[test]
+fn odd_files_are_one_line_naming_file_and_key() {
+    let origin = Origin::start();
+    for (yaml, key) in [
+        (
+            "rate_limit:\n  requests_per_minute: 99999999999999999999999",
+            "rate_limit.requests_per_minute",
+        ),
+        (
+            "clients:\n  max_body_bytes: 1\n  max_body_bytes: 2",
+            "clients.max_body_bytes",
+        ),
+        ("store: [memory]", "store"),
+        ("cors:\n  1: true", "cors"),
+        (
+            "rate_limit:\n  requests_per_minute: 1\n  window_seconds: 50",
+            "rate_limit.requests_per_minute",
+        ),
+        ("pingora:\n  threads: 0", "pingora.threads"),
+        ("access_log: &a {enabled: *a}", "access_log.enabled"),
+    ] {
+        let builder = TollgateBuilder::new(origin.addr)
+            .yaml(yaml)
+            .env("RUST_BACKTRACE", "1");
+        let (code, output) = check(builder);
+        assert_eq!(code, 2, "{yaml}: {output}");
+        let line = output.trim();
+        assert_eq!(line.lines().count(), 1, "{yaml}: {output}");
+        assert!(
+            line.starts_with("tollgate: configuration error: ")
+                && line.contains("tollgate.yaml: ")
+                && line.contains(&format!(": {key}: ")),
+            "{yaml}: {output}"
+        );
+        for debug in ["panicked", "backtrace", "ConfigError", "Raw", "u128", "{ "] {
+            assert!(!line.contains(debug), "{yaml}: {output}");
+        }
+    }
+    // A file that is not UTF-8 at all.
+    let mut builder = TollgateBuilder::new(origin.addr);
+    let config = builder.write_config();
+    let mut bytes = std::fs::read(&config).unwrap();
+    bytes.extend_from_slice(b"cors:\n  enabled: \xff\n");
+    std::fs::write(&config, bytes).unwrap();
+    let output = std::process::Command::new(crate::support::tollgate::binary())
+        .args(["-t", "-c"])
+        .arg(&config)
+        .env("ADMIN_KEY", "k")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tollgate.yaml: (file): cannot read: stream did not contain valid UTF-8"),
+        "{stderr}"
+    );
+}
+
+/// `--version` names the program and its version; a flag tollgate does not have, or `-c`
+/// missing, is a usage error (exit 2) without starting anything.
+#[test]
+fn version_and_usage_errors() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::support::tollgate::binary())
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let output = run(&["--version"]);
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("tollgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    for args in [
+        &["-t"][..],
+        &["-t", "-c", "x.yaml", "--bogus"],
+        &["-c", "x.yaml", "--upgrade-from", "1"],
+    ] {
+        let output = run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
