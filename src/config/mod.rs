@@ -78,13 +78,29 @@ pub struct ClientsConfig {
 
 /// A configuration problem, always naming where (file or environment), which key and what.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{origin}: {key}: {problem}")]
+#[error("{}: {}: {}", one_line(.origin), one_line(.key), one_line(.problem))]
 pub struct ConfigError {
     /// The file path, or `environment`.
     pub origin: String,
     /// Dotted key path (`upstream.addrs[0]`) or environment variable name.
     pub key: String,
     pub problem: String,
+}
+
+/// Control characters escaped (`\n`, `\t`, `\u{1b}`): an error is one line on stderr and in
+/// the journal, whatever a key, value or path quoted from the file or environment holds (a
+/// newline would split it, a carriage return or escape sequence rewrite the terminal).
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 impl ConfigError {

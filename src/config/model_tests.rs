@@ -734,6 +734,11 @@ fn check_problem_words(error: &ConfigError, context: &str) {
             "the problem names Rust's `{word}`: {error}\n{context}"
         );
     }
+    let line = error.to_string();
+    assert!(
+        !line.contains(|c: char| c.is_control()),
+        "an error is one line of text: {line:?}\n{context}"
+    );
     assert!(
         !error.key.is_empty()
             && error.key != "?"

@@ -968,3 +968,21 @@ fn a_variable_that_is_not_utf8_is_refused_not_ignored() {
     assert_eq!(err.key, "upstream.set_headers.authorization");
     assert!(err.problem.contains("UP_KEY is not valid UTF-8"), "{err}");
 }
+
+/// Found by the model test: a key, value or path quoted in an error printed its control
+/// characters raw, so a newline in a quoted string (`listen: ["a\nb"]`) split the one line
+/// `-t` promises, and a carriage return or escape sequence could rewrite the terminal.
+#[test]
+fn an_error_is_one_line_whatever_it_quotes() {
+    for yaml in [
+        "listen: [\"127.0.0.1:1\\nx\"]",
+        "cors: {\"en\\tabled\": true}",
+        "store: {kind: \"mem\\rory\\u001b[2K\"}",
+        "pingora: {? [1, 2] : 3}",
+    ] {
+        let err = load(&format!("{MINIMAL}{yaml}\n"), &[]).unwrap_err();
+        let line = err.to_string();
+        assert!(!line.contains(char::is_control), "{line:?}");
+        assert!(line.contains('\\'), "escaped: {line}");
+    }
+}
