@@ -621,6 +621,14 @@ impl Builder<'_> {
             } else {
                 host.to_string()
             };
+            if raw.tls {
+                let from = if raw.sni.is_empty() {
+                    key.as_str()
+                } else {
+                    "upstream.sni"
+                };
+                self.server_name(from, &sni)?;
+            }
             let default_port = if raw.tls { 443 } else { 80 };
             let bracketed = if host.contains(':') {
                 format!("[{host}]")
@@ -692,6 +700,19 @@ impl Builder<'_> {
             return Err(self.err(key, format!("'{entry}' resolved to no address")));
         }
         Ok(resolved)
+    }
+
+    /// A TLS server name rustls takes (a DNS name or an IP address): Pingora checks it only
+    /// when connecting, so a bad one passed load and then failed every request with 502.
+    fn server_name(&self, key: &str, sni: &str) -> Result<(), ConfigError> {
+        rustls::pki_types::ServerName::try_from(sni)
+            .map(drop)
+            .map_err(|_| {
+                self.err(
+                    key,
+                    format!("'{sni}' is not a TLS server name (a DNS name or an IP address)"),
+                )
+            })
     }
 
     fn set_headers(

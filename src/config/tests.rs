@@ -986,3 +986,31 @@ fn an_error_is_one_line_whatever_it_quotes() {
         assert!(line.contains('\\'), "escaped: {line}");
     }
 }
+
+/// A TLS server name rustls refuses passed load, and Pingora, checking it only when
+/// connecting, answered every request 502.
+#[test]
+fn a_tls_server_name_rustls_refuses_is_a_configuration_error() {
+    for sni in ["bad sni", "a..b", "-", "x\u{0}y"] {
+        let yaml = format!("upstream: {{addrs: [\"127.0.0.1:443\"], tls: true, sni: {sni:?}}}\n");
+        let err = load(&yaml, &[]).unwrap_err();
+        assert_eq!(err.key, "upstream.sni", "{sni:?}: {err}");
+        assert!(err.problem.contains("not a TLS server name"), "{err}");
+    }
+    for sni in [
+        "api.example.com",
+        "my_host.example.com",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+    ] {
+        let yaml = format!("upstream: {{addrs: [\"127.0.0.1:443\"], tls: true, sni: {sni:?}}}\n");
+        load(&yaml, &[]).unwrap_or_else(|e| panic!("{sni}: {e}"));
+    }
+    // Without TLS the server name is not used, so not checked.
+    load(
+        "upstream: {addrs: [\"127.0.0.1:80\"], sni: \"bad sni\"}\n",
+        &[],
+    )
+    .unwrap();
+}
