@@ -106,6 +106,7 @@ pub(super) fn build(
 /// graceful upgrade, after the running tollgate was asked for its sockets), where a failure is
 /// a panic and nobody is left serving. So they are checked first, and by `-t -d`.
 pub fn check_daemon_files(conf: &ServerConf, origin: &str) -> Result<(), ConfigError> {
+    check_daemon_identity(conf, origin)?;
     if let Some(path) = conf.error_log.as_deref() {
         // Opened before the fork: relative to the directory tollgate starts in.
         writable(Path::new(path)).map_err(|problem| {
@@ -131,6 +132,56 @@ pub fn check_daemon_files(conf: &ServerConf, origin: &str) -> Result<(), ConfigE
             format!("{}{at}: {problem}", conf.pid_file),
         )
     })
+}
+
+/// What else the daemon's start takes from the section, where Pingora panics on a failure
+/// (`error_log: ""` and a `user` with a NUL byte in the foreground, before the fork) or the
+/// daemon dies unseen (a `working_directory`, `user` or `group` that does not exist).
+fn check_daemon_identity(conf: &ServerConf, origin: &str) -> Result<(), ConfigError> {
+    let err = |key: &str, problem: String| ConfigError::new(origin, key, problem);
+    if conf.error_log.as_deref() == Some("") {
+        return Err(err("pingora.error_log", "must not be empty".into()));
+    }
+    if let Some(dir) = conf.working_directory.as_deref() {
+        if !dir.is_dir() {
+            return Err(err(
+                "pingora.working_directory",
+                format!(
+                    "{}: not an existing directory (the daemon changes to it)",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    for (key, name, exists) in [
+        (
+            "pingora.user",
+            conf.user.as_deref(),
+            user_exists as fn(&CString) -> bool,
+        ),
+        ("pingora.group", conf.group.as_deref(), group_exists),
+    ] {
+        let Some(name) = name else { continue };
+        let known = CString::new(name).map(|c| exists(&c)).unwrap_or(false);
+        if !known {
+            return Err(err(
+                key,
+                format!("'{name}': no such account on this system"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn user_exists(name: &CString) -> bool {
+    // SAFETY: a valid NUL-terminated name; the result is only tested for null, at start-up
+    // before other threads could call getpwnam.
+    !unsafe { libc::getpwnam(name.as_ptr()) }.is_null()
+}
+
+fn group_exists(name: &CString) -> bool {
+    // SAFETY: as for `user_exists`, with getgrnam.
+    !unsafe { libc::getgrnam(name.as_ptr()) }.is_null()
 }
 
 /// Whether this process could create or write `path` (a read-only mount counts).

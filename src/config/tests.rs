@@ -1014,3 +1014,35 @@ fn a_tls_server_name_rustls_refuses_is_a_configuration_error() {
     )
     .unwrap();
 }
+
+/// `-t -d` passed what Pingora's daemon start then panicked on (`error_log: ""`, a `user`
+/// with a NUL byte: `thread 'main' panicked`, exit 101) or died on after the fork (a
+/// `working_directory`, `user` or `group` that does not exist).
+#[test]
+fn a_daemon_needs_a_directory_and_accounts_that_exist() {
+    let daemon = |pingora: &str| {
+        load(
+            &format!("{MINIMAL}pingora:\n  pid_file: /tmp/tollgate-model.pid\n{pingora}"),
+            &[],
+        )
+        .unwrap()
+        .check_daemon()
+    };
+    assert_eq!(
+        daemon("  user: root\n  group: root\n  working_directory: /\n"),
+        Ok(())
+    );
+    for (pingora, key) in [
+        ("  error_log: \"\"\n", "pingora.error_log"),
+        (
+            "  working_directory: /nonexistent-dir\n",
+            "pingora.working_directory",
+        ),
+        ("  user: no-such-user-4711\n", "pingora.user"),
+        ("  user: \"ro\\u0000ot\"\n", "pingora.user"),
+        ("  group: no-such-group-4711\n", "pingora.group"),
+    ] {
+        let error = daemon(pingora).unwrap_err();
+        assert_eq!(error.key, key, "{pingora}: {error}");
+    }
+}

@@ -502,3 +502,22 @@ fn version_and_usage_errors() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// `pingora.error_log: ""` passed `-t -d`, and `-d` then panicked in Pingora's daemon start
+/// (`thread 'main' panicked`, exit 101): now exit 2 naming the key, before anything starts.
+#[test]
+fn an_empty_daemon_error_log_is_a_configuration_error() {
+    let origin = Origin::start();
+    for args in [&["-t", "-d"][..], &["-d"]] {
+        let builder = TollgateBuilder::new(origin.addr).yaml(
+            "pingora:\n  error_log: \"\"\n  pid_file: tollgate.pid\n  working_directory: /tmp",
+        );
+        let (status, output) = builder.run_to_exit(args, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{args:?}: {output}");
+        assert!(
+            output.contains("pingora.error_log: must not be empty"),
+            "{args:?}: {output}"
+        );
+        assert!(!output.contains("panicked"), "{output}");
+    }
+}
