@@ -98,6 +98,15 @@ pub(super) fn build(
             "must be at least 1",
         ));
     }
+    // With 0 accept tasks the listeners are bound but never accepted on: both services exit
+    // at once while the process stays up, serving nothing.
+    if conf.listener_tasks_per_fd == 0 {
+        return Err(ConfigError::new(
+            origin,
+            "pingora.listener_tasks_per_fd",
+            "must be at least 1 (0 would accept no connection)",
+        ));
+    }
     conf.validate()
         .map_err(|e| ConfigError::new(origin, "pingora", format!("rejected by Pingora: {e}")))
 }

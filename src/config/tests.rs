@@ -1046,3 +1046,21 @@ fn a_daemon_needs_a_directory_and_accounts_that_exist() {
         assert_eq!(error.key, key, "{pingora}: {error}");
     }
 }
+
+/// `pingora.listener_tasks_per_fd: 0` passed load; Pingora then ran no accept task, so both
+/// services exited at once and the process stayed up serving nothing.
+#[test]
+fn zero_accept_tasks_are_refused() {
+    let err = load(
+        &format!("{MINIMAL}pingora: {{listener_tasks_per_fd: 0}}\n"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "pingora.listener_tasks_per_fd", "{err}");
+    let ok = load(
+        &format!("{MINIMAL}pingora: {{listener_tasks_per_fd: 2}}\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(ok.server.listener_tasks_per_fd, 2);
+}
