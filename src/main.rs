@@ -94,6 +94,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if let Err(e) = config.check_system_roots() {
+        eprintln!("tollgate: configuration error: {e}");
+        return ExitCode::from(2);
+    }
     // Before a real start too, so a malformed secret is the same configuration error (exit 2)
     // whether or not `-t` found it first.
     if let Err(e) = store::check(&config.store) {

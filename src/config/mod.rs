@@ -336,6 +336,12 @@ impl Config {
         pingora_section::check_daemon_files(&self.server, &origin)
     }
 
+    /// The CA certificates Pingora loads at start when `pingora.ca_file` is unset (see
+    /// [`pingora_section::check_system_roots`]); run by `-t` and before a start.
+    pub fn check_system_roots(&self) -> Result<(), ConfigError> {
+        pingora_section::check_system_roots(&self.server)
+    }
+
     /// Validates YAML text; `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
         let raw: raw::RawConfig = parse_yaml(text, origin)?;

@@ -107,8 +107,36 @@ pub(super) fn build(
             "must be at least 1 (0 would accept no connection)",
         ));
     }
+    if let Some(path) = conf.ca_file.as_deref() {
+        // Pingora reads it when the proxy's connector is built, where a failure is a panic.
+        let mut roots = pingora::tls::RootCertStore::empty();
+        pingora::tls::load_ca_file_into_store(path, &mut roots)
+            .map_err(|e| ConfigError::new(origin, "pingora.ca_file", format!("{path}: {e}")))?;
+    }
     conf.validate()
         .map_err(|e| ConfigError::new(origin, "pingora", format!("rejected by Pingora: {e}")))
+}
+
+/// Without `ca_file`, Pingora loads the system's certificates (or `SSL_CERT_FILE`,
+/// `SSL_CERT_DIR`) when the proxy's connector is built, every start, TLS upstream or not,
+/// and panics if that fails. Checked before (and by `-t`); not in [`build`], which tests run
+/// often.
+pub fn check_system_roots(conf: &ServerConf) -> Result<(), ConfigError> {
+    if conf.ca_file.is_some() {
+        return Ok(());
+    }
+    let mut roots = pingora::tls::RootCertStore::empty();
+    pingora::tls::load_platform_certs_incl_env_into_store(&mut roots).map_err(|e| {
+        let key = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+            .into_iter()
+            .find(|name| std::env::var_os(name).is_some())
+            .unwrap_or("(system certificates)");
+        ConfigError::new(
+            "environment",
+            key,
+            format!("cannot load CA certificates: {e}"),
+        )
+    })
 }
 
 /// The files a daemon writes: Pingora opens them only after the process forked (and, in a

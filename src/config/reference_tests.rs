@@ -131,6 +131,7 @@ const DESCRIBED: &[(&str, &str)] = &[
     ("admin.allow", "absent"),
     ("access_log.path", "stdout)"),
     ("pingora.error_log", "none"),
+    ("pingora.ca_file", "none"),
     ("pingora.others", "Pingora's"),
     // "true; false when `threads` is 1", checked below.
     ("pingora.work_stealing", "true"),

@@ -1064,3 +1064,28 @@ fn zero_accept_tasks_are_refused() {
     .unwrap();
     assert_eq!(ok.server.listener_tasks_per_fd, 2);
 }
+
+/// A `pingora.ca_file` that cannot be read or holds no certificate passed load; Pingora read it
+/// when building the proxy's connector and panicked (exit 101, a Rust `Debug` dump).
+#[test]
+fn a_ca_file_pingora_cannot_load_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(
+        &not_pem,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    for path in [dir.path().join("missing.pem"), not_pem] {
+        let yaml = format!(
+            "{MINIMAL}pingora: {{ca_file: {:?}}}\n",
+            path.display().to_string()
+        );
+        let err = load(&yaml, &[]).unwrap_err();
+        assert_eq!(err.key, "pingora.ca_file", "{err}");
+        assert!(
+            err.problem.starts_with(&path.display().to_string()),
+            "{err}"
+        );
+    }
+}

@@ -521,3 +521,28 @@ fn an_empty_daemon_error_log_is_a_configuration_error() {
         assert!(!output.contains("panicked"), "{output}");
     }
 }
+
+/// CA certificates Pingora cannot load (a `pingora.ca_file`, or `SSL_CERT_FILE` for the
+/// system's) passed `-t`, and the start then panicked building the proxy's connector
+/// (`thread 'main' panicked`, a Rust `Debug` dump, exit 101), TLS upstream or not.
+#[test]
+fn ca_certificates_pingora_cannot_load_are_a_configuration_error() {
+    let origin = Origin::start();
+    let pingora = "pingora:\n  ca_file: /nonexistent/ca.pem\n  upgrade_sock: /nonexistent/u.sock";
+    let cases = [
+        (
+            TollgateBuilder::new(origin.addr).yaml(pingora),
+            "tollgate.yaml: pingora.ca_file: /nonexistent/ca.pem",
+        ),
+        (
+            TollgateBuilder::new(origin.addr).env("SSL_CERT_FILE", "/nonexistent/certs.pem"),
+            "environment: SSL_CERT_FILE: cannot load CA certificates",
+        ),
+    ];
+    for (builder, expected) in cases {
+        let (status, output) = builder.run_to_exit(&[], Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{output}");
+        assert!(output.contains(expected), "{output}");
+        assert!(!output.contains("panicked"), "{output}");
+    }
+}
