@@ -312,7 +312,7 @@ impl Config {
     /// Reads and validates `path`, applying environment overrides from `env`.
     pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path)
+        let text = read_limited(path)
             .map_err(|e| ConfigError::new(&origin, "(file)", format!("cannot read: {e}")))?;
         Self::from_yaml(&text, &origin, env)
     }
@@ -347,6 +347,30 @@ impl Config {
         let raw: raw::RawConfig = parse_yaml(text, origin)?;
         Builder { origin, env }.build(raw)
     }
+}
+
+/// The most a configuration file may hold: far more than any real one, and a bound on what
+/// `-c` with a wrong path (a log file, `/dev/zero`, which never ends) reads into memory.
+const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+fn read_limited(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB; is it the configuration file?",
+            MAX_FILE_BYTES >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
 }
 
 /// Deserializes YAML, reporting the dotted path of the offending key.

@@ -1089,3 +1089,23 @@ fn a_ca_file_pingora_cannot_load_is_a_configuration_error() {
         );
     }
 }
+
+/// `-c` read the whole file whatever its size: a log file given by mistake was read into
+/// memory, `/dev/zero` until memory ran out. Files over 16 MiB are refused.
+#[test]
+fn a_file_larger_than_any_configuration_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.yaml");
+    let mut text = MINIMAL.to_string();
+    text.push_str(&format!("# {}\n", "x".repeat(16 * 1024 * 1024)));
+    std::fs::write(&path, text).unwrap();
+    for path in [path.as_path(), Path::new("/dev/zero")] {
+        let err = Config::load(path, &env(&[])).unwrap_err();
+        assert_eq!(err.key, "(file)", "{err}");
+        assert!(err.problem.contains("larger than 16 MiB"), "{err}");
+    }
+    // Large but within the bound: read.
+    let path = dir.path().join("large.yaml");
+    std::fs::write(&path, format!("{MINIMAL}# {}\n", "x".repeat(1 << 20))).unwrap();
+    Config::load(&path, &env(&[])).unwrap();
+}
