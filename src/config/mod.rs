@@ -337,7 +337,7 @@ impl Config {
     }
 
     /// The CA certificates Pingora loads at start when `pingora.ca_file` is unset (see
-    /// [`pingora_section::check_system_roots`]); run by `-t` and before a start.
+    /// `pingora_section::check_system_roots`); run by `-t` and before a start.
     pub fn check_system_roots(&self) -> Result<(), ConfigError> {
         pingora_section::check_system_roots(&self.server)
     }
