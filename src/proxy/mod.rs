@@ -903,10 +903,7 @@ impl ProxyHttp for Proxy {
             upstream_latency.filter(|_| ctx.upstream_status.is_some()),
         );
         if let Some(log) = &self.access_log {
-            let status = session
-                .response_written()
-                .map(|r| r.status.as_u16())
-                .unwrap_or(0);
+            let status = final_status(session.response_written());
             let user = match &ctx.identity {
                 Some(Identity::User(u)) => Some(u.as_ref()),
                 _ => None,
@@ -958,6 +955,17 @@ impl Proxy {
             );
         }
     }
+}
+
+/// The status of the final answer the client was sent, 0 when it got none. The last answer
+/// written may be an interim one (tollgate's `100 Continue`, an upstream's `103 Early Hints`)
+/// when the client left after it: logged as its status, it read as an answer the request never
+/// had. A `101` is final: the connection was handed over.
+fn final_status(written: Option<&ResponseHeader>) -> u16 {
+    written
+        .map(|r| r.status)
+        .filter(|s| !s.is_informational() || *s == http::StatusCode::SWITCHING_PROTOCOLS)
+        .map_or(0, |s| s.as_u16())
 }
 
 /// Forwarding headers other than `X-Forwarded-For` (which tollgate always sets itself). From a
@@ -1071,6 +1079,17 @@ mod tests {
         ] {
             assert!(!readable(target), "{}", String::from_utf8_lossy(target));
         }
+    }
+
+    #[test]
+    fn an_interim_answer_is_no_final_status() {
+        let status = |code: u16| final_status(Some(&ResponseHeader::build(code, None).unwrap()));
+        assert_eq!(final_status(None), 0);
+        assert_eq!(status(100), 0);
+        assert_eq!(status(103), 0);
+        assert_eq!(status(101), 101);
+        assert_eq!(status(200), 200);
+        assert_eq!(status(504), 504);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod connections;
 mod deploy;
 mod firebase;
 mod gatekeeper;
+mod observability;
 mod openapi;
 mod operations;
 mod proxying;
