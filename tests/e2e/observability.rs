@@ -152,6 +152,9 @@ enum Act {
     Preflight,
     /// HTTP/1.0, answered and closed.
     Http10,
+    /// A header line Pingora refuses (a space before the colon), or `CONNECT`: answered by
+    /// Pingora before any of tollgate's hooks, so neither counted nor logged (documented).
+    Malformed,
     /// A chunked body over `clients.max_body_bytes`.
     ChunkedTooLarge,
 }
@@ -384,7 +387,8 @@ fn request(
         69..=74 => Act::AbortWaiting,
         75..=79 => Act::ChunkedTooLarge,
         80..=84 => Act::AbortAfterContinue,
-        85..=86 => Act::StallBody,
+        85 => Act::StallBody,
+        86 => Act::Malformed,
         87..=89 => Act::GzipCoding,
         90..=94 => Act::Preflight,
         _ => Act::Http10,
@@ -400,6 +404,7 @@ fn request(
         Act::Normal | Act::Http10 if rng.chance(15) => "HEAD",
         Act::Normal | Act::Http10 if rng.chance(50) => "GET",
         Act::Preflight => "OPTIONS",
+        Act::Malformed if rng.chance(30) => "CONNECT",
         _ => "POST",
     };
     let script = if method == "HEAD" { "head" } else { script };
@@ -425,6 +430,9 @@ fn request(
             Place::AbsoluteQuery => path = format!("http://tollgate{path}?key={token}"),
             Place::UnreadableTarget => path = format!("obs{number}?key={token}"),
         }
+    }
+    if act == Act::Malformed {
+        headers += &format!("X-Bad-Line : {}\r\n", secrets.any(rng));
     }
     if act == Act::Preflight {
         headers += "Origin: https://example.com\r\nAccess-Control-Request-Method: POST\r\n";
@@ -615,6 +623,7 @@ fn read_answer(
 /// The `result` label each exchange must be counted under, from what its client saw.
 fn expected_result(e: &Exchange) -> &'static str {
     match (e.act, e.status) {
+        (Act::Malformed, 400 | 405) if e.error.is_empty() => "uncounted",
         (Act::AbortRequest | Act::AbortWaiting | Act::AbortAfterContinue, 0) => "client_closed",
         (_, 408) => "408",
         (Act::Preflight, 204) => "preflight",
@@ -717,7 +726,11 @@ fn check_metrics(tg: &Tollgate, run: &Run) -> Vec<String> {
     for e in &run.exchanges {
         *expected.entry(expected_result(e)).or_default() += 1;
     }
-    let total: u64 = expected.values().sum();
+    let total: u64 = expected
+        .iter()
+        .filter(|(result, _)| **result != "uncounted")
+        .map(|(_, n)| n)
+        .sum();
     let results = [
         "proxied",
         "401",
@@ -838,9 +851,12 @@ fn check_access_log(tg: &Tollgate, run: &Run, secrets: &Secrets) -> Vec<String> 
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
     };
-    wait_until(Duration::from_secs(5), || {
-        read().len() >= run.exchanges.len()
-    });
+    let logged = run
+        .exchanges
+        .iter()
+        .filter(|e| expected_result(e) != "uncounted")
+        .count();
+    wait_until(Duration::from_secs(5), || read().len() >= logged);
     let lines = read();
     let mut problems = Vec::new();
     let mut by_path: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
@@ -850,10 +866,21 @@ fn check_access_log(tg: &Tollgate, run: &Run, secrets: &Secrets) -> Vec<String> 
             .or_default()
             .push(line);
     }
-    for e in &run.exchanges {
-        // Requests are sequential, so lines of one path come in the order of their requests.
+    for e in run
+        .exchanges
+        .iter()
+        .filter(|e| expected_result(e) != "uncounted")
+    {
+        // Paths are unique but for unreadable targets (logged as `/`), whose lines may come in
+        // another order than their requests (each is written after its answer): the line
+        // that matches, or else the first.
         let found = by_path.get_mut(&e.path).filter(|lines| !lines.is_empty());
-        let Some(line) = found.map(|lines| lines.remove(0)) else {
+        let Some(line) = found.map(|lines| {
+            let matching = lines
+                .iter()
+                .position(|l| l["status"] == e.status && l["client_ip"] == e.client_ip.as_str());
+            lines.remove(matching.unwrap_or(0))
+        }) else {
             problems.push(format!("{}: no line for {e:?}", run.mode));
             continue;
         };
@@ -948,13 +975,16 @@ fn metrics_and_access_log_match_what_clients_saw_and_hold_no_secret() {
         let mut problems = Vec::new();
         for mode in MODES {
             let (tg, run, secrets) = run_mode(mode, seed);
+
             let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
             for e in &run.exchanges {
                 *tally.entry(expected_result(e)).or_default() += 1;
             }
             eprintln!("seed {seed} {mode}: {tally:?}");
             problems.extend(check_metrics(&tg, &run));
+
             problems.extend(check_access_log(&tg, &run, &secrets));
+
             problems.extend(check_secrets(&tg, &run, &secrets));
         }
         assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
