@@ -15,13 +15,29 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use rtdb_standin::{Options, StandIn};
+
 use crate::support::origin::{Script, ScriptedOrigin};
 use crate::support::soak::{for_each_seed, Rng};
 use crate::support::tollgate::Tollgate;
 use crate::support::wire::{self, Head};
 use crate::support::{free_port, metric_sample, wait_until, TollgateBuilder};
 
-const MODES: [&str; 3] = ["none", "proxy_key", "user_token"];
+/// Each gatekeeper mode, and user_token mode once more on the Firebase stand-in (the store
+/// whose credentials and HTTP traffic could reach the log), at trace level.
+const RUNS: [(&str, Store); 4] = [
+    ("none", Store::Memory),
+    ("proxy_key", Store::Memory),
+    ("user_token", Store::MemoryOrSqlite),
+    ("user_token", Store::Firebase),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Store {
+    Memory,
+    MemoryOrSqlite,
+    Firebase,
+}
 const MAX_BODY: usize = 2000;
 /// Answers slower than this are the upstream's timeout (504).
 const READ_TIMEOUT_MS: u64 = 300;
@@ -37,6 +53,8 @@ struct Secrets {
     disabled: String,
     /// Tokens nobody has.
     guesses: Vec<String>,
+    /// The Firebase key, its parts, and the access tokens the stand-in issued.
+    firebase: Vec<String>,
 }
 
 fn secret(rng: &mut Rng, kind: &str) -> String {
@@ -53,6 +71,7 @@ impl Secrets {
                 .collect(),
             disabled: secret(rng, "dis"),
             guesses: (0..3).map(|_| secret(rng, "gss")).collect(),
+            firebase: Vec::new(),
         }
     }
 
@@ -82,13 +101,15 @@ impl Secrets {
 /// The forms a secret could leak in.
 fn encodings(secret: &str) -> Vec<String> {
     use base64::Engine;
-    vec![
+    [
         secret.to_string(),
         base64::engine::general_purpose::STANDARD.encode(secret),
         percent_all(secret),
-        // The middle of it: a cut or reformatted copy.
-        secret[4..secret.len() - 4].to_string(),
     ]
+    .into_iter()
+    // The middle of a long one: a cut or reformatted copy.
+    .chain((secret.len() > 16).then(|| secret[4..secret.len() - 4].to_string()))
+    .collect()
 }
 
 fn percent_all(text: &str) -> String {
@@ -259,9 +280,18 @@ struct Run {
     admin_answers: Vec<String>,
 }
 
-fn start(mode: &str, secrets: &Secrets, origin: &ScriptedOrigin, rng: &mut Rng) -> Tollgate {
+fn start(
+    (mode, store): (&str, Store),
+    secrets: &Secrets,
+    origin: &ScriptedOrigin,
+    firebase: Option<&StandIn>,
+    rng: &mut Rng,
+) -> Tollgate {
     let dead = format!("127.0.0.1:{}", free_port());
-    let log_level = ["info", "debug", "trace"][rng.below(3)];
+    let log_level = match firebase {
+        Some(_) => "trace",
+        None => ["info", "debug", "trace"][rng.below(3)],
+    };
     let mut builder = TollgateBuilder::new(origin.addr)
         .mode(mode)
         .upstreams(&[origin.addr.to_string(), dead])
@@ -278,6 +308,15 @@ fn start(mode: &str, secrets: &Secrets, origin: &ScriptedOrigin, rng: &mut Rng) 
         ));
     if mode == "proxy_key" {
         builder = builder.env("PROXY_KEY", &secrets.proxy_key);
+    }
+    if let Some(db) = firebase {
+        builder = builder
+            .env("GATEKEEPER_STORE", "firebase_rtdb")
+            .env("FIREBASE_RTDB_URL", &db.db_url())
+            .env("FIREBASE_KEY", &db.firebase_key_b64())
+            .yaml("store:\n  flush_interval_seconds: 1");
+    } else if store == Store::MemoryOrSqlite && rng.chance(50) {
+        builder = builder.yaml("store:\n  kind: sqlite\n  sqlite:\n    path: users.db");
     }
     builder.start()
 }
@@ -640,12 +679,19 @@ fn expected_result(e: &Exchange) -> &'static str {
     }
 }
 
-fn run_mode(mode: &'static str, seed: u64) -> (Tollgate, Run, Secrets) {
+fn run_mode((mode, store): (&'static str, Store), seed: u64) -> (Tollgate, Run, Secrets) {
     let mut rng = Rng::new(seed ^ mode.len() as u64);
-    let secrets = Secrets::new(&mut rng);
+    let mut secrets = Secrets::new(&mut rng);
     let origin = ScriptedOrigin::start();
     scripts(&origin);
-    let tg = start(mode, &secrets, &origin, &mut rng);
+    let firebase = (store == Store::Firebase).then(|| StandIn::start(Options::default()));
+    let tg = start(
+        (mode, store),
+        &secrets,
+        &origin,
+        firebase.as_ref(),
+        &mut rng,
+    );
     let mut run = Run {
         mode,
         exchanges: Vec::new(),
@@ -700,6 +746,41 @@ fn run_mode(mode: &'static str, seed: u64) -> (Tollgate, Run, Secrets) {
         "{mode}: the metrics' series stay the same"
     );
     drop(origin);
+    if let Some(db) = firebase {
+        // Users' changes reach the database (their tokens in its paths), then stop tollgate
+        // while the stand-in still answers: its last writes are logged too.
+        wait_until(Duration::from_secs(10), || {
+            metric_sample(
+                &tg.metrics(),
+                "tollgate_store_pending_changes{store=\"firebase_rtdb\"}",
+            ) == Some(0.0)
+        });
+        secrets.firebase = vec![db.firebase_key_b64(), db.service_account_json()];
+        // The access tokens it was sent, and the signed assertions that got them.
+        for request in db.requests() {
+            if let Some(token) = request.headers.get("authorization") {
+                let token = token.trim_start_matches("Bearer ").to_string();
+                if !secrets.firebase.contains(&token) {
+                    secrets.firebase.push(token);
+                }
+            }
+            if let Some((_, assertion)) = request.body.split_once("assertion=") {
+                secrets
+                    .firebase
+                    .push(assertion.split('&').next().unwrap().to_string());
+            }
+        }
+        let key: Value = serde_json::from_str(&db.service_account_json()).unwrap();
+        let pem = key["private_key"].as_str().unwrap();
+        secrets.firebase.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 20)
+                .map(str::to_string),
+        );
+        secrets
+            .firebase
+            .push(key["private_key_id"].as_str().unwrap().to_string());
+    }
     (tg, run, secrets)
 }
 
@@ -940,7 +1021,11 @@ fn check_secrets(tg: &Tollgate, run: &Run, secrets: &Secrets) -> Vec<String> {
         ("/metrics", tg.metrics()),
     ];
     let mut problems = Vec::new();
-    for secret in secrets.all() {
+    for secret in secrets
+        .all()
+        .into_iter()
+        .chain(secrets.firebase.iter().map(String::as_str))
+    {
         for form in encodings(secret) {
             for (name, text) in &outputs {
                 if text.contains(&form) {
@@ -973,8 +1058,8 @@ fn check_secrets(tg: &Tollgate, run: &Run, secrets: &Secrets) -> Vec<String> {
 fn metrics_and_access_log_match_what_clients_saw_and_hold_no_secret() {
     for_each_seed(0x0b5e_57ab, |seed| {
         let mut problems = Vec::new();
-        for mode in MODES {
-            let (tg, run, secrets) = run_mode(mode, seed);
+        for (mode, store) in RUNS {
+            let (tg, run, secrets) = run_mode((mode, store), seed);
 
             let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
             for e in &run.exchanges {
