@@ -91,7 +91,7 @@ async fn send_continue(session: &mut Session) -> Result<()> {
     session.set_close_on_response_before_downstream_finish(false);
     let sent = session.write_continue_response().await;
     session.set_close_on_response_before_downstream_finish(true);
-    sent
+    sent.map_err(respond::from_client)
 }
 
 /// Once it has read a request, Pingora waits for the client's next one without limit, and
@@ -623,7 +623,10 @@ impl ProxyHttp for Proxy {
             }
             ctx.outcome = Outcome::Preflight;
             let reply = cors::preflight_reply(session.req_header())?;
-            session.write_response_header(Box::new(reply), true).await?;
+            session
+                .write_response_header(Box::new(reply), true)
+                .await
+                .map_err(respond::from_client)?;
             return Ok(true);
         }
         match self.decide(session.req_header(), peer, now_ms(), ctx) {

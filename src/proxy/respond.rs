@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use pingora::Result;
+use pingora::{Error, Result};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -90,13 +90,25 @@ impl ErrorReply {
 
     /// Writes the reply on a proxy session, keeping the connection alive.
     pub async fn send(&self, session: &mut Session, cors: bool) -> Result<()> {
+        let header = Box::new(self.to_header(cors)?);
         session
-            .write_response_header(Box::new(self.to_header(cors)?), false)
-            .await?;
+            .write_response_header(header, false)
+            .await
+            .map_err(from_client)?;
         session
             .write_response_body(Some(self.body.clone()), true)
             .await
+            .map_err(from_client)
     }
+}
+
+/// Marks a failed write of tollgate's own answer as the client's doing (it closed or reset the
+/// connection). Pingora leaves the source of such an error unset, which `fail_to_proxy` took
+/// for tollgate's own failure: counted `result="502"` and logged as an internal error, once
+/// per request a client (a scanner, a cancelled browser request) reset.
+pub fn from_client(mut e: Box<Error>) -> Box<Error> {
+    e.as_down();
+    e
 }
 
 /// The fixed replies, serialized once.

@@ -1075,3 +1075,91 @@ fn metrics_and_access_log_match_what_clients_saw_and_hold_no_secret() {
         assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
     });
 }
+
+/// Sends `request` on a new connection and resets it (`SO_LINGER` 0: an RST, not a FIN) at
+/// once, as a cancelled browser request or a scanner does: tollgate's answer cannot be written.
+fn send_and_reset(tg: &Tollgate, request: &str) {
+    use std::os::fd::AsRawFd;
+    let mut conn = tg.proxy_connection();
+    conn.write_all(request.as_bytes()).unwrap();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket this function owns, with a valid `linger`.
+    let set = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+}
+
+/// A client that resets its connection while tollgate writes its own answer (a refusal, a
+/// preflight's, a `100 Continue`) left: it is counted `client_closed`. It was counted
+/// `result="502"`, the upstream-failure alert's series, and logged as an internal error.
+#[test]
+fn clients_that_reset_the_connection_before_their_answer_are_not_counted_as_502() {
+    let origin = ScriptedOrigin::start();
+    let tg = TollgateBuilder::new(origin.addr)
+        .mode("proxy_key")
+        .env("PROXY_KEY", crate::support::tollgate::PROXY_KEY)
+        .yaml("access_log:\n  enabled: true\n  path: access.log")
+        .yaml("rate_limit:\n  requests_per_minute: 0\n  auth_failures_per_minute: 0")
+        .start();
+    let key = crate::support::tollgate::PROXY_KEY;
+    for i in 0..10 {
+        send_and_reset(
+            &tg,
+            &format!("GET /refused{i} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wrong\r\n\r\n"),
+        );
+        send_and_reset(
+            &tg,
+            &format!(
+                "OPTIONS /preflight{i} HTTP/1.1\r\nHost: t\r\nOrigin: https://a.example\r\n\
+                 Access-Control-Request-Method: POST\r\n\r\n"
+            ),
+        );
+        send_and_reset(
+            &tg,
+            &format!(
+                "POST /continue{i} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+            ),
+        );
+    }
+    // Each request handled is counted, then logged: once every line is there, so are the counts.
+    let lines = || {
+        std::fs::read_to_string(tg.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .count() as u64
+    };
+    let counted = |scrape: &str| -> u64 {
+        ["401", "preflight", "client_closed", "502", "proxied"]
+            .iter()
+            .map(|r| requests_total(scrape, "proxy_key", r))
+            .sum()
+    };
+    // (All 30 are, unless a reset arrives before tollgate read its request.)
+    wait_until(Duration::from_secs(10), || {
+        let logged = lines();
+        logged == 30 && counted(&tg.metrics()) == logged
+    });
+    assert!(wait_until(Duration::from_secs(10), || {
+        let logged = lines();
+        logged > 0 && counted(&tg.metrics()) == logged
+    }));
+    let scrape = tg.metrics();
+    assert_eq!(requests_total(&scrape, "proxy_key", "502"), 0, "{scrape}");
+    assert!(
+        requests_total(&scrape, "proxy_key", "client_closed") > 0,
+        "some answers found the connection reset: {scrape}"
+    );
+    let log = tg.log();
+    assert!(!log.contains("internal proxy error"), "{log}");
+}
