@@ -266,6 +266,8 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// tollgate answered the client's `Expect: 100-continue` itself.
     continue_sent: bool,
+    /// The upstream's whole answer was handed on (its last write to the client may still fail).
+    answered: bool,
     outcome: Outcome,
 }
 
@@ -582,6 +584,7 @@ impl ProxyHttp for Proxy {
             upstream_status: None,
             body_bytes: 0,
             continue_sent: false,
+            answered: false,
             outcome: Outcome::Proxied,
         }
     }
@@ -787,6 +790,7 @@ impl ProxyHttp for Proxy {
             // a client that sends its next request once it has the whole response must find
             // its slot free.
             ctx.inflight_slot = None;
+            ctx.answered = true;
         }
         Ok(None)
     }
@@ -802,6 +806,12 @@ impl ProxyHttp for Proxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if answered_before(ctx, e) {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let (status, reply) = match e.esource() {
             _ if e.etype() == &ErrorType::HTTPStatus(413) => (413, self.too_large.clone()),
             ErrorSource::Upstream => {
@@ -958,6 +968,17 @@ impl Proxy {
             );
         }
     }
+}
+
+/// Whether `e` came after the client had the upstream's whole answer, on the rest of its request
+/// body: an upstream that answered early (a 401, a 413, a redirect) without reading it, then
+/// closed, or a client that stopped sending it or left once answered. The request was proxied
+/// (as its access log line says); counted a `502`, `408`, `413` or `client_closed` instead, it
+/// raised the upstream-failure series for answers clients got whole. A failed write to the
+/// client is not such an error: the last piece of the answer may be what failed.
+fn answered_before(ctx: &RequestCtx, e: &Error) -> bool {
+    let client_write = e.etype() == &ErrorType::WriteError && e.esource() != &ErrorSource::Upstream;
+    ctx.answered && ctx.upstream_status.is_some() && !client_write
 }
 
 /// The status of the final answer the client was sent, 0 when it got none. The last answer

@@ -1163,3 +1163,70 @@ fn clients_that_reset_the_connection_before_their_answer_are_not_counted_as_502(
     let log = tg.log();
     assert!(!log.contains("internal proxy error"), "{log}");
 }
+
+/// An origin that answers `401` as soon as it has a request's head, without waiting for its
+/// body (as an upstream checking its own credential does), then reads whatever comes.
+fn early_answering_origin() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                while let Ok(Some(_)) = wire::read_head(&mut reader) {
+                    let mut writer = &stream;
+                    let answer = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope";
+                    if writer.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client whose request body the upstream never needed (it answered first) has the whole
+/// answer: its request was proxied, as its access log line says, whether it then stops sending
+/// the body (until `clients.body_timeout_seconds`) or leaves. It was counted `408` or
+/// `client_closed`.
+#[test]
+fn a_request_answered_whole_before_its_body_ended_counts_as_proxied() {
+    let tg = TollgateBuilder::new(early_answering_origin())
+        .mode("none")
+        .yaml("clients:\n  body_timeout_seconds: 1")
+        .yaml("access_log:\n  enabled: true\n  path: access.log")
+        .start();
+    for stall in [true, false] {
+        let mut conn = tg.proxy_connection();
+        conn.write_all(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            .unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let head = wire::read_head(&mut reader).unwrap().expect("an answer");
+        assert_eq!(head.status(), 401);
+        let body = wire::read_response_body(&mut reader, &head, "POST");
+        assert_eq!(
+            (body.bytes.as_slice(), body.truncated),
+            (&b"nope"[..], false)
+        );
+        if stall {
+            assert!(
+                crate::support::closed_within(&mut conn, Duration::from_secs(10)),
+                "the body timeout ends the connection"
+            );
+        }
+    }
+    let counted = |scrape: &str| -> Vec<(&str, u64)> {
+        ["proxied", "408", "client_closed", "502", "400"]
+            .into_iter()
+            .map(|r| (r, requests_total(scrape, "none", r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(5), || {
+        counted(&tg.metrics()).iter().map(|(_, n)| n).sum::<u64>() == 2
+    }));
+    assert_eq!(counted(&tg.metrics()), vec![("proxied", 2)]);
+    let log = std::fs::read_to_string(tg.dir.path().join("access.log")).unwrap();
+    assert_eq!(log.matches(r#""status":401"#).count(), 2, "{log}");
+}
