@@ -50,7 +50,7 @@ const fn key(path: &'static str, max_of_type: u128, default: u64, lo: u64, hi: u
 
 /// docs/configuration.md's integer keys (`hi` is the documented maximum, else the type's).
 pub(super) const INT_KEYS: &[IntKey] = &[
-    key("pingora.threads", U64, 1, 1, u64::MAX),
+    key("pingora.threads", U64, 1, 1, 1024),
     key("pingora.grace_period_seconds", U64, 5, 0, YEAR),
     key("pingora.graceful_shutdown_timeout_seconds", U64, 5, 0, YEAR),
     key(

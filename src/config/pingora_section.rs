@@ -98,6 +98,15 @@ pub(super) fn build(
             "must be at least 1",
         ));
     }
+    // Each is an OS thread started at once: a typo (`threads: 10000000`) would exhaust the
+    // process's threads or memory at start instead of being reported.
+    if conf.threads > MAX_THREADS {
+        return Err(ConfigError::new(
+            origin,
+            "pingora.threads",
+            format!("must be at most {MAX_THREADS}"),
+        ));
+    }
     // With 0 accept tasks the listeners are bound but never accepted on: both services exit
     // at once while the process stays up, serving nothing.
     if conf.listener_tasks_per_fd == 0 {
@@ -121,6 +130,9 @@ pub(super) fn build(
 /// `SSL_CERT_DIR`) when the proxy's connector is built, every start, TLS upstream or not,
 /// and panics if that fails. Checked before (and by `-t`); not in [`build`], which tests run
 /// often.
+/// Worker threads of the proxy service at most: far above any core count it could use.
+const MAX_THREADS: usize = 1024;
+
 pub fn check_system_roots(conf: &ServerConf) -> Result<(), ConfigError> {
     if conf.ca_file.is_some() {
         return Ok(());
