@@ -938,12 +938,12 @@ fn check_token_uri(uri: &str, local: bool) -> Result<(), String> {
 fn users_path(name: &str) -> Result<String, String> {
     let segments: Vec<&str> = name.split('/').filter(|s| !s.is_empty()).collect();
     if segments.is_empty() {
-        return Err("FIREBASE_USERS_REF_NAME must name a path".into());
+        return Err("FIREBASE_USERS_REF_NAME: must name a path".into());
     }
     for s in &segments {
-        crate::users::model::validate_key(s, "FIREBASE_USERS_REF_NAME segment")?;
+        crate::users::model::validate_key(s, &format!("FIREBASE_USERS_REF_NAME: segment {s:?}"))?;
         if *s == "_sync" {
-            return Err("FIREBASE_USERS_REF_NAME must not be _sync (tollgate's own data)".into());
+            return Err("FIREBASE_USERS_REF_NAME: must not be _sync (tollgate's own data)".into());
         }
     }
     Ok(segments.join("/"))
@@ -1049,7 +1049,11 @@ mod tests {
     fn users_paths_and_instance_ids() {
         assert_eq!(users_path("users").unwrap(), "users");
         assert_eq!(users_path("/proxy/users/").unwrap(), "proxy/users");
-        assert!(users_path("a.b").is_err());
+        assert_eq!(
+            users_path("proxy/a.b").unwrap_err(),
+            "FIREBASE_USERS_REF_NAME: segment \"a.b\" must not contain '.' (Firebase key rules \
+             forbid . $ # [ ] /)"
+        );
         assert!(users_path("_sync").is_err());
         let id = instance_id();
         assert!(crate::users::model::validate_key(&id, "id").is_ok());
