@@ -157,9 +157,7 @@ impl AdminAuth {
             .with_header("retry-after", secs));
         }
         let Some(key) = &self.key else {
-            return Err(ApiError::new(
-                401,
-                "unauthorized",
+            return Err(unauthorized(
                 "the admin API is disabled: ADMIN_KEY is not set",
             ));
         };
@@ -179,7 +177,7 @@ impl AdminAuth {
         } else {
             "send the admin key as 'Authorization: Bearer <ADMIN_KEY>'"
         };
-        Err(ApiError::new(401, "unauthorized", message))
+        Err(unauthorized(message))
     }
 
     fn locked_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
@@ -228,6 +226,12 @@ impl AdminAuth {
         }
         failures.touch(key, now);
     }
+}
+
+/// A 401 with the challenge RFC 9110 (§11.6.1) requires of one: the scheme the key is sent in.
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(401, "unauthorized", message)
+        .with_header("www-authenticate", "Bearer realm=\"tollgate admin\"")
 }
 
 #[cfg(test)]

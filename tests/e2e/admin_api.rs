@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::support::sockets::tcp_queues;
 use crate::support::tollgate::{Tollgate, ADMIN_KEY};
+use crate::support::wire::{read_head, read_response_body, show, Head};
 use crate::support::{client, error_type, Origin, TollgateBuilder};
 
 fn start() -> (Origin, Tollgate) {
@@ -1397,6 +1398,52 @@ fn a_last_used_time_of_zero_is_kept() {
     assert_eq!(tg.user("epoch")["lastUsedAt"], 0);
     let (_, list) = tg.admin_call(Method::GET, "/admin/users", None);
     assert_eq!(list["users"][0]["lastUsedAt"], 0, "{list}");
+}
+
+/// Sends `bytes` on a new admin connection and reads `n` answers (bodies framed as for GET);
+/// returns them and the connection's reader, for what comes next.
+fn raw_answers(
+    tg: &Tollgate,
+    bytes: &[u8],
+    n: usize,
+) -> (
+    Vec<(Head, Vec<u8>)>,
+    std::io::BufReader<std::net::TcpStream>,
+) {
+    use std::io::Write;
+    let mut conn = tg.admin_connection();
+    conn.write_all(bytes).unwrap();
+    let mut reader = std::io::BufReader::new(conn);
+    let answers = (0..n)
+        .map_while(|_| {
+            let head = read_head(&mut reader).unwrap()?;
+            let body = read_response_body(&mut reader, &head, "GET").bytes;
+            Some((head, body))
+        })
+        .collect();
+    (answers, reader)
+}
+
+/// A 401 names the scheme it wants (RFC 9110 §11.6.1: a 401 carries `WWW-Authenticate`), so
+/// clients and operators see that a Bearer key is expected. Found by the wire soak.
+#[test]
+fn a_401_says_a_bearer_key_is_wanted() {
+    let (_o, tg) = start();
+    for auth in [
+        "",
+        "Authorization: Basic YTpi\r\n",
+        "Authorization: Bearer nope\r\n",
+    ] {
+        let request = format!("GET /admin/users HTTP/1.1\r\nHost: a\r\n{auth}\r\n");
+        let (got, _) = raw_answers(&tg, request.as_bytes(), 1);
+        assert_eq!(got[0].0.status(), 401, "{auth}");
+        let challenge = got[0].0.get("www-authenticate").map(show);
+        assert_eq!(
+            challenge.as_deref(),
+            Some("Bearer realm=\"tollgate admin\""),
+            "{auth}"
+        );
+    }
 }
 
 mod model;
