@@ -242,6 +242,9 @@ impl ServeHttp for AdminService {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.keepalive_timeout_seconds));
         }
+        // Requests sent ahead of their answers are answered in order, as on the proxy
+        // listener; Pingora's default answered the first and dropped the others.
+        session.set_pipelining_enabled(true);
         connection::header_received(session);
         let response = self.handle(session).await;
         // Reads from here on are the next request's header, or a body left unread that Pingora

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::support::sockets::tcp_queues;
 use crate::support::tollgate::{Tollgate, ADMIN_KEY};
 use crate::support::wire::{read_head, read_response_body, show, Head};
-use crate::support::{client, error_type, Origin, TollgateBuilder};
+use crate::support::{client, closed_within, error_type, Origin, TollgateBuilder};
 
 fn start() -> (Origin, Tollgate) {
     let origin = Origin::start();
@@ -1444,6 +1444,31 @@ fn a_401_says_a_bearer_key_is_wanted() {
             "{auth}"
         );
     }
+}
+
+/// Requests sent ahead of their answers (HTTP/1.1 pipelining, as the proxy listener serves
+/// them) are each answered in order. Pingora's default answered the first with
+/// `Connection: keep-alive`, then closed the connection and dropped the others. Found by the
+/// wire soak.
+#[test]
+fn pipelined_admin_requests_are_all_answered_in_order() {
+    let (_o, tg) = start();
+    let auth = format!("Authorization: Bearer {ADMIN_KEY}\r\n");
+    let pipeline = format!(
+        "GET /health HTTP/1.1\r\nHost: a\r\n\r\n\
+         GET /admin/users/nobody HTTP/1.1\r\nHost: a\r\n{auth}\r\n\
+         PUT /admin/users/piped HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 2\r\n\r\n{{}}\
+         GET /admin/users/piped HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n"
+    );
+    let (got, reader) = raw_answers(&tg, pipeline.as_bytes(), 4);
+    let statuses: Vec<u16> = got.iter().map(|(h, _)| h.status()).collect();
+    assert_eq!(statuses, [200, 404, 200, 200]);
+    assert!(show(&got[3].1).contains("\"token\":\"piped\""));
+    let mut conn = reader.into_inner();
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(10)),
+        "the last request asked for the end"
+    );
 }
 
 mod model;
