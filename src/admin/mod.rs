@@ -224,6 +224,23 @@ fn route(path: &str) -> Option<Route<'_>> {
     }
 }
 
+/// Whether the client lets the connection be reused after this request: HTTP/1.1 unless it
+/// sent `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`.
+fn client_keeps_alive(req: &pingora::http::RequestHeader) -> bool {
+    let has = |token: &str| {
+        req.headers
+            .get_all(::http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if has("close") {
+        return false;
+    }
+    req.version >= ::http::Version::HTTP_11 || has("keep-alive")
+}
+
 fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
     match route {
         // HEAD for load balancers that probe with it; Pingora sends no body for HEAD.
@@ -238,9 +255,12 @@ fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
 #[async_trait]
 impl ServeHttp for AdminService {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // Pingora turns keep-alive off while shutting down (left so) and sets 60 s otherwise.
+        // Pingora turns keep-alive off while shutting down (left so) and sets 60 s otherwise,
+        // over its own reading of the request's wish (an HTTP/1.0 client then waited for an
+        // end that never came).
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(self.keepalive_timeout_seconds));
+            let keep = client_keeps_alive(session.req_header());
+            session.set_keepalive(keep.then_some(self.keepalive_timeout_seconds));
         }
         // Requests sent ahead of their answers are answered in order, as on the proxy
         // listener; Pingora's default answered the first and dropped the others.

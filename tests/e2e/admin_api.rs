@@ -1471,4 +1471,36 @@ fn pipelined_admin_requests_are_all_answered_in_order() {
     );
 }
 
+/// An HTTP/1.0 client that did not ask for keep-alive expects the connection to end after the
+/// answer (some read to the end); one that asked keeps it. Pingora's app loop turned keep-alive
+/// on for every request, announcing it to HTTP/1.0 clients that had not asked. Found by the
+/// wire soak.
+#[test]
+fn http_1_0_keeps_the_connection_only_when_asked() {
+    let (_o, tg) = start();
+    let (got, reader) = raw_answers(&tg, b"GET /health HTTP/1.0\r\n\r\n", 1);
+    assert_eq!(got[0].0.status(), 200);
+    assert_eq!(
+        got[0].0.get("connection").map(show).as_deref(),
+        Some("close")
+    );
+    let mut conn = reader.into_inner();
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(10)),
+        "an HTTP/1.0 connection without keep-alive stayed open"
+    );
+    let (got, mut reader) = raw_answers(
+        &tg,
+        b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        1,
+    );
+    assert_eq!(
+        got[0].0.get("connection").map(show).as_deref(),
+        Some("keep-alive")
+    );
+    std::io::Write::write_all(reader.get_mut(), b"GET /ready HTTP/1.0\r\n\r\n").unwrap();
+    let head = read_head(&mut reader).unwrap().expect("kept alive");
+    assert_eq!(head.status(), 200);
+}
+
 mod model;
