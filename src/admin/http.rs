@@ -8,7 +8,7 @@ use pingora::protocols::http::ServerSession;
 use serde::Serialize;
 
 use crate::encoding::percent_decode;
-use crate::proxy::expects_continue;
+use crate::proxy::{expects_continue, send_continue};
 
 /// An error answer: `{"error":{"type","message","field"?}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +155,9 @@ pub async fn read_body(
     // Only now, with the request authorised and its declared size acceptable, is the client
     // told to send the body; an earlier refusal is the final status instead.
     if expects_continue(session.req_header()) {
-        tokio::time::timeout(idle, session.write_continue_response())
+        // Sent as the proxy sends it: Pingora's own call marked the connection for closing, so
+        // every request with `Expect` (curl's large imports) ended its connection.
+        tokio::time::timeout(idle, send_continue(session))
             .await
             .map_err(|_| stalled())?
             .map_err(|e| {

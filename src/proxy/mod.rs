@@ -84,8 +84,11 @@ pub(crate) fn expects_continue(req: &RequestHeader) -> bool {
 /// Answers `100 Continue` once the request passed, as nginx does, so the client sends its body
 /// now and the upstream gets no `Expect` ([`Proxy::upstream_request_filter`]). Relayed from
 /// the upstream instead, the 100 came only if the upstream sent one (otherwise the client waited
-/// for its own timeout, curl's 1 s), and Pingora closed the connection after the answer.
-async fn send_continue(session: &mut Session) -> Result<()> {
+/// for its own timeout, curl's 1 s), and Pingora closed the connection after the answer. The
+/// admin API answers its `Expect` with this too.
+pub(crate) async fn send_continue(
+    session: &mut pingora::protocols::http::ServerSession,
+) -> Result<()> {
     // The 100 precedes the body by definition: it must not mark the connection for closing
     // the way an early final answer does.
     session.set_close_on_response_before_downstream_finish(false);

@@ -1503,4 +1503,34 @@ fn http_1_0_keeps_the_connection_only_when_asked() {
     assert_eq!(head.status(), 200);
 }
 
+/// A request with `Expect: 100-continue` that was answered `100 Continue` and then 200 keeps
+/// its connection, as on the proxy listener: Pingora's own `100` marked the connection for
+/// closing, so every curl import over 1 MiB ended its connection. Found by the wire soak.
+#[test]
+fn a_continued_request_keeps_its_connection() {
+    let (_o, tg) = start();
+    let body = br#"{"nickname":"kept"}"#;
+    let request = format!(
+        "PUT /admin/users/kept HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    let (got, mut reader) = raw_answers(&tg, request.as_bytes(), 1);
+    assert_eq!(got[0].0.status(), 100);
+    std::io::Write::write_all(reader.get_mut(), body).unwrap();
+    let head = read_head(&mut reader).unwrap().expect("an answer");
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.get("connection").map(show).as_deref(),
+        Some("keep-alive")
+    );
+    read_response_body(&mut reader, &head, "PUT");
+    std::io::Write::write_all(reader.get_mut(), b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut reader)
+        .unwrap()
+        .expect("the connection was kept");
+    assert_eq!(head.status(), 200);
+}
+
 mod model;
