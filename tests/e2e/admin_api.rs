@@ -1534,3 +1534,4 @@ fn a_continued_request_keeps_its_connection() {
 }
 
 mod model;
+mod wire;
