@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use ::http::{Method, Response};
 use async_trait::async_trait;
-use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 
 use crate::config::Config;
 use crate::encoding::percent_decode_segment;
@@ -252,8 +254,70 @@ fn allowed_methods(route: &Route<'_>) -> &'static [&'static str] {
     }
 }
 
+/// Pingora's `ServeHttp` loop (read, answer, reuse the connection), except that a request
+/// Pingora refuses while reading its header (two `Host` headers, an absolute URL whose host is
+/// not `Host`'s, `Content-Length` values that differ, a header line it cannot parse) gets a
+/// 400 and the end, as on the proxy listener; that loop closed the connection without a word.
 #[async_trait]
-impl ServeHttp for AdminService {
+impl HttpServerApp for AdminService {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                if matches!(e.etype, pingora::ErrorType::InvalidHTTPHeader) {
+                    refuse_malformed(&mut session).await;
+                }
+                return None;
+            }
+        }
+        // Keep-alive off while shutting down (the handler leaves it so), 60 s otherwise.
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        let (parts, body) = self.response(&mut session).await.into_parts();
+        let header: ResponseHeader = parts.into();
+        if session
+            .write_response_header(Box::new(header))
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        if !body.is_empty()
+            && session
+                .write_response_body(body.into(), true)
+                .await
+                .is_err()
+        {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Err(_) => None,
+        }
+    }
+}
+
+/// Answers a request whose header Pingora refused. The message names no part of it: the
+/// header may hold the admin key.
+async fn refuse_malformed(session: &mut ServerSession) {
+    let (parts, body) = ApiError::bad_request(
+        "",
+        "the request could not be read: malformed header or framing",
+    )
+    .into_response()
+    .into_parts();
+    let header: ResponseHeader = parts.into();
+    // The connection is closed after it either way.
+    let _ = session.write_error_response(header, body.into()).await;
+    session.shutdown().await;
+}
+
+impl AdminService {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         // Pingora turns keep-alive off while shutting down (left so) and sets 60 s otherwise,
         // over its own reading of the request's wish (an HTTP/1.0 client then waited for an

@@ -10,7 +10,9 @@
 //! answer, in order, with the status, error `type` and headers docs/admin-api.md promises
 //! (`WWW-Authenticate` on 401, `Allow` on 405, `Retry-After` on 429); the connection must stay
 //! open or close as the answer announces; failures lock an address out as documented; and
-//! neither the admin key nor a user's token may appear in the log.
+//! neither the admin key nor a user's token may appear in the log. Requests Pingora refuses
+//! while reading their header (two `Host` headers, differing `Content-Length`s, a line without
+//! a colon, an absolute URL for another host) must get a 400 and the end.
 //!
 //! The suite runs one seed. To soak:
 //! `TOLLGATE_SOAK_SEED=<n> TOLLGATE_SOAK_ITERATIONS=<k> cargo nextest run --test e2e admin_api::wire`
@@ -243,7 +245,7 @@ impl Soak<'_> {
         let mut version = "HTTP/1.1";
         let mut extra = String::new();
         let (method, path, body, kind): (&str, String, Option<Vec<u8>>, &str) =
-            match self.rng.below(22) {
+            match self.rng.below(23) {
                 0..=2 => ("GET", self.users_path(), None, "list"),
                 3 => ("HEAD", self.users_path(), None, "list"),
                 4..=5 => {
@@ -329,6 +331,17 @@ impl Soak<'_> {
                     request.half_close = true;
                     ("GET", "/health".to_string(), None, "health")
                 }
+                21 => {
+                    // Refused by Pingora while reading the header: a 400 and the end.
+                    let (path, line) = [
+                        ("/admin/users", "Host: other.example\r\n"),
+                        ("/admin/users", "Content-Length: 1\r\nContent-Length: 2\r\n"),
+                        ("/admin/users", "Not a header line\r\n"),
+                        ("http://elsewhere.example/admin/users", ""),
+                    ][self.rng.below(4)];
+                    extra.push_str(line);
+                    ("GET", path.to_string(), None, "malformed")
+                }
                 _ => {
                     // `?key=` is no way to send the admin key.
                     request.auth = Auth::Bad;
@@ -347,7 +360,7 @@ impl Soak<'_> {
             authorization
         };
         let checked = path.to_ascii_lowercase().starts_with("/admin/users")
-            && !matches!(kind, "method" | "nowhere");
+            && !matches!(kind, "method" | "nowhere" | "malformed");
         if !checked {
             request.auth = Auth::NotChecked;
         }
@@ -388,6 +401,10 @@ impl Soak<'_> {
             "missing" => Expect::status(404, Some("not_found")),
             "big" => Expect::status(413, Some("payload_too_large")),
             "method" => Expect::status(405, Some("method_not_allowed")),
+            "malformed" => Expect {
+                closes: true,
+                ..Expect::status(400, Some("invalid_request"))
+            },
             _ => Expect::status(404, Some("not_found")),
         };
         if kind == "method" {
@@ -669,7 +686,7 @@ fn run(seed: u64) {
         soak.seen
     );
     if steps >= DEFAULT_STEPS {
-        for status in [100, 200, 401, 404, 405, 413, 429] {
+        for status in [100, 200, 400, 401, 404, 405, 413, 429] {
             assert!(
                 soak.seen.contains_key(&status),
                 "seed {seed}: no {status} in {steps} steps"
