@@ -126,15 +126,21 @@ pub struct StockReplies {
 impl Default for StockReplies {
     fn default() -> Self {
         Self {
+            // RFC 9110 wants a challenge on every 401 (RFC 6750's form for a bearer token).
             missing_token: ErrorReply::new(
                 401,
                 "unauthorized",
                 "Unauthorized: send your token as 'Authorization: Bearer <token>'",
-            ),
+            )
+            .with_header("www-authenticate", "Bearer realm=\"tollgate\""),
             unknown_token: ErrorReply::new(
                 401,
                 "unauthorized",
                 "Unauthorized: unknown or invalid token",
+            )
+            .with_header(
+                "www-authenticate",
+                "Bearer realm=\"tollgate\", error=\"invalid_token\"",
             ),
             blocked: ErrorReply::new(403, "forbidden", "Forbidden (by IP blocklist)"),
             ip_limit: ErrorReply::new(

@@ -78,6 +78,38 @@ fn user_token_mode_admits_known_users_only() {
     assert_eq!(get(&tg.url("/a"), Some(ADMIN_KEY)).0, StatusCode::OK);
 }
 
+/// Every 401 carries the challenge RFC 9110 requires, in RFC 6750's bearer form.
+#[test]
+fn a_401_says_a_bearer_token_is_wanted() {
+    let origin = Origin::start();
+    for mode in ["proxy_key", "user_token"] {
+        let tg = TollgateBuilder::new(origin.addr)
+            .mode(mode)
+            .env("PROXY_KEY", PROXY_KEY)
+            .start();
+        let challenge = |token: Option<&str>| {
+            let mut req = client().get(tg.url("/a"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().unwrap();
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{mode}");
+            let value = resp.headers().get("www-authenticate").cloned();
+            value.map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            challenge(None).as_deref(),
+            Some("Bearer realm=\"tollgate\""),
+            "{mode}"
+        );
+        assert_eq!(
+            challenge(Some("wrong")).as_deref(),
+            Some("Bearer realm=\"tollgate\", error=\"invalid_token\""),
+            "{mode}"
+        );
+    }
+}
+
 #[test]
 fn tokens_are_accepted_from_all_three_places() {
     let origin = Origin::start();
