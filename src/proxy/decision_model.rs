@@ -523,7 +523,7 @@ struct Answer {
     status: u16,
     kind: Option<String>,
     message: Option<String>,
-    /// `retry-after` and `x-ratelimit-*`, sorted.
+    /// `retry-after`, `www-authenticate` and `x-ratelimit-*`, sorted.
     headers: Vec<(String, String)>,
 }
 
@@ -833,12 +833,19 @@ impl Model {
         now: u64,
     ) -> Result<Option<String>, Answer> {
         let unauthorized = |token: Option<&str>| {
-            let message = if token.is_none() {
-                "Unauthorized: send your token as 'Authorization: Bearer <token>'"
+            let (message, challenge) = if token.is_none() {
+                (
+                    "Unauthorized: send your token as 'Authorization: Bearer <token>'",
+                    "Bearer realm=\"tollgate\"",
+                )
             } else {
-                "Unauthorized: unknown or invalid token"
+                (
+                    "Unauthorized: unknown or invalid token",
+                    "Bearer realm=\"tollgate\", error=\"invalid_token\"",
+                )
             };
             Answer::refused(401, "unauthorized", Some(message.into()))
+                .with("www-authenticate", challenge)
         };
         if token == Some(ADMIN_KEY) {
             return Ok(None);
