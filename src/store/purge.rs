@@ -138,6 +138,9 @@ impl BackgroundService for TemporaryUserPurge {
 }
 
 #[cfg(test)]
+mod lifecycle_model;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::users::User;
