@@ -695,3 +695,41 @@ async fn a_snapshot_older_than_a_confirmed_creation_keeps_the_user_and_its_edit(
     stop.send(true).unwrap();
     follower.await.unwrap();
 }
+
+/// The purge on one instance and an admin's extension of the same user on another, written
+/// after the purge's delete (before the delete reached that instance over the stream): the
+/// extension is lost with the user (docs/firebase.md, *Costs and limits*), and both instances
+/// and the database agree that the user is gone; the extension's leaf is a remnant, which no
+/// instance takes for a user.
+#[tokio::test]
+async fn a_purge_and_an_extension_on_another_instance_converge() {
+    let hour = 3_600_000;
+    let db = standin();
+    let expired = json!({"type": "temporary", "expiresAt": 1, "promptCount": 3});
+    db.set("/users/x", stored_user("x", expired)).unwrap();
+    let (a, b) = (store(&db), store(&db));
+    let (cache_a, cache_b) = (loaded(&a).await, loaded(&b).await);
+    let after = Duration::from_secs(48 * 3600);
+    assert_eq!(
+        crate::store::purge::purge_temporary_users(&cache_a, 50 * hour, after),
+        1
+    );
+    cache_b.upsert("x", &patch(json!({"expiresAt": 100 * hour})), 50 * hour);
+    a.apply(&take(&cache_a, 1)).await.unwrap();
+    let batch_b = take(&cache_b, 1);
+    b.apply(&batch_b).await.unwrap();
+    cache_b.acknowledge(&batch_b.changes, false);
+    assert!(stream::is_remnant(&db.get("/users/x").unwrap()));
+
+    let (b, cache_b) = (Arc::new(b), Arc::new(cache_b));
+    let (status, stop, follower) = follow(&b, &cache_b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(status.cache_is_current() && cache_b.get("x").is_none()) {
+        assert!(tokio::time::Instant::now() < deadline, "B keeps the user");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cache_a.get("x").is_none());
+    assert!(loaded(&store(&db)).await.get("x").is_none());
+    stop.send(true).unwrap();
+    follower.await.unwrap();
+}
