@@ -6,11 +6,13 @@
 //! `promptCount`, soft and hard deletes, requests (IP limit and auto-ban included), clock moves
 //! onto and around expiries and purge deadlines, purge rounds, purges with an admin edit
 //! between their snapshot and their removals, and restarts (the memory store forgets every
-//! user; the SQLite store and the Firebase stand-in keep them, counts included). Every answer and, after every step,
-//! every user as the admin API shows it, must equal the model's.
+//! user; the SQLite store and the Firebase stand-in keep them, counts included). Every answer
+//! and, after every step, every user as the admin API shows it, must equal the model's.
 //!
 //! `TOLLGATE_MODEL_SEED=N` replays one run; `TOLLGATE_MODEL_RUNS` and `TOLLGATE_MODEL_STEPS`
-//! size the search (defaults: 40 runs of 300 steps, about 5 s in a debug build).
+//! size the search (defaults: 30 runs of 300 steps, about 6 s in a debug build). The
+//! concurrent test takes the seed too, and `TOLLGATE_MODEL_STEPS` as each admin thread's
+//! number of actions (default 3000).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -543,12 +545,113 @@ fn lifecycle_model() {
     let steps = env_u64("TOLLGATE_MODEL_STEPS").unwrap_or(300);
     let seeds: Vec<u64> = match env_u64("TOLLGATE_MODEL_SEED") {
         Some(seed) => vec![seed],
-        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(40)).collect(),
+        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(30)).collect(),
     };
     for seed in seeds {
         let mut run = Run::new(seed);
         for _ in 0..steps {
             run.step();
+        }
+    }
+}
+
+/// Purges, admin actions and counted requests on several threads at once, with the store
+/// writing meanwhile: whatever the interleaving, the store ends holding exactly the users
+/// the cache holds, with the same lifecycle fields and counts (a purge's removal is never
+/// undone by a write of an edit it raced with, and never left unwritten).
+#[test]
+fn concurrent_purges_and_edits_leave_the_store_equal_to_the_cache() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.db");
+    let backend: Arc<dyn StoreBackend> = Arc::new(SqliteStore::open(&path).unwrap());
+    let cache = Arc::new(UserCache::default());
+    let engine = SyncEngine::new(
+        Arc::clone(&backend),
+        StoreStatus::new("sqlite", Arc::clone(&cache)),
+        Duration::from_secs(3600),
+        Duration::from_secs(1),
+    );
+    let now = T0 + 100 * HOUR;
+    let after = Duration::from_secs(48 * 3600);
+    let seed = env_u64("TOLLGATE_MODEL_SEED").unwrap_or(1);
+    let rounds = env_u64("TOLLGATE_MODEL_STEPS").unwrap_or(3000);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let admins: Vec<_> = (0..3)
+            .map(|i| {
+                let cache = &cache;
+                scope.spawn(move || {
+                    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(i));
+                    for _ in 0..rounds {
+                        concurrent_admin_step(&mut rng, cache, now);
+                    }
+                })
+            })
+            .collect();
+        let purger = scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                purge_temporary_users(&cache, now, after);
+                std::thread::yield_now();
+            }
+        });
+        while admins.iter().any(|a| !a.is_finished()) {
+            runtime.block_on(engine.flush()).unwrap();
+        }
+        for admin in admins {
+            admin.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        purger.join().unwrap();
+    });
+    runtime.block_on(engine.flush()).unwrap();
+    let in_cache: BTreeMap<String, Expected> = cache
+        .snapshot()
+        .iter()
+        .map(|u| (u.token.clone(), Expected::of(u)))
+        .collect();
+    let stored = runtime.block_on(backend.load_all()).unwrap();
+    let in_store: BTreeMap<String, Expected> = stored
+        .iter()
+        .map(|u| (u.token.clone(), Expected::of(u)))
+        .collect();
+    assert_eq!(in_store, in_cache, "seed {seed}");
+}
+
+/// One admin action or counted request of [`concurrent_purges_and_edits_leave_the_store_equal_to_the_cache`].
+fn concurrent_admin_step(rng: &mut Rng, cache: &UserCache, now: u64) {
+    let token = *pick(rng, &TOKENS);
+    let expired = T0;
+    let live = T0 + 200 * HOUR;
+    match rng.below(6) {
+        0 => {
+            let mut user = User::new(token.into(), *pick(rng, &TYPES), now);
+            user.expires_at = Some(*pick(rng, &[expired, live]));
+            let _ = cache.create(&user);
+        }
+        1 | 2 => {
+            let body = match rng.below(4) {
+                0 => json!({"expiresAt": *pick(rng, &[expired, live])}),
+                1 => json!({"type": *pick(rng, &["normal", "special", "temporary"])}),
+                2 => json!({"disabledAt": *pick(rng, &[json!(null), json!(T0)])}),
+                _ => json!({"promptCount": rng.below(3)}),
+            };
+            let patch: UserPatch = serde_json::from_value(body).unwrap();
+            cache.upsert(token, &patch, now);
+        }
+        3 => {
+            let _ = cache.disable(token, Some("bye"), now);
+        }
+        4 => {
+            let _ = cache.remove(token);
+        }
+        _ => {
+            if let Some(record) = cache.get(token) {
+                cache.count_request(&record, now);
+            }
         }
     }
 }
