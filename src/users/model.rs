@@ -14,7 +14,7 @@ pub enum UserType {
     Normal,
     /// Exempt from the IP limit, auto-ban and rate limiting; not from being disabled.
     Special,
-    /// Expires at `expiresAt`; purged some hours after it expired.
+    /// Expires at `expiresAt`; purged `POW_TOKEN_PURGE_HOURS` after it expired or was disabled.
     Temporary,
 }
 
