@@ -1312,3 +1312,4 @@ fn an_http_10_client_gets_no_interim_answers() {
 }
 
 mod soak;
+mod upstreams;
