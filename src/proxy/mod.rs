@@ -261,9 +261,14 @@ pub struct RequestCtx {
     /// request ends however it ends.
     inflight_slot: Option<ConcurrencySlot>,
     upstream_started: Option<Instant>,
-    /// The request's place in the upstream rotation, and the connection attempts made.
+    /// The request's place in the upstream rotation, the attempts made, and the upstream of
+    /// the last one.
     upstream_first: usize,
     upstream_attempts: usize,
+    upstream_index: usize,
+    /// The upstreams this request could not connect to: skipped by its later attempts. A
+    /// kept-alive connection the upstream had closed (Pingora retries it) is no such failure.
+    upstream_unreachable: Vec<usize>,
     upstream_status: Option<u16>,
     /// Request body bytes passed upstream so far.
     body_bytes: u64,
@@ -584,6 +589,8 @@ impl ProxyHttp for Proxy {
             upstream_started: None,
             upstream_first: 0,
             upstream_attempts: 0,
+            upstream_index: 0,
+            upstream_unreachable: Vec::new(),
             upstream_status: None,
             body_bytes: 0,
             continue_sent: false,
@@ -686,11 +693,20 @@ impl ProxyHttp for Proxy {
             ctx.upstream_started = Some(Instant::now());
             ctx.upstream_first = self.upstreams.first();
         }
-        let peer = self
+        let mut index = self
             .upstreams
-            .peer(ctx.upstream_first, ctx.upstream_attempts);
+            .index(ctx.upstream_first, ctx.upstream_attempts);
+        // Never all of them (`fail_to_connect` stops retrying before), but bounded anyway.
+        let last = ctx.upstream_attempts + self.upstreams.len();
+        while ctx.upstream_unreachable.contains(&index) && ctx.upstream_attempts < last {
+            ctx.upstream_attempts += 1;
+            index = self
+                .upstreams
+                .index(ctx.upstream_first, ctx.upstream_attempts);
+        }
         ctx.upstream_attempts += 1;
-        Ok(peer)
+        ctx.upstream_index = index;
+        Ok(self.upstreams.peer(index))
     }
 
     fn fail_to_connect(
@@ -701,10 +717,12 @@ impl ProxyHttp for Proxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.metrics.record_connect_failure();
-        // Nothing was sent yet: the next upstream may take it, each one tried once.
-        if ctx.upstream_attempts < self.upstreams.len() {
-            e.set_retry(true);
-        }
+        // Nothing was sent yet: another upstream may take it, each one failing once at most.
+        // Counted apart from the attempts: a stale pooled connection before used up a
+        // healthy upstream's try, and the request got a 502 from the next one's refusal.
+        ctx.upstream_unreachable.push(ctx.upstream_index);
+        // Whatever the connector decided: past the last upstream there is none to try.
+        e.set_retry(ctx.upstream_unreachable.len() < self.upstreams.len());
         e
     }
 
@@ -742,8 +760,7 @@ impl ProxyHttp for Proxy {
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
         // The upstream's own name, as the older proxy (`changeOrigin`) and nginx send it: a
         // virtual host or a TLS front end answers to its name, not to tollgate's.
-        let attempt = ctx.upstream_attempts.saturating_sub(1);
-        if let Some(host) = self.upstreams.host(ctx.upstream_first, attempt) {
+        if let Some(host) = self.upstreams.host(ctx.upstream_index) {
             upstream.insert_header(http::header::HOST, host.clone())?;
         }
         for (name, value) in &self.set_headers {

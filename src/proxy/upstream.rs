@@ -65,21 +65,23 @@ impl Upstreams {
         })
     }
 
-    /// The peer for a request's `attempt` (0, 1, …) that started at `first`: every attempt of
-    /// one request goes to a different upstream, whatever other requests took meanwhile.
+    /// The upstream of a request's `attempt` (0, 1, …) that started at `first`: successive
+    /// attempts of one request go to successive upstreams, whatever other requests took
+    /// meanwhile.
     #[inline]
-    pub fn peer(&self, first: usize, attempt: usize) -> Box<HttpPeer> {
-        Box::new(self.at(first, attempt).peer.clone())
+    pub fn index(&self, first: usize, attempt: usize) -> usize {
+        first.wrapping_add(attempt) % self.upstreams.len()
     }
 
-    /// The `Host` for that attempt's upstream; `None`: keep the client's.
     #[inline]
-    pub fn host(&self, first: usize, attempt: usize) -> Option<&HeaderValue> {
-        self.at(first, attempt).host.as_ref()
+    pub fn peer(&self, index: usize) -> Box<HttpPeer> {
+        Box::new(self.upstreams[index].peer.clone())
     }
 
-    fn at(&self, first: usize, attempt: usize) -> &Upstream {
-        &self.upstreams[first.wrapping_add(attempt) % self.upstreams.len()]
+    /// The `Host` for that upstream; `None`: keep the client's.
+    #[inline]
+    pub fn host(&self, index: usize) -> Option<&HeaderValue> {
+        self.upstreams[index].host.as_ref()
     }
 }
 
@@ -115,7 +117,7 @@ mod tests {
         let _ = (upstreams.first(), upstreams.first());
         let ports: Vec<u16> = (0..3)
             .map(|attempt| {
-                let peer = upstreams.peer(first, attempt);
+                let peer = upstreams.peer(upstreams.index(first, attempt));
                 peer._address.as_inet().unwrap().port()
             })
             .collect();
@@ -123,7 +125,8 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, vec![9000, 9001, 9002], "{ports:?}");
         for (attempt, port) in ports.iter().enumerate() {
-            let host = upstreams.host(first, attempt).unwrap().to_str().unwrap();
+            let index = upstreams.index(first, attempt);
+            let host = upstreams.host(index).unwrap().to_str().unwrap();
             assert_eq!(host, format!("127.0.0.1:{port}"), "its own Host");
         }
     }

@@ -545,3 +545,40 @@ fn check(
         _ => panic!("{context}: unexpected {head:?}"),
     }
 }
+
+/// An idempotent request sent on a kept-alive connection the upstream closed as it arrived is
+/// sent again on a new connection (operations.md), even when the next upstream in the rotation
+/// is down: the stale connection is no failed try of its upstream (as nginx gives a cached
+/// connection's failure an extra try). It got a 502 when the retry went to a refused upstream
+/// and the closed connection had used up the healthy upstream's one try.
+#[test]
+fn a_stale_pooled_connection_is_no_failed_try_of_its_upstream() {
+    let (mut stale, mut other) = (Chaos::start(0), Chaos::start(1));
+    stale.set(Mode::Stale);
+    let addrs = [stale.addr.to_string(), other.addr.to_string()];
+    let tg = TollgateBuilder::new(stale.addr)
+        .mode("none")
+        .yaml("rate_limit:\n  requests_per_minute: 0\n")
+        .upstreams(&addrs)
+        .start();
+    let mut client = Client {
+        tg: &tg,
+        conn: None,
+    };
+    let mut get = |tag: String| {
+        let sent = Sent {
+            tag,
+            method: "GET",
+            body: Vec::new(),
+        };
+        client.send(&sent, "client.example").0.status()
+    };
+    // The stale upstream keeps a connection of its own in the pool.
+    for i in 0..4 {
+        assert_eq!(get(format!("warm-{i}")), 200);
+    }
+    other.set(Mode::Down);
+    let statuses: Vec<u16> = (0..8).map(|i| get(format!("down-{i}"))).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    drop(stale);
+}
