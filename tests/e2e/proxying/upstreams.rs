@@ -403,6 +403,36 @@ fn upstreams_failing_at_random_keep_the_documented_promises() {
                 check(&origins, &sent, &head, &body, preserve_host, &context);
             }
         }
+        // Clients at once on the shared pool: every answer is still its own request's.
+        for origin in origins.iter_mut() {
+            let modes = [Mode::Up, Mode::Up, Mode::Stale, Mode::OneShot, Mode::Fails];
+            origin.set(modes[rng.below(modes.len())]);
+        }
+        let modes: Vec<Mode> = origins.iter().map(Chaos::mode).collect();
+        std::thread::scope(|scope| {
+            for worker in 0..3 {
+                let (origins, tg, modes) = (&origins, &tg, &modes);
+                let mut rng = Rng::new(seed ^ (worker + 1));
+                scope.spawn(move || {
+                    let mut client = Client { tg, conn: None };
+                    for i in 0..15 {
+                        let method = ["GET", "HEAD", "POST", "PUT"][rng.below(4)];
+                        let sent = Sent {
+                            tag: format!("{seed}-w{worker}-{i}"),
+                            method,
+                            body: match method {
+                                "GET" | "HEAD" => Vec::new(),
+                                _ => vec![b'a' + (i % 26) as u8; rng.below(2000)],
+                            },
+                        };
+                        let (head, body) = client.send(&sent, "client.example");
+                        let context =
+                            format!("seed {seed} at once {method} {} modes {modes:?}", sent.tag);
+                        check(origins, &sent, &head, &body, preserve_host, &context);
+                    }
+                });
+            }
+        });
         // Every upstream up again: each is used again, over reused connections.
         for origin in origins.iter_mut() {
             origin.set(Mode::Up);
