@@ -760,7 +760,8 @@ impl ProxyHttp for Proxy {
         upstream.insert_header("x-forwarded-for", ctx.client_ip.to_string())?;
         // The upstream's own name, as the older proxy (`changeOrigin`) and nginx send it: a
         // virtual host or a TLS front end answers to its name, not to tollgate's.
-        if let Some(host) = self.upstreams.host(ctx.upstream_index) {
+        let client_sent_host = upstream.headers.contains_key(http::header::HOST);
+        if let Some(host) = self.upstreams.host(ctx.upstream_index, client_sent_host) {
             upstream.insert_header(http::header::HOST, host.clone())?;
         }
         for (name, value) in &self.set_headers {

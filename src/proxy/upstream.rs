@@ -10,12 +10,14 @@ use crate::config::UpstreamConfig;
 
 pub struct Upstreams {
     upstreams: Box<[Upstream]>,
+    /// Forward the client's `Host` rather than each upstream's own.
+    preserve_host: bool,
 }
 
 struct Upstream {
     peer: HttpPeer,
-    /// Its own `Host`; `None` forwards the client's (`upstream.preserve_host`).
-    host: Option<HeaderValue>,
+    /// Its own `Host`.
+    host: HeaderValue,
 }
 
 thread_local! {
@@ -37,11 +39,16 @@ impl Upstreams {
                 peer.options.idle_timeout = Some(config.idle_timeout);
                 peer.options.verify_cert = config.verify_cert;
                 peer.options.verify_hostname = config.verify_cert;
-                let host = (!config.preserve_host).then(|| upstream.host.clone());
-                Upstream { peer, host }
+                Upstream {
+                    peer,
+                    host: upstream.host.clone(),
+                }
             })
             .collect();
-        Self { upstreams }
+        Self {
+            upstreams,
+            preserve_host: config.preserve_host,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -78,10 +85,12 @@ impl Upstreams {
         Box::new(self.upstreams[index].peer.clone())
     }
 
-    /// The `Host` for that upstream; `None`: keep the client's.
+    /// The `Host` for that upstream; `None`: keep the client's. A request without one (HTTP/1.0
+    /// allows it) gets the upstream's own even with `preserve_host`: it goes upstream as
+    /// HTTP/1.1, where a request without `Host` is refused (RFC 9112, 3.2).
     #[inline]
-    pub fn host(&self, index: usize) -> Option<&HeaderValue> {
-        self.upstreams[index].host.as_ref()
+    pub fn host(&self, index: usize, client_sent_host: bool) -> Option<&HeaderValue> {
+        (!self.preserve_host || !client_sent_host).then(|| &self.upstreams[index].host)
     }
 }
 
@@ -126,7 +135,7 @@ mod tests {
         assert_eq!(sorted, vec![9000, 9001, 9002], "{ports:?}");
         for (attempt, port) in ports.iter().enumerate() {
             let index = upstreams.index(first, attempt);
-            let host = upstreams.host(index).unwrap().to_str().unwrap();
+            let host = upstreams.host(index, true).unwrap().to_str().unwrap();
             assert_eq!(host, format!("127.0.0.1:{port}"), "its own Host");
         }
     }

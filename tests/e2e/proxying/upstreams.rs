@@ -612,3 +612,26 @@ fn a_stale_pooled_connection_is_no_failed_try_of_its_upstream() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     drop(stale);
 }
+
+/// An HTTP/1.0 client may send no `Host`; the upstream still gets one (its own), as HTTP/1.1,
+/// which tollgate speaks to it, requires, with `preserve_host` too.
+#[test]
+fn a_request_without_host_reaches_the_upstream_with_its_own() {
+    let origin = Origin::start();
+    for preserve in [false, true] {
+        let tg = TollgateBuilder::new(origin.addr)
+            .mode("none")
+            .upstream_yaml(&format!("preserve_host: {preserve}"))
+            .start();
+        let mut conn = tg.proxy_connection();
+        write!(conn, "GET /no-host HTTP/1.0\r\n\r\n").unwrap();
+        let answer = read_answer(&mut std::io::BufReader::new(conn));
+        assert!(answer.status.contains(" 200 "), "{}", answer.status);
+        let host = origin.last().header("host").map(str::to_string);
+        assert_eq!(
+            host,
+            Some(origin.addr.to_string()),
+            "preserve_host: {preserve}"
+        );
+    }
+}
