@@ -1070,4 +1070,4 @@ mod tests {
 }
 
 #[cfg(test)]
-mod standin_tests;
+pub(crate) mod standin_tests;

@@ -16,8 +16,9 @@ pub(super) fn standin() -> StandIn {
     StandIn::start(Options::default())
 }
 
-pub(super) fn store(db: &StandIn) -> FirebaseStore {
-    FirebaseStore::open(&FirebaseConfig {
+/// The configuration of a store on `db`, with the defaults' timeouts.
+pub(crate) fn config(db: &StandIn) -> FirebaseConfig {
+    FirebaseConfig {
         rtdb_url: Some(db.db_url()),
         key: Secret::new(db.firebase_key_b64()),
         users_ref: "users".into(),
@@ -25,8 +26,11 @@ pub(super) fn store(db: &StandIn) -> FirebaseStore {
         startup_timeout: Duration::from_secs(5),
         keepalive_timeout: Duration::from_secs(75),
         temporary_user_purge: Duration::from_secs(48 * 3600),
-    })
-    .unwrap()
+    }
+}
+
+pub(super) fn store(db: &StandIn) -> FirebaseStore {
+    FirebaseStore::open(&config(db)).unwrap()
 }
 
 /// Everything queued in `cache`, as the engine's next batch.

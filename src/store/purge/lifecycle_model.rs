@@ -23,10 +23,10 @@ use rtdb_standin::{Options, StandIn};
 use serde_json::{json, Map, Value};
 
 use super::{purge_temporary_users, purgeable, remove_still_purgeable};
-use crate::config::{FirebaseConfig, GatekeeperConfig, GatekeeperMode, Secrets};
+use crate::config::{GatekeeperConfig, GatekeeperMode, Secrets};
 use crate::proxy::gatekeeper::{Gatekeeper, Identity, Refusal, AUTO_BAN_REASON};
-use crate::secret::Secret;
 use crate::soak::{env_u64, Rng};
+use crate::store::firebase::standin_tests;
 use crate::store::firebase::FirebaseStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{StoreBackend, StoreStatus, SyncEngine};
@@ -157,7 +157,7 @@ impl Run {
             }
             (Store::Firebase, Some(db)) => {
                 let _context = self.runtime.enter();
-                Arc::new(FirebaseStore::open(&firebase(db)).unwrap())
+                Arc::new(FirebaseStore::open(&standin_tests::config(db)).unwrap())
             }
             _ => {
                 self.cache = Arc::new(UserCache::default());
@@ -512,18 +512,6 @@ impl Run {
 
 fn pick<'a, T>(rng: &mut Rng, items: &'a [T]) -> &'a T {
     &items[rng.below(items.len())]
-}
-
-fn firebase(db: &StandIn) -> FirebaseConfig {
-    FirebaseConfig {
-        rtdb_url: Some(db.db_url()),
-        key: Secret::new(db.firebase_key_b64()),
-        users_ref: "users".into(),
-        emulator_host: None,
-        startup_timeout: Duration::from_secs(5),
-        keepalive_timeout: Duration::from_secs(75),
-        temporary_user_purge: Duration::from_secs(48 * 3600),
-    }
 }
 
 fn gatekeeper(max_ips: u32, auto_ban: bool, cache: &Arc<UserCache>) -> Gatekeeper {
