@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::{Config, ConfigError, GatekeeperMode, StoreKind};
 
 /// The soaks' seeded generator and knobs, shared rather than copied.
-use crate::soak::{env_u64, Rng};
+use crate::soak::{model_seeds, Rng};
 
 const FILE: &str = "model.yaml";
 const YEAR: u64 = 365 * 24 * 3600;
@@ -1018,10 +1018,7 @@ fn mutate(rng: &mut Rng, yaml: &str) -> String {
 }
 
 fn seeds() -> Vec<u64> {
-    match env_u64("TOLLGATE_MODEL_SEED") {
-        Some(seed) => vec![seed],
-        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(400)).collect(),
-    }
+    model_seeds(400)
 }
 
 #[test]

@@ -23,7 +23,7 @@ use forwarding::{
     address_pool, expected_client, in_nets, random_chain, random_length, random_net, random_peer,
     Chain, Net,
 };
-use soak::{env_u64, Rng};
+use soak::{env_u64, model_seeds, Rng};
 
 /// The set as the configuration builds it from `trusted_proxies` (each entry parsed) and as
 /// the environment's comma-separated lists do.
@@ -111,8 +111,7 @@ fn run(seed: u64, steps: u64) {
 #[test]
 fn client_ip_resolution_follows_the_documented_rule() {
     let steps = env_u64("TOLLGATE_MODEL_STEPS").unwrap_or(50);
-    match env_u64("TOLLGATE_MODEL_SEED") {
-        Some(seed) => run(seed, steps),
-        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(300)).for_each(|s| run(s, steps)),
+    for seed in model_seeds(300) {
+        run(seed, steps);
     }
 }

@@ -67,7 +67,7 @@ const FORWARDED: [&str; 8] = [
     "[2001:db8:0:2::9]:443",
 ];
 
-use crate::soak::{env_u64, Rng};
+use crate::soak::{env_u64, model_seeds, Rng};
 
 /// What the model draws from the soaks' generator.
 trait Draw {
@@ -1291,11 +1291,7 @@ impl Run {
 #[test]
 fn the_decision_follows_the_documented_model() {
     let steps = env_u64("TOLLGATE_MODEL_STEPS").unwrap_or(400);
-    let seeds: Vec<u64> = match env_u64("TOLLGATE_MODEL_SEED") {
-        Some(seed) => vec![seed],
-        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(150)).collect(),
-    };
-    for seed in seeds {
+    for seed in model_seeds(150) {
         let mut run = Run::new(seed);
         for _ in 0..steps {
             run.step();

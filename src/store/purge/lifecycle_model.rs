@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 use super::{purge_temporary_users, purgeable, remove_still_purgeable};
 use crate::config::{GatekeeperConfig, GatekeeperMode, Secrets};
 use crate::proxy::gatekeeper::{Gatekeeper, Identity, Refusal, AUTO_BAN_REASON};
-use crate::soak::{env_u64, Rng};
+use crate::soak::{env_u64, model_seeds, Rng};
 use crate::store::firebase::standin_tests;
 use crate::store::firebase::FirebaseStore;
 use crate::store::sqlite::SqliteStore;
@@ -531,11 +531,7 @@ fn gatekeeper(max_ips: u32, auto_ban: bool, cache: &Arc<UserCache>) -> Gatekeepe
 #[test]
 fn lifecycle_model() {
     let steps = env_u64("TOLLGATE_MODEL_STEPS").unwrap_or(300);
-    let seeds: Vec<u64> = match env_u64("TOLLGATE_MODEL_SEED") {
-        Some(seed) => vec![seed],
-        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(30)).collect(),
-    };
-    for seed in seeds {
+    for seed in model_seeds(30) {
         let mut run = Run::new(seed);
         for _ in 0..steps {
             run.step();

@@ -74,6 +74,15 @@ pub fn for_each_seed(default_seed: u64, mut run: impl FnMut(u64)) {
     }
 }
 
+/// The unit-level models' seeds: `TOLLGATE_MODEL_SEED` alone (a replay), or 1 to
+/// `TOLLGATE_MODEL_RUNS` (`default_runs`).
+pub fn model_seeds(default_runs: u64) -> Vec<u64> {
+    match env_u64("TOLLGATE_MODEL_SEED") {
+        Some(seed) => vec![seed],
+        None => (1..=env_u64("TOLLGATE_MODEL_RUNS").unwrap_or(default_runs)).collect(),
+    }
+}
+
 /// A user without its empty and null fields (RTDB drops them; the SQLite `doc` may or may
 /// not have them) and without the zero entries of family maps (tollgate does not keep them),
 /// for comparing views.
